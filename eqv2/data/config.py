@@ -1,0 +1,41 @@
+"""`DataConfig`: the `data:` section of a run config, the only config the data pipeline sees."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+
+@dataclass
+class DataConfig:
+    train_manifest: str  # manifest.json of the training shards
+    train_shards: str = ""  # WebDataset URLs / brace pattern ("::"-separated); "" = shards beside the manifest
+    val_manifest: str = ""  # manifest.json of the validation shards; "" = no validation
+    val_shards: str = ""  # as train_shards, for validation
+    stats: str = ""  # dataset stats JSON; "" = stats.json beside train_manifest
+    batch_size: int = 0  # structures per batch; set exactly one of batch_size / max_atoms
+    max_atoms: int = 0  # atom budget per batch (no batch ever holds more atoms)
+    shuffle_buffer: int = 2000  # samples permuted together: consecutive shards of a slot, fully shuffled
+    seed: int = 0  # with the epoch, seeds shard order and the sample shuffle
+    num_workers: int = 2  # DataLoader worker processes per rank; 0 reads in the calling process
+    prefetch_factor: int = 4  # batches in flight per worker
+    on_error: Literal["raise", "skip"] = "raise"  # skip: drop bad samples, count them, log per epoch
+    verify_checksums: bool = True  # compare every shard's sha256 with the manifest before use
+
+    def __post_init__(self) -> None:
+        if (self.batch_size > 0) == (self.max_atoms > 0):
+            raise ValueError(
+                f"set exactly one of data.batch_size ({self.batch_size}) and data.max_atoms ({self.max_atoms})"
+            )
+        if self.batch_size < 0 or self.max_atoms < 0:
+            raise ValueError("data.batch_size and data.max_atoms must not be negative")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.prefetch_factor < 1:
+            raise ValueError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
+
+    @property
+    def stats_path(self) -> Path:
+        return Path(self.stats) if self.stats else Path(self.train_manifest).parent / "stats.json"
