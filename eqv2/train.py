@@ -1,0 +1,297 @@
+"""Train EquiformerV2 with DeepSpeed.
+
+    deepspeed eqv2/train.py --ds_config ds_configs/zero2_bf16.json --config configs/train/demo.yaml \
+        [--set optim.lr=2e-4 ...] [--resume auto|PATH]
+
+Also runs under torchrun, plain srun, mpirun (mpi4py) or as a single `python` process.  Reads top to
+bottom: config -> distributed -> data -> model -> engine -> resume -> loop (step, log, eval, checkpoint,
+signals) -> final evaluation and checkpoint.  Exit codes (for SLURM scripts): 0 done, 1 error,
+2 bad config/input, 75 stopped by SIGUSR1/SIGTERM after a checkpoint (requeue with --resume auto).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import eqv2 from the repository, not eqv2/ itself
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
+import torch
+
+from eqv2.batch import AtomsBatch
+from eqv2.config import ConfigError, save_yaml, to_dict
+from eqv2.training import checkpointing as ckpt
+from eqv2.training.activation_checkpointing import apply_activation_checkpointing
+from eqv2.training.config import RunConfig, load_ds_config, load_run_config, resolve_ds_config
+from eqv2.training.dist import DistInfo, all_reduce_max, barrier, init_distributed
+from eqv2.training.ema import EMA
+from eqv2.training.loss import EnergyForceLoss, Normalizers, global_counts
+from eqv2.training.metrics import S2EFMetrics
+from eqv2.training.monitor import StepLogger
+from eqv2.training.optim import build_optimizer, lr_factor
+from eqv2.training.signals import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_REQUEUE, StopFlag
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train EquiformerV2 with DeepSpeed.")
+    p.add_argument("--ds_config", required=True, help="DeepSpeed engine config JSON (ds_configs/*.json)")
+    p.add_argument("--config", required=True, help="run config YAML (configs/train/*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a run config key, e.g. --set optim.lr=2e-4 (repeatable)")
+    p.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="auto: newest complete checkpoint of run_dir (fresh start if none); or a checkpoint path")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stop = StopFlag().install()  # first: a signal arriving during start-up must not be lost
+    try:
+        ds_cfg = load_ds_config(args.ds_config)
+        cfg, raw = load_run_config(args.config, args.set, ds_cfg["train_micro_batch_size_per_gpu"])
+    except ConfigError as err:
+        print(f"eqv2.train: config error: {err}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    dist = init_distributed()
+    try:
+        return train(cfg, ds_cfg, args.resume, dist, stop)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"eqv2.train (rank {dist.rank}): {err}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    except NonFiniteError as err:
+        print(f"eqv2.train (rank {dist.rank}): {err}", file=sys.stderr, flush=True)
+        return EXIT_ERROR
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite losses: the run is diverging or the data is broken."""
+
+
+def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, stop: StopFlag) -> int:
+    import deepspeed
+
+    from eqv2.data import TrainStream, load_stats
+    from eqv2.model.equiformer_v2 import EquiformerV2, count_parameters
+
+    run_dir, ckpt_dir = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
+
+    # --- resume point: decided before the engine exists (universal loading is an engine setting)
+    resume_dir = ckpt.find_resume(resume_arg, run_dir)
+    resume = ckpt.prepare_resume(resume_dir, dist.world_size, dist.rank) if resume_dir else None
+    ds = resolve_ds_config(ds_cfg, run_dir, load_universal=bool(resume and resume.universal))
+    gas = ds["gradient_accumulation_steps"]
+
+    # --- target normalisers and graph statistics
+    stats_path = cfg.data.stats_path
+    if not stats_path.is_file():
+        raise ConfigError(f"data.stats: dataset stats file not found: {stats_path}")
+    stats = load_stats(stats_path)
+    if resume:  # a resumed run keeps the units its weights were trained in
+        normalizers = Normalizers(**resume.state["normalizers"])
+    else:
+        normalizers = cfg.normalizers or Normalizers(stats.energy_mean, stats.energy_std, stats.force_rms)
+    if cfg.model_graph_stats_from_data:
+        cfg.model.avg_num_nodes, cfg.model.avg_degree = stats.avg_num_nodes, stats.avg_degree
+    cfg.normalizers = normalizers
+    if dist.is_main:  # resolved, self-contained configs of this launch
+        save_yaml(cfg, run_dir / "config.yaml")
+        (run_dir / "ds_config.json").write_text(json.dumps(ds, indent=1))
+
+    # --- data
+    stream = TrainStream(cfg.data, dist.rank, dist.world_size)
+    steps_per_epoch = stream.steps_in_epoch(0) // gas
+    total_steps, warmup_steps = cfg.optim.resolve_steps(steps_per_epoch)
+
+    # --- model, optimizer, engine
+    torch.manual_seed(cfg.seed)
+    model = EquiformerV2(cfg.model)
+    wrapped = apply_activation_checkpointing(model, cfg.activation_checkpointing)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim), config=ds)
+    ema = EMA(engine.module, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
+    loss_fn = EnergyForceLoss(cfg.loss, normalizers)
+    if dist.is_main:
+        print(f"eqv2.train: {dist.launcher} launch, {dist.world_size} rank(s) on {dist.device.type}/{dist.backend}; "
+              f"{count_parameters(model) / 1e6:.2f}M parameters; ZeRO-{engine.zero_optimization_stage()}; "
+              f"global batch {engine.train_batch_size()} = {ds['train_micro_batch_size_per_gpu']} x {gas} x "
+              f"{dist.world_size}; {total_steps} steps ({steps_per_epoch}/epoch, warm-up {warmup_steps}); "
+              f"activation checkpointing on blocks {wrapped}", flush=True)
+
+    # --- resume
+    step, epoch, nonfinite, best = 0, 0, 0, None
+    if resume:
+        load_path, _ = engine.load_checkpoint(str(resume.tag_dir.parent), tag=resume.load_tag,
+                                              load_module_strict=True, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if load_path is None:
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint under {resume.tag_dir.parent}/{resume.load_tag}")
+        st = resume.state
+        step, epoch, nonfinite, best = st["step"], st["data"]["epoch"], st["nonfinite_steps"], st["best"]
+        if ema is not None:
+            ema_state = ckpt.load_ema(resume.tag_dir)
+            if ema_state is not None:
+                ema.load_full_state_dict(ema_state)
+        if st["world_size"] == dist.world_size:
+            stream.load_state_dict(st["data"])  # continues the epoch exactly where the checkpoint was taken
+        else:  # the per-rank sample order depends on the rank count: start the next epoch cleanly
+            epoch += 1
+            if dist.is_main:
+                print(f"eqv2.train: world size changed {st['world_size']} -> {dist.world_size}; the rest of "
+                      f"data epoch {epoch - 1} is skipped, training continues with epoch {epoch}", flush=True)
+        if dist.is_main:
+            print(f"eqv2.train: resumed from {resume.tag_dir} (step {step}, epoch {epoch}"
+                  f"{', universal' if resume.universal else ''})", flush=True)
+
+    # --- loop
+    logger = StepLogger(run_dir, dist.device, dist.is_main, total_steps, step, cfg.log.every_steps,
+                        cfg.log.progress_bar, engine.monitor)
+    scale = float(dist.world_size * gas)  # undoes DeepSpeed's mean over ranks and micro-batches
+    zero_loss = _zero_loss_fn(engine)
+
+    def trainer_state() -> dict:
+        return {"step": step, "data": stream.state_dict(), "normalizers": asdict(normalizers),
+                "world_size": dist.world_size, "zero_stage": engine.zero_optimization_stage(),
+                "bf16": bool(engine.bfloat16_enabled()), "nonfinite_steps": nonfinite, "best": best,
+                "total_steps": total_steps, "config": to_dict(cfg)}
+
+    def save() -> str:
+        return ckpt.save(engine, ckpt_dir, step, trainer_state(), ema.full_state_dict() if ema else None,
+                         cfg.checkpoint, best["tag"] if best else None, dist.rank)
+
+    def evaluate_and_track() -> None:
+        nonlocal best
+        metrics = evaluate(engine, cfg, ema, normalizers, dist)
+        if metrics is None:
+            return
+        logger.log_eval(step, "val", metrics)
+        value = metrics[cfg.eval.primary_metric]
+        if cfg.checkpoint.save_best and (best is None or value < best["value"]):
+            best = {"tag": ckpt.tag_for(step), "metric": cfg.eval.primary_metric, "value": value}
+            save()
+            if dist.is_main:
+                ckpt.mark_best(ckpt_dir, best["tag"], best["metric"], value)
+
+    engine.train()
+    try:
+        while step < total_steps:
+            for micro in _groups(stream.epoch_batches(epoch), gas):
+                lr = cfg.optim.lr * lr_factor(step, total_steps, warmup_steps, cfg.optim.warmup_factor,
+                                              cfg.optim.lr_min_factor)
+                for group in engine.optimizer.param_groups:
+                    group["lr"] = lr
+                torch.manual_seed(hash((cfg.seed, step, dist.rank)) % 2**62)  # dropout masks survive resume
+                micro = [b.to(dist.device, non_blocking=True) for b in micro]
+                terms, counts, skipped, stop_now = take_step(engine, micro, loss_fn, zero_loss, stop, scale,
+                                                             cfg.loss.train_on_free_atoms, dist.device)
+                step += 1
+                nonfinite += skipped
+                if ema is not None:
+                    ema.update()
+                logger.add_step(terms, counts)
+                if logger.due(step):
+                    logger.log(step, epoch, lr, engine.get_global_grad_norm(), {"nonfinite_steps": nonfinite})
+                if nonfinite >= cfg.loss.max_nonfinite_steps:
+                    raise NonFiniteError(
+                        f"stopping: {nonfinite} micro-batches had a non-finite loss (loss.max_nonfinite_steps="
+                        f"{cfg.loss.max_nonfinite_steps}); last good checkpoint: {ckpt.latest_tag(ckpt_dir)}")
+                if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
+                    evaluate_and_track()
+                if step % cfg.checkpoint.every_steps == 0 or stop_now:
+                    save()
+                if stop_now:
+                    if dist.is_main:
+                        print(f"eqv2.train: stop signal {stop.signum}: checkpoint {ckpt.tag_for(step)} saved, "
+                              f"exiting with {EXIT_REQUEUE} (requeue and --resume auto)", flush=True)
+                    return EXIT_REQUEUE
+                if step >= total_steps:
+                    break
+            else:
+                epoch += 1  # the epoch's batches ran out (a remainder < grad accumulation is dropped)
+        evaluate_and_track()
+        save()
+        return EXIT_OK
+    finally:
+        logger.close()
+        stream.close()
+
+
+def _groups(batches, size: int):
+    """Consecutive groups of `size` micro-batches; an incomplete last group is dropped."""
+    group = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+
+
+def _zero_loss_fn(engine):
+    """A loss with exactly zero gradient, back-propagated in place of a non-finite one so that every
+    rank runs the same collectives.  Built from the parameters, not the (possibly inf/NaN) forward graph,
+    whose 0·inf products would leak NaN into the gradients.  ZeRO-3 parameters are empty outside their
+    forward; there the outputs are used, which is exact for non-finite *targets* (the usual cause)."""
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    if engine.zero_optimization_stage() == 3:
+        return lambda out: (out["energy"].nan_to_num().sum() + out["forces"].nan_to_num().sum()) * 0.0
+    return lambda out: sum(p.sum() for p in params) * 0.0
+
+
+def take_step(engine, micro: list[AtomsBatch], loss_fn: EnergyForceLoss, zero_loss, stop: StopFlag,
+              scale: float, free_only: bool, device: torch.device):
+    """One optimizer step over `micro` (this rank's micro-batches).
+
+    Returns (loss terms [3] of this rank, global counts [3], micro-batches skipped, stop agreed).
+    The one host sync per micro-batch: whether any rank's loss is non-finite must be known before the
+    backward pass; the same all-reduce carries the stop flag so all ranks stop at the same step.
+    """
+    counts = global_counts(micro, free_only, device)  # [structures, free atoms, atoms] of the global step
+    terms_sum = torch.zeros(3, dtype=torch.float64, device=device)
+    skipped, stop_now = 0, False
+    for batch in micro:
+        out = engine(batch)
+        loss, terms = loss_fn(out, batch, counts, scale)
+        flags = all_reduce_max(torch.stack([(~torch.isfinite(loss)).float(),
+                                            loss.new_tensor(float(stop.requested))]))
+        bad, stop_flag = (v > 0 for v in flags.tolist())
+        stop_now = stop_now or stop_flag
+        if bad:
+            skipped += 1
+            loss = zero_loss(out)
+        else:
+            terms_sum += torch.stack([terms["loss"], terms["energy_mae_norm"], terms["force_l2mae_norm"]]).double()
+        engine.backward(loss)
+        engine.step()
+    return terms_sum, counts, skipped, stop_now
+
+
+@torch.no_grad()
+def evaluate(engine, cfg: RunConfig, ema: EMA | None, normalizers: Normalizers, dist: DistInfo) -> dict | None:
+    """Metrics of the validation split (EMA weights by default), exact over ranks; None without one."""
+    from eqv2.data import val_batches
+
+    if not cfg.data.val_manifest:
+        return None
+    metrics = S2EFMetrics(dist.device, cfg.loss.train_on_free_atoms)
+    engine.eval()
+    with ema.swapped_in() if (ema is not None and cfg.eval.use_ema) else contextlib.nullcontext():
+        for i, batch in enumerate(val_batches(cfg.data, dist.rank, dist.world_size)):
+            if cfg.eval.max_batches and i >= cfg.eval.max_batches:
+                break
+            batch = batch.to(dist.device, non_blocking=True)
+            metrics.update(normalizers.denormalise(engine(batch)), batch)
+    engine.train()
+    return metrics.compute()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

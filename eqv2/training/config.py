@@ -1,0 +1,118 @@
+"""The run config (`--config run.yaml`) and the DeepSpeed engine config (`--ds_config x.json`).
+
+The run YAML holds what the experiment is: model, data, optimisation, loss, evaluation, checkpointing and
+logging; the ds_config holds how the engine runs it (ZeRO stage, precision, clipping, buckets, monitor,
+micro-batch and accumulation).  Both are checked strictly: an unknown or ill-typed key is an error naming
+the key.  `model:` may be a mapping or the path of a model YAML (e.g. configs/model/eqv2_153M.yaml); it is
+inlined before `--set` overrides apply, so `--set model.num_layers=4` works either way, and the saved
+resolved config is self-contained.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from eqv2.config import ConfigError, apply_overrides, from_dict, load_yaml
+from eqv2.data.config import DataConfig
+from eqv2.model.config import ModelConfig
+from eqv2.training.activation_checkpointing import ActivationCheckpointConfig
+from eqv2.training.checkpointing import CheckpointConfig
+from eqv2.training.loss import LossConfig, Normalizers
+from eqv2.training.optim import OptimConfig
+
+# ds_config keys the trainer owns or derives; setting them in the JSON would be silently overridden
+_DS_FORBIDDEN = {"optimizer": "the optimizer is built from the run config's optim: section",
+                 "scheduler": "the lr schedule is built from the run config's optim: section",
+                 "train_batch_size": "the global batch is derived: micro-batch × accumulation × ranks"}
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 1000  # periodic validation interval in optimizer steps (0: only at the end)
+    max_batches: int = 0  # validate on the first k batches per rank only (0: the whole split)
+    use_ema: bool = True  # evaluate the EMA weights (as the reference) when an EMA is kept
+    primary_metric: Literal["forces_mae", "energy_mae"] = "forces_mae"  # lower is better; picks "best"
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 50  # host syncs (loss values, grad norm) happen only at this interval
+    progress_bar: Literal["auto", "on", "off"] = "auto"  # auto: a tqdm bar when stderr is a terminal
+
+
+@dataclass
+class RunConfig:
+    run_dir: str  # checkpoints, resolved configs, logs and monitor output go here
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig
+    loss: LossConfig = field(default_factory=LossConfig)
+    activation_checkpointing: ActivationCheckpointConfig = field(default_factory=ActivationCheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    seed: int = 0  # model init; dropout masks are re-seeded from (seed, step, rank) every step
+    normalizers: Normalizers | None = None  # null: energy mean/std and force rms from the data stats JSON
+    model_graph_stats_from_data: bool = False  # true: model.avg_num_nodes/avg_degree from the data stats
+
+
+def load_run_config(path: str | Path, overrides: list[str], micro_batch: int) -> tuple[RunConfig, dict]:
+    """Parse and check the run YAML; returns the config and the resolved plain mapping."""
+    raw = load_yaml(path)
+    if isinstance(raw.get("model"), str):
+        model_path = Path(raw["model"])
+        if not model_path.is_file():
+            raise ConfigError(f"model: model config file not found: {model_path}")
+        raw["model"] = load_yaml(model_path)
+    apply_overrides(raw, overrides)
+    data = raw.get("data")
+    if isinstance(data, dict) and not data.get("batch_size") and not data.get("max_atoms"):
+        data["batch_size"] = micro_batch  # the ds_config's micro-batch is the data batch
+    cfg = from_dict(RunConfig, raw)
+    if cfg.data.batch_size and cfg.data.batch_size != micro_batch:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} differs from the ds_config's "
+                          f"train_micro_batch_size_per_gpu={micro_batch}; set one of them (or use data.max_atoms)")
+    for key, value in (("data.train_manifest", cfg.data.train_manifest), ("data.val_manifest", cfg.data.val_manifest)):
+        if value and not Path(value).is_file():
+            raise ConfigError(f"{key}: file not found: {value}")
+    return cfg, raw
+
+
+def load_ds_config(path: str | Path) -> dict:
+    """Read the engine config; micro-batch and accumulation are required, the global batch is derived."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--ds_config: file not found: {path}")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: invalid JSON: {err}") from err
+    for key, why in _DS_FORBIDDEN.items():
+        if key in ds:
+            raise ConfigError(f"{path}: key {key!r} is not allowed in a ds_config ({why})")
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if not isinstance(ds.get(key), int) or isinstance(ds.get(key), bool) or ds[key] < 1:
+            raise ConfigError(f"{path}: {key} must be a positive integer, got {ds.get(key)!r}")
+    if ds.get("fp16", {}).get("enabled"):
+        raise ConfigError(f"{path}: fp16 is not supported (force training under-/overflows); use "
+                          "torch_autocast with dtype bfloat16")
+    if ds.get("tensorboard", {}).get("enabled"):
+        try:
+            import tensorboard  # noqa: F401  (DeepSpeed's monitor needs it)
+        except ImportError as err:
+            raise ConfigError(f"{path}: tensorboard.enabled needs the tensorboard package "
+                              "(pip install tensorboard) or set it to false") from err
+    return ds
+
+
+def resolve_ds_config(ds: dict, run_dir: Path, load_universal: bool) -> dict:
+    """Point the monitor at the run dir and switch universal loading on when resuming on new ranks."""
+    ds = json.loads(json.dumps(ds))  # deep copy
+    for monitor in ("tensorboard", "csv_monitor"):
+        if ds.get(monitor, {}).get("enabled"):
+            ds[monitor].setdefault("output_path", str(run_dir / "monitor"))
+            ds[monitor].setdefault("job_name", monitor)
+    ds.setdefault("checkpoint", {})["load_universal"] = load_universal
+    return ds

@@ -1,0 +1,107 @@
+"""Energy + force loss on normalised targets, normalised by *global* counts.
+
+The reference objective is  λE · mean_s |Ê_s − E_s|  +  λF · mean_i ‖F̂_i − F_i‖₂  over structures s and
+free atoms i of the whole (global) batch.  Under data parallelism every rank only sees its own atoms, and
+DeepSpeed averages gradients over ranks and micro-steps.  If each rank divided by its *local* count, a rank
+holding 10 free atoms would weigh each atom 10× more than a rank holding 100, so the gradient would depend
+on how atoms happen to fall on ranks.  We therefore divide by the global counts of the optimizer step
+(all-reduced once per step, on device: no host sync) and multiply by world_size × grad_accum to undo
+DeepSpeed's averaging, which makes the update identical to a single process on the concatenated batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from eqv2.batch import AtomsBatch
+from eqv2.training.dist import all_reduce_sum
+
+
+@dataclass
+class LossConfig:
+    energy_coef: float = 4.0  # λE; the paper uses 2 or 4 on OC20
+    force_coef: float = 100.0  # λF; reference 100
+    train_on_free_atoms: bool = True  # fixed (sub-surface) atoms carry no force loss, as the reference
+    max_nonfinite_steps: int = 20  # a run that hits this many non-finite losses stops with an error
+
+    def __post_init__(self) -> None:
+        if self.energy_coef < 0 or self.force_coef < 0:
+            raise ValueError("loss coefficients must be non-negative")
+        if self.max_nonfinite_steps < 1:
+            raise ValueError("max_nonfinite_steps must be >= 1")
+
+
+@dataclass
+class Normalizers:
+    """Target normalisation owned by the trainer: the model predicts (E − mean)/std and F/force_rms."""
+
+    energy_mean: float
+    energy_std: float
+    force_rms: float
+
+    def __post_init__(self) -> None:
+        if not (self.energy_std > 0 and self.force_rms > 0):
+            raise ValueError(f"normaliser scales must be positive, got energy_std={self.energy_std}, "
+                             f"force_rms={self.force_rms}")
+
+    def normalise_energy(self, energy: torch.Tensor) -> torch.Tensor:
+        return (energy - self.energy_mean) / self.energy_std
+
+    def normalise_forces(self, forces: torch.Tensor) -> torch.Tensor:
+        return forces / self.force_rms
+
+    def denormalise(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"energy": out["energy"].float() * self.energy_std + self.energy_mean,
+                "forces": out["forces"].float() * self.force_rms}
+
+
+def free_atom_mask(batch: AtomsBatch, free_only: bool) -> torch.Tensor:
+    """[N] bool: atoms whose forces count (all atoms when the data has no `fixed` flags)."""
+    if free_only and batch.fixed is not None:
+        return ~batch.fixed
+    return torch.ones_like(batch.atomic_numbers, dtype=torch.bool)
+
+
+def local_counts(batch: AtomsBatch, free_only: bool) -> torch.Tensor:
+    """[3] float64: (structures, free atoms, atoms) of one micro-batch, summed over a step and ranks."""
+    n_free = free_atom_mask(batch, free_only).sum()
+    n_atoms = batch.natoms.new_tensor(batch.atomic_numbers.shape[0])
+    return torch.stack([batch.natoms.new_tensor(batch.num_graphs), n_free, n_atoms]).double()
+
+
+def global_counts(micro_batches: list[AtomsBatch], free_only: bool, device: torch.device) -> torch.Tensor:
+    """[3] float64 on device: structures, free atoms, atoms of the whole optimizer step on all ranks."""
+    counts = sum(local_counts(b, free_only) for b in micro_batches).to(device)
+    return all_reduce_sum(counts)
+
+
+class EnergyForceLoss:
+    """Weighted energy MAE + force L2-MAE whose gradient is independent of the rank layout."""
+
+    def __init__(self, cfg: LossConfig, normalizers: Normalizers):
+        self.cfg = cfg
+        self.norm = normalizers
+
+    def __call__(self, out: dict[str, torch.Tensor], batch: AtomsBatch, step_counts: torch.Tensor,
+                 scale: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss for one micro-batch.
+
+        step_counts: [3] global (structures, free atoms, atoms) of the optimizer step;
+        scale: world_size × grad_accum, undoing DeepSpeed's gradient averaging.
+        Returns the loss to back-propagate and the detached *global-normalised* terms, which summed
+        over micro-batches and ranks give the objective of the step.
+        """
+        if batch.energy is None or batch.forces is None:
+            raise ValueError(f"training batch without energy/forces targets (ids {batch.ids[:3]}...)")
+        e_err = out["energy"].float() - self.norm.normalise_energy(batch.energy)  # [B]
+        f_err = out["forces"].float() - self.norm.normalise_forces(batch.forces)  # [N, 3]
+        mask = free_atom_mask(batch, self.cfg.train_on_free_atoms)  # [N]
+        n_struct = step_counts[0].to(e_err.dtype).clamp_min(1.0)
+        n_free = step_counts[1].to(f_err.dtype).clamp_min(1.0)
+        energy_term = e_err.abs().sum() / n_struct  # share of the global energy MAE
+        force_term = (torch.linalg.vector_norm(f_err, dim=-1) * mask).sum() / n_free  # global L2-MAE share
+        loss = self.cfg.energy_coef * energy_term + self.cfg.force_coef * force_term
+        terms = {"loss": loss.detach(), "energy_mae_norm": energy_term.detach(),
+                 "force_l2mae_norm": force_term.detach()}
+        return loss * scale, terms

@@ -1,0 +1,123 @@
+"""Training progress: periodic log lines, a JSONL record, DeepSpeed's monitor and a progress bar.
+
+Per-step quantities (loss terms, structure/atom counts) accumulate on device; they reach the host only
+at the log interval, where one all-reduce + one copy turns them into numbers.  Throughput is measured
+over the interval with wall-clock time, so it includes data loading and everything else a step costs.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from eqv2.training.dist import all_reduce_sum
+
+TERMS = ("loss", "energy_mae_norm", "force_l2mae_norm")
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:  # CPU: the process's peak resident set (Linux reports KiB)
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    except (ImportError, OSError):
+        return float("nan")
+
+
+class StepLogger:
+    def __init__(self, run_dir: Path, device: torch.device, is_main: bool, total_steps: int, start_step: int,
+                 every: int, progress_bar: str, engine_monitor=None):
+        self.device, self.is_main, self.every = device, is_main, every
+        self.total_steps = total_steps
+        self.monitor = engine_monitor if (engine_monitor is not None and engine_monitor.enabled) else None
+        self.jsonl = open(run_dir / "metrics.jsonl", "a") if is_main else None
+        # running sums since the last log line: loss terms (3), structures, free atoms, atoms, steps
+        self.acc = torch.zeros(len(TERMS) + 4, dtype=torch.float64, device=device)
+        self.t_last, self.step_last = time.perf_counter(), start_step
+        self.t_start, self.step_start = self.t_last, start_step
+        show = progress_bar == "on" or (progress_bar == "auto" and sys.stderr.isatty())
+        self.bar = None
+        if show and is_main:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def add_step(self, terms: torch.Tensor, counts: torch.Tensor) -> None:
+        """terms: [3] this rank's share of the step's loss terms; counts: [3] *global* step counts."""
+        self.acc[: len(TERMS)] += terms.double()
+        self.acc[len(TERMS): len(TERMS) + 3] += counts  # identical on all ranks: divided by world in log()
+        self.acc[-1] += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.total_steps
+
+    def log(self, step: int, epoch: int, lr: float, grad_norm, extra: dict) -> dict:
+        """Collective: reduce the interval's sums, write the record on rank 0, reset."""
+        sums = all_reduce_sum(self.acc.clone()).tolist()  # the interval's single host sync
+        self.acc.zero_()
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        sums[len(TERMS):] = [v / world for v in sums[len(TERMS):]]
+        n_steps = max(sums[-1], 1.0)
+        now = time.perf_counter()
+        dt = max(now - self.t_last, 1e-9)
+        steps_done = step - self.step_last
+        rate = steps_done / dt
+        remaining = self.total_steps - step
+        record = {"step": step, "epoch": epoch, "lr": lr,
+                  **{k: sums[i] / n_steps for i, k in enumerate(TERMS)},
+                  "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                  "samples_per_s": sums[3] / dt, "free_atoms_per_s": sums[4] / dt, "atoms_per_s": sums[5] / dt,
+                  "steps_per_s": rate, "peak_mem_gib": peak_memory_gib(self.device),
+                  "eta_s": remaining / rate if rate > 0 else None, **extra}
+        self.t_last, self.step_last = now, step
+        if self.is_main:
+            self.write(record)
+            msg = (f"step {step}/{self.total_steps} ep {epoch} loss {record['loss']:.4f} "
+                   f"(E {record['energy_mae_norm']:.4f} F {record['force_l2mae_norm']:.4f}) lr {lr:.3e} "
+                   f"gnorm {record['grad_norm'] if record['grad_norm'] is None else round(record['grad_norm'], 3)} "
+                   f"{record['samples_per_s']:.1f} samples/s {record['atoms_per_s']:.0f} atoms/s "
+                   f"mem {record['peak_mem_gib']:.2f} GiB eta {_fmt_eta(record['eta_s'])}")
+            self.print(msg)
+            if self.monitor is not None:
+                events = [(f"Train/{k}", v, step) for k, v in record.items()
+                          if isinstance(v, float) and k not in ("epoch",)]
+                self.monitor.write_events(events)
+        return record
+
+    def log_eval(self, step: int, split: str, metrics: dict) -> None:
+        if not self.is_main:
+            return
+        self.write({"step": step, "split": split, **metrics})
+        self.print(f"eval {split} step {step}: " + " ".join(
+            f"{k} {v:.5g}" for k, v in metrics.items() if k != "num_structures")
+            + f" ({int(metrics['num_structures'])} structures)")
+        if self.monitor is not None:
+            self.monitor.write_events([(f"Val/{split}/{k}", v, step) for k, v in metrics.items()])
+
+    def write(self, record: dict) -> None:
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+
+    def print(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
+def _fmt_eta(seconds) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"

@@ -1,0 +1,57 @@
+"""AdamW parameter groups and the cosine/warm-up schedule."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from eqv2.training.optim import OptimConfig, build_optimizer, lr_factor, param_groups
+
+
+class SeparableLayerNorm(nn.Module):  # stands for the model's own norms, matched by class name
+    def __init__(self):
+        super().__init__()
+        self.affine_weight = nn.Parameter(torch.ones(4))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(5, 4)
+        self.lin = nn.Linear(4, 4)
+        self.ln = nn.LayerNorm(4)
+        self.sln = SeparableLayerNorm()
+        self.out = nn.Linear(4, 1, bias=False)
+        self.frozen = nn.Parameter(torch.zeros(2), requires_grad=False)
+
+
+def test_no_weight_decay_on_norms_biases_embeddings():
+    groups, no_decay = param_groups(Net(), weight_decay=1e-3)
+    assert sorted(no_decay) == ["emb.weight", "lin.bias", "ln.bias", "ln.weight", "sln.affine_weight"]
+    decay = {g["name"]: g for g in groups}
+    assert decay["decay"]["weight_decay"] == 1e-3 and decay["no_decay"]["weight_decay"] == 0.0
+    assert len(decay["decay"]["params"]) == 2  # lin.weight, out.weight; frozen excluded
+    opt = build_optimizer(Net(), OptimConfig(max_steps=10))
+    assert isinstance(opt, torch.optim.AdamW)
+
+
+def test_schedule_warmup_then_cosine():
+    total, warm = 1000, 100
+    f = [lr_factor(s, total, warm, 0.2, 0.01) for s in range(total + 50)]
+    assert f[0] == pytest.approx(0.2)
+    assert f[50] == pytest.approx(0.6)
+    assert all(a < b for a, b in zip(f[:warm], f[1:warm]))  # linear rise
+    assert f[warm] == pytest.approx(0.01 + 0.495 * (1 + math.cos(math.pi * 0.1)))
+    assert all(a >= b for a, b in zip(f[warm:total], f[warm + 1:total]))  # cosine decay
+    assert f[total] == pytest.approx(0.01) and f[-1] == pytest.approx(0.01)  # floor after the plan
+
+
+def test_steps_from_epochs_and_validation():
+    cfg = OptimConfig(max_epochs=2.5, warmup_epochs=0.1)
+    assert cfg.resolve_steps(40) == (100, 4)
+    with pytest.raises(ValueError, match="training set size"):
+        cfg.resolve_steps(None)
+    with pytest.raises(ValueError, match="exactly one"):
+        OptimConfig(max_steps=5, max_epochs=1.0)
+    with pytest.raises(ValueError, match="ema_decay"):
+        OptimConfig(max_steps=5, ema_decay=1.5)
