@@ -1,0 +1,163 @@
+# Shared by the slurm/*.sh batch scripts (sourced, not run).  Bash only; expects `set -euo pipefail`.
+#
+# The batch scripts are copied into slurmd's spool directory before they run, so they cannot find
+# this file relative to themselves: they locate the repository through EQV2_ROOT, else the
+# directory sbatch was called from (SLURM_SUBMIT_DIR).
+
+EQV2_EXIT_OK=0       # eqv2/train.py: training finished
+EQV2_EXIT_CONFIG=2   # eqv2/train.py: bad config or input; never requeued (it would fail again)
+EQV2_EXIT_REQUEUE=75 # eqv2/train.py: stopped on SIGUSR1/SIGTERM after saving a checkpoint
+
+eqv2_log() { echo "[$(date '+%F %T')] ${SLURM_JOB_ID:+job $SLURM_JOB_ID: }$*" >&2; }
+eqv2_die() { eqv2_log "error: $*"; exit "${2:-1}"; }
+
+# Nodes, tasks per node and devices of this allocation, for the training step.
+#   GPUS_PER_NODE  GPUs per node to use (default: SLURM_GPUS_PER_NODE, e.g. from --gpus-per-node=8;
+#                  0 = CPU fallback with one rank per node and the gloo backend)
+eqv2_layout() {
+  local g=${GPUS_PER_NODE:-${SLURM_GPUS_PER_NODE:-0}}
+  g=${g##*:}  # --gpus-per-node=a100:8 -> 8
+  [[ $g =~ ^[0-9]+$ ]] || eqv2_die "GPUS_PER_NODE must be a number, got '$g'" 2
+  GPUS_PER_NODE=$g
+  NNODES=${NNODES:-${SLURM_JOB_NUM_NODES:?not inside a SLURM allocation (submit with sbatch)}}
+  TASKS_PER_NODE=$(( g > 0 ? g : 1 ))
+  WORLD_SIZE=$(( NNODES * TASKS_PER_NODE ))
+  CPUS_PER_TASK=${CPUS_PER_TASK:-${SLURM_CPUS_PER_TASK:-1}}
+}
+
+# Rendezvous for torch.distributed, shared by every task of the job: rank 0 runs on the first host
+# of the node list, and the port is derived from the job id so that two jobs sharing a node never
+# collide (a requeued job keeps its id, hence its port).
+eqv2_rendezvous() {
+  MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+  MASTER_PORT=${MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}
+  export MASTER_ADDR MASTER_PORT
+  # One process per core given to the task: oversubscribed OpenMP threads slow CPU runs severalfold.
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$CPUS_PER_TASK}
+}
+
+# NCCL/torch settings for multi-node GPU runs; each only if the user has not set it.  Sites usually
+# also need NCCL_SOCKET_IFNAME (the interface for bootstrap, e.g. ib0 or eth0) and, with several
+# InfiniBand adapters, NCCL_IB_HCA; set those in the environment before sbatch.
+eqv2_nccl_env() {
+  export NCCL_DEBUG=${NCCL_DEBUG:-WARN}  # INFO prints the chosen transports: use it once per new cluster
+  # A rank that dies makes the others raise instead of waiting forever in a collective, so that
+  # srun --kill-on-bad-exit ends the job instead of burning the allocation.
+  export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+}
+
+# The launcher for one task per rank.  LAUNCHER=srun (default) maps SLURM's variables to torch's in
+# slurm/task.sh; LAUNCHER=pmix|pmi2 runs the same step through SLURM's MPI plugin and lets the trainer
+# discover ranks through mpi4py; LAUNCHER=mpirun hands the allocation to the MPI library's own launcher.
+eqv2_launcher() {
+  local common=(--nodes="$NNODES" --ntasks="$WORLD_SIZE" --ntasks-per-node="$TASKS_PER_NODE"
+                --cpus-per-task="$CPUS_PER_TASK" --kill-on-bad-exit=1 --label)
+  case ${LAUNCHER:-srun} in
+    srun) LAUNCH=(srun "${common[@]}" "$EQV2_ROOT/slurm/task.sh") ;;
+    pmix|pmi2) LAUNCH=(srun "${common[@]}" --mpi="$LAUNCHER") ;;
+    mpirun) LAUNCH=(mpirun -np "$WORLD_SIZE" -ppn "$TASKS_PER_NODE") ;;
+    *) eqv2_die "LAUNCHER must be srun, pmix, pmi2 or mpirun, got '$LAUNCHER'" 2 ;;
+  esac
+}
+
+# Run "$@" as one distributed step and wait for it, handling preemption.
+#
+# SIGUSR1 to this batch shell (from `#SBATCH --signal=B:USR1@180` before the time limit, or
+# `scancel --signal=USR1 --batch`): forward it to the tasks, which checkpoint at the next step boundary
+# and exit 75; then requeue this job, which reruns this script with the same job id and run dir, and
+# `--resume auto` continues from that checkpoint.
+# SIGTERM (scancel, preemption, `scontrol requeue`, the time limit itself): forward it as SIGUSR1 too
+# (srun answers its own SIGTERM by killing the tasks) so the tasks still checkpoint within KillWait,
+# but do not requeue: a cancelled job must stay cancelled, and preemption/admin requeues are SLURM's.
+# Sets STEP_RC (the step's exit code) and STEP_SIGNAL (USR1, TERM or empty).
+eqv2_run_step() {
+  STEP_SIGNAL=""
+  "$@" &
+  _EQV2_STEP_PID=$!
+  trap '_eqv2_forward USR1' USR1
+  trap '_eqv2_forward TERM' TERM
+  # `wait` returns early whenever a trapped signal arrives; keep waiting until the step is gone.
+  while kill -0 "$_EQV2_STEP_PID" 2>/dev/null; do wait "$_EQV2_STEP_PID" || true; done
+  STEP_RC=0
+  wait "$_EQV2_STEP_PID" || STEP_RC=$?
+  trap - USR1 TERM
+}
+
+_eqv2_forward() {
+  [[ -n $STEP_SIGNAL && $STEP_SIGNAL == "$1" ]] && return 0  # repeated signal: already forwarded
+  [[ $STEP_SIGNAL == USR1 ]] || STEP_SIGNAL=$1                 # USR1 (requeue wish) wins over TERM
+  eqv2_log "got SIG$1: asking the tasks to checkpoint and stop"
+  kill -USR1 "$_EQV2_STEP_PID" 2>/dev/null || true
+}
+
+# After eqv2_run_step: requeue on a USR1 stop, else pass the step's exit code on.
+eqv2_finish_step() {
+  if [[ $STEP_SIGNAL == USR1 ]] && (( STEP_RC == EQV2_EXIT_REQUEUE || STEP_RC > 128 )); then
+    # >128: a task died of the signal before the trainer had installed its handler (during start-up);
+    # requeueing is still right, `--resume auto` starts from the newest complete checkpoint.
+    eqv2_log "step stopped for preemption (exit $STEP_RC): requeueing (restart $(( ${SLURM_RESTART_COUNT:-0} + 1 )))"
+    scontrol requeue "$SLURM_JOB_ID" || eqv2_die "scontrol requeue failed; resubmit to resume" "$STEP_RC"
+    exit 0
+  fi
+  if (( STEP_RC == EQV2_EXIT_OK )); then
+    eqv2_log "step finished"
+    return 0
+  fi
+  case $STEP_RC in
+    "$EQV2_EXIT_REQUEUE") eqv2_log "step checkpointed and stopped on SIG${STEP_SIGNAL:-?}; resubmit to resume" ;;
+    "$EQV2_EXIT_CONFIG") eqv2_log "step failed: bad config or input (exit 2), see the messages above" ;;
+    *) eqv2_log "step failed with exit $STEP_RC; a resubmission resumes from the last complete checkpoint" ;;
+  esac
+  exit "$STEP_RC"
+}
+
+# Record what this launch ran: the job id, restart count, node list, git commit and environment.
+eqv2_stamp_dir() {
+  local dir=$1/jobs/${SLURM_JOB_ID}.${SLURM_RESTART_COUNT:-0}
+  mkdir -p "$dir"
+  {
+    echo "job_id: $SLURM_JOB_ID"
+    echo "restart: ${SLURM_RESTART_COUNT:-0}"
+    echo "job_name: ${SLURM_JOB_NAME:-}"
+    echo "nodes: $SLURM_JOB_NODELIST"
+    echo "world_size: $WORLD_SIZE ($NNODES nodes x $TASKS_PER_NODE tasks, $GPUS_PER_NODE GPUs/node)"
+    echo "launcher: ${LAUNCHER:-srun}"
+    echo "master: $MASTER_ADDR:$MASTER_PORT"
+    echo "git: $(git -C "$EQV2_ROOT" rev-parse HEAD 2>/dev/null || echo unknown)"
+    echo "started: $(date --iso-8601=seconds)"
+  } >"$dir/job.txt"
+  env | grep -E '^(SLURM_|NCCL_|TORCH_|OMP_|MASTER_|CUDA_)' | sort >"$dir/env.txt" || true
+  echo "$dir"
+}
+
+# The whole training launch of train_all_md.sh / train_2M.sh.
+#   $1 run YAML, $2 run directory, $3 ds_config used when GPUs are present (DS_CONFIG overrides;
+#   without GPUs the default is ds_configs/cpu_demo.json).  TRAIN_ARGS: extra trainer arguments
+#   (whitespace-separated), placed after `--resume auto` so that an explicit --resume wins.
+eqv2_train() {
+  local config=$1 run_dir=$2 gpu_ds=$3 stamp extra=()
+  cd "$EQV2_ROOT"
+  eqv2_layout
+  if (( GPUS_PER_NODE > 0 )); then DS_CONFIG=${DS_CONFIG:-$gpu_ds}; else DS_CONFIG=${DS_CONFIG:-ds_configs/cpu_demo.json}; fi
+  PYTHON=${PYTHON:-python}
+  [[ -f $config ]] || eqv2_die "CONFIG=$config: file not found (relative to $EQV2_ROOT)" 2
+  [[ -f $DS_CONFIG ]] || eqv2_die "DS_CONFIG=$DS_CONFIG: file not found (relative to $EQV2_ROOT)" 2
+  read -r -a extra <<<"${TRAIN_ARGS:-}"
+  run_dir=$(realpath -m "$run_dir")
+  mkdir -p "$run_dir"
+  eqv2_rendezvous
+  eqv2_nccl_env
+  eqv2_launcher
+  stamp=$(eqv2_stamp_dir "$run_dir")
+  local train=(eqv2/train.py --ds_config "$DS_CONFIG" --config "$config" --set "run_dir=$run_dir"
+               --resume auto "${extra[@]}")
+  "$PYTHON" slurm/resolve_config.py --out "$stamp" --world-size "$WORLD_SIZE" "${train[@]:1}" \
+    || eqv2_die "configuration rejected (see above); nothing was launched" 2
+  eqv2_log "restart ${SLURM_RESTART_COUNT:-0}: $WORLD_SIZE ranks ($NNODES nodes x $TASKS_PER_NODE) on" \
+           "$SLURM_JOB_NODELIST, rendezvous $MASTER_ADDR:$MASTER_PORT, run dir $run_dir"
+  eqv2_run_step "${LAUNCH[@]}" "$PYTHON" -u "${train[@]}"
+  # The trainer's own resolved copies (normalisers filled in from the data) for this launch.
+  cp -f "$run_dir/config.yaml" "$stamp/trained_config.yaml" 2>/dev/null || true
+  cp -f "$run_dir/ds_config.json" "$stamp/trained_ds_config.json" 2>/dev/null || true
+  eqv2_finish_step
+}

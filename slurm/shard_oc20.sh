@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Shard a raw OC20 S2EF download into eqv2 WebDataset shards: a job array, one split per array task.
+#
+#   SPLITS="s2ef_train_all s2ef_md s2ef_val_id s2ef_val_ood_ads s2ef_val_ood_cat s2ef_val_ood_both" \
+#     sbatch --array=0-5 slurm/shard_oc20.sh /data/oc20/raw /scratch/$USER/oc20_shards
+#
+# Task i runs tools/shard_extxyz.py on RAW/<split i> into OUT/<split i> with --workers set to its
+# CPUs.  Each output directory is exactly what the serial tool writes for that split (the tool writes
+# in sorted source order whatever the worker count, and this script adds nothing of its own), so the
+# array only changes where and when the work runs.  A task killed or preempted midway resumes on
+# requeue or resubmission: the tool keeps intact shards and completes the rest identically.
+#
+# Settings (environment):
+#   SPLITS      space-separated subdirectories of RAW, one per array task (required; --array=0-<n-1>)
+#   SHARD_ARGS  arguments for tools/shard_extxyz.py  ("--shard-bytes 256M --subtract-reference")
+#   PYTHON      interpreter of the environment with eqv2 installed (python)
+#
+#SBATCH --job-name=eqv2-shard       # job name: shown by squeue, used in the log file names
+#SBATCH --nodes=1                  # the tool is one process plus a local pool of readers
+#SBATCH --ntasks=1                 # one tool run per array task
+#SBATCH --cpus-per-task=32         # reader processes (decompressing and parsing extxyz is the cost)
+#SBATCH --time=12:00:00            # All+MD is the largest split: ~10^8 structures
+#SBATCH --requeue                  # safe: a rerun resumes after the last intact shard
+#SBATCH --open-mode=append         # a requeued task appends to its log
+#SBATCH --output=%x-%A_%a.out      # one log per array task (%A array job id, %a task index)
+set -euo pipefail
+
+EQV2_ROOT=${EQV2_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
+[[ -f $EQV2_ROOT/slurm/lib.sh ]] || { echo "EQV2_ROOT=$EQV2_ROOT is not the eqv2 repository: submit from its root or set EQV2_ROOT" >&2; exit 2; }
+# shellcheck source=slurm/lib.sh
+source "$EQV2_ROOT/slurm/lib.sh"
+
+(( $# == 2 )) || eqv2_die "usage: SPLITS='a b ...' sbatch --array=0-<n-1> slurm/shard_oc20.sh RAW_DIR OUT_DIR" 2
+RAW=$(realpath -m "$1") OUT=$(realpath -m "$2")
+read -r -a splits <<<"${SPLITS:-}"
+(( ${#splits[@]} > 0 )) || eqv2_die "SPLITS is empty: name the subdirectories of $RAW to shard" 2
+task=${SLURM_ARRAY_TASK_ID:?submit as a job array: sbatch --array=0-$(( ${#splits[@]} - 1 ))}
+(( task < ${#splits[@]} )) || eqv2_die "array task $task but SPLITS has only ${#splits[@]} entries (${splits[*]})" 2
+split=${splits[$task]}
+[[ -d $RAW/$split ]] || eqv2_die "split '$split' (array task $task): directory $RAW/$split not found" 2
+read -r -a args <<<"${SHARD_ARGS:---shard-bytes 256M --subtract-reference}"
+
+cd "$EQV2_ROOT"
+eqv2_log "array task $task: $RAW/$split -> $OUT/$split with ${SLURM_CPUS_PER_TASK:-1} workers"
+mkdir -p "$OUT"
+"${PYTHON:-python}" tools/shard_extxyz.py "$RAW/$split" "$OUT/$split" --prefix "$split" \
+  --workers "${SLURM_CPUS_PER_TASK:-1}" --no-progress "${args[@]}"
