@@ -111,7 +111,8 @@ def read_frames(path: Path, subtract_reference: bool) -> Iterator[dict]:
                 "fid": fid,
                 "positions": get("pos").astype(np.float64).astype(np.float32),
                 "numbers": np.array([_Z[s] for s in get("species")[:, 0]], dtype=np.uint8),
-                "cell": np.asarray(info["Lattice"], dtype=np.float64).reshape(3, 3).astype(np.float32),
+                # ASE returns Lattice column-major (vectors as columns); cells here have vectors as rows
+                "cell": np.asarray(info["Lattice"], dtype=np.float64).reshape(3, 3).T.astype(np.float32),
                 "pbc": np.asarray(info.get("pbc", [True, True, True]), dtype=bool),
                 "tags": get("tags")[:, 0].astype(np.int64).astype(np.int8) if "tags" in cols else None,
                 "fixed": ~(get("move_mask")[:, 0] == "T") if "move_mask" in cols else None,

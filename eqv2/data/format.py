@@ -95,7 +95,7 @@ def encode_sample(sample: dict) -> bytes:
         value = sample.get(name)
         if value is None:
             continue
-        arr = np.ascontiguousarray(np.asarray(value).astype(dtype, copy=False))
+        arr = np.asarray(value).astype(dtype, copy=False)  # tobytes() writes C order; keeps 0-d shape
         blob = arr.tobytes()
         header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [offset, offset + len(blob)]}
         blobs.append(blob)
@@ -128,7 +128,7 @@ def decode_sample(data: bytes, where: str, check: bool = True) -> dict:
             count = (end - begin) // dtype.itemsize
             if count != int(np.prod(info["shape"], dtype=np.int64)):
                 raise ValueError(f"field '{name}': {count} values for shape {info['shape']}")
-            out[name] = np.frombuffer(data, dtype, count=count, offset=base + begin).reshape(info["shape"])
+            out[name] = np.frombuffer(data, dtype, count=count, offset=base + begin).reshape(tuple(info["shape"]))
     except (ValueError, KeyError, TypeError, struct.error) as err:
         raise SampleError(f"{where}: cannot decode sample: {err}") from err
     if check:

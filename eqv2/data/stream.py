@@ -1,0 +1,225 @@
+"""Training and validation batch streams over sharded data: the API the trainer calls.
+
+    stream = TrainStream(cfg, rank, world_size)
+    for epoch in range(start_epoch, epochs):
+        for batch in stream.epoch_batches(epoch):     # AtomsBatch; stream.steps_in_epoch(epoch) of them
+            ...                                        # checkpoint may store stream.state_dict()
+    stream.load_state_dict(state)                      # after a restart: continue mid-epoch exactly
+    for batch in val_batches(cfg, rank, world_size):   # every val sample exactly once over all ranks
+        ...
+
+Each rank reads its own slots (one per DataLoader worker, see `eqv2.data.plan`) and every slot yields
+the same number of batches, so all ranks take `steps_in_epoch(epoch)` steps whatever the shard sizes.
+The DataLoader hands out worker results strictly round-robin; rank step j therefore comes from local
+slot j mod W', which makes the data position a single number: (epoch, step).  To resume at step j
+the workers are rotated so that worker 0 serves slot j mod W', and each slot skips to its next batch
+by reloading one shuffle group.  The state is tiny and resume costs one group read per worker.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from eqv2.batch import AtomsBatch
+from eqv2.data.config import DataConfig
+from eqv2.data.format import SampleError, sample_key
+from eqv2.data.manifest import ShardInfo
+from eqv2.data.plan import EpochPlan, SlotPlan, batch_index, group_permutation, plan_epoch
+from eqv2.data.reader import read_shard, resolve_shards
+
+log = logging.getLogger("eqv2.data")
+_MAX_LOGGED = 5
+
+
+class _SlotReader:
+    """Picklable description of what one rank reads in one epoch; iterates one slot's batches."""
+
+    def __init__(self, urls: list[str], infos: list[ShardInfo], plan: EpochPlan, slots: list[SlotPlan],
+                 cfg: DataConfig, shuffle: bool) -> None:
+        self.urls, self.infos, self.plan, self.slots = urls, infos, plan, slots
+        self.seed, self.shuffle = cfg.seed, shuffle
+        self.verify, self.on_error = cfg.verify_checksums, cfg.on_error
+
+    def batches(self, local: int, start: int) -> Iterator[tuple[AtomsBatch, int, list[str]]]:
+        """(batch, samples skipped since the previous batch, their messages) for batches start..K-1."""
+        slot, k, by_atoms = self.slots[local], self.plan.num_batches, self.plan.by_atoms
+        # sample and atom offsets of each shuffle group, from the manifest
+        offsets, i0, a0 = [], 0, 0
+        for g0, g1 in slot.groups:
+            offsets.append((i0, a0))
+            i0 += sum(self.infos[slot.shards[p]].count for p in range(g0, g1))
+            a0 += sum(self.infos[slot.shards[p]].atoms for p in range(g0, g1))
+        if by_atoms:
+            threshold = -(-start * slot.atoms // k)
+            first = max(g for g, (_, a) in enumerate(offsets) if a <= threshold)
+        else:
+            threshold = -(-start * slot.samples // k)
+            first = max(g for g, (i, _) in enumerate(offsets) if i <= threshold)
+        current, members, skipped, messages, emitted = start, [], 0, [], 0
+        for g in range(first, len(slot.groups)):
+            g0, g1 = slot.groups[g]
+            group: list[dict | None] = []
+            for p in range(g0, g1):
+                samples, errors = read_shard(self.urls[slot.shards[p]], self.infos[slot.shards[p]],
+                                             self.verify, self.on_error)
+                group.extend(samples)
+                messages.extend(errors[:_MAX_LOGGED])
+            position, cum = offsets[g]
+            for j in group_permutation(self.seed, self.plan.epoch, slot.slot, g, len(group), self.shuffle).tolist():
+                sample = group[j]
+                b = batch_index(position, cum, slot, k, by_atoms)
+                position += 1
+                if sample is None:
+                    skipped += 1
+                    continue
+                cum += len(sample["numbers"])
+                if b < start:
+                    continue
+                if b != current:
+                    if members:
+                        yield self._collate(members), skipped, messages
+                        emitted += 1
+                        members, skipped, messages = [], 0, []
+                    current = b
+                members.append(sample)
+        if members:
+            yield self._collate(members), skipped, messages
+            emitted += 1
+        if emitted != k - start:
+            raise SampleError(
+                f"slot {slot.slot} (shards {[self.urls[i] for i in slot.shards[:3]]}...) produced "
+                f"{emitted} of its {k - start} batches: on_error=skip dropped every sample of a batch, so "
+                f"the ranks cannot stay in step; repair or remove the bad shards"
+            )
+
+    @staticmethod
+    def _collate(samples: list[dict]) -> AtomsBatch:
+        return AtomsBatch.from_arrays(samples, ids=[sample_key(s["sid"], s["fid"]) for s in samples])
+
+
+class _EpochDataset(IterableDataset):
+    """DataLoader worker w serves local slot (w + rotation) mod W', from its batch `starts[slot]`."""
+
+    def __init__(self, reader: _SlotReader, starts: list[int], rotation: int) -> None:
+        self.reader, self.starts, self.rotation = reader, starts, rotation
+
+    def __iter__(self):
+        info = get_worker_info()
+        local = 0 if info is None else (info.id + self.rotation) % len(self.reader.slots)
+        torch.set_num_threads(1)
+        return self.reader.batches(local, self.starts[local])
+
+
+def _identity(x):
+    return x
+
+
+def _slots_per_rank(cfg: DataConfig) -> int:
+    return max(1, cfg.num_workers)
+
+
+def _iterate(reader: _SlotReader, cfg: DataConfig, step: int) -> Iterator[tuple[AtomsBatch, int, list[str]]]:
+    n = len(reader.slots)
+    starts = [max(0, (step - w + n - 1) // n) for w in range(n)]
+    dataset = _EpochDataset(reader, starts, step % n)
+    if cfg.num_workers == 0:
+        return iter(dataset)
+    loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, collate_fn=_identity,
+                        prefetch_factor=cfg.prefetch_factor, persistent_workers=False)
+    return iter(loader)
+
+
+class TrainStream:
+    """Shuffled training batches for one rank; equal step counts on all ranks; exact resume."""
+
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.urls, self.infos, manifest = resolve_shards(cfg.train_manifest, cfg.train_shards)
+        self._slots = _slots_per_rank(cfg)
+        self._fingerprint = {
+            "shards": hashlib.sha256("".join(i.sha256 for i in self.infos).encode()).hexdigest(),
+            "world_size": world_size, "num_workers": cfg.num_workers, "seed": cfg.seed,
+            "batch_size": cfg.batch_size, "max_atoms": cfg.max_atoms, "shuffle_buffer": cfg.shuffle_buffer,
+        }
+        self._plans: dict[int, EpochPlan] = {}
+        self._epoch, self._step = 0, 0
+        self.skipped = 0  # samples skipped (on_error=skip) in the last completed epoch
+        self.plan(0)  # configuration errors surface at construction, before any step
+
+    def plan(self, epoch: int) -> EpochPlan:
+        if epoch not in self._plans:
+            self._plans = {epoch: plan_epoch(self.infos, self.world_size * self._slots, self.cfg.seed, epoch, True,
+                                             self.cfg.batch_size, self.cfg.max_atoms, self.cfg.shuffle_buffer)}
+        return self._plans[epoch]
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        return self.plan(epoch).num_batches * self._slots
+
+    def epoch_batches(self, epoch: int) -> Iterator[AtomsBatch]:
+        start = self._step if epoch == self._epoch else 0
+        self._epoch, self._step = epoch, start
+        plan, total = self.plan(epoch), self.steps_in_epoch(epoch)
+        mine = list(plan.slots[self.rank * self._slots : (self.rank + 1) * self._slots])
+        reader = _SlotReader(self.urls, self.infos, plan, mine, self.cfg, shuffle=True)
+        skipped = 0
+        for batch, n_skipped, messages in _iterate(reader, self.cfg, start):
+            skipped += n_skipped
+            for msg in messages:
+                log.warning("skipped bad input: %s", msg)
+            self._step += 1  # the position advances as the batch is handed out
+            yield batch
+        if self._step != total:
+            raise RuntimeError(f"epoch {epoch}: rank {self.rank} got {self._step} of {total} batches")
+        self.skipped = skipped
+        (log.warning if skipped else log.info)("epoch %d rank %d: %d bad samples skipped", epoch, self.rank, skipped)
+        self._epoch, self._step = epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "step": self._step, "fingerprint": dict(self._fingerprint)}
+
+    def load_state_dict(self, state: dict) -> None:
+        theirs = state.get("fingerprint", {})
+        for key, value in self._fingerprint.items():
+            if theirs.get(key) != value:
+                raise ValueError(
+                    f"cannot resume the data stream exactly: {key} was {theirs.get(key)!r} in the checkpoint, "
+                    f"now {value!r}"
+                )
+        self._epoch, self._step = int(state["epoch"]), int(state["step"])
+
+    def close(self) -> None:
+        """Nothing persistent to stop: workers live only while an epoch is iterated."""
+
+
+def _val_reader(cfg: DataConfig, rank: int, world_size: int) -> tuple[_SlotReader, EpochPlan]:
+    if not cfg.val_manifest:
+        raise ValueError("data.val_manifest is not set")
+    urls, infos, _ = resolve_shards(cfg.val_manifest, cfg.val_shards)
+    n = _slots_per_rank(cfg)
+    plan = plan_epoch(infos, world_size * n, cfg.seed, 0, False, cfg.batch_size, cfg.max_atoms, cfg.shuffle_buffer)
+    return _SlotReader(urls, infos, plan, list(plan.slots[rank * n : (rank + 1) * n]), cfg, shuffle=False), plan
+
+
+def num_val_batches(cfg: DataConfig, world_size: int) -> int:
+    """Batches `val_batches` yields on every rank (the same number on each)."""
+    return _val_reader(cfg, 0, world_size)[1].num_batches * _slots_per_rank(cfg)
+
+
+def val_batches(cfg: DataConfig, rank: int, world_size: int) -> Iterator[AtomsBatch]:
+    """Every validation sample exactly once over all ranks, in a fixed order; equal counts per rank."""
+    reader, _ = _val_reader(cfg, rank, world_size)
+    skipped = 0
+    for batch, n_skipped, messages in _iterate(reader, cfg, 0):
+        skipped += n_skipped
+        for msg in messages:
+            log.warning("skipped bad validation input: %s", msg)
+        yield batch
+    if skipped:
+        log.warning("validation rank %d: %d bad samples skipped", rank, skipped)
