@@ -1,0 +1,98 @@
+"""EquiformerV2 (Liao et al., ICLR 2024), the whole network (paper Sec. 4, Fig. 1).
+
+Graph (radius 12 Å, <= 20 neighbours, periodic) -> per-edge Wigner-D (once, shared by all blocks)
+-> atom embedding + edge-degree embedding -> N Transformer blocks -> final norm ->
+energy head (FFN -> degree-0 scalar per atom -> sum / avg_num_nodes) and direct force head
+(graph attention -> degree-1 output per atom).
+
+Departures from the reference implementation (fairchem), none of which change the function:
+- the roll of each edge frame about the edge is fixed instead of drawn at random inside forward;
+- rotated edge features are kept in m-primary order throughout (no permutation matmuls);
+- nothing is stored on modules during forward; geometry, Wigner-D matrices, normalisation
+  statistics, softmax and neighbour sums stay in float32 under bf16 autocast.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from eqv2.batch import AtomsBatch
+from eqv2.model.config import ModelConfig
+from eqv2.model.edge_degree_embedding import EdgeDegreeEmbedding
+from eqv2.model.feed_forward import FeedForwardNetwork
+from eqv2.model.graph import radius_graph_pbc, validate_graph, validate_structures
+from eqv2.model.graph_attention import EquivariantGraphAttention
+from eqv2.model.layer_norm import make_norm
+from eqv2.model.radial import GaussianRadialBasis, RadialFunction
+from eqv2.model.so3 import CoefficientLayout, EdgeRotation, SO3Linear, WignerD
+from eqv2.model.transformer_block import TransformerBlock
+
+
+class EquiformerV2(nn.Module):
+    """`model(batch) -> {"energy": [B], "forces": [N, 3]}` in the units of the training targets."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.layout = CoefficientLayout(cfg.lmax, cfg.mmax)
+        self.atom_embedding = nn.Embedding(cfg.max_num_elements, cfg.sphere_channels)
+        self.radial_basis = GaussianRadialBasis(cfg.max_radius, cfg.num_distance_basis)
+        self.wigner = WignerD(cfg.lmax)
+        self.edge_degree_embedding = EdgeDegreeEmbedding(cfg)
+        self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.num_layers))
+        self.norm = make_norm(cfg.norm_type, cfg.lmax, cfg.sphere_channels)
+        self.energy_head = FeedForwardNetwork(cfg, 1)
+        self.force_head = EquivariantGraphAttention(cfg, 1, alpha_drop=0.0) if cfg.regress_forces else None
+        self._init_weights(cfg.weight_init)
+
+    def _init_weights(self, scheme: str) -> None:
+        """Reference initialisation: zero biases; weights uniform or normal with std 1/sqrt(fan_in);
+        radial functions always uniform; LayerNorms identity."""
+        radial_linears = {id(m) for r in self.modules() if isinstance(r, RadialFunction) for m in r.modules()}
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, SO3Linear)):
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+                fan_in = module.in_features if isinstance(module, nn.Linear) else module.in_channels
+                if scheme == "normal" and id(module) not in radial_linears:
+                    nn.init.normal_(module.weight, 0.0, 1.0 / math.sqrt(fan_in))
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, batch: AtomsBatch) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        z = batch.atomic_numbers.long()
+        num_nodes, num_graphs = z.shape[0], batch.natoms.shape[0]
+        with torch.autocast(device_type=batch.pos.device.type, enabled=False):
+            # geometry in full precision
+            pos = batch.pos if batch.pos.dtype == torch.float64 else batch.pos.float()
+            if cfg.validate_inputs:
+                validate_structures(pos, z, batch.natoms, cfg.max_num_elements, batch.ids)
+            graph = radius_graph_pbc(pos, batch.cell.to(pos.dtype), batch.pbc, batch.natoms,
+                                     cfg.max_radius, cfg.max_neighbors, batch.ids)
+            if cfg.validate_inputs:
+                validate_graph(graph, pos, batch.natoms, cfg.max_radius, batch.ids)
+            rotation = EdgeRotation(self.wigner(graph.edge_vec), self.layout)
+            distance_basis = self.radial_basis(graph.distance)  # [E, num_basis]
+        edge_index = graph.edge_index
+        x = torch.zeros(num_nodes, (cfg.lmax + 1) ** 2, cfg.sphere_channels, device=pos.device, dtype=pos.dtype)
+        x[:, 0, :] = self.atom_embedding(z).to(pos.dtype)
+        x = x + self.edge_degree_embedding(z, distance_basis, edge_index, rotation, num_nodes).to(pos.dtype)
+        for block in self.blocks:
+            x = block(x, z, distance_basis, edge_index, rotation, batch.batch, num_graphs)
+        x = self.norm(x)  # [N, (L+1)^2, C]
+        node_energy = self.energy_head(x).narrow(1, 0, 1).reshape(-1)  # [N]
+        energy = torch.zeros(num_graphs, device=x.device, dtype=torch.float32 if x.dtype != torch.float64 else x.dtype)
+        energy = energy.index_add(0, batch.batch, node_energy.to(energy.dtype)) / cfg.avg_num_nodes
+        out = {"energy": energy}
+        if self.force_head is not None:
+            forces = self.force_head(x, z, distance_basis, edge_index, rotation)  # [N, (L+1)^2, 1]
+            out["forces"] = forces.narrow(1, 1, 3).reshape(-1, 3).to(energy.dtype)  # degree 1 = (x, y, z)
+        return out
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

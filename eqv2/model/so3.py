@@ -1,0 +1,165 @@
+"""Irreps bookkeeping, Wigner-D rotations and the degree-wise linear layer (paper Sec. 3.1-3.3).
+
+Node features are irreps features `x` of shape [N, (L_max+1)^2, C] stored degree-major
+("l-primary"): coefficient (l, m) lives at index l*l + l + m, m = -l..l, in e3nn's real spherical
+harmonics basis (y is the polar axis; degree 1 is ordered x, y, z, so a degree-1 feature is a
+Cartesian vector).
+
+eSCN convolutions rotate each edge's features so that the edge points along +y, where only the
+orders |m| <= M_max are kept (Sec. 3.3).  Rotated edge features use the "m-primary" order of the
+reference implementation: all m = 0 coefficients (l = 0..L), then for m = 1..M_max the +m block
+(l = m..L) followed by the -m block (l = m..L).  `CoefficientLayout` holds that bookkeeping.
+
+The Wigner-D matrix of a rotation with e3nn Euler angles (alpha, beta, gamma) (R = Ry(a) Rx(b) Ry(c))
+is X(a) J X(b) J X(c), with X the rotation about the polar axis (2x2 blocks on the (m, -m) pairs)
+and J the D-matrix of the 180-degree rotation swapping x and y.  J is computed once from e3nn.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def float64_constants():
+    """e3nn builds its constant matrices in the default dtype; build ours in float64 so that
+    float64 models are equivariant to machine precision (float32 constants limit it to ~1e-6)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+class CoefficientLayout:
+    """Index maps between full l-primary coefficients and rotated, M_max-truncated m-primary ones."""
+
+    def __init__(self, lmax: int, mmax: int):
+        if not 0 <= mmax <= lmax:
+            raise ValueError(f"need 0 <= mmax <= lmax, got lmax={lmax}, mmax={mmax}")
+        self.lmax, self.mmax = lmax, mmax
+        self.num_full = (lmax + 1) ** 2
+        order: list[int] = [l * l + l for l in range(lmax + 1)]  # m = 0, l = 0..L
+        degrees: list[int] = list(range(lmax + 1))
+        for m in range(1, mmax + 1):
+            for sign in (1, -1):
+                order += [l * l + l + sign * m for l in range(m, lmax + 1)]
+                degrees += list(range(m, lmax + 1))
+        # reduced (m-primary) position k holds full coefficient reduced_to_full[k], of degree degree_of[k]
+        self.reduced_to_full = torch.tensor(order, dtype=torch.long)
+        self.degree_of_reduced = torch.tensor(degrees, dtype=torch.long)
+        self.num_reduced = len(order)
+        # sizes of the m blocks: m=0 has L+1 entries, each +m and -m block has L-m+1
+        self.m_block = [lmax + 1] + [lmax - m + 1 for m in range(1, mmax + 1)]
+
+    def degree_of_full(self) -> torch.Tensor:
+        """[ (L+1)^2 ] degree l of each l-primary coefficient."""
+        return torch.repeat_interleave(torch.arange(self.lmax + 1), 2 * torch.arange(self.lmax + 1) + 1)
+
+    def inverse_rescale(self) -> torch.Tensor:
+        """[K] factor on each kept coefficient when rotating back.
+
+        Degrees l > M_max keep only 2*M_max+1 of their 2l+1 orders; the reference rescales them by
+        sqrt((2l+1) / (2*M_max+1)) when rotating back so their magnitude matches the full rotation.
+        """
+        l = self.degree_of_reduced.to(torch.float64)
+        factor = torch.sqrt((2 * l + 1) / (2 * self.mmax + 1))
+        return torch.where(self.degree_of_reduced > self.mmax, factor, torch.ones_like(factor))
+
+
+def _polar_rotation(angle: torch.Tensor, l: int) -> torch.Tensor:
+    """[..., 2l+1, 2l+1] D-matrix of a rotation by `angle` about the polar (y) axis, degree l."""
+    out = angle.new_zeros(*angle.shape, 2 * l + 1, 2 * l + 1)
+    idx = torch.arange(2 * l + 1, device=angle.device)
+    freq = torch.arange(l, -l - 1, -1, device=angle.device, dtype=angle.dtype)
+    out[..., idx, idx.flip(0)] = torch.sin(freq * angle[..., None])
+    out[..., idx, idx] = torch.cos(freq * angle[..., None])  # after the sines: the centre is m = 0
+    return out
+
+
+def _swap_matrices(lmax: int) -> list[torch.Tensor]:
+    """J_l for l = 0..lmax in float64: D-matrix of the rotation taking x to y and y to x."""
+    from e3nn import o3
+
+    with float64_constants():
+        half_pi = torch.tensor(math.pi / 2, dtype=torch.float64)
+        return [o3.wigner_D(l, half_pi, half_pi, half_pi) for l in range(lmax + 1)]
+
+
+class WignerD(nn.Module):
+    """Per-edge Wigner-D matrices D_ij rotating features so that the edge vector points along +y.
+
+    The rotation is R = (Ry(alpha) Rx(beta))^-1, (alpha, beta) the e3nn angles of the edge
+    direction, i.e. the roll about the edge is fixed (gamma = 0).  This keeps the forward pass
+    deterministic; the reference draws a random roll, which the SO(2) convolutions are invariant
+    to (Sec. 3.3).  Matrices are built in the dtype of the edge vectors (float32 or float64),
+    never in reduced precision, and carry no gradient (forces are predicted directly).
+    """
+
+    def __init__(self, lmax: int):
+        super().__init__()
+        self.lmax = lmax
+        for l, j in enumerate(_swap_matrices(lmax)):
+            self.register_buffer(f"swap_{l}", j, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, edge_vec: torch.Tensor) -> torch.Tensor:
+        """edge_vec [E, 3] -> D [E, (L+1)^2, (L+1)^2] block-diagonal Wigner-D matrices."""
+        direction = edge_vec / edge_vec.norm(dim=-1, keepdim=True)
+        # e3nn angles: direction = Ry(alpha) Rx(beta) e_y
+        alpha = torch.atan2(direction[:, 0], direction[:, 2])
+        # atan2, not acos: acos loses half the digits for edges near the polar axis
+        beta = torch.atan2(torch.hypot(direction[:, 0], direction[:, 2]), direction[:, 1])
+        size = (self.lmax + 1) ** 2
+        out = edge_vec.new_zeros(edge_vec.shape[0], size, size)
+        for l in range(self.lmax + 1):
+            j = getattr(self, f"swap_{l}").to(edge_vec.dtype)
+            # D(R^-1) = D(R)^T = (X(a) J X(b) J)^T = J X(-b) J X(-a)   (J symmetric)
+            block = j @ _polar_rotation(-beta, l) @ j @ _polar_rotation(-alpha, l)
+            out[:, l * l : (l + 1) ** 2, l * l : (l + 1) ** 2] = block
+        return out
+
+
+class EdgeRotation:
+    """The rotation of one batch of edges, restricted to the kept orders (Sec. 3.3).
+
+    `rotate` maps node features [E, (L+1)^2, C] to the edge frame in m-primary order [E, K, C];
+    `rotate_inv` maps m-primary edge features [E, K, C] back to [E, (L+1)^2, C].  Both are
+    computed once per forward pass and shared by every block.
+    """
+
+    def __init__(self, wigner: torch.Tensor, layout: CoefficientLayout):
+        idx = layout.reduced_to_full.to(wigner.device)
+        self.to_edge = wigner.index_select(1, idx).contiguous()  # [E, K, (L+1)^2]
+        rescale = layout.inverse_rescale().to(wigner.device, wigner.dtype)
+        self.from_edge = (self.to_edge.transpose(1, 2) * rescale).contiguous()  # [E, (L+1)^2, K]
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(self.to_edge.to(x.dtype), x)
+
+    def rotate_inv(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(self.from_edge.to(x.dtype), x)
+
+
+class SO3Linear(nn.Module):
+    """Degree-wise linear layer: one [C_out, C_in] matrix per degree l, bias on l = 0 only."""
+
+    def __init__(self, in_channels: int, out_channels: int, lmax: int):
+        super().__init__()
+        self.in_channels, self.out_channels, self.lmax = in_channels, out_channels, lmax
+        bound = 1.0 / math.sqrt(in_channels)
+        self.weight = nn.Parameter(torch.empty(lmax + 1, out_channels, in_channels).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        degree = torch.repeat_interleave(torch.arange(lmax + 1), 2 * torch.arange(lmax + 1) + 1)
+        self.register_buffer("degree", degree, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, (L+1)^2, C_in] -> [N, (L+1)^2, C_out]."""
+        weight = self.weight.index_select(0, self.degree)  # [(L+1)^2, C_out, C_in]
+        out = torch.einsum("nki,koi->nko", x, weight)
+        bias = torch.cat([self.bias.view(1, -1), self.bias.new_zeros(out.shape[1] - 1, self.out_channels)])
+        return out + bias
