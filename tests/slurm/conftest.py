@@ -1,0 +1,121 @@
+"""Fixtures for tests against a real SLURM cluster (brought up by .ci/slurm_up.sh).
+
+Every wait is bounded: a job that asks for more than the cluster has pends forever, so a hung
+`sbatch --wait` would stall CI.  Jobs are judged by what they wrote (logs, metrics, shards) and by
+their final state, never by sbatch's exit code alone.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+            "BOOT_FAIL", "DEADLINE"}
+
+
+def _cluster_problem() -> str | None:
+    """Why the SLURM tests cannot run here, or None when a cluster with two idle nodes answers."""
+    for tool in ("sbatch", "squeue", "scontrol", "sinfo", "scancel"):
+        if shutil.which(tool) is None:
+            return f"no SLURM client tools ({tool} not on PATH); start a cluster with .ci/slurm_up.sh"
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=15)
+        nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=15)
+    except (subprocess.TimeoutExpired, OSError) as err:
+        return f"SLURM controller does not answer ({err}); start it with .ci/slurm_up.sh"
+    if ping.returncode != 0 or "UP" not in ping.stdout:
+        return f"SLURM controller not up ({(ping.stdout + ping.stderr).strip()}); start it with .ci/slurm_up.sh"
+    usable = {line.split()[0] for line in nodes.stdout.splitlines() if line.split()[1:2] and
+              line.split()[1] in ("idle", "mix", "alloc")}
+    if len(usable) < 2:
+        return f"need 2 usable SLURM nodes, sinfo shows: {nodes.stdout.strip()!r}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    problem = _cluster_problem()
+    if problem:
+        pytest.skip(problem)
+
+
+@dataclass
+class Job:
+    job_id: str
+    submit_dir: Path
+
+    def state(self) -> str:
+        """JobState from slurmctld, or "" once the record has been purged (MinJobAge after the end)."""
+        out = subprocess.run(["scontrol", "-o", "show", "job", self.job_id], capture_output=True, text=True,
+                             timeout=15).stdout
+        for field in out.split():
+            if field.startswith("JobState="):
+                return field.split("=", 1)[1]
+        return ""
+
+    def restarts(self) -> int:
+        out = subprocess.run(["scontrol", "-o", "show", "job", self.job_id], capture_output=True, text=True,
+                             timeout=15).stdout
+        for field in out.split():
+            if field.startswith("Restarts="):
+                return int(field.split("=", 1)[1])
+        return -1
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')}" for p in sorted(self.submit_dir.glob("*.out")))
+
+    def wait(self, timeout: float, poll: float = 0.5) -> str:
+        """Wait for a terminal state; on timeout cancel the job and fail with its logs."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            state = self.state()
+            if state in TERMINAL:
+                return state
+            if state == "" and last:  # purged after finishing between two polls
+                return "GONE"
+            last = state or last
+            time.sleep(poll)
+        subprocess.run(["scancel", self.job_id], timeout=15)
+        pytest.fail(f"job {self.job_id} still {last or 'unknown'} after {timeout:.0f}s (cancelled)\n{self.logs()}")
+
+    def cancel(self) -> None:
+        subprocess.run(["scancel", self.job_id], timeout=15)
+
+
+def submit(script: str, submit_dir: Path, sbatch_args: list[str], env: dict[str, str],
+           script_args: tuple[str, ...] = ()) -> Job:
+    """sbatch REPO/script from submit_dir (where the job's log lands) with extra environment."""
+    full_env = {**os.environ, "EQV2_ROOT": str(REPO), "PYTHON": sys.executable, **env}
+    out = subprocess.run(["sbatch", "--parsable", *sbatch_args, str(REPO / script), *script_args], cwd=submit_dir,
+                         env=full_env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, f"sbatch {script} failed: {out.stderr}"
+    return Job(out.stdout.strip().split(";")[0], submit_dir)
+
+
+@pytest.fixture
+def jobs():
+    """Submitted jobs; any still queued or running when the test ends is cancelled."""
+    submitted: list[Job] = []
+    yield submitted
+    for job in submitted:
+        if job.state() not in TERMINAL | {""}:
+            job.cancel()
+
+
+@pytest.fixture(scope="session")
+def demo_raw(tmp_path_factory) -> Path:
+    """A small dataset in OC20's raw layout plus its shards (tools/make_demo_data.py, ~10 s)."""
+    out = tmp_path_factory.mktemp("demo")
+    subprocess.run([sys.executable, str(REPO / "tools/make_demo_data.py"), "--out", str(out),
+                    "--train-systems", "6", "--val-systems", "2", "--frames", "4", "--no-progress"],
+                   check=True, cwd=REPO, timeout=300)
+    return out
