@@ -1,0 +1,91 @@
+"""Worker for the engine-equivalence tests, started under torchrun with real DeepSpeed.
+
+Trains the real EquiformerV2 (tiny) for a few optimizer steps on fixed synthetic structures with the
+trainer's own step function, loss, optimizer groups and activation checkpointing, then writes the
+per-step losses and the full fp32 parameters (gathered under ZeRO-3) to OUT, one entry per run spec.
+Usage: engine_worker.py OUT SPEC [SPEC ...], SPEC = "stage,grad_accum,activation_ckpt(0/1),dropout(0/1)".
+Several specs share one process group, which saves the start-up of a launch per configuration.
+"""
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import deepspeed  # noqa: E402
+
+from eqv2.batch import AtomsBatch  # noqa: E402
+from eqv2.model.config import ModelConfig  # noqa: E402
+from eqv2.model.equiformer_v2 import EquiformerV2  # noqa: E402
+from eqv2.train import _zero_loss_fn, take_step  # noqa: E402
+from eqv2.training.activation_checkpointing import ActivationCheckpointConfig, apply_activation_checkpointing  # noqa: E402
+from eqv2.training.dist import init_distributed  # noqa: E402
+from eqv2.training.loss import EnergyForceLoss, LossConfig, Normalizers  # noqa: E402
+from eqv2.training.optim import OptimConfig, build_optimizer  # noqa: E402
+from eqv2.training.signals import StopFlag  # noqa: E402
+
+TINY = dict(num_layers=2, lmax=2, mmax=1, sphere_channels=8, attn_hidden_channels=8, num_heads=2,
+            attn_alpha_channels=4, attn_value_channels=4, ffn_hidden_channels=8, edge_channels=8,
+            num_distance_basis=16, grid_resolution=None, max_radius=4.0, max_neighbors=8,
+            alpha_drop=0.1, drop_path_rate=0.1)
+STEPS = 3
+STRUCTS_PER_STEP = 8  # global structures per optimizer step, split over ranks and micro-batches
+
+
+def structures(step: int) -> list[dict]:
+    """The same global batch for every layout: structures of different sizes, some fixed atoms."""
+    rng = np.random.default_rng(100 + step)
+    out = []
+    for k in range(STRUCTS_PER_STEP):
+        n = 3 + (k * 5 + step) % 7
+        out.append(dict(positions=rng.uniform(0, 4, (n, 3)), numbers=rng.integers(1, 20, n), cell=np.eye(3) * 4,
+                        pbc=np.ones(3, bool), energy=rng.normal(), forces=rng.normal(size=(n, 3)),
+                        fixed=np.arange(n) == 0))
+    return out
+
+
+def run(spec: str, dist) -> dict:
+    stage, gas, ac, dropout = (int(v) for v in spec.split(","))
+    torch.manual_seed(0)
+    model = EquiformerV2(ModelConfig(**{**TINY, **({} if dropout else {"alpha_drop": 0.0, "drop_path_rate": 0.0})}))
+    apply_activation_checkpointing(model, ActivationCheckpointConfig(enabled=bool(ac), every=1))
+    ds = {"train_micro_batch_size_per_gpu": STRUCTS_PER_STEP // (gas * dist.world_size),
+          "gradient_accumulation_steps": gas, "gradient_clipping": 100.0, "zero_optimization": {"stage": stage},
+          "steps_per_print": 10**9}
+    optim_cfg = OptimConfig(lr=1e-2, max_steps=STEPS)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, optim_cfg), config=ds)
+    loss_fn = EnergyForceLoss(LossConfig(), Normalizers(0.0, 1.0, 1.0))
+    losses, init = [], gather(engine, stage)
+    per = STRUCTS_PER_STEP // (gas * dist.world_size)
+    for step in range(STEPS):
+        structs = structures(step)
+        # rank r takes micro-batches r, r+world, ...: a different atom layout per rank count
+        micro = []
+        for m in range(gas):
+            chunk = m * dist.world_size + dist.rank
+            micro.append(AtomsBatch.from_arrays(structs[chunk * per:(chunk + 1) * per]))
+        torch.manual_seed(1000 + step * 10 + dist.rank)
+        terms, counts, skipped, _ = take_step(engine, micro, loss_fn, _zero_loss_fn(engine), StopFlag(),
+                                              float(dist.world_size * gas), True, dist.device)
+        assert skipped == 0
+        total = terms.clone()
+        torch.distributed.all_reduce(total)
+        losses.append(total[0].item())
+    return {"losses": losses, "params": gather(engine, stage), "init": init}
+
+
+def gather(engine, stage: int) -> dict:
+    params = {}
+    for name, p in engine.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], enabled=stage == 3):
+            params[name] = p.detach().float().clone()
+    return params
+
+
+if __name__ == "__main__":
+    dist_info = init_distributed()
+    results = {spec: run(spec, dist_info) for spec in sys.argv[2:]}
+    if dist_info.rank == 0:
+        torch.save(results, sys.argv[1])
