@@ -38,7 +38,7 @@ class ShardWriter:
     """Append samples; shards roll over by sample count and/or byte size.
 
     `max_samples` / `max_bytes` (0 = unlimited, at least one must be set) bound each shard;
-    `max_bytes` counts tar member bytes, so files end up that size plus at most 10 KiB of tar trailer.
+    `max_bytes` counts tar member bytes, so files end up at most that size plus 11 KiB (tar end blocks and record padding).
     """
 
     def __init__(self, out_dir: str | Path, prefix: str, max_samples: int = 0, max_bytes: int = 0) -> None:
