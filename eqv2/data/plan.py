@@ -7,15 +7,19 @@ Policy (also in docs/data.md):
    that order, to the slot with the smallest load so far (samples for `batch_size`, atoms for
    `max_atoms`), so every shard is read by exactly one slot: each sample exactly once per epoch.
 2. Equal steps.  Every slot yields exactly K batches, K being the same for all slots and computed
-   here from the manifest: with `batch_size` B, K = max over slots of ceil(m_s / B) and sample i of
-   a slot with m_s samples goes to batch floor(i*K / m_s) (batches of floor or ceil of m_s/K <= B);
-   with `max_atoms` M, K = max over slots of ceil(A_s / (M - n_max + 1)) and a sample whose
-   preceding atoms in the slot are c goes to batch floor(c*K / A_s), which keeps every batch within
-   M atoms (n_max = largest structure).  Nothing is dropped or repeated; a slot holding too few
-   samples to fill K batches is a configuration error raised here, before any step is taken.
+   here from the manifest: K = max over slots of ceil(m_s / B) with `batch_size` B, or of
+   ceil(A_s / (M - n_max + 1)) with `max_atoms` M (m_s samples and A_s atoms in slot s, n_max the
+   largest structure).  A slot walks its samples in order and starts a new batch when the current
+   one would exceed B structures or M atoms, when it has fallen behind the even schedule
+   (sample position p, or atoms before it c, past the (b+1)/K mark: floor(p*K/m_s) > b or
+   floor(c*K/A_s) > b), or when exactly one sample per remaining batch is left.  Following the
+   schedule a batch holds < A_s/K + n_max <= M + 1 atoms, so the cap never forces it ahead, and the
+   last rule guarantees K non-empty batches whenever m_s >= K (checked here, before any step).
+   Nothing is dropped or repeated.
 3. Shuffle.  Within a slot, consecutive shards are grouped until a group holds at least
    `shuffle_buffer` samples; each group is loaded whole and permuted by (seed, epoch, slot, group).
-   Memory stays at one group per worker, and resuming at any batch reloads one group.
+   Memory stays at one group per worker.  A slot's position (next sample p, atoms before it c) is
+   all that is needed to resume it; resuming reloads one group.
 """
 from __future__ import annotations
 
@@ -94,27 +98,27 @@ def plan_epoch(
         if max_atoms < n_max:
             raise PlanError(f"data.max_atoms={max_atoms} is smaller than the largest structure ({n_max} atoms)")
         k = max(math.ceil(sl.atoms / (max_atoms - n_max + 1)) for sl in slots)
-        thin = min(slots, key=lambda sl: sl.atoms)
-        if thin.atoms < k * n_max:
-            raise PlanError(
-                f"epoch {epoch}: slot {thin.slot} holds {thin.atoms} atoms, too few for {k} batches of up to "
-                f"data.max_atoms={max_atoms} (structures up to {n_max} atoms); raise data.max_atoms to at least "
-                f"2x the largest structure, or use more, smaller shards so slots balance"
-            )
     else:
         k = max(math.ceil(sl.samples / batch_size) for sl in slots)
-        thin = min(slots, key=lambda sl: sl.samples)
-        if thin.samples < k:
-            raise PlanError(
-                f"epoch {epoch}: slot {thin.slot} holds {thin.samples} samples, too few for {k} batches "
-                f"(data.batch_size={batch_size}); use more, smaller shards so slots balance, or fewer workers"
-            )
+    thin = min(slots, key=lambda sl: sl.samples)
+    if thin.samples < k:
+        raise PlanError(
+            f"epoch {epoch}: slot {thin.slot} holds {thin.samples} samples, too few for the {k} batches every "
+            f"slot must yield (batch_size={batch_size}, max_atoms={max_atoms}); use more, smaller shards so "
+            f"slots balance, a larger batch, or fewer workers"
+        )
     return EpochPlan(epoch, k, by_atoms, tuple(slots))
 
 
-def batch_index(position: int, cum_atoms: int, slot: SlotPlan, k: int, by_atoms: bool) -> int:
-    """Batch of the sample at `position` in the slot (`cum_atoms` atoms precede it)."""
-    return (cum_atoms * k) // slot.atoms if by_atoms else (position * k) // slot.samples
+def starts_new_batch(slot: SlotPlan, k: int, batch_size: int, max_atoms: int, b: int, count: int, atoms: int,
+                     position: int, cum: int, natoms: int) -> bool:
+    """Whether the sample at `position` (`cum` atoms before it, `natoms` its own) opens batch b+1,
+    given that batch b holds `count` samples with `atoms` atoms so far (see the module docstring)."""
+    if count == 0 or b + 1 >= k:
+        return False
+    if max_atoms:
+        return atoms + natoms > max_atoms or (cum * k) // slot.atoms > b or slot.samples - position <= k - 1 - b
+    return count >= batch_size or (position * k) // slot.samples > b or slot.samples - position <= k - 1 - b
 
 
 def group_permutation(seed: int, epoch: int, slot: int, group: int, n: int, shuffle: bool) -> np.ndarray:

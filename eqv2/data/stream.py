@@ -11,9 +11,9 @@
 Each rank reads its own slots (one per DataLoader worker, see `eqv2.data.plan`) and every slot yields
 the same number of batches, so all ranks take `steps_in_epoch(epoch)` steps whatever the shard sizes.
 The DataLoader hands out worker results strictly round-robin; rank step j therefore comes from local
-slot j mod W', which makes the data position a single number: (epoch, step).  To resume at step j
-the workers are rotated so that worker 0 serves slot j mod W', and each slot skips to its next batch
-by reloading one shuffle group.  The state is tiny and resume costs one group read per worker.
+slot j mod W', so the data position is (epoch, step j, each slot's next sample position), a few numbers.  To resume
+the workers are rotated so that worker 0 serves slot j mod W', and each slot reloads the one shuffle
+group holding its next sample.  The state is tiny and resume costs one group read per worker.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from eqv2.batch import AtomsBatch
 from eqv2.data.config import DataConfig
 from eqv2.data.format import SampleError, sample_key
 from eqv2.data.manifest import ShardInfo
-from eqv2.data.plan import EpochPlan, SlotPlan, batch_index, group_permutation, plan_epoch
+from eqv2.data.plan import EpochPlan, SlotPlan, group_permutation, plan_epoch, starts_new_batch
 from eqv2.data.reader import read_shard, resolve_shards
 
 log = logging.getLogger("eqv2.data")
@@ -44,75 +44,71 @@ class _SlotReader:
         self.urls, self.infos, self.plan, self.slots = urls, infos, plan, slots
         self.seed, self.shuffle = cfg.seed, shuffle
         self.verify, self.on_error = cfg.verify_checksums, cfg.on_error
+        self.batch_size, self.max_atoms = cfg.batch_size, cfg.max_atoms
 
-    def batches(self, local: int, start: int) -> Iterator[tuple[AtomsBatch, int, list[str]]]:
-        """(batch, samples skipped since the previous batch, their messages) for batches start..K-1."""
-        slot, k, by_atoms = self.slots[local], self.plan.num_batches, self.plan.by_atoms
-        # sample and atom offsets of each shuffle group, from the manifest
-        offsets, i0, a0 = [], 0, 0
+    def batches(self, local: int, start: int, pos: tuple[int, int]) -> Iterator[tuple]:
+        """Batches start..K-1 of local slot `local`, whose next sample is at position pos = (p, c).
+
+        Yields (batch, local, next position, samples skipped since the previous batch, messages).
+        """
+        slot, k = self.slots[local], self.plan.num_batches
+        offsets, i0 = [], 0  # first sample position of each shuffle group, from the manifest
         for g0, g1 in slot.groups:
-            offsets.append((i0, a0))
-            i0 += sum(self.infos[slot.shards[p]].count for p in range(g0, g1))
-            a0 += sum(self.infos[slot.shards[p]].atoms for p in range(g0, g1))
-        if by_atoms:
-            threshold = -(-start * slot.atoms // k)
-            first = max(g for g, (_, a) in enumerate(offsets) if a <= threshold)
-        else:
-            threshold = -(-start * slot.samples // k)
-            first = max(g for g, (i, _) in enumerate(offsets) if i <= threshold)
-        current, members, skipped, messages, emitted = start, [], 0, [], 0
+            offsets.append(i0)
+            i0 += sum(self.infos[slot.shards[q]].count for q in range(g0, g1))
+        b, members, atoms, skipped, messages = start, [], 0, 0, []
+        first = max(g for g, i in enumerate(offsets) if i <= pos[0]) if pos[0] < slot.samples else len(offsets)
+        cum = pos[1]
         for g in range(first, len(slot.groups)):
             g0, g1 = slot.groups[g]
             group: list[dict | None] = []
-            for p in range(g0, g1):
-                samples, errors = read_shard(self.urls[slot.shards[p]], self.infos[slot.shards[p]],
+            for q in range(g0, g1):
+                samples, errors = read_shard(self.urls[slot.shards[q]], self.infos[slot.shards[q]],
                                              self.verify, self.on_error)
                 group.extend(samples)
                 messages.extend(errors[:_MAX_LOGGED])
-            position, cum = offsets[g]
-            for j in group_permutation(self.seed, self.plan.epoch, slot.slot, g, len(group), self.shuffle).tolist():
+            order = group_permutation(self.seed, self.plan.epoch, slot.slot, g, len(group), self.shuffle)
+            for position, j in enumerate(order.tolist(), start=offsets[g]):
+                if position < pos[0]:
+                    continue
                 sample = group[j]
-                b = batch_index(position, cum, slot, k, by_atoms)
-                position += 1
                 if sample is None:
                     skipped += 1
                     continue
-                cum += len(sample["numbers"])
-                if b < start:
-                    continue
-                if b != current:
-                    if members:
-                        yield self._collate(members), skipped, messages
-                        emitted += 1
-                        members, skipped, messages = [], 0, []
-                    current = b
+                n = len(sample["numbers"])
+                if starts_new_batch(slot, k, self.batch_size, self.max_atoms, b, len(members), atoms, position, cum, n):
+                    yield self._collate(members, atoms), local, (position, cum), skipped, messages
+                    b, members, atoms, skipped, messages = b + 1, [], 0, 0, []
                 members.append(sample)
+                atoms += n
+                cum += n
         if members:
-            yield self._collate(members), skipped, messages
-            emitted += 1
-        if emitted != k - start:
+            yield self._collate(members, atoms), local, (slot.samples, cum), skipped, messages
+            b += 1
+        if b != k:
             raise SampleError(
-                f"slot {slot.slot} (shards {[self.urls[i] for i in slot.shards[:3]]}...) produced "
-                f"{emitted} of its {k - start} batches: on_error=skip dropped every sample of a batch, so "
-                f"the ranks cannot stay in step; repair or remove the bad shards"
+                f"slot {slot.slot} (shards {[self.urls[i] for i in slot.shards[:3]]}...) produced {b - start} of "
+                f"its {k - start} remaining batches: on_error=skip dropped every sample of a batch, so the ranks "
+                f"cannot stay in step; repair or remove the bad shards"
             )
 
-    @staticmethod
-    def _collate(samples: list[dict]) -> AtomsBatch:
+    def _collate(self, samples: list[dict], atoms: int) -> AtomsBatch:
+        if self.max_atoms and atoms > self.max_atoms:  # guaranteed by the plan; checked because OOM is costly
+            raise AssertionError(f"batch of {atoms} atoms exceeds max_atoms={self.max_atoms}")
         return AtomsBatch.from_arrays(samples, ids=[sample_key(s["sid"], s["fid"]) for s in samples])
 
 
 class _EpochDataset(IterableDataset):
-    """DataLoader worker w serves local slot (w + rotation) mod W', from its batch `starts[slot]`."""
+    """DataLoader worker w serves local slot (w + rotation) mod W', from batch `starts[slot]` at `positions[slot]`."""
 
-    def __init__(self, reader: _SlotReader, starts: list[int], rotation: int) -> None:
-        self.reader, self.starts, self.rotation = reader, starts, rotation
+    def __init__(self, reader: _SlotReader, starts: list[int], positions: list[tuple[int, int]], rotation: int) -> None:
+        self.reader, self.starts, self.positions, self.rotation = reader, starts, positions, rotation
 
     def __iter__(self):
         info = get_worker_info()
         local = 0 if info is None else (info.id + self.rotation) % len(self.reader.slots)
         torch.set_num_threads(1)
-        return self.reader.batches(local, self.starts[local])
+        return self.reader.batches(local, self.starts[local], self.positions[local])
 
 
 def _identity(x):
@@ -123,10 +119,10 @@ def _slots_per_rank(cfg: DataConfig) -> int:
     return max(1, cfg.num_workers)
 
 
-def _iterate(reader: _SlotReader, cfg: DataConfig, step: int) -> Iterator[tuple[AtomsBatch, int, list[str]]]:
+def _iterate(reader: _SlotReader, cfg: DataConfig, step: int, positions: list[tuple[int, int]]) -> Iterator[tuple]:
     n = len(reader.slots)
     starts = [max(0, (step - w + n - 1) // n) for w in range(n)]
-    dataset = _EpochDataset(reader, starts, step % n)
+    dataset = _EpochDataset(reader, starts, positions, step % n)
     if cfg.num_workers == 0:
         return iter(dataset)
     loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, collate_fn=_identity,
@@ -150,6 +146,7 @@ class TrainStream:
         }
         self._plans: dict[int, EpochPlan] = {}
         self._epoch, self._step = 0, 0
+        self._positions = [(0, 0)] * self._slots  # next (sample position, atoms before it) of each local slot
         self.skipped = 0  # samples skipped (on_error=skip) in the last completed epoch
         self.plan(0)  # configuration errors surface at construction, before any step
 
@@ -163,14 +160,16 @@ class TrainStream:
         return self.plan(epoch).num_batches * self._slots
 
     def epoch_batches(self, epoch: int) -> Iterator[AtomsBatch]:
-        start = self._step if epoch == self._epoch else 0
-        self._epoch, self._step = epoch, start
+        if epoch != self._epoch:
+            self._step, self._positions = 0, [(0, 0)] * self._slots
+        self._epoch, start = epoch, self._step
         plan, total = self.plan(epoch), self.steps_in_epoch(epoch)
         mine = list(plan.slots[self.rank * self._slots : (self.rank + 1) * self._slots])
         reader = _SlotReader(self.urls, self.infos, plan, mine, self.cfg, shuffle=True)
         skipped = 0
-        for batch, n_skipped, messages in _iterate(reader, self.cfg, start):
+        for batch, local, position, n_skipped, messages in _iterate(reader, self.cfg, start, list(self._positions)):
             skipped += n_skipped
+            self._positions[local] = position
             for msg in messages:
                 log.warning("skipped bad input: %s", msg)
             self._step += 1  # the position advances as the batch is handed out
@@ -179,10 +178,12 @@ class TrainStream:
             raise RuntimeError(f"epoch {epoch}: rank {self.rank} got {self._step} of {total} batches")
         self.skipped = skipped
         (log.warning if skipped else log.info)("epoch %d rank %d: %d bad samples skipped", epoch, self.rank, skipped)
-        self._epoch, self._step = epoch + 1, 0
+        self._epoch, self._step, self._positions = epoch + 1, 0, [(0, 0)] * self._slots
 
     def state_dict(self) -> dict:
-        return {"epoch": self._epoch, "step": self._step, "fingerprint": dict(self._fingerprint)}
+        """Data position: epoch, steps taken in it, and each local slot's next (sample, atoms) position."""
+        return {"epoch": self._epoch, "step": self._step, "positions": [list(p) for p in self._positions],
+                "fingerprint": dict(self._fingerprint)}
 
     def load_state_dict(self, state: dict) -> None:
         theirs = state.get("fingerprint", {})
@@ -193,6 +194,7 @@ class TrainStream:
                     f"now {value!r}"
                 )
         self._epoch, self._step = int(state["epoch"]), int(state["step"])
+        self._positions = [(int(p), int(c)) for p, c in state["positions"]]
 
     def close(self) -> None:
         """Nothing persistent to stop: workers live only while an epoch is iterated."""
@@ -216,7 +218,7 @@ def val_batches(cfg: DataConfig, rank: int, world_size: int) -> Iterator[AtomsBa
     """Every validation sample exactly once over all ranks, in a fixed order; equal counts per rank."""
     reader, _ = _val_reader(cfg, rank, world_size)
     skipped = 0
-    for batch, n_skipped, messages in _iterate(reader, cfg, 0):
+    for batch, _, _, n_skipped, messages in _iterate(reader, cfg, 0, [(0, 0)] * len(reader.slots)):
         skipped += n_skipped
         for msg in messages:
             log.warning("skipped bad validation input: %s", msg)
