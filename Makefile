@@ -1,0 +1,25 @@
+# eqv2 — the two quickstart commands are `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU installs pin torch (an unpinned torch pulls a multi-GB CUDA build).
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: env demo test test-fast clean
+
+$(VENV)/.installed: setup.cfg
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	# the reference implementation, for the parity tests (its pinned torch is not wanted: --no-deps)
+	$(PY) -m pip install -q --no-deps fairchem-core==1.10.0 huggingface_hub
+	touch $@
+
+env: $(VENV)/.installed
+
+test: env
+	$(PY) -m pytest -q -m "not gpu" tests
+
+clean:
+	rm -rf $(VENV) runs data/demo

@@ -1,0 +1,102 @@
+"""Build fairchem-core 1.10.0's EquiformerV2 (the reference) beside eqv2's, for parity tests.
+
+fairchem imports torch_scatter at module level; tests/model/fairchem_shim holds a tiny stand-in.
+The reference draws a random roll angle per edge; here its edge frames are replaced by eqv2's
+deterministic ones (same edge direction, roll fixed), which the model is invariant to up to the
+S2-grid sampling error, so that outputs can be compared to float32 round-off.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SHIM = str(Path(__file__).parent / "fairchem_shim")
+
+
+def import_fairchem():
+    if SHIM not in sys.path:
+        sys.path.insert(0, SHIM)
+    import fairchem.core.models.equiformer_v2.equiformer_v2_deprecated as legacy  # noqa: F401
+    import fairchem.core.models.equiformer_v2.equiformer_v2 as hydra_mod  # noqa: F401
+    return legacy, hydra_mod
+
+
+def eqv2_edge_frames(edge_vec: torch.Tensor) -> torch.Tensor:
+    """[E, 3, 3] rotations taking each edge direction to +y with zero roll (eqv2's convention)."""
+    from e3nn import o3
+
+    d = edge_vec / edge_vec.norm(dim=1, keepdim=True)
+    alpha = torch.atan2(d[:, 0], d[:, 2])
+    beta = torch.atan2(torch.hypot(d[:, 0], d[:, 2]), d[:, 1])
+    return o3.angles_to_matrix(alpha, beta, torch.zeros_like(alpha)).transpose(1, 2)
+
+
+@contextlib.contextmanager
+def deterministic_frames(*modules):
+    saved = [m.init_edge_rot_mat for m in modules]
+    for m in modules:
+        m.init_edge_rot_mat = eqv2_edge_frames
+    try:
+        yield
+    finally:
+        for m, fn in zip(modules, saved):
+            m.init_edge_rot_mat = fn
+
+
+def pyg_batch(batch, graph):
+    """torch_geometric Batch with eqv2's graph precomputed (fairchem then skips its own)."""
+    from torch_geometric.data import Data
+
+    data = Data(
+        pos=batch.pos, atomic_numbers=batch.atomic_numbers.float(), cell=batch.cell, natoms=batch.natoms,
+        batch=batch.batch, edge_index=graph.edge_index, cell_offsets=graph.cell_offset.float(),
+        neighbors=torch.bincount(batch.batch[graph.edge_index[1]], minlength=batch.num_graphs),
+    )
+    data.num_graphs = batch.num_graphs
+    return data
+
+
+def fairchem_hparams(cfg) -> dict:
+    """fairchem constructor arguments equivalent to an eqv2 ModelConfig."""
+    return dict(
+        use_pbc=True, regress_forces=True, otf_graph=False, max_neighbors=cfg.max_neighbors,
+        max_radius=cfg.max_radius, max_num_elements=cfg.max_num_elements, num_layers=cfg.num_layers,
+        sphere_channels=cfg.sphere_channels, attn_hidden_channels=cfg.attn_hidden_channels,
+        num_heads=cfg.num_heads, attn_alpha_channels=cfg.attn_alpha_channels,
+        attn_value_channels=cfg.attn_value_channels, ffn_hidden_channels=cfg.ffn_hidden_channels,
+        norm_type=cfg.norm_type, lmax_list=[cfg.lmax], mmax_list=[cfg.mmax],
+        grid_resolution=cfg.grid_resolution, edge_channels=cfg.edge_channels,
+        use_atom_edge_embedding=cfg.use_atom_edge_embedding, use_attn_renorm=cfg.use_attn_renorm,
+        use_gate_act=cfg.activation == "gate", use_sep_s2_act=cfg.activation == "separable_s2",
+        use_grid_mlp=cfg.use_grid_mlp, alpha_drop=cfg.alpha_drop, drop_path_rate=cfg.drop_path_rate,
+        proj_drop=cfg.proj_drop, weight_init=cfg.weight_init, avg_num_nodes=cfg.avg_num_nodes,
+        avg_degree=cfg.avg_degree,
+    )
+
+
+def perturb_(model: torch.nn.Module, seed: int) -> None:
+    """Give every parameter random values so no part of the network hides behind its init
+    (LayerNorm ones/zeros, zero biases)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+def slab_structures(seed: int, count: int):
+    """Synthetic adsorbate+slab structures (ASE fcc111 surfaces with adsorbates, rattled)."""
+    from ase.build import add_adsorbate, fcc111, molecule
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        metal = ["Cu", "Pt", "Ag", "Ni"][i % 4]
+        slab = fcc111(metal, size=(2, 2, 3), vacuum=7.0)
+        add_adsorbate(slab, molecule(["CO", "OH", "H2O", "NH3"][i % 4]), 2.0, "ontop")
+        slab.rattle(0.05, seed=int(rng.integers(1 << 30)))
+        out.append(slab)
+    return out
