@@ -13,7 +13,8 @@ $(VENV)/.installed: setup.cfg
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
 	# the reference implementation, for the parity tests (its pinned torch is not wanted: --no-deps)
-	$(PY) -m pip install -q --no-deps fairchem-core==1.10.0 huggingface_hub
+	$(PY) -m pip install -q --no-deps fairchem-core==1.10.0
+	$(PY) -m pip install -q huggingface_hub
 	touch $@
 
 env: $(VENV)/.installed

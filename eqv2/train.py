@@ -191,15 +191,17 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
                     group["lr"] = lr
                 torch.manual_seed(hash((cfg.seed, step, dist.rank)) % 2**62)  # dropout masks survive resume
                 micro = [b.to(dist.device, non_blocking=True) for b in micro]
-                terms, counts, skipped, stop_now = take_step(engine, micro, loss_fn, zero_loss, stop, scale,
-                                                             cfg.loss.train_on_free_atoms, dist.device)
+                log_now = logger.due(step + 1)
+                terms, counts, skipped, stop_now, grad_norm = take_step(
+                    engine, micro, loss_fn, zero_loss, stop, scale, cfg.loss.train_on_free_atoms, dist.device,
+                    grad_norm_needed=log_now)
                 step += 1
                 nonfinite += skipped
                 if ema is not None:
                     ema.update()
                 logger.add_step(terms, counts)
-                if logger.due(step):
-                    logger.log(step, epoch, lr, engine.get_global_grad_norm(), {"nonfinite_steps": nonfinite})
+                if log_now:
+                    logger.log(step, epoch, lr, grad_norm, {"nonfinite_steps": nonfinite})
                 if nonfinite >= cfg.loss.max_nonfinite_steps:
                     raise NonFiniteError(
                         f"stopping: {nonfinite} micro-batches had a non-finite loss (loss.max_nonfinite_steps="
@@ -247,16 +249,17 @@ def _zero_loss_fn(engine):
 
 
 def take_step(engine, micro: list[AtomsBatch], loss_fn: EnergyForceLoss, zero_loss, stop: StopFlag,
-              scale: float, free_only: bool, device: torch.device):
+              scale: float, free_only: bool, device: torch.device, grad_norm_needed: bool = False):
     """One optimizer step over `micro` (this rank's micro-batches).
 
-    Returns (loss terms [3] of this rank, global counts [3], micro-batches skipped, stop agreed).
+    Returns (loss terms [3] of this rank, global counts [3], micro-batches skipped, stop agreed,
+    gradient norm before clipping or None).
     The one host sync per micro-batch: whether any rank's loss is non-finite must be known before the
     backward pass; the same all-reduce carries the stop flag so all ranks stop at the same step.
     """
     counts = global_counts(micro, free_only, device)  # [structures, free atoms, atoms] of the global step
     terms_sum = torch.zeros(3, dtype=torch.float64, device=device)
-    skipped, stop_now = 0, False
+    skipped, stop_now, grad_norm = 0, False, None
     for batch in micro:
         out = engine(batch)
         loss, terms = loss_fn(out, batch, counts, scale)
@@ -270,8 +273,14 @@ def take_step(engine, micro: list[AtomsBatch], loss_fn: EnergyForceLoss, zero_lo
         else:
             terms_sum += torch.stack([terms["loss"], terms["energy_mae_norm"], terms["force_l2mae_norm"]]).double()
         engine.backward(loss)
+        if grad_norm_needed and engine.zero_optimization_stage() == 0 and engine.is_gradient_accumulation_boundary():
+            # ZeRO-0 clips but does not report the norm; the gradients are already averaged here
+            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
         engine.step()
-    return terms_sum, counts, skipped, stop_now
+    if grad_norm_needed and engine.zero_optimization_stage() > 0:
+        grad_norm = engine.get_global_grad_norm()
+    return terms_sum, counts, skipped, stop_now, grad_norm
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ resolved config is self-contained.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -58,8 +59,21 @@ class RunConfig:
     model_graph_stats_from_data: bool = False  # true: model.avg_num_nodes/avg_degree from the data stats
 
 
+# PyYAML follows YAML 1.1, where "2e-4" (no dot) is a string; users type it that way on the command line.
+_SCI_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _sci_floats(overrides: list[str]) -> list[str]:
+    out = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        out.append(f"{key}={float(value)!r}" if sep and _SCI_FLOAT.match(value.strip()) else item)
+    return out
+
+
 def load_run_config(path: str | Path, overrides: list[str], micro_batch: int) -> tuple[RunConfig, dict]:
     """Parse and check the run YAML; returns the config and the resolved plain mapping."""
+    overrides = _sci_floats(overrides)
     raw = load_yaml(path)
     if isinstance(raw.get("model"), str):
         model_path = Path(raw["model"])

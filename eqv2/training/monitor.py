@@ -70,7 +70,7 @@ class StepLogger:
         remaining = self.total_steps - step
         record = {"step": step, "epoch": epoch, "lr": lr,
                   **{k: sums[i] / n_steps for i, k in enumerate(TERMS)},
-                  "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                  "grad_norm": float(grad_norm) if grad_norm is not None else None,  # tensor: syncs here
                   "samples_per_s": sums[3] / dt, "free_atoms_per_s": sums[4] / dt, "atoms_per_s": sums[5] / dt,
                   "steps_per_s": rate, "peak_mem_gib": peak_memory_gib(self.device),
                   "eta_s": remaining / rate if rate > 0 else None, **extra}

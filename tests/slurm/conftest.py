@@ -116,6 +116,6 @@ def demo_raw(tmp_path_factory) -> Path:
     """A small dataset in OC20's raw layout plus its shards (tools/make_demo_data.py, ~10 s)."""
     out = tmp_path_factory.mktemp("demo")
     subprocess.run([sys.executable, str(REPO / "tools/make_demo_data.py"), "--out", str(out),
-                    "--train-systems", "6", "--val-systems", "2", "--frames", "4", "--no-progress"],
-                   check=True, cwd=REPO, timeout=300)
+                    "--train-systems", "20", "--val-systems", "4", "--frames", "4", "--no-progress"],
+                   check=True, cwd=REPO, timeout=180)
     return out

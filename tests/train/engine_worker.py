@@ -67,7 +67,7 @@ def run(spec: str, dist) -> dict:
             chunk = m * dist.world_size + dist.rank
             micro.append(AtomsBatch.from_arrays(structs[chunk * per:(chunk + 1) * per]))
         torch.manual_seed(1000 + step * 10 + dist.rank)
-        terms, counts, skipped, _ = take_step(engine, micro, loss_fn, _zero_loss_fn(engine), StopFlag(),
+        terms, counts, skipped, _, _ = take_step(engine, micro, loss_fn, _zero_loss_fn(engine), StopFlag(),
                                               float(dist.world_size * gas), True, dist.device)
         assert skipped == 0
         total = terms.clone()
