@@ -197,7 +197,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
                     grad_norm_needed=log_now)
                 step += 1
                 nonfinite += skipped
-                if ema is not None:
+                if ema is not None and skipped < gas:
                     ema.update()
                 logger.add_step(terms, counts)
                 if log_now:
@@ -239,7 +239,7 @@ def _groups(batches, size: int):
 
 def _zero_loss_fn(engine):
     """A loss with exactly zero gradient, back-propagated in place of a non-finite one so that every
-    rank runs the same collectives.  Built from the parameters, not the (possibly inf/NaN) forward graph,
+    rank runs the same collectives and DeepSpeed's accumulation bookkeeping stays aligned.  Built from the parameters, not the (possibly inf/NaN) forward graph,
     whose 0·inf products would leak NaN into the gradients.  ZeRO-3 parameters are empty outside their
     forward; there the outputs are used, which is exact for non-finite *targets* (the usual cause)."""
     params = [p for p in engine.module.parameters() if p.requires_grad]
@@ -270,6 +270,11 @@ def take_step(engine, micro: list[AtomsBatch], loss_fn: EnergyForceLoss, zero_lo
         if bad:
             skipped += 1
             loss = zero_loss(out)
+            if skipped == len(micro):
+                # every micro-batch of the step was bad: lr 0 makes AdamW leave the weights exactly as they
+                # are (its decoupled decay is scaled by lr too); the next step sets its lr afresh
+                for group in engine.optimizer.param_groups:
+                    group["lr"] = 0.0
         else:
             terms_sum += torch.stack([terms["loss"], terms["energy_mae_norm"], terms["force_l2mae_norm"]]).double()
         engine.backward(loss)
