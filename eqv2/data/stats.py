@@ -38,7 +38,7 @@ def neighbour_edges(sample: dict, max_radius: float = DEGREE_RADIUS, max_neighbo
     """Number of edges of the model's radius graph for one structure."""
     from eqv2.model.graph import radius_graph_pbc
 
-    pos = torch.as_tensor(np.asarray(sample["positions"], dtype=np.float32))
+    pos = torch.tensor(np.asarray(sample["positions"], dtype=np.float32))  # copy: sample arrays are read-only views
     graph = radius_graph_pbc(
         pos,
         torch.as_tensor(np.asarray(sample["cell"], dtype=np.float32)).reshape(1, 3, 3),
