@@ -55,7 +55,12 @@ eqv2_launcher() {
   case ${LAUNCHER:-srun} in
     srun) LAUNCH=(srun "${common[@]}" "$EQV2_ROOT/slurm/task.sh") ;;
     pmix|pmi2) LAUNCH=(srun "${common[@]}" --mpi="$LAUNCHER") ;;
-    mpirun) LAUNCH=(mpirun -np "$WORLD_SIZE" -ppn "$TASKS_PER_NODE") ;;
+    mpirun)  # per-node placement flags differ between the two common MPI libraries
+      if mpirun --version 2>&1 | grep -q "Open MPI"; then
+        LAUNCH=(mpirun -np "$WORLD_SIZE" --map-by "ppr:$TASKS_PER_NODE:node")
+      else
+        LAUNCH=(mpirun -np "$WORLD_SIZE" -ppn "$TASKS_PER_NODE")  # MPICH / Intel MPI (hydra)
+      fi ;;
     *) eqv2_die "LAUNCHER must be srun, pmix, pmi2 or mpirun, got '$LAUNCHER'" 2 ;;
   esac
 }
