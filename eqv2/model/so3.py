@@ -163,3 +163,30 @@ class SO3Linear(nn.Module):
         out = torch.einsum("nki,koi->nko", x, weight)
         bias = torch.cat([self.bias.view(1, -1), self.bias.new_zeros(out.shape[1] - 1, self.out_channels)])
         return out + bias
+
+
+def wigner_from_rotation(rot: torch.Tensor, lmax: int) -> torch.Tensor:
+    """[..., 3, 3] rotation matrices -> [..., (L+1)^2, (L+1)^2] block-diagonal Wigner-D matrices
+    in eqv2's basis (D^1 equals the Cartesian rotation).  Used by tests and tools."""
+    col = rot[..., :, 1]  # R e_y = Ry(a) Rx(b) e_y
+    alpha = torch.atan2(col[..., 0], col[..., 2])
+    beta = torch.atan2(torch.hypot(col[..., 0], col[..., 2]), col[..., 1])
+    # remaining roll: Ry(g) = (Ry(a) Rx(b))^T R; read g from its (x, z) entries
+    ca, sa, cb, sb = torch.cos(alpha), torch.sin(alpha), torch.cos(beta), torch.sin(beta)
+    ry = torch.stack([torch.stack([ca, torch.zeros_like(ca), sa], -1),
+                      torch.stack([torch.zeros_like(ca), torch.ones_like(ca), torch.zeros_like(ca)], -1),
+                      torch.stack([-sa, torch.zeros_like(ca), ca], -1)], -2)
+    rx = torch.stack([torch.stack([torch.ones_like(cb), torch.zeros_like(cb), torch.zeros_like(cb)], -1),
+                      torch.stack([torch.zeros_like(cb), cb, -sb], -1),
+                      torch.stack([torch.zeros_like(cb), sb, cb], -1)], -2)
+    rest = (ry @ rx).transpose(-1, -2) @ rot
+    gamma = torch.atan2(rest[..., 0, 2], rest[..., 0, 0])
+    swaps = _swap_matrices(lmax)
+    size = (lmax + 1) ** 2
+    out = rot.new_zeros(*rot.shape[:-2], size, size)
+    for l in range(lmax + 1):
+        j = swaps[l].to(rot.dtype)
+        out[..., l * l : (l + 1) ** 2, l * l : (l + 1) ** 2] = (
+            _polar_rotation(alpha, l) @ j @ _polar_rotation(beta, l) @ j @ _polar_rotation(gamma, l)
+        )
+    return out
