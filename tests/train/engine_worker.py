@@ -3,7 +3,8 @@
 Trains the real EquiformerV2 (tiny) for a few optimizer steps on fixed synthetic structures with the
 trainer's own step function, loss, optimizer groups and activation checkpointing, then writes the
 per-step losses and the full fp32 parameters (gathered under ZeRO-3) to OUT, one entry per run spec.
-Usage: engine_worker.py OUT SPEC [SPEC ...], SPEC = "stage,grad_accum,activation_ckpt(0/1),dropout(0/1)".
+Usage: engine_worker.py OUT SPEC [SPEC ...], SPEC = "stage,grad_accum,activation_ckpt(0/1),dropout(0/1)"
+with an optional ",nan": step 1 then carries a NaN energy target in the last rank's last micro-batch.
 Several specs share one process group, which saves the start-up of a launch per configuration.
 """
 import os
@@ -47,7 +48,9 @@ def structures(step: int) -> list[dict]:
 
 
 def run(spec: str, dist) -> dict:
-    stage, gas, ac, dropout = (int(v) for v in spec.split(","))
+    fields = spec.split(",")
+    stage, gas, ac, dropout = (int(v) for v in fields[:4])
+    nan_step = 1 if fields[4:] == ["nan"] else None
     torch.manual_seed(0)
     model = EquiformerV2(ModelConfig(**{**TINY, **({} if dropout else {"alpha_drop": 0.0, "drop_path_rate": 0.0})}))
     apply_activation_checkpointing(model, ActivationCheckpointConfig(enabled=bool(ac), every=1))
@@ -57,23 +60,30 @@ def run(spec: str, dist) -> dict:
     optim_cfg = OptimConfig(lr=1e-2, max_steps=STEPS)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, optim_cfg), config=ds)
     loss_fn = EnergyForceLoss(LossConfig(), Normalizers(0.0, 1.0, 1.0))
-    losses, init = [], gather(engine, stage)
+    losses, init, skipped_per_step, after = [], gather(engine, stage), [], []
     per = STRUCTS_PER_STEP // (gas * dist.world_size)
     for step in range(STEPS):
         structs = structures(step)
+        if step == nan_step:
+            structs[-1]["energy"] = float("nan")
         # rank r takes micro-batches r, r+world, ...: a different atom layout per rank count
         micro = []
         for m in range(gas):
             chunk = m * dist.world_size + dist.rank
             micro.append(AtomsBatch.from_arrays(structs[chunk * per:(chunk + 1) * per]))
+        for group in engine.optimizer.param_groups:  # as train.py: the lr is set at every step
+            group["lr"] = optim_cfg.lr
         torch.manual_seed(1000 + step * 10 + dist.rank)
         terms, counts, skipped, _, _ = take_step(engine, micro, loss_fn, _zero_loss_fn(engine), StopFlag(),
                                               float(dist.world_size * gas), True, dist.device)
-        assert skipped == 0
+        skipped_per_step.append(skipped)
+        if nan_step is not None:
+            after.append(gather(engine, stage))
         total = terms.clone()
         torch.distributed.all_reduce(total)
         losses.append(total[0].item())
-    return {"losses": losses, "params": gather(engine, stage), "init": init}
+    return {"losses": losses, "params": gather(engine, stage), "init": init, "skipped": skipped_per_step,
+            "after": after}
 
 
 def gather(engine, stage: int) -> dict:

@@ -28,6 +28,7 @@ def launch(nproc: int, out: Path, specs: list[str]) -> dict:
 
 
 def assert_same_run(a: dict, b: dict, atol: float) -> None:
+    assert a["skipped"] == b["skipped"] == [0, 0, 0]
     assert a["losses"] == pytest.approx(b["losses"], rel=1e-5)
     for name, value in a["params"].items():
         torch.testing.assert_close(b["params"][name], value, atol=atol, rtol=1e-5, msg=name)
@@ -36,7 +37,7 @@ def assert_same_run(a: dict, b: dict, atol: float) -> None:
 @pytest.fixture(scope="module")
 def two_rank_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("eq") / "two.pt"
-    return launch(2, out, ["0,1,0,1", "3,1,0,1", "0,1,1,1", "2,1,0,0"])
+    return launch(2, out, ["0,1,0,1", "3,1,0,1", "0,1,1,1", "2,1,0,0", "2,1,0,0,nan"])
 
 
 def test_zero3_matches_plain(two_rank_runs):
@@ -54,3 +55,14 @@ def test_two_ranks_zero2_match_one_rank_with_accumulation(two_rank_runs, tmp_pat
     # the weights did move: the comparison is not between two untouched initialisations
     moved = max((two["params"][n] - two["init"][n]).abs().max().item() for n in two["init"])
     assert moved > 1e-3
+
+
+def test_nonfinite_loss_on_one_rank_skips_the_step_on_all(two_rank_runs):
+    run = two_rank_runs["2,1,0,0,nan"]
+    assert run["skipped"] == [0, 1, 0]  # counted on every rank, not only where the NaN was
+    assert run["losses"][1] == 0.0  # the bad micro-batch contributes no loss terms
+    for name, before in run["after"][0].items():  # the weights did not move in the bad step ...
+        assert torch.equal(run["after"][1][name], before), name
+    moved = max((run["after"][2][n] - run["after"][1][n]).abs().max().item() for n in run["after"][1])
+    assert moved > 1e-4  # ... and training went on afterwards
+    assert all(torch.isfinite(v).all() for v in run["params"].values())

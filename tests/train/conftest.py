@@ -1,0 +1,70 @@
+"""Shared fixtures for the trainer's end-to-end tests: the demo data and a way to run eqv2/train.py."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN = REPO / "eqv2" / "train.py"
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """The real demo dataset (EMT slabs, sharded), built once per session (~10 s)."""
+    out = tmp_path_factory.mktemp("demo_data")
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "make_demo_data.py"), "--out", str(out),
+                           "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def data_args(data: Path) -> list[str]:
+    return ["--set", f"data.train_manifest={data / 'train' / 'manifest.json'}",
+            "--set", f"data.val_manifest={data / 'val' / 'manifest.json'}"]
+
+
+def start_ranks(nproc: int, args: list[str]) -> list[subprocess.Popen]:
+    """Start `nproc` trainer processes the way srun/torchrun do: RANK/WORLD_SIZE/... in the environment."""
+    port = free_port()
+    procs = []
+    for rank in range(nproc):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+               "PYTHONUNBUFFERED": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(TRAIN), *args], env=env, cwd=REPO, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    return procs
+
+
+def wait_ranks(procs: list[subprocess.Popen], timeout: float = 300) -> tuple[list[int], str]:
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    return [p.returncode for p in procs], "\n".join(outs)
+
+
+def run_train(args: list[str], nproc: int = 1, timeout: float = 300) -> tuple[list[int], str]:
+    return wait_ranks(start_ranks(nproc, args), timeout)
+
+
+def records(run_dir: Path) -> tuple[dict[int, dict], list[dict]]:
+    """Training records by step (the last record wins: a resumed run rewrites steps after its
+    checkpoint) and evaluation records, from the run's metrics.jsonl."""
+    train, evals = {}, []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "split" in rec:
+            evals.append(rec)
+        else:
+            train[rec["step"]] = rec
+    return train, evals
