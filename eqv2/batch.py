@@ -44,11 +44,13 @@ class AtomsBatch:
         cls,
         structures: list[dict[str, np.ndarray]],
         ids: list[str] | None = None,
+        float_dtype: torch.dtype = torch.float32,
     ) -> "AtomsBatch":
         """Concatenate per-structure arrays.
 
         Each dict holds `positions` [n,3], `numbers` [n], `cell` [3,3], `pbc` [3] and optionally
-        `tags` [n], `fixed` [n], `energy` (scalar), `forces` [n,3].
+        `tags` [n], `fixed` [n], `energy` (scalar), `forces` [n,3].  Positions and cells are
+        float32 unless `float_dtype` says otherwise (float64 for exactness tests).
         """
         if not structures:
             raise ValueError("cannot build a batch from zero structures")
@@ -57,9 +59,9 @@ class AtomsBatch:
         stack = lambda k, dt: torch.as_tensor(np.stack([np.asarray(s[k]) for s in structures]), dtype=dt)
         has = lambda k: all(s.get(k) is not None for s in structures)
         return cls(
-            pos=cat("positions", torch.float32).reshape(-1, 3),
+            pos=cat("positions", float_dtype).reshape(-1, 3),
             atomic_numbers=cat("numbers", torch.int64),
-            cell=stack("cell", torch.float32).reshape(-1, 3, 3),
+            cell=stack("cell", float_dtype).reshape(-1, 3, 3),
             pbc=stack("pbc", torch.bool).reshape(-1, 3),
             natoms=torch.as_tensor(natoms, dtype=torch.int64),
             batch=torch.repeat_interleave(torch.arange(len(natoms)), torch.as_tensor(natoms)),

@@ -142,14 +142,17 @@ def validate_structures(
     if bool(flags[0]):
         b = int((natoms <= 0).nonzero()[0])
         raise GraphInputError(f"{_name(ids, b)}: empty structure (no atoms)")
+    first = torch.cumsum(natoms, 0) - natoms
     if bool(flags[1]):
         a = int(bad_z.nonzero()[0])
+        b = int(batch[a])
         raise GraphInputError(
-            f"{_name(ids, int(batch[a]))}: atomic number {int(atomic_numbers[a])} of atom {a} is outside "
+            f"{_name(ids, b)}: atomic number {int(atomic_numbers[a])} of atom {a - int(first[b])} is outside "
             f"the embedding table [1, {max_num_elements - 1}]"
         )
     a = int(bad_pos.nonzero()[0])
-    raise GraphInputError(f"{_name(ids, int(batch[a]))}: atom {a} has a non-finite position {pos[a].tolist()}")
+    b = int(batch[a])
+    raise GraphInputError(f"{_name(ids, b)}: atom {a - int(first[b])} has a non-finite position {pos[a].tolist()}")
 
 
 def validate_graph(graph: RadiusGraph, pos: torch.Tensor, natoms: torch.Tensor, max_radius: float, ids: list[str] | None = None) -> None:

@@ -21,8 +21,8 @@ def batch_from_atoms(atoms_list, dtype=torch.float64) -> AtomsBatch:
     b = AtomsBatch.from_arrays(
         [dict(positions=a.positions, numbers=a.numbers, cell=np.array(a.cell), pbc=a.pbc) for a in atoms_list],
         ids=[f"s{i}" for i in range(len(atoms_list))],
+        float_dtype=dtype,
     )
-    b.pos, b.cell = b.pos.to(dtype), b.cell.to(dtype)
     return b
 
 
