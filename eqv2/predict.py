@@ -1,0 +1,82 @@
+"""Predict energies and forces for every frame of any ASE-readable file.
+
+    python -m eqv2.predict --checkpoint model.pt --input frames.extxyz --output out.npz
+
+The .npz holds `energy` [n_structures] (eV), `forces` [total_atoms, 3] (eV/Å, frames
+concatenated in order), `natoms` [n_structures].  Structures are batched by an atom budget.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eqv2.calculator import atoms_to_batch, default_device
+from eqv2.checkpoint import load_model
+
+
+def read_frames(path: Path):
+    import ase.io
+
+    if not path.is_file():
+        raise FileNotFoundError(f"input file not found: {path}")
+    try:
+        frames = ase.io.read(path, index=":")
+    except Exception as err:
+        raise ValueError(f"{path}: cannot read structures with ASE ({err})") from err
+    frames = frames if isinstance(frames, list) else [frames]
+    if not frames:
+        raise ValueError(f"{path}: contains no structures")
+    return frames
+
+
+def predict(potential, frames, device, max_atoms: int = 2000):
+    energies, forces = [], []
+    start = 0
+    while start < len(frames):
+        stop, atoms = start, 0
+        while stop < len(frames) and (stop == start or atoms + len(frames[stop]) <= max_atoms):
+            atoms += len(frames[stop])
+            stop += 1
+        batch = atoms_to_batch(frames[start:stop], ids=[f"frame {i}" for i in range(start, stop)]).to(device)
+        with torch.no_grad():
+            out = potential(batch)
+        energies.append(out["energy"].double().cpu().numpy())
+        if "forces" in out:
+            forces.append(out["forces"].double().cpu().numpy())
+        start = stop
+    return np.concatenate(energies), (np.concatenate(forces) if forces else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eqv2.predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, type=Path, help="eqv2 model checkpoint")
+    parser.add_argument("--input", required=True, type=Path, help="any ASE-readable file (all frames)")
+    parser.add_argument("--output", required=True, type=Path, help=".npz to write")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--max-atoms", type=int, default=2000, help="atom budget per batch")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device) if args.device else default_device()
+    try:
+        potential = load_model(args.checkpoint, device)
+        frames = read_frames(args.input)
+        energy, forces = predict(potential, frames, device, args.max_atoms)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    natoms = np.array([len(f) for f in frames], dtype=np.int64)
+    out = {"energy": energy, "natoms": natoms}
+    if forces is not None:
+        out["forces"] = forces
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(args.output, **out)
+    print(f"wrote {args.output}: {len(frames)} structures, {int(natoms.sum())} atoms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
