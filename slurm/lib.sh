@@ -96,7 +96,18 @@ _eqv2_forward() {
 }
 
 # After eqv2_run_step: requeue on a USR1 stop, else pass the step's exit code on.
+#   $1  the run's checkpoints/latest file (read before the step), to tell progress from a loop
 eqv2_finish_step() {
+  local latest_file=${1:-} latest_now=""
+  [[ -n $latest_file && -f $latest_file ]] && latest_now=$(<"$latest_file")
+  if [[ $STEP_SIGNAL == USR1 ]] && (( STEP_RC > 128 )) && (( ${SLURM_RESTART_COUNT:-0} > 0 )) \
+     && [[ $latest_now == "${EQV2_LATEST_AT_START:-}" ]]; then
+    # Killed by the signal during start-up again, with no checkpoint written since the last
+    # restart: a time limit shorter than the --signal margin would requeue this job forever.
+    eqv2_log "signal arrived during start-up again and no checkpoint was written: not requeueing" \
+             "(is --time longer than the --signal=B:USR1@<seconds> margin?)"
+    exit "$STEP_RC"
+  fi
   if [[ $STEP_SIGNAL == USR1 ]] && (( STEP_RC == EQV2_EXIT_REQUEUE || STEP_RC > 128 )); then
     # >128: a task died of the signal before the trainer had installed its handler (during start-up);
     # requeueing is still right, `--resume auto` starts from the newest complete checkpoint.
@@ -141,7 +152,7 @@ eqv2_stamp_dir() {
 #   (whitespace-separated), placed after `--resume auto` so that an explicit --resume wins.
 eqv2_train() {
   local config=$1 run_dir=$2 gpu_ds=$3 stamp extra=()
-  cd "$EQV2_ROOT"
+  cd "$EQV2_ROOT" || eqv2_die "cannot enter EQV2_ROOT=$EQV2_ROOT" 2
   eqv2_layout
   if (( GPUS_PER_NODE > 0 )); then DS_CONFIG=${DS_CONFIG:-$gpu_ds}; else DS_CONFIG=${DS_CONFIG:-ds_configs/cpu_demo.json}; fi
   PYTHON=${PYTHON:-python}
@@ -160,9 +171,11 @@ eqv2_train() {
     || eqv2_die "configuration rejected (see above); nothing was launched" 2
   eqv2_log "restart ${SLURM_RESTART_COUNT:-0}: $WORLD_SIZE ranks ($NNODES nodes x $TASKS_PER_NODE) on" \
            "$SLURM_JOB_NODELIST, rendezvous $MASTER_ADDR:$MASTER_PORT, run dir $run_dir"
+  EQV2_LATEST_AT_START=""
+  [[ -f $run_dir/checkpoints/latest ]] && EQV2_LATEST_AT_START=$(<"$run_dir/checkpoints/latest")
   eqv2_run_step "${LAUNCH[@]}" "$PYTHON" -u "${train[@]}"
   # The trainer's own resolved copies (normalisers filled in from the data) for this launch.
   cp -f "$run_dir/config.yaml" "$stamp/trained_config.yaml" 2>/dev/null || true
   cp -f "$run_dir/ds_config.json" "$stamp/trained_ds_config.json" 2>/dev/null || true
-  eqv2_finish_step
+  eqv2_finish_step "$run_dir/checkpoints/latest"
 }
