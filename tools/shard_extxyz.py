@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subtract-reference", action="store_true",
                    help="energy target = total - reference energy from the *.txt (adsorption-style)")
     p.add_argument("--degree-every", type=int, default=20,
-                   help="measure avg neighbours on ~1/K of the structures (chosen by id hash; 1 = all)")
+                   help="measure avg neighbours on ~1/K of the structures (chosen by id hash; 1 = all, 0 = none)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
     max_bytes = parse_size(args.shard_bytes)

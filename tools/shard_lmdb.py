@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-bytes", default="0", help="bytes per shard, e.g. 256M (0 = no limit)")
     p.add_argument("--workers", type=int, default=1, help="parallel reader processes")
     p.add_argument("--degree-every", type=int, default=20,
-                   help="measure avg neighbours on ~1/K of the structures (chosen by id hash; 1 = all)")
+                   help="measure avg neighbours on ~1/K of the structures (chosen by id hash; 1 = all, 0 = none)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
     max_bytes = parse_size(args.shard_bytes)

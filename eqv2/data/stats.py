@@ -106,7 +106,7 @@ class DatasetStats:
     energy_std: float  # eV
     force_rms: float  # eV/Å, per component
     avg_num_nodes: float  # atoms per structure
-    avg_degree: float  # neighbours per atom (radius 12 Å, at most 20)
+    avg_degree: float | None  # neighbours per atom (radius 12 Å, at most 20); None if not measured
     degree_structures_atoms: int  # atoms in the subset avg_degree was measured on
     max_natoms: int
 
@@ -133,7 +133,7 @@ def combine(shard_sums: list[dict]) -> DatasetStats:
         energy_std=math.sqrt(m2 / n) if n > 0 else 0.0,
         force_rms=math.sqrt(sum(s["force_sq"] for s in shard_sums) / force_n) if force_n else 0.0,
         avg_num_nodes=atoms / count if count else 0.0,
-        avg_degree=sum(s["degree_edges"] for s in shard_sums) / d_atoms if d_atoms else float("nan"),
+        avg_degree=sum(s["degree_edges"] for s in shard_sums) / d_atoms if d_atoms else None,
         degree_structures_atoms=d_atoms,
         max_natoms=max((s["max_natoms"] for s in shard_sums), default=0),
     )

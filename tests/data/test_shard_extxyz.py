@@ -101,7 +101,7 @@ def test_deterministic_across_worker_counts_and_resume(raw, tmp_path):
 
 def test_cli_killed_then_rerun_is_byte_identical(raw, tmp_path):
     cmd = [sys.executable, str(ROOT / "tools/shard_extxyz.py"), str(raw), "", "--shard-samples", "2",
-           "--no-progress", "--degree-every", "1"]
+           "--no-progress", "--degree-every", "0"]
     subprocess.run(cmd[:3] + [str(tmp_path / "ref")] + cmd[4:], check=True, capture_output=True)
     out = tmp_path / "killed"
     proc = subprocess.Popen(cmd[:3] + [str(out)] + cmd[4:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -113,6 +113,8 @@ def test_cli_killed_then_rerun_is_byte_identical(raw, tmp_path):
             break
         time.sleep(0.005)
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the sharder finished before it could be killed"
+    assert len(list(out.glob("shard-*.tar"))) < 23
     subprocess.run(cmd[:3] + [str(out)] + cmd[4:], check=True, capture_output=True)
     assert _tree(out) == _tree(tmp_path / "ref")
     assert json.loads((out / "manifest.json").read_text())["num_samples"] == 45

@@ -1,0 +1,188 @@
+#!/usr/bin/env python
+"""Training-step benchmark of EquiformerV2: samples/s, atoms/s, peak memory, FLOPs and MFU.
+
+One training step = forward, energy-MAE + force-L2MAE loss, backward, AdamW step.  Structures are
+OC20-like adsorbate+slab systems built with ASE (fcc(111) slabs of several metals with small
+adsorbates, 10 Å vacuum, rattled; sizes drawn so the mean is ~72 atoms), graphs with radius 12 Å
+and <= 20 neighbours.  When fairchem-core 1.10.0 is importable (tests/model/fairchem_shim supplies
+torch_scatter), its EquiformerV2 runs on the same batches in the same process (fp16 AMP with
+GradScaler, as it trains) and the ratio is printed.
+
+    python tools/bench.py --configs 31M 153M --batch-sizes 4 8 --steps 20 [--reference] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from eqv2.batch import AtomsBatch  # noqa: E402
+from eqv2.config import from_dict, load_yaml  # noqa: E402
+from eqv2.model.config import ModelConfig  # noqa: E402
+from eqv2.model.equiformer_v2 import EquiformerV2, count_parameters  # noqa: E402
+
+SLAB_SIZES = [(3, 3, 4), (4, 4, 3), (3, 4, 5), (4, 4, 4), (4, 4, 5), (3, 3, 6), (5, 4, 4)]  # 36..80 atoms
+METALS = ["Cu", "Pt", "Ag", "Ni", "Pd", "Au", "Al"]
+ADSORBATES = ["CO", "OH", "H2O", "NH3", "CH3", "CH4", "O", "H"]
+
+
+def oc20_like_structures(count: int, seed: int) -> list[dict]:
+    from ase import Atoms
+    from ase.build import add_adsorbate, fcc111, molecule
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        size = SLAB_SIZES[rng.integers(len(SLAB_SIZES))]
+        slab = fcc111(METALS[rng.integers(len(METALS))], size=size, vacuum=10.0)
+        name = ADSORBATES[rng.integers(len(ADSORBATES))]
+        ads = Atoms(name) if len(name) == 1 else molecule(name)
+        add_adsorbate(slab, ads, 2.0, "ontop")
+        slab.rattle(0.05, seed=int(rng.integers(1 << 30)))
+        n = len(slab)
+        out.append(dict(positions=slab.positions, numbers=slab.numbers, cell=np.array(slab.cell), pbc=slab.pbc,
+                        fixed=np.zeros(n, bool), energy=float(rng.normal()),
+                        forces=rng.normal(size=(n, 3)).astype(np.float32)))
+    return out
+
+
+def make_batches(batch_size: int, count: int, seed: int) -> list[AtomsBatch]:
+    structures = oc20_like_structures(batch_size * count, seed)
+    return [AtomsBatch.from_arrays(structures[i * batch_size:(i + 1) * batch_size]) for i in range(count)]
+
+
+def loss_fn(energy, forces, batch):
+    e_loss = (energy.float() - batch.energy).abs().mean()
+    f_loss = (forces.float() - batch.forces).norm(dim=1).mean()
+    return 4.0 * e_loss + 100.0 * f_loss
+
+
+def count_flops(step, batch) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step(batch)
+    return float(counter.get_total_flops())
+
+
+def time_steps(step, batches, warmup: int, device) -> tuple[float, float]:
+    for b in batches[:warmup]:
+        step(b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for b in batches[warmup:]:
+        step(b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return elapsed, peak
+
+
+def eqv2_step_fn(cfg: ModelConfig, device, dtype):
+    model = EquiformerV2(cfg).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(batch):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = model(batch)
+        loss = loss_fn(out["energy"], out["forces"], batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model, step
+
+
+def reference_step_fn(cfg: ModelConfig, device):
+    sys.path.insert(0, str(ROOT / "tests" / "model" / "fairchem_shim"))
+    sys.path.insert(0, str(ROOT))
+    from tests.model import fairchem_reference as fr
+
+    legacy, _ = fr.import_fairchem()
+    hp = fr.fairchem_hparams(cfg)
+    hp["otf_graph"] = True
+    model = legacy.EquiformerV2(**hp).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(device.type)
+
+    def step(batch):
+        from torch_geometric.data import Data
+
+        data = Data(pos=batch.pos, atomic_numbers=batch.atomic_numbers.float(), cell=batch.cell, natoms=batch.natoms,
+                    batch=batch.batch)
+        with torch.autocast(device.type, dtype=torch.float16):
+            out = model(data)
+        loss = loss_fn(out["energy"].reshape(-1), out["forces"], batch)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    return model, step
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["31M", "153M"], help="31M 83M 153M")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[8])
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--reference", action="store_true", help="also run fairchem-core 1.10.0 on the same batches")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak for MFU (H100 SXM: 989)")
+    parser.add_argument("--json", type=Path, help="write results here")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    results = []
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
+    for name in args.configs:
+        cfg = from_dict(ModelConfig, load_yaml(ROOT / "configs" / "model" / f"eqv2_{name}.yaml"))
+        for bs in args.batch_sizes:
+            batches = [b.to(device) for b in make_batches(bs, args.warmup + args.steps, args.seed)]
+            atoms = sum(int(b.natoms.sum()) for b in batches[args.warmup:])
+            runs = [("eqv2", lambda: eqv2_step_fn(cfg, device, dtype))]
+            if args.reference:
+                runs.append(("fairchem-1.10.0", lambda: reference_step_fn(cfg, device)))
+            row = {"config": name, "batch": bs, "mean_atoms": atoms / (bs * args.steps)}
+            for label, build in runs:
+                torch.manual_seed(args.seed)
+                try:
+                    model, step = build()
+                    flops = count_flops(step, batches[0]) / bs
+                    elapsed, peak = time_steps(step, batches, args.warmup, device)
+                except torch.cuda.OutOfMemoryError:
+                    row[label] = {"error": "out of memory"}
+                    print(f"{name} batch {bs} {label}: out of memory")
+                    continue
+                sps = bs * args.steps / elapsed
+                mfu = flops * sps / (args.peak_tflops * 1e12)
+                row[label] = {"params": count_parameters(model), "samples_per_s": sps, "atoms_per_s": atoms / elapsed,
+                              "peak_gib": peak, "tflop_per_sample": flops / 1e12, "mfu": mfu}
+                print(f"{name} batch {bs} {label}: {sps:.2f} samples/s, {atoms / elapsed:.0f} atoms/s, "
+                      f"peak {peak:.1f} GiB, {flops / 1e12:.3f} TFLOP/sample, MFU {100 * mfu:.2f}%", flush=True)
+                del model, step
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            if "eqv2" in row and "fairchem-1.10.0" in row and "samples_per_s" in row["fairchem-1.10.0"]:
+                ratio = row["eqv2"].get("samples_per_s", 0) / row["fairchem-1.10.0"]["samples_per_s"]
+                row["speedup"] = ratio
+                print(f"{name} batch {bs}: eqv2 / fairchem = {ratio:.2f}x")
+            results.append(row)
+    if args.json:
+        args.json.write_text(json.dumps({"device": str(device), "torch": torch.__version__, "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Export a training checkpoint as a plain eqv2 model checkpoint (for `eqv2.load_model` / ASE).
+
+    python tools/export_model.py runs/demo/checkpoints            -o demo.pt   # latest, EMA weights
+    python tools/export_model.py runs/demo/checkpoints --best     -o best.pt   # best validation checkpoint
+    python tools/export_model.py runs/demo/checkpoints/step_00000800 --weights live -o live.pt
+
+The EMA weights are what the trainer evaluates, so they are the default.  Live weights come from the
+fp32 master copy (ZeRO 1-3: gathered from the optimizer shards with DeepSpeed's zero_to_fp32; ZeRO-0:
+the module state).  Buffers always come from the DeepSpeed module state.  Runs on CPU, any world size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eqv2.checkpoint import Normalizers, save_model  # noqa: E402
+from eqv2.config import from_dict  # noqa: E402
+from eqv2.model.config import ModelConfig  # noqa: E402
+from eqv2.model.equiformer_v2 import EquiformerV2  # noqa: E402
+from eqv2.training import checkpointing as ckpt  # noqa: E402
+
+
+def resolve_tag_dir(path: Path, best: bool) -> Path:
+    if best:
+        info = path / "best.json"
+        if not info.is_file():
+            raise SystemExit(f"export_model: {info} not found (no validation ran, or checkpoint.save_best was off)")
+        return path / json.loads(info.read_text())["tag"]
+    found = ckpt.find_resume(str(path), path)
+    if found is None:
+        raise SystemExit(f"export_model: no complete checkpoint under {path}")
+    return found
+
+
+def live_weights(tag_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
+    module = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    if zero_stage == 0:
+        return module
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    params = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    return {**module, **params}  # buffers from the module state, parameters from the fp32 masters
+
+
+def export(tag_dir: Path, out: Path, weights: str) -> dict:
+    state = json.loads((tag_dir / ckpt.STATE_FILE).read_text())
+    model_cfg = from_dict(ModelConfig, state["config"]["model"], prefix="model")
+    model = EquiformerV2(model_cfg)
+    sd = live_weights(tag_dir, state["zero_stage"])
+    if weights == "ema":
+        ema = ckpt.load_ema(tag_dir)
+        if ema is None:
+            raise SystemExit(f"export_model: {tag_dir} has no EMA (optim.ema_decay was null); use --weights live")
+        sd = {**sd, **ema["shadow"]}
+    model.load_state_dict(sd, strict=True)  # checks that names and shapes match the config
+    n = state["normalizers"]
+    normalizers = Normalizers(energy_mean=n["energy_mean"], energy_std=n["energy_std"], forces_std=n["force_rms"])
+    meta = {"source": str(tag_dir), "step": state["step"], "weights": weights}
+    save_model(out, model, model_cfg, normalizers, meta=meta)
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("checkpoint", type=Path, help="a run's checkpoints/ directory or one step_* tag directory")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output model file (.pt)")
+    p.add_argument("--weights", choices=["ema", "live"], default="ema")
+    p.add_argument("--best", action="store_true", help="the best validation checkpoint instead of the latest")
+    args = p.parse_args(argv)
+    tag_dir = resolve_tag_dir(args.checkpoint, args.best)
+    meta = export(tag_dir, args.out, args.weights)
+    print(f"export_model: wrote {args.out} ({meta['weights']} weights of {tag_dir}, step {meta['step']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
