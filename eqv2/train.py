@@ -196,7 +196,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
                     engine, micro, loss_fn, zero_loss, stop, scale, cfg.loss.train_on_free_atoms, dist.device,
                     grad_norm_needed=log_now)
                 step += 1
-                nonfinite += skipped
+                nonfinite += skipped > 0  # steps with at least one non-finite micro-batch
                 if ema is not None and skipped < gas:
                     ema.update()
                 logger.add_step(terms, counts)
@@ -204,7 +204,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
                     logger.log(step, epoch, lr, grad_norm, {"nonfinite_steps": nonfinite})
                 if nonfinite >= cfg.loss.max_nonfinite_steps:
                     raise NonFiniteError(
-                        f"stopping: {nonfinite} micro-batches had a non-finite loss (loss.max_nonfinite_steps="
+                        f"stopping: {nonfinite} steps had a non-finite loss (loss.max_nonfinite_steps="
                         f"{cfg.loss.max_nonfinite_steps}); last good checkpoint: {ckpt.latest_tag(ckpt_dir)}")
                 if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
                     evaluate_and_track()

@@ -23,7 +23,7 @@ class LossConfig:
     energy_coef: float = 4.0  # λE; the paper uses 2 or 4 on OC20
     force_coef: float = 100.0  # λF; reference 100
     train_on_free_atoms: bool = True  # fixed (sub-surface) atoms carry no force loss, as the reference
-    max_nonfinite_steps: int = 20  # a run that hits this many non-finite losses stops with an error
+    max_nonfinite_steps: int = 20  # a run with this many steps holding a non-finite loss stops (exit 1)
 
     def __post_init__(self) -> None:
         if self.energy_coef < 0 or self.force_coef < 0:

@@ -68,3 +68,41 @@ def records(run_dir: Path) -> tuple[dict[int, dict], list[dict]]:
         else:
             train[rec["step"]] = rec
     return train, evals
+
+
+HERE = Path(__file__).parent
+DEMO_STEPS = 250
+MAX_STEPS = 40  # of the 2-rank reference run
+
+
+@pytest.fixture(scope="session")
+def demo_run(demo_data, tmp_path_factory) -> Path:
+    """configs/train/demo.yaml, shortened to DEMO_STEPS, on one process: the `make demo` path."""
+    run_dir = tmp_path_factory.mktemp("demo") / "run"
+    rc, out = run_train(["--ds_config", "ds_configs/cpu_demo.json", "--config", "configs/train/demo.yaml",
+                         *data_args(demo_data), "--set", f"run_dir={run_dir}", "--set", f"optim.max_steps={DEMO_STEPS}",
+                         "--set", "eval.every_steps=100", "--set", "log.every_steps=25"])
+    assert rc == [0], out
+    return run_dir
+
+
+def common_args(demo_data: Path, run_dir: Path) -> list[str]:
+    return ["--ds_config", str(HERE / "ds_zero2_cpu.json"), "--config", str(HERE / "tiny_run.yaml"),
+            *data_args(demo_data), "--set", f"run_dir={run_dir}", "--set", f"optim.max_steps={MAX_STEPS}"]
+
+
+@pytest.fixture(scope="session")
+def reference_run(demo_data, tmp_path_factory) -> Path:
+    """The tiny run uninterrupted on 2 ranks (ZeRO-2, 2 micro-batches per step, dropout on)."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    rc, out = run_train(common_args(demo_data, run_dir), nproc=2)
+    assert rc == [0, 0], out
+    return run_dir
+
+
+def last_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()]
+    return max(steps, default=0)

@@ -19,57 +19,30 @@ import pytest
 import torch
 import yaml
 
-from tests.train.conftest import REPO, data_args, records, run_train, start_ranks, wait_ranks
-
-HERE = Path(__file__).parent
-MAX_STEPS = 40
+from tests.train.conftest import DEMO_STEPS, MAX_STEPS, last_step, records, run_train, start_ranks, wait_ranks
+from tests.train.conftest import common_args as _common
 
 
-def test_demo_trains_below_zero_force_baseline(demo_data, tmp_path):
-    run_dir = tmp_path / "demo"
-    rc, out = run_train(["--ds_config", "ds_configs/cpu_demo.json", "--config", "configs/train/demo.yaml",
-                         *data_args(demo_data), "--set", f"run_dir={run_dir}", "--set", "optim.max_steps=250",
-                         "--set", "eval.every_steps=0", "--set", "log.every_steps=25"])
-    assert rc == [0], out
+def test_demo_trains_below_zero_force_baseline(demo_run, demo_data):
+    run_dir = demo_run
     train, evals = records(run_dir)
     final = evals[-1]
-    assert final["step"] == 250 and final["num_structures"] == 80  # the whole validation split
+    assert final["step"] == DEMO_STEPS and final["num_structures"] == 80  # the whole validation split
     assert final["forces_mae"] < 0.75 * final["forces_mae_zero_baseline"], final
-    assert train[250]["loss"] < 0.8 * train[25]["loss"]
+    assert train[DEMO_STEPS]["loss"] < 0.8 * train[25]["loss"]
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
     stats = json.loads((demo_data / "train" / "stats.json").read_text())
     assert resolved["model"]["avg_num_nodes"] == pytest.approx(stats["avg_num_nodes"])
     assert resolved["normalizers"]["force_rms"] == pytest.approx(stats["force_rms"])
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000250"
-    assert (run_dir / "checkpoints" / "step_00000250" / "COMPLETE").is_file()
-
-
-def _common(demo_data, run_dir: Path) -> list[str]:
-    return ["--ds_config", str(HERE / "ds_zero2_cpu.json"), "--config", str(HERE / "tiny_run.yaml"),
-            *data_args(demo_data), "--set", f"run_dir={run_dir}", "--set", f"optim.max_steps={MAX_STEPS}"]
-
-
-def _last_step(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return 0
-    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()]
-    return max(steps, default=0)
-
-
-@pytest.fixture(scope="module")
-def reference_run(demo_data, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    rc, out = run_train(_common(demo_data, run_dir), nproc=2)
-    assert rc == [0, 0], out
-    return run_dir
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{DEMO_STEPS:08d}"
+    assert (run_dir / "checkpoints" / f"step_{DEMO_STEPS:08d}" / "COMPLETE").is_file()
 
 
 def test_sigusr1_checkpoints_and_resume_auto_reproduces_losses(demo_data, reference_run, tmp_path):
     run_dir = tmp_path / "interrupted"
     procs = start_ranks(2, _common(demo_data, run_dir) + ["--resume", "auto"])  # auto: nothing yet -> fresh
     deadline = time.time() + 240
-    while _last_step(run_dir) < 6 and time.time() < deadline and all(p.poll() is None for p in procs):
+    while last_step(run_dir) < 6 and time.time() < deadline and all(p.poll() is None for p in procs):
         time.sleep(0.02)
     procs[1].send_signal(signal.SIGUSR1)  # one rank only: the ranks must agree on the stop step
     rc, out = wait_ranks(procs)

@@ -1,0 +1,85 @@
+"""Bad input gets a clear error naming the key or path, and the exit code the SLURM scripts act on."""
+import json
+
+import pytest
+
+from eqv2.train import main
+from eqv2.training import checkpointing as ckpt
+from eqv2.training.signals import EXIT_CONFIG, EXIT_ERROR
+from tests.train.conftest import HERE, common_args, data_args, records, run_train
+
+DS = str(HERE / "ds_zero2_cpu.json")
+RUN = str(HERE / "tiny_run.yaml")
+
+
+def test_unknown_key(capsys, demo_data):
+    assert main(["--ds_config", DS, "--config", RUN, *data_args(demo_data), "--set", "optim.lrr=1e-3"]) == EXIT_CONFIG
+    assert "unknown config key optim.lrr" in capsys.readouterr().err
+
+
+def test_ill_typed_key(capsys, demo_data):
+    assert main(["--ds_config", DS, "--config", RUN, *data_args(demo_data), "--set", "model.lmax=six"]) == EXIT_CONFIG
+    assert "model.lmax: expected int" in capsys.readouterr().err
+
+
+def test_missing_data_path(capsys, tmp_path):
+    code = main(["--ds_config", DS, "--config", RUN, "--set", f"data.train_manifest={tmp_path}/nope.json"])
+    assert code == EXIT_CONFIG
+    assert f"data.train_manifest: file not found: {tmp_path}/nope.json" in capsys.readouterr().err
+
+
+def test_bad_ds_config(capsys, tmp_path, demo_data):
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+                               "train_batch_size": 64}))
+    assert main(["--ds_config", str(bad), "--config", RUN, *data_args(demo_data)]) == EXIT_CONFIG
+    assert "'train_batch_size' is not allowed" in capsys.readouterr().err
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2}))
+    assert main(["--ds_config", str(bad), "--config", RUN, *data_args(demo_data)]) == EXIT_CONFIG
+    assert "gradient_accumulation_steps must be a positive integer" in capsys.readouterr().err
+
+
+def test_scientific_notation_override_is_a_float(demo_data):
+    from eqv2.training.config import load_run_config
+    cfg, _ = load_run_config(RUN, [*_sets(data_args(demo_data)), "optim.lr=2e-4"], micro_batch=2)
+    assert cfg.optim.lr == 2e-4
+
+
+def _sets(args):
+    return [a for a in args if a != "--set"]
+
+
+def test_nonfinite_losses_are_counted_then_stop(demo_data, tmp_path):
+    """A broken energy normaliser (std 1e-45) makes every target infinite: each step is skipped and
+    counted, and the run stops with exit 1 and a message once loss.max_nonfinite_steps is reached."""
+    run_dir = tmp_path / "nan"
+    args = common_args(demo_data, run_dir) + ["--set", "normalizers={energy_mean: 0.0, energy_std: 1.0e-45, "
+                                              "force_rms: 1.0}", "--set", "loss.max_nonfinite_steps=3"]
+    rc, out = run_train(args, nproc=1)
+    assert rc == [EXIT_ERROR], out
+    assert "stopping: 3 steps had a non-finite loss (loss.max_nonfinite_steps=3)" in out
+    train, _ = records(run_dir)
+    assert [r["nonfinite_steps"] for r in train.values()] == [1, 2, 3]
+    assert ckpt.latest_tag(run_dir / "checkpoints") is None  # nothing diverged was saved
+
+
+def test_interrupted_save_never_replaces_the_last_good_checkpoint(tmp_path):
+    """What a save killed half-way leaves behind: a newer tag directory without COMPLETE, possibly a
+    stale `latest`.  Resume must pick the newest complete checkpoint."""
+    d = tmp_path / "checkpoints"
+    for step, complete in ((4, True), (8, True), (12, False)):
+        tag = d / ckpt.tag_for(step)
+        tag.mkdir(parents=True)
+        (tag / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+        if complete:
+            (tag / ckpt.COMPLETE).write_text("ok")
+    assert ckpt.latest_tag(d) == "step_00000008"  # no pointer yet: scan
+    (d / "latest").write_text("step_00000012\n")  # pointer to an incomplete tag: ignored
+    assert ckpt.latest_tag(d) == "step_00000008"
+    (d / "latest").write_text("step_00000004\n")  # a valid pointer wins over the scan
+    assert ckpt.latest_tag(d) == "step_00000004"
+    assert ckpt.find_resume("auto", tmp_path) == d / "step_00000004"
+    assert ckpt.find_resume(None, tmp_path) is None
+    assert ckpt.find_resume("auto", tmp_path / "fresh") is None  # first start of a requeueable job
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        ckpt.find_resume(str(d / "step_00000012"), tmp_path)

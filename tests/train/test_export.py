@@ -1,0 +1,47 @@
+"""tools/export_model.py: a training checkpoint becomes a plain model that predicts what the trainer measured."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import eqv2
+from eqv2.data import DataConfig, val_batches
+from eqv2.training.metrics import S2EFMetrics
+from tests.train.conftest import DEMO_STEPS, MAX_STEPS, REPO, records
+
+
+def export(args):
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "export_model.py"), *args], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_exported_ema_model_reproduces_the_trainers_validation(demo_run, demo_data, tmp_path):
+    out = tmp_path / "demo.pt"
+    export([str(demo_run / "checkpoints"), "-o", str(out)])
+    model = eqv2.load_model(out)
+    assert model.meta["weights"] == "ema" and model.meta["step"] == DEMO_STEPS
+    cfg = DataConfig(train_manifest=str(demo_data / "train" / "manifest.json"),
+                     val_manifest=str(demo_data / "val" / "manifest.json"), batch_size=8, num_workers=0)
+    metrics = S2EFMetrics(torch.device("cpu"))
+    with torch.no_grad():
+        for batch in val_batches(cfg, 0, 1):
+            metrics.update(model(batch), batch)
+    got = metrics.compute()
+    _, evals = records(demo_run)
+    final = evals[-1]
+    assert got["num_structures"] == final["num_structures"]
+    assert got["forces_mae"] == pytest.approx(final["forces_mae"], rel=1e-4)
+    assert got["energy_mae"] == pytest.approx(final["energy_mae"], rel=1e-4)
+
+
+def test_export_from_zero2_checkpoint_live_and_best(reference_run, demo_run, tmp_path):
+    live = tmp_path / "live.pt"
+    export([str(reference_run / "checkpoints"), "--weights", "live", "-o", str(live)])
+    model = eqv2.load_model(live)
+    assert model.meta["step"] == MAX_STEPS and model.meta["weights"] == "live"
+    best = tmp_path / "best.pt"
+    stdout = export([str(demo_run / "checkpoints"), "--best", "-o", str(best)])
+    assert "step_" in stdout and eqv2.load_model(best).meta["weights"] == "ema"
