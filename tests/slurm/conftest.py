@@ -94,7 +94,10 @@ class Job:
 def submit(script: str, submit_dir: Path, sbatch_args: list[str], env: dict[str, str],
            script_args: tuple[str, ...] = ()) -> Job:
     """sbatch REPO/script from submit_dir (where the job's log lands) with extra environment."""
-    full_env = {**os.environ, "EQV2_ROOT": str(REPO), "PYTHON": sys.executable, **env}
+    # The job runs in this interpreter's environment, also when pytest was started without activating
+    # it (make test): its bin/ (mpirun of the mpich wheel, for one) goes first on PATH.
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    full_env = {**os.environ, "PATH": path, "EQV2_ROOT": str(REPO), "PYTHON": sys.executable, **env}
     out = subprocess.run(["sbatch", "--parsable", *sbatch_args, str(REPO / script), *script_args], cwd=submit_dir,
                          env=full_env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, f"sbatch {script} failed: {out.stderr}"
