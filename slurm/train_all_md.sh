@@ -23,7 +23,7 @@
 #SBATCH --nodes=8                  # nodes; the global batch grows with them (micro-batch x accum x ranks)
 #SBATCH --ntasks-per-node=8        # one task per GPU (the srun step below sets its own layout)
 #SBATCH --gpus-per-node=8          # GPUs per node; 0 selects the CPU fallback
-#SBATCH --cpus-per-task=12         # per rank: 1 trainer process + data.num_workers readers + headroom
+#SBATCH --cpus-per-task=12         # per rank: trainer + data.num_workers readers; at most cores per node / 8
 #SBATCH --time=48:00:00            # per allocation; the run continues across requeues past this
 #SBATCH --requeue                  # allow this job to be put back in the queue (preemption, self-requeue)
 #SBATCH --signal=B:USR1@180        # SIGUSR1 to the batch shell 180 s before the time limit: checkpoint, requeue
