@@ -74,26 +74,43 @@ eqv2_launcher() {
 # SIGTERM (scancel, preemption, `scontrol requeue`, the time limit itself): forward it as SIGUSR1 too
 # (srun answers its own SIGTERM by killing the tasks) so the tasks still checkpoint within KillWait,
 # but do not requeue: a cancelled job must stay cancelled, and preemption/admin requeues are SLURM's.
+# A signal that arrives before the step exists (while the configs are checked, say) is remembered:
+# the step is then not started, and a USR1 still requeues the job.
 # Sets STEP_RC (the step's exit code) and STEP_SIGNAL (USR1, TERM or empty).
 eqv2_run_step() {
-  STEP_SIGNAL=""
+  if [[ -n $STEP_SIGNAL ]]; then
+    eqv2_log "not starting the step: SIG$STEP_SIGNAL arrived first"
+    STEP_RC=$(( 128 + 10 ))  # as for a task killed by SIGUSR1 during start-up: nothing ran, nothing saved
+    return 0
+  fi
   "$@" &
   _EQV2_STEP_PID=$!
-  trap '_eqv2_forward USR1' USR1
-  trap '_eqv2_forward TERM' TERM
+  # A signal handled between the fork and the line above found no pid to forward to.
+  [[ -n $STEP_SIGNAL ]] && { kill -USR1 "$_EQV2_STEP_PID" 2>/dev/null || true; }
   # `wait` returns early whenever a trapped signal arrives; keep waiting until the step is gone.
   while kill -0 "$_EQV2_STEP_PID" 2>/dev/null; do wait "$_EQV2_STEP_PID" || true; done
   STEP_RC=0
   wait "$_EQV2_STEP_PID" || STEP_RC=$?
-  trap - USR1 TERM
+  _EQV2_STEP_PID=""
 }
 
 _eqv2_forward() {
   [[ -n $STEP_SIGNAL && $STEP_SIGNAL == "$1" ]] && return 0  # repeated signal: already forwarded
   [[ $STEP_SIGNAL == USR1 ]] || STEP_SIGNAL=$1                 # USR1 (requeue wish) wins over TERM
+  if [[ -z $_EQV2_STEP_PID ]]; then
+    eqv2_log "got SIG$1 while no step is running"
+    return 0
+  fi
   eqv2_log "got SIG$1: asking the tasks to checkpoint and stop"
   kill -USR1 "$_EQV2_STEP_PID" 2>/dev/null || true
 }
+
+# Installed as soon as a batch script sources this file: bash's default for SIGUSR1 is to exit,
+# which would end the job without a requeue if the signal came before the step.
+STEP_SIGNAL=""
+_EQV2_STEP_PID=""
+trap '_eqv2_forward USR1' USR1
+trap '_eqv2_forward TERM' TERM
 
 # After eqv2_run_step: requeue on a USR1 stop, else pass the step's exit code on.
 #   $1  the run's checkpoints/latest file (read before the step), to tell progress from a loop

@@ -169,3 +169,20 @@ def test_killed_rank_fails_job_and_resubmission_resumes(reference, demo_raw, tmp
     assert state in ("COMPLETED", "GONE"), f"resubmitted job {state}\n{logs}"
     assert f"resumed from {run_dir}/checkpoints/{tag}" in logs, logs
     _assert_same_run(run_dir, reference[1], logs)
+
+
+def test_signal_during_startup_requeues_and_matches(reference, demo_raw, tmp_path, jobs):
+    """USR1 as soon as the job runs: it lands while the configs are checked or the ranks start, before
+    any checkpoint exists; the job must still requeue (not die of bash's default SIGUSR1 action) and
+    the rerun must train the whole run from scratch, identical to the uninterrupted one."""
+    run_dir = tmp_path / "run"
+    job = submit("slurm/train_all_md.sh", tmp_path, SBATCH, _env(demo_raw, run_dir))
+    jobs.append(job)
+    _wait_for(lambda: job.state() == "RUNNING", job, "the RUNNING state", timeout=60)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job.job_id], check=True, timeout=15)
+    state = job.wait(timeout=180)
+    logs = job.logs()
+    assert state in ("COMPLETED", "GONE"), f"job signalled at start-up ended {state}\n{logs}"
+    assert "got SIGUSR1" in logs and "requeueing (restart 1)" in logs, logs
+    assert (run_dir / "jobs" / f"{job.job_id}.1").is_dir(), "the requeued run did not stamp restart 1"
+    _assert_same_run(run_dir, reference[1], logs)
