@@ -27,6 +27,7 @@ import torch
 
 from eqv2.batch import AtomsBatch
 from eqv2.config import ConfigError, save_yaml, to_dict
+from eqv2.data import PlanError, SampleError, ShardError
 from eqv2.training import checkpointing as ckpt
 from eqv2.training.activation_checkpointing import apply_activation_checkpointing
 from eqv2.training.config import RunConfig, load_ds_config, load_run_config, resolve_ds_config
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     dist = init_distributed()
     try:
         return train(cfg, ds_cfg, args.resume, dist, stop)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, PlanError, SampleError, ShardError) as err:  # bad input
         print(f"eqv2.train (rank {dist.rank}): {err}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     except NonFiniteError as err:
@@ -78,7 +79,7 @@ class NonFiniteError(RuntimeError):
 def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, stop: StopFlag) -> int:
     import deepspeed
 
-    from eqv2.data import TrainStream, load_stats
+    from eqv2.data import TrainStream, load_stats, num_val_batches
     from eqv2.model.equiformer_v2 import EquiformerV2, count_parameters
 
     run_dir, ckpt_dir = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
@@ -111,6 +112,11 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     # --- data
     stream = TrainStream(cfg.data, dist.rank, dist.world_size)
     steps_per_epoch = stream.steps_in_epoch(0) // gas
+    if steps_per_epoch < 1:
+        raise ConfigError(f"data: an epoch has {stream.steps_in_epoch(0)} batches per rank, fewer than "
+                          f"gradient_accumulation_steps={gas}")
+    if cfg.data.val_manifest:  # plan validation now: a bad split must fail before hours of training
+        num_val_batches(cfg.data, dist.world_size)
     total_steps, warmup_steps = cfg.optim.resolve_steps(steps_per_epoch)
 
     # --- model, optimizer, engine

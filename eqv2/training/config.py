@@ -40,7 +40,7 @@ class EvalConfig:
 @dataclass
 class LogConfig:
     every_steps: int = 50  # host syncs (loss values, grad norm) happen only at this interval
-    progress_bar: Literal["auto", "on", "off"] = "auto"  # auto: a tqdm bar when stderr is a terminal
+    progress_bar: bool | None = None  # a tqdm bar; null: only when stderr is a terminal
 
 
 @dataclass

@@ -30,7 +30,7 @@ def peak_memory_gib(device: torch.device) -> float:
 
 class StepLogger:
     def __init__(self, run_dir: Path, device: torch.device, is_main: bool, total_steps: int, start_step: int,
-                 every: int, progress_bar: str, engine_monitor=None):
+                 every: int, progress_bar: bool | None, engine_monitor=None):
         self.device, self.is_main, self.every = device, is_main, every
         self.total_steps = total_steps
         self.monitor = engine_monitor if (engine_monitor is not None and engine_monitor.enabled) else None
@@ -39,7 +39,7 @@ class StepLogger:
         self.acc = torch.zeros(len(TERMS) + 4, dtype=torch.float64, device=device)
         self.t_last, self.step_last = time.perf_counter(), start_step
         self.t_start, self.step_start = self.t_last, start_step
-        show = progress_bar == "on" or (progress_bar == "auto" and sys.stderr.isatty())
+        show = progress_bar if progress_bar is not None else sys.stderr.isatty()
         self.bar = None
         if show and is_main:
             from tqdm import tqdm
