@@ -1,13 +1,15 @@
 """Shared fixtures: the real OC20 structure from ../shared, seeded RNG."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-OC20_JSON = REPO.parent / "shared" / "data" / "oc20_adslab.json"
+# EQV2_OC20_JSON points elsewhere where ../shared is absent (e.g. on the GPU machine)
+OC20_JSON = Path(os.environ.get("EQV2_OC20_JSON", REPO.parent / "shared" / "data" / "oc20_adslab.json"))
 
 
 @pytest.fixture(scope="session")

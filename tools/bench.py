@@ -29,7 +29,7 @@ from eqv2.config import from_dict, load_yaml  # noqa: E402
 from eqv2.model.config import ModelConfig  # noqa: E402
 from eqv2.model.equiformer_v2 import EquiformerV2, count_parameters  # noqa: E402
 
-SLAB_SIZES = [(3, 3, 4), (4, 4, 3), (3, 4, 5), (4, 4, 4), (4, 4, 5), (3, 3, 6), (5, 4, 4)]  # 36..80 atoms
+SLAB_SIZES = [(3, 3, 5), (4, 4, 4), (3, 4, 6), (4, 4, 5), (4, 5, 4), (3, 5, 6), (4, 4, 4)]  # 45..90, mean ~71 + adsorbate
 METALS = ["Cu", "Pt", "Ag", "Ni", "Pd", "Au", "Al"]
 ADSORBATES = ["CO", "OH", "H2O", "NH3", "CH3", "CH4", "O", "H"]
 
