@@ -20,7 +20,7 @@ from tests.slurm.conftest import REPO, Job, submit
 pytestmark = pytest.mark.slurm
 
 MAX_STEPS = 60
-CKPT_EVERY = 10
+CKPT_EVERY = 4  # also mid-epoch: a resume must continue each rank's data stream where it stopped
 # 1 CPU per rank (OMP_NUM_THREADS follows it): two ranks with two threads each on 2 cores run 5x slower.
 SBATCH = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
 LOSS_KEYS = ("loss", "energy_mae_norm", "force_l2mae_norm")
@@ -31,7 +31,10 @@ def _env(demo: Path, run_dir: Path) -> dict[str, str]:
     args = [f"--set data.train_manifest={demo}/train/manifest.json",
             f"--set data.val_manifest={demo}/val/manifest.json",
             f"--set optim.max_steps={MAX_STEPS}", f"--set checkpoint.every_steps={CKPT_EVERY}"]
-    return {"CONFIG": "tests/slurm/tiny_run.yaml", "RUN_DIR": str(run_dir), "TRAIN_ARGS": " ".join(args)}
+    # ZeRO-2: the optimizer state is partitioned over the two "nodes", so a resume must restore each
+    # rank's own shard, as in the production ds_configs (which add bf16 autocast, a GPU matter).
+    return {"CONFIG": "tests/slurm/tiny_run.yaml", "DS_CONFIG": "tests/slurm/ds_zero2_cpu.json",
+            "RUN_DIR": str(run_dir), "TRAIN_ARGS": " ".join(args)}
 
 
 def _records(run_dir: Path) -> tuple[dict[int, dict], dict | None]:
@@ -109,7 +112,7 @@ def test_two_node_run_completes_with_validation(reference):
     job, run_dir = reference
     logs = job.logs()
     assert "2 ranks (2 nodes x 1) on eqv2-n[1-2], rendezvous eqv2-n1:" in logs, logs
-    assert "torch-env launch, 2 rank(s) on cpu/gloo" in logs, logs
+    assert "torch-env launch, 2 rank(s) on cpu/gloo" in logs and "ZeRO-2" in logs, logs
     assert "step finished" in logs, logs
     train, val = _records(run_dir)
     assert max(train) == MAX_STEPS, logs
@@ -161,6 +164,8 @@ def test_killed_rank_fails_job_and_resubmission_resumes(reference, demo_raw, tmp
     assert tag.startswith("step_"), tag
     resumed_from = int(tag.split("_")[1])
     assert resumed_from < MAX_STEPS, f"the run had finished ({tag}) before the kill"
+    data_state = json.loads((run_dir / "checkpoints" / tag / "trainer_state.json").read_text())["data"]
+    assert data_state["step"] > 0, f"{tag} is at an epoch boundary; the test needs a mid-epoch resume"
 
     again = submit("slurm/train_all_md.sh", tmp_path, SBATCH, env)
     jobs.append(again)
