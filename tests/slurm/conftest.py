@@ -42,8 +42,12 @@ def _cluster_problem() -> str | None:
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> None:
+    """Skip without a cluster; fail instead under EQV2_REQUIRE_SLURM=1 (CI, after .ci/slurm_up.sh),
+    so that a cluster that did not come up cannot pass as skipped tests."""
     problem = _cluster_problem()
     if problem:
+        if os.environ.get("EQV2_REQUIRE_SLURM") == "1":
+            pytest.fail(f"EQV2_REQUIRE_SLURM=1 but {problem}")
         pytest.skip(problem)
 
 
