@@ -27,9 +27,10 @@ def test_cuda_matches_cpu_and_bf16_is_close(oc20_atoms):
             low = gpu_model(batch.to("cuda"))
     for key in ("energy", "forces"):
         ref = cpu[key]
-        assert (gpu[key].cpu() - ref).norm() / ref.norm() < 1e-4, key
+        fp32_err = float((gpu[key].cpu() - ref).norm() / ref.norm())
+        bf16_err = float((low[key].cpu() - ref).norm() / ref.norm())
         assert low[key].dtype == torch.float32
-        assert (low[key].cpu() - ref).norm() / ref.norm() < 5e-2, key
+        assert fp32_err < 1e-4 and bf16_err < 5e-2, f"{key}: fp32 {fp32_err:.2e}, bf16 {bf16_err:.2e}"
 
 
 def test_cuda_equivariance_float64(oc20_atoms):
