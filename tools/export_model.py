@@ -7,7 +7,7 @@
 
 The EMA weights are what the trainer evaluates, so they are the default.  Live weights come from the
 fp32 master copy (ZeRO 1-3: gathered from the optimizer shards with DeepSpeed's zero_to_fp32; ZeRO-0:
-the module state).  Buffers always come from the DeepSpeed module state.  Runs on CPU, any world size.
+the module state); buffers from the saved model states.  Runs on CPU, whatever the training world size.
 """
 from __future__ import annotations
 
@@ -40,13 +40,13 @@ def resolve_tag_dir(path: Path, best: bool) -> Path:
 
 
 def live_weights(tag_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
-    module = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     if zero_stage == 0:
-        return module
+        path = tag_dir / "mp_rank_00_model_states.pt"
+        return torch.load(path, map_location="cpu", weights_only=False)["module"]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    params = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    return {**module, **params}  # buffers from the module state, parameters from the fp32 masters
+    # parameters from the fp32 masters in the optimizer shards, buffers from the model-state files
+    return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
 
 
 def export(tag_dir: Path, out: Path, weights: str) -> dict:

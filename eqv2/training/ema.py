@@ -43,17 +43,35 @@ class EMA:
 
     @contextlib.contextmanager
     def swapped_in(self):
-        """Temporarily load the averaged weights into the model (e.g. for evaluation)."""
+        """Temporarily load the averaged weights into the model (e.g. for evaluation).
+
+        ZeRO-3 keeps parameters below its persistence threshold gathered between forwards; their
+        full tensor is swapped too (gathered from the EMA partitions), else the forward would use the
+        live weights for them.
+        """
+        persistent = [i for i, p in enumerate(self.params) if getattr(p, "ds_persist", False)]
         saved = [_storage(p).detach().clone() for p in self.params]
+        saved_full = {i: self.params[i].data.detach().clone() for i in persistent}
         with torch.no_grad():
             for p, s in zip(self.params, self.shadow):
                 _storage(p).copy_(s)
+            for i in persistent:
+                self.params[i].data.copy_(self._gather(self.params[i], self.shadow[i]))
         try:
             yield
         finally:
             with torch.no_grad():
                 for p, s in zip(self.params, saved):
                     _storage(p).copy_(s)
+                for i, full in saved_full.items():
+                    self.params[i].data.copy_(full)
+
+    @staticmethod
+    def _gather(param: nn.Parameter, part: torch.Tensor) -> torch.Tensor:
+        """Full tensor of a ZeRO-3 parameter from every rank's flat partition (collective)."""
+        parts = [torch.empty_like(part) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(parts, part.contiguous())
+        return torch.cat(parts)[: param.ds_numel].view(param.ds_shape)
 
     # --- checkpointing: full tensors, independent of the number of ranks -------------------------
     def full_state_dict(self) -> dict:
@@ -61,10 +79,7 @@ class EMA:
         tensors = {}
         for name, p, s in zip(self.names, self.params, self.shadow):
             if hasattr(p, "ds_tensor"):
-                world = torch.distributed.get_world_size()
-                parts = [torch.empty_like(s) for _ in range(world)]
-                torch.distributed.all_gather(parts, s)
-                s = torch.cat(parts)[: p.ds_numel].view(p.ds_shape)
+                s = self._gather(p, s)
             tensors[name] = s.detach().cpu().clone()
         return {"decay": self.decay, "updates": self.updates, "shadow": tensors}
 

@@ -4,7 +4,8 @@
 - SIGUSR1 -> checkpoint at the next step boundary, exit code 75; `--resume auto` then reproduces the
   uninterrupted run's per-step losses exactly (2 ranks, ZeRO-2, grad accumulation, dropout on);
 - a 2-rank ZeRO-2 checkpoint resumes on 1 rank (universal checkpoint) with identical fp32 weights,
-  Adam moments and EMA.
+  Adam moments and EMA;
+- ZeRO-3: EMA evaluation matches the exported EMA model, and a 2-rank checkpoint resumes on 1 rank.
 """
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ import pytest
 import torch
 import yaml
 
+import eqv2
+from eqv2.data import DataConfig, val_batches
+from eqv2.training.metrics import S2EFMetrics
+from tests.train.conftest import HERE, REPO, data_args
 from tests.train.conftest import DEMO_STEPS, MAX_STEPS, last_step, records, run_train, start_ranks, wait_ranks
 from tests.train.conftest import common_args as _common
 
@@ -102,3 +107,39 @@ def test_resume_two_ranks_onto_one(demo_data, reference_run, tmp_path):
     got, _ = records(more)
     assert sorted(got) == [MAX_STEPS + 1, MAX_STEPS + 2, MAX_STEPS + 3]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in got.values())
+
+
+def test_zero3_ema_evaluation_export_and_resume_on_one_rank(demo_data, tmp_path):
+    """ZeRO-3 on 2 ranks: evaluation with EMA weights (partitioned and persistent parameters) agrees
+    with the exported EMA model, and the checkpoint resumes on 1 rank (universal) to the same metrics."""
+    def args(run_dir, extra=()):
+        return ["--ds_config", str(HERE / "ds_zero3_cpu.json"), "--config", str(HERE / "tiny_run.yaml"),
+                *data_args(demo_data), "--set", f"run_dir={run_dir}", "--set", "optim.max_steps=6",
+                "--set", "eval.max_batches=0", *extra]
+
+    two = tmp_path / "z3"
+    rc, out = run_train(args(two), nproc=2)
+    assert rc == [0, 0], out
+    final = records(two)[1][-1]
+    model_file = tmp_path / "z3.pt"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "export_model.py"), str(two / "checkpoints"),
+                           "-o", str(model_file)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = eqv2.load_model(model_file)
+    cfg = DataConfig(train_manifest=str(demo_data / "train" / "manifest.json"),
+                     val_manifest=str(demo_data / "val" / "manifest.json"), batch_size=2, num_workers=0)
+    metrics = S2EFMetrics(torch.device("cpu"))
+    with torch.no_grad():
+        for batch in val_batches(cfg, 0, 1):
+            metrics.update(model(batch), batch)
+    got = metrics.compute()
+    for key in ("forces_mae", "energy_mae", "forces_cos"):
+        assert got[key] == pytest.approx(final[key], rel=1e-4), key
+
+    one = tmp_path / "z3_one"
+    rc, out = run_train(args(one, ["--resume", str(two / "checkpoints")]), nproc=1)
+    assert rc == [0], out
+    assert "universal" in out
+    resumed = records(one)[1][-1]
+    for key in ("forces_mae", "energy_mae", "forces_cos"):
+        assert resumed[key] == pytest.approx(final[key], rel=1e-5), key
