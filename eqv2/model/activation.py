@@ -16,10 +16,33 @@ the SO(2)/SO(3) linear parts and gate activation are exactly equivariant (see te
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from eqv2.model.so3 import CoefficientLayout, float64_constants
+
+
+@functools.lru_cache(maxsize=None)
+def _grid_matrices(lmax: int, mmax: int, resolution: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[lat, long, (L+1)^2] evaluation and quadrature matrices in float64, degrees l > M_max
+    rescaled by sqrt((2l+1)/(2 M_max+1)).  Memoised: every block of a model shares them, and e3nn
+    takes ~0.3 s to build each."""
+    from e3nn import o3
+
+    lat = resolution or 2 * (lmax + 1)
+    lon = resolution or (2 * (mmax + 1) + 1 if lmax == mmax else 2 * mmax + 1)
+    with float64_constants():
+        to_grid = o3.ToS2Grid(lmax, (lat, lon), normalization="component")
+        from_grid = o3.FromS2Grid((lat, lon), lmax, normalization="component")
+    to_mat = torch.einsum("mbi,am->bai", to_grid.shb.double(), to_grid.sha.double())
+    from_mat = torch.einsum("am,mbi->bai", from_grid.sha.double(), from_grid.shb.double())
+    degree = torch.repeat_interleave(torch.arange(lmax + 1), 2 * torch.arange(lmax + 1) + 1)
+    rescale = torch.where(
+        degree > mmax, torch.sqrt((2 * degree + 1) / (2.0 * mmax + 1)), torch.ones(degree.shape, dtype=torch.float64)
+    )
+    return to_mat * rescale, from_mat * rescale
 
 
 class S2Grid(nn.Module):
@@ -31,25 +54,11 @@ class S2Grid(nn.Module):
 
     def __init__(self, lmax: int, mmax: int, resolution: int | None, coefficients: torch.Tensor):
         super().__init__()
-        from e3nn import o3
-
-        lat = resolution or 2 * (lmax + 1)
-        lon = resolution or (2 * (mmax + 1) + 1 if lmax == mmax else 2 * mmax + 1)
-        with float64_constants():
-            to_grid = o3.ToS2Grid(lmax, (lat, lon), normalization="component")
-            from_grid = o3.FromS2Grid((lat, lon), lmax, normalization="component")
-        # [lat, long, (L+1)^2] evaluation and quadrature matrices, built in float64
-        to_mat = torch.einsum("mbi,am->bai", to_grid.shb.double(), to_grid.sha.double())
-        from_mat = torch.einsum("am,mbi->bai", from_grid.sha.double(), from_grid.shb.double())
-        degree = torch.repeat_interleave(torch.arange(lmax + 1), 2 * torch.arange(lmax + 1) + 1)
-        rescale = torch.where(
-            degree > mmax, torch.sqrt((2 * degree + 1) / (2.0 * mmax + 1)), torch.ones(degree.shape, dtype=torch.float64)
-        )
-        to_mat = (to_mat * rescale)[:, :, coefficients].reshape(lat * lon, -1)
-        from_mat = (from_mat * rescale)[:, :, coefficients].reshape(lat * lon, -1)
+        to_mat, from_mat = _grid_matrices(lmax, mmax, resolution)
+        g = to_mat.shape[0] * to_mat.shape[1]
         # kept in float64 so float64 models are exact; cast to the feature dtype on use
-        self.register_buffer("to_grid_mat", to_mat, persistent=False)  # [G, K]
-        self.register_buffer("from_grid_mat", from_mat, persistent=False)  # [G, K]
+        self.register_buffer("to_grid_mat", to_mat[:, :, coefficients].reshape(g, -1), persistent=False)  # [G, K]
+        self.register_buffer("from_grid_mat", from_mat[:, :, coefficients].reshape(g, -1), persistent=False)  # [G, K]
 
     def to_grid(self, x: torch.Tensor) -> torch.Tensor:
         """[Z, K, C] -> [Z, G, C]"""

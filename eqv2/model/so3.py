@@ -17,6 +17,7 @@ and J the D-matrix of the 180-degree rotation swapping x and y.  J is computed o
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -81,13 +82,14 @@ def _polar_rotation(angle: torch.Tensor, l: int) -> torch.Tensor:
     return out
 
 
-def _swap_matrices(lmax: int) -> list[torch.Tensor]:
+@functools.lru_cache(maxsize=None)
+def _swap_matrices(lmax: int) -> tuple[torch.Tensor, ...]:
     """J_l for l = 0..lmax in float64: D-matrix of the rotation taking x to y and y to x."""
     from e3nn import o3
 
     with float64_constants():
         half_pi = torch.tensor(math.pi / 2, dtype=torch.float64)
-        return [o3.wigner_D(l, half_pi, half_pi, half_pi) for l in range(lmax + 1)]
+        return tuple(o3.wigner_D(l, half_pi, half_pi, half_pi) for l in range(lmax + 1))
 
 
 class WignerD(nn.Module):
