@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # CPU installs pin torch (an unpinned torch pulls a multi-GB CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: env demo test test-fast clean
+.PHONY: env demo test clean
 
 $(VENV)/.installed: setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,14 @@ $(VENV)/.installed: setup.cfg
 	touch $@
 
 env: $(VENV)/.installed
+
+# builds the EMT demo data (once) and trains a small EquiformerV2 on it with DeepSpeed
+demo: env data/demo/train/manifest.json
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" deepspeed eqv2/train.py --ds_config ds_configs/cpu_demo.json \
+		--config configs/train/demo.yaml
+
+data/demo/train/manifest.json: | env
+	$(PY) tools/make_demo_data.py --out data/demo
 
 test: env
 	$(PY) -m pytest -q -m "not gpu" tests
