@@ -9,7 +9,7 @@ EQV2_EXIT_CONFIG=2   # eqv2/train.py: bad config or input; never requeued (it wo
 EQV2_EXIT_REQUEUE=75 # eqv2/train.py: stopped on SIGUSR1/SIGTERM after saving a checkpoint
 
 eqv2_log() { echo "[$(date '+%F %T')] ${SLURM_JOB_ID:+job $SLURM_JOB_ID: }$*" >&2; }
-eqv2_die() { eqv2_log "error: $*"; exit "${2:-1}"; }
+eqv2_die() { eqv2_log "error: $1"; exit "${2:-1}"; }  # $1 message, $2 exit code (default 1)
 
 # Nodes, tasks per node and devices of this allocation, for the training step.
 #   GPUS_PER_NODE  GPUs per node to use (default: SLURM_GPUS_PER_NODE, e.g. from --gpus-per-node=8;

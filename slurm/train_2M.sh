@@ -3,7 +3,7 @@
 # Identical launch logic to slurm/train_all_md.sh (slurm/lib.sh); only the defaults differ.
 #
 #   cd /path/to/eqv2 && sbatch slurm/train_2M.sh                      # defaults below
-#   sbatch --nodes=4 --time=12:00:00 slurm/train_2M.sh               # sbatch flags override #SBATCH
+#   sbatch --nodes=2 --time=12:00:00 slurm/train_2M.sh               # sbatch flags override #SBATCH
 #   RUN_DIR=/scratch/$USER/eqv2/s2ef_2M_83M DS_CONFIG=ds_configs/zero1_bf16.json \
 #       TRAIN_ARGS="--set optim.lr=3e-4" sbatch slurm/train_2M.sh     # env overrides the settings
 #
@@ -12,16 +12,16 @@
 # from its newest complete checkpoint; use a new RUN_DIR for a new run.  See docs/slurm.md.
 #
 # Settings (environment):
-#   CONFIG         run YAML                        (configs/train/s2ef_2M.yaml)
+#   CONFIG         run YAML                        (configs/train/oc20_2M_83M.yaml)
 #   DS_CONFIG      DeepSpeed JSON                  (ds_configs/zero2_bf16.json; CPU: ds_configs/cpu_demo.json)
-#   RUN_DIR        checkpoints, metrics, configs   (runs/s2ef_2M)
+#   RUN_DIR        checkpoints, metrics, configs   (runs/oc20_2M_83M)
 #   TRAIN_ARGS     extra trainer arguments, e.g. "--set optim.max_epochs=3 --set data.num_workers=8"
 #   GPUS_PER_NODE  GPUs (= ranks) per node; 0 = CPU, one rank per node   (from --gpus-per-node)
 #   LAUNCHER       srun (default) | pmix | pmi2 | mpirun                  (see docs/slurm.md, "MPI")
 #   PYTHON         interpreter of the environment with eqv2 installed    (python)
 #
 #SBATCH --job-name=eqv2-2M         # job name: shown by squeue, used in the log file name
-#SBATCH --nodes=2                  # nodes; the global batch grows with them (micro-batch x accum x ranks)
+#SBATCH --nodes=1                  # upstream trained S2EF-2M on 8 GPUs (global batch 4 x 8 = 32)
 #SBATCH --ntasks-per-node=8        # one task per GPU (the srun step below sets its own layout)
 #SBATCH --gpus-per-node=8          # GPUs per node; 0 selects the CPU fallback
 #SBATCH --cpus-per-task=12         # per rank: trainer + data.num_workers readers; at most cores per node / 8
@@ -38,6 +38,6 @@ EQV2_ROOT=${EQV2_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
 # shellcheck source=slurm/lib.sh
 source "$EQV2_ROOT/slurm/lib.sh"
 
-CONFIG=${CONFIG:-configs/train/s2ef_2M.yaml}
-RUN_DIR=${RUN_DIR:-runs/s2ef_2M}
+CONFIG=${CONFIG:-configs/train/oc20_2M_83M.yaml}
+RUN_DIR=${RUN_DIR:-runs/oc20_2M_83M}
 eqv2_train "$CONFIG" "$RUN_DIR" ds_configs/zero2_bf16.json

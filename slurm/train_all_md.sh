@@ -11,9 +11,9 @@
 # from its newest complete checkpoint; use a new RUN_DIR for a new run.  See docs/slurm.md.
 #
 # Settings (environment):
-#   CONFIG         run YAML                        (configs/train/all_md.yaml)
+#   CONFIG         run YAML                        (configs/train/oc20_all_md_153M.yaml)
 #   DS_CONFIG      DeepSpeed JSON                  (ds_configs/zero2_bf16.json; CPU: ds_configs/cpu_demo.json)
-#   RUN_DIR        checkpoints, metrics, configs   (runs/all_md)
+#   RUN_DIR        checkpoints, metrics, configs   (runs/oc20_all_md_153M)
 #   TRAIN_ARGS     extra trainer arguments, e.g. "--set optim.max_epochs=3 --set data.num_workers=8"
 #   GPUS_PER_NODE  GPUs (= ranks) per node; 0 = CPU, one rank per node   (from --gpus-per-node)
 #   LAUNCHER       srun (default) | pmix | pmi2 | mpirun                  (see docs/slurm.md, "MPI")
@@ -37,6 +37,6 @@ EQV2_ROOT=${EQV2_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
 # shellcheck source=slurm/lib.sh
 source "$EQV2_ROOT/slurm/lib.sh"
 
-CONFIG=${CONFIG:-configs/train/all_md.yaml}
-RUN_DIR=${RUN_DIR:-runs/all_md}
+CONFIG=${CONFIG:-configs/train/oc20_all_md_153M.yaml}
+RUN_DIR=${RUN_DIR:-runs/oc20_all_md_153M}
 eqv2_train "$CONFIG" "$RUN_DIR" ds_configs/zero2_bf16.json

@@ -57,13 +57,18 @@ class Job:
     submit_dir: Path
 
     def state(self) -> str:
-        """JobState from slurmctld, or "" once the record has been purged (MinJobAge after the end)."""
+        """JobState from slurmctld, or "" once the record has been purged (MinJobAge after the end).
+        An array job has one record per task: while any task is unfinished that task's state is
+        returned, then FAILED if any failed, else the common final state."""
         out = subprocess.run(["scontrol", "-o", "show", "job", self.job_id], capture_output=True, text=True,
                              timeout=15).stdout
-        for field in out.split():
-            if field.startswith("JobState="):
-                return field.split("=", 1)[1]
-        return ""
+        states = [field.split("=", 1)[1] for field in out.split() if field.startswith("JobState=")]
+        unfinished = [st for st in states if st not in TERMINAL]
+        if unfinished:
+            return unfinished[0]
+        if not states:
+            return ""
+        return "FAILED" if "FAILED" in states else states[0]
 
     def restarts(self) -> int:
         out = subprocess.run(["scontrol", "-o", "show", "job", self.job_id], capture_output=True, text=True,

@@ -191,3 +191,15 @@ def test_signal_during_startup_requeues_and_matches(reference, demo_raw, tmp_pat
     assert "got SIGUSR1" in logs and "requeueing (restart 1)" in logs, logs
     assert (run_dir / "jobs" / f"{job.job_id}.1").is_dir(), "the requeued run did not stamp restart 1"
     _assert_same_run(run_dir, reference[1], logs)
+
+
+def test_bad_config_fails_fast_without_launching(slurm_cluster, tmp_path, jobs):
+    """The shipped All+MD config without its data: the pre-launch check names the missing manifest,
+    exits 2 (never requeued) and no rank is started."""
+    job = submit("slurm/train_all_md.sh", tmp_path, SBATCH, {"RUN_DIR": str(tmp_path / "run")})
+    jobs.append(job)
+    state = job.wait(timeout=60)
+    logs = job.logs()
+    assert state in ("FAILED", "GONE"), f"job with a missing data manifest ended {state}\n{logs}"
+    assert "data.train_manifest: file not found" in logs and "nothing was launched" in logs, logs
+    assert "eqv2.train:" not in logs and "requeueing" not in logs, logs
