@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -218,7 +219,8 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
                     save()
                 if stop_now:
                     if dist.is_main:
-                        print(f"eqv2.train: stop signal {stop.signum}: checkpoint {ckpt.tag_for(step)} saved, "
+                        why = signal.Signals(stop.signum).name if stop.requested else "signal on another rank"
+                        print(f"eqv2.train: stop requested ({why}): checkpoint {ckpt.tag_for(step)} saved, "
                               f"exiting with {EXIT_REQUEUE} (requeue and --resume auto)", flush=True)
                     return EXIT_REQUEUE
                 if step >= total_steps:
@@ -245,9 +247,11 @@ def _groups(batches, size: int):
 
 def _zero_loss_fn(engine):
     """A loss with exactly zero gradient, back-propagated in place of a non-finite one so that every
-    rank runs the same collectives and DeepSpeed's accumulation bookkeeping stays aligned.  Built from the parameters, not the (possibly inf/NaN) forward graph,
-    whose 0·inf products would leak NaN into the gradients.  ZeRO-3 parameters are empty outside their
-    forward; there the outputs are used, which is exact for non-finite *targets* (the usual cause)."""
+    rank runs the same collectives and DeepSpeed's accumulation bookkeeping stays aligned.
+
+    Built from the parameters, not the (possibly inf/NaN) forward graph, whose 0·inf products would
+    leak NaN into the gradients.  ZeRO-3 parameters are empty outside their forward; there the outputs
+    are used, which is exact for non-finite *targets* (the usual cause)."""
     params = [p for p in engine.module.parameters() if p.requires_grad]
     if engine.zero_optimization_stage() == 3:
         return lambda out: (out["energy"].nan_to_num().sum() + out["forces"].nan_to_num().sum()) * 0.0
