@@ -32,7 +32,7 @@ from eqv2.data import PlanError, SampleError, ShardError
 from eqv2.training import checkpointing as ckpt
 from eqv2.training.activation_checkpointing import apply_activation_checkpointing
 from eqv2.training.config import RunConfig, load_ds_config, load_run_config, resolve_ds_config
-from eqv2.training.dist import DistInfo, all_reduce_max, barrier, init_distributed
+from eqv2.training.dist import DistInfo, all_gather_object, all_reduce_max, barrier, init_distributed
 from eqv2.training.ema import EMA
 from eqv2.training.loss import EnergyForceLoss, Normalizers, global_counts
 from eqv2.training.metrics import S2EFMetrics
@@ -149,7 +149,8 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
             if ema_state is not None:
                 ema.load_full_state_dict(ema_state)
         if st["world_size"] == dist.world_size:
-            stream.load_state_dict(st["data"])  # continues the epoch exactly where the checkpoint was taken
+            # each rank continues its own part of the epoch exactly where the checkpoint was taken
+            stream.load_state_dict(st["data_per_rank"][dist.rank])
         else:  # the per-rank sample order depends on the rank count: start the next epoch cleanly
             epoch += 1
             if dist.is_main:
@@ -165,8 +166,10 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     scale = float(dist.world_size * gas)  # undoes DeepSpeed's mean over ranks and micro-batches
     zero_loss = _zero_loss_fn(engine)
 
-    def trainer_state() -> dict:
-        return {"step": step, "data": stream.state_dict(), "normalizers": asdict(normalizers),
+    def trainer_state() -> dict:  # collective: every rank's data position is gathered
+        data_per_rank = all_gather_object(stream.state_dict())
+        return {"step": step, "data": data_per_rank[0], "data_per_rank": data_per_rank,
+                "normalizers": asdict(normalizers),
                 "world_size": dist.world_size, "zero_stage": engine.zero_optimization_stage(),
                 "bf16": bool(engine.bfloat16_enabled()), "nonfinite_steps": nonfinite, "best": best,
                 "total_steps": total_steps, "config": to_dict(cfg)}
