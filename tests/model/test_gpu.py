@@ -17,7 +17,9 @@ CFG = dict(num_layers=2, lmax=6, mmax=3, sphere_channels=32, attn_hidden_channel
 
 def test_cuda_matches_cpu_and_bf16_is_close(oc20_atoms):
     torch.manual_seed(0)
-    model = EquiformerV2(ModelConfig(**CFG)).eval()
+    # no neighbour cap: with max_neighbors, ties at the cut (perfect-lattice layers) may be broken
+    # differently by CPU and GPU round-off, which changes the graph, not the function
+    model = EquiformerV2(ModelConfig(**{**CFG, "max_radius": 6.0, "max_neighbors": 1000})).eval()
     batch = batch_from_atoms([oc20_atoms] + slab_structures(0, 5), torch.float32)
     with torch.no_grad():
         cpu = model(batch)
