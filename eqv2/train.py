@@ -116,8 +116,8 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     if steps_per_epoch < 1:
         raise ConfigError(f"data: an epoch has {stream.steps_in_epoch(0)} batches per rank, fewer than "
                           f"gradient_accumulation_steps={gas}")
-    if cfg.data.val_manifest:  # plan validation now: a bad split must fail before hours of training
-        num_val_batches(cfg.data, dist.world_size)
+    for _, split_cfg in cfg.data.val_splits():  # plan validation now: a bad split must fail before training
+        num_val_batches(split_cfg, dist.world_size)
     total_steps, warmup_steps = cfg.optim.resolve_steps(steps_per_epoch)
 
     # --- model, optimizer, engine
@@ -180,10 +180,13 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
 
     def evaluate_and_track() -> None:
         nonlocal best
-        metrics = evaluate(engine, cfg, ema, normalizers, dist)
-        if metrics is None:
+        if not cfg.data.val_splits():
             return
-        logger.log_eval(step, "val", metrics)
+        for name, split_cfg in cfg.data.val_splits():
+            split_metrics = evaluate(engine, cfg, split_cfg, ema, normalizers, dist)
+            logger.log_eval(step, name, split_metrics)
+            if name == "val":  # the primary split picks the best checkpoint
+                metrics = split_metrics
         value = metrics[cfg.eval.primary_metric]
         if cfg.checkpoint.save_best and (best is None or value < best["value"]):
             best = {"tag": ckpt.tag_for(step), "metric": cfg.eval.primary_metric, "value": value}
@@ -302,16 +305,15 @@ def take_step(engine, micro: list[AtomsBatch], loss_fn: EnergyForceLoss, zero_lo
 
 
 @torch.no_grad()
-def evaluate(engine, cfg: RunConfig, ema: EMA | None, normalizers: Normalizers, dist: DistInfo) -> dict | None:
-    """Metrics of the validation split (EMA weights by default), exact over ranks; None without one."""
+def evaluate(engine, cfg: RunConfig, split_cfg, ema: EMA | None, normalizers: Normalizers, dist: DistInfo) -> dict:
+    """Metrics of one validation split (`split_cfg`: its data config; EMA weights by default), exact
+    over ranks."""
     from eqv2.data import val_batches
 
-    if not cfg.data.val_manifest:
-        return None
     metrics = S2EFMetrics(dist.device, cfg.loss.train_on_free_atoms)
     engine.eval()
     with ema.swapped_in() if (ema is not None and cfg.eval.use_ema) else contextlib.nullcontext():
-        for i, batch in enumerate(val_batches(cfg.data, dist.rank, dist.world_size)):
+        for i, batch in enumerate(val_batches(split_cfg, dist.rank, dist.world_size)):
             if cfg.eval.max_batches and i >= cfg.eval.max_batches:
                 break
             batch = batch.to(dist.device, non_blocking=True)

@@ -1,7 +1,7 @@
 """`DataConfig`: the `data:` section of a run config, the only config the data pipeline sees."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -12,6 +12,7 @@ class DataConfig:
     train_shards: str = ""  # WebDataset URLs / brace pattern ("::"-separated); "" = shards beside the manifest
     val_manifest: str = ""  # manifest.json of the validation shards; "" = no validation
     val_shards: str = ""  # as train_shards, for validation
+    extra_val_manifests: dict[str, str] = field(default_factory=dict)  # more validation splits: name -> manifest
     stats: str = ""  # dataset stats JSON; "" = stats.json beside train_manifest
     batch_size: int = 0  # structures per batch; set exactly one of batch_size / max_atoms
     max_atoms: int = 0  # atom budget per batch (no batch ever holds more atoms)
@@ -33,8 +34,20 @@ class DataConfig:
             raise ValueError(f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if "val" in self.extra_val_manifests:
+            raise ValueError('data.extra_val_manifests: the name "val" is taken by data.val_manifest')
+        if self.extra_val_manifests and not self.val_manifest:
+            raise ValueError("data.extra_val_manifests needs data.val_manifest (the split that picks the best checkpoint)")
         if self.prefetch_factor < 1:
             raise ValueError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
+
+    def val_splits(self) -> list[tuple[str, "DataConfig"]]:
+        """(name, config reading that split) for every validation split: "val" first, then the extras
+        (their shards beside their manifests)."""
+        splits = [("val", self)] if self.val_manifest else []
+        for name, manifest in self.extra_val_manifests.items():
+            splits.append((name, replace(self, val_manifest=manifest, val_shards="", extra_val_manifests={})))
+        return splits
 
     @property
     def stats_path(self) -> Path:

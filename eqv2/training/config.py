@@ -88,7 +88,9 @@ def load_run_config(path: str | Path, overrides: list[str], micro_batch: int) ->
     if cfg.data.batch_size and cfg.data.batch_size != micro_batch:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} differs from the ds_config's "
                           f"train_micro_batch_size_per_gpu={micro_batch}; set one of them (or use data.max_atoms)")
-    for key, value in (("data.train_manifest", cfg.data.train_manifest), ("data.val_manifest", cfg.data.val_manifest)):
+    manifests = [("data.train_manifest", cfg.data.train_manifest), ("data.val_manifest", cfg.data.val_manifest)]
+    manifests += [(f"data.extra_val_manifests.{k}", v) for k, v in cfg.data.extra_val_manifests.items()]
+    for key, value in manifests:
         if value and not Path(value).is_file():
             raise ConfigError(f"{key}: file not found: {value}")
     return cfg, raw
