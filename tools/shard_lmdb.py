@@ -19,30 +19,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eqv2.data.lmdb_source import find_lmdbs, read_lmdb  # noqa: E402
-from eqv2.data.sharding import parse_size, shard_sources  # noqa: E402
+from eqv2.data.sharding import add_sharding_arguments, run_sharding_cli  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="LMDB folder (data.NNNN.lmdb files) or one .lmdb file")
     p.add_argument("out", help="output directory for shards, manifest.json, stats.json")
-    p.add_argument("--prefix", default="shard", help="shard file name prefix (default: shard)")
-    p.add_argument("--shard-samples", type=int, default=0, help="samples per shard (0 = no limit)")
-    p.add_argument("--shard-bytes", default="0", help="bytes per shard, e.g. 256M (0 = no limit)")
-    p.add_argument("--workers", type=int, default=1, help="parallel reader processes")
-    p.add_argument("--degree-every", type=int, default=20,
-                   help="measure avg neighbours on ~1/K of the structures (chosen by id hash; 1 = all, 0 = none)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_sharding_arguments(p)
     args = p.parse_args(argv)
-    max_bytes = parse_size(args.shard_bytes)
-    if args.shard_samples <= 0 and max_bytes <= 0:
-        p.error("give --shard-samples and/or --shard-bytes")
     sources = [str(f) for f in find_lmdbs(args.input)]
-    manifest = shard_sources(sources, read_lmdb, args.out, args.prefix, args.shard_samples, max_bytes, args.workers,
-                             args.degree_every, "as_stored", f"lmdb:{Path(args.input).resolve()}",
-                             progress=not args.no_progress)
-    print(f"{args.out}: {len(manifest.shards)} shards, {manifest.num_samples} samples, {manifest.num_atoms} atoms")
-    return 0
+    return run_sharding_cli(p, args, sources, read_lmdb, "as_stored", f"lmdb:{Path(args.input).resolve()}")
 
 
 if __name__ == "__main__":

@@ -81,3 +81,25 @@ def shard_sources(
     manifest = writer.finish(energy_target, description)
     write_stats(combine([s.sums for s in manifest.shards]), Path(out_dir) / "stats.json")
     return manifest
+
+
+def add_sharding_arguments(parser) -> None:
+    """The command-line options every sharding tool shares (tools/shard_extxyz.py, tools/shard_lmdb.py)."""
+    parser.add_argument("--prefix", default="shard", help="shard file name prefix (default: shard)")
+    parser.add_argument("--shard-samples", type=int, default=0, help="samples per shard (0 = no limit)")
+    parser.add_argument("--shard-bytes", default="0", help="bytes per shard, e.g. 256M (0 = no limit)")
+    parser.add_argument("--workers", type=int, default=1, help="parallel reader processes")
+    parser.add_argument("--degree-every", type=int, default=20,
+                        help="measure avg neighbours on ~1/K of the structures (chosen by id hash; 1 = all, 0 = none)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run_sharding_cli(parser, args, sources: list[str], read, energy_target: str, origin: str) -> int:
+    """Shard `sources` as the shared options in `args` say; print a one-line summary."""
+    max_bytes = parse_size(args.shard_bytes)
+    if args.shard_samples <= 0 and max_bytes <= 0:
+        parser.error("give --shard-samples and/or --shard-bytes")
+    manifest = shard_sources(sources, read, args.out, args.prefix, args.shard_samples, max_bytes, args.workers,
+                             args.degree_every, energy_target, origin, progress=not args.no_progress)
+    print(f"{args.out}: {len(manifest.shards)} shards, {manifest.num_samples} samples, {manifest.num_atoms} atoms")
+    return 0
