@@ -20,7 +20,7 @@ class GaussianRadialBasis(nn.Module):
         super().__init__()
         self.num_basis = num_basis
         centres = torch.linspace(0.0, cutoff, num_basis, dtype=torch.float64)
-        spacing = float(centres[1] - centres[0])
+        spacing = cutoff / (num_basis - 1)
         self.coeff = -0.5 / (width_factor * spacing) ** 2
         self.register_buffer("centres", centres.to(torch.float32), persistent=False)
 

@@ -31,7 +31,8 @@ def float64_constants():
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        yield
+        with torch.device("cpu"):  # real values even when a model is built under torch.device("meta")
+            yield
     finally:
         torch.set_default_dtype(previous)
 

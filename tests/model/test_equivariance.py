@@ -71,3 +71,10 @@ def test_published_grid_error_is_small_and_shrinks_with_resolution(structures):
               for r in (18, 30, 60)]
     assert errors[0] < 5e-3, errors  # the published 18x18 grid
     assert errors[0] > errors[1] > errors[2], errors
+
+
+def test_higher_degree_lmax8_exactly_equivariant(structures):
+    """Scaling L_max past the published 6: the same construction holds at L_max 8."""
+    m = model(lmax=8, mmax=4, num_layers=1, activation="gate", use_grid_mlp=False, max_radius=4.0)
+    err = max_equivariance_error(m, batch_from_atoms([structures["triclinic"]]), random_rotations(4, seed=13))
+    assert err["energy"] < 1e-9 and err["forces"] < 1e-9, err

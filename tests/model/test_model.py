@@ -33,6 +33,14 @@ def test_published_parameter_counts(name, count):
     assert count_parameters(EquiformerV2(cfg)) == count
 
 
+def test_beyond_paper_config_builds_with_its_documented_size():
+    cfg = from_dict(ModelConfig, load_yaml(CONFIGS / "eqv2_1B_L8.yaml"))
+    # count without allocating 1.4 B weights: a 2-block copy, then per-block scaling
+    two = count_parameters(EquiformerV2(replace(cfg, num_layers=2)))
+    one = count_parameters(EquiformerV2(replace(cfg, num_layers=1)))
+    assert one + (cfg.num_layers - 1) * (two - one) == 1_395_507_842
+
+
 def test_unknown_or_ill_typed_config_key_is_named():
     with pytest.raises(ConfigError, match="lmaxx"):
         from_dict(ModelConfig, {"lmaxx": 4})
