@@ -32,7 +32,7 @@ from eqv2.data import PlanError, SampleError, ShardError
 from eqv2.training import checkpointing as ckpt
 from eqv2.training.activation_checkpointing import apply_activation_checkpointing
 from eqv2.training.config import RunConfig, load_ds_config, load_run_config, resolve_ds_config
-from eqv2.training.dist import DistInfo, all_gather_object, all_reduce_max, barrier, init_distributed
+from eqv2.training.dist import DistInfo, all_gather_object, all_reduce_max, barrier, init_distributed, shutdown
 from eqv2.training.ema import EMA
 from eqv2.training.loss import EnergyForceLoss, Normalizers, global_counts
 from eqv2.training.metrics import S2EFMetrics
@@ -63,14 +63,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eqv2.train: config error: {err}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     dist = init_distributed()
+    code = EXIT_ERROR
     try:
-        return train(cfg, ds_cfg, args.resume, dist, stop)
+        code = train(cfg, ds_cfg, args.resume, dist, stop)
+        return code
     except (ConfigError, FileNotFoundError, PlanError, SampleError, ShardError) as err:  # bad input
         print(f"eqv2.train (rank {dist.rank}): {err}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     except NonFiniteError as err:
         print(f"eqv2.train (rank {dist.rank}): {err}", file=sys.stderr, flush=True)
         return EXIT_ERROR
+    finally:
+        shutdown(clean=code in (EXIT_OK, EXIT_REQUEUE))
 
 
 class NonFiniteError(RuntimeError):

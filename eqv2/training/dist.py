@@ -146,6 +146,16 @@ def all_gather_object(obj) -> list:
     return [obj]
 
 
+def shutdown(clean: bool) -> None:
+    """Tear the process group down before the interpreter exits: left to interpreter shutdown, gloo's
+    worker threads can abort a rank ("terminate called without an active exception", exit -6) after
+    all its work is done.  `clean`: every rank got here normally, so a last barrier is safe."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if clean:
+            torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
