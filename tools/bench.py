@@ -89,6 +89,21 @@ def time_steps(step, batches, warmup: int, device) -> tuple[float, float]:
     return elapsed, peak
 
 
+def profile_steps(step, batches, path: Path, title: str) -> None:
+    """Append the torch profiler's op table (sorted by device time) for a few steps to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for b in batches:
+            step(b)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    with open(path, "a") as fh:
+        fh.write(f"## {title}, {len(batches)} steps\n{prof.key_averages().table(sort_by=sort, row_limit=30)}\n")
+
+
 def eqv2_step_fn(cfg: ModelConfig, device, dtype):
     model = EquiformerV2(cfg).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -140,6 +155,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reference", action="store_true", help="also run fairchem-core 1.10.0 on the same batches")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak for MFU (H100 SXM: 989)")
     parser.add_argument("--json", type=Path, help="write results here")
+    parser.add_argument("--profile", type=Path, help="also profile 3 eqv2 steps per setting; op table written here")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -165,6 +181,8 @@ def main(argv=None) -> int:
                     row[label] = {"error": "out of memory"}
                     print(f"{name} batch {bs} {label}: out of memory")
                     continue
+                if args.profile and label == "eqv2":
+                    profile_steps(step, batches[:3], args.profile, f"{name} batch {bs}")
                 sps = bs * args.steps / elapsed
                 mfu = flops * sps / (args.peak_tflops * 1e12)
                 row[label] = {"params": count_parameters(model), "samples_per_s": sps, "atoms_per_s": atoms / elapsed,
