@@ -21,7 +21,7 @@ import functools
 import torch
 from torch import nn
 
-from eqv2.model.so3 import CoefficientLayout, float64_constants
+from eqv2.model.so3 import CoefficientLayout, degree_index, float64_constants
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,7 +38,7 @@ def _grid_matrices(lmax: int, mmax: int, resolution: int | None) -> tuple[torch.
         from_grid = o3.FromS2Grid((lat, lon), lmax, normalization="component")
     to_mat = torch.einsum("mbi,am->bai", to_grid.shb.double(), to_grid.sha.double())
     from_mat = torch.einsum("am,mbi->bai", from_grid.sha.double(), from_grid.shb.double())
-    degree = torch.repeat_interleave(torch.arange(lmax + 1), 2 * torch.arange(lmax + 1) + 1)
+    degree = degree_index(lmax)
     rescale = torch.where(
         degree > mmax, torch.sqrt((2 * degree + 1) / (2.0 * mmax + 1)), torch.ones(degree.shape, dtype=torch.float64)
     )

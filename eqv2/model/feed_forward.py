@@ -13,7 +13,7 @@ import torch
 
 from eqv2.model.activation import GateActivation, S2Activation, SeparableS2Activation, node_grid
 from eqv2.model.config import ModelConfig
-from eqv2.model.so3 import SO3Linear
+from eqv2.model.so3 import SO3Linear, degree_index
 
 
 class FeedForwardNetwork(nn.Module):
@@ -37,7 +37,7 @@ class FeedForwardNetwork(nn.Module):
             )
         elif cfg.activation == "gate":
             self.gating_linear = nn.Linear(c, lmax * h)
-            self.act = GateActivation(lmax, torch.repeat_interleave(torch.arange(lmax + 1), 2 * torch.arange(lmax + 1) + 1))
+            self.act = GateActivation(lmax, degree_index(lmax))
         elif cfg.activation == "separable_s2":
             self.gating_linear = nn.Linear(c, h)
             self.act = SeparableS2Activation()

@@ -17,11 +17,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from eqv2.model.so3 import degree_index
+
 NormType = Literal["layer_norm", "layer_norm_sh", "rms_norm_sh"]
-
-
-def _degree_index(lmax: int) -> torch.Tensor:
-    return torch.repeat_interleave(torch.arange(lmax + 1), 2 * torch.arange(lmax + 1) + 1)
 
 
 def _balanced_mean_square(x: torch.Tensor, degree: torch.Tensor, num_degrees: int) -> torch.Tensor:
@@ -65,8 +63,8 @@ class SeparableLayerNorm(nn.Module):
         self.lmax, self.eps = lmax, eps
         self.norm_l0 = nn.LayerNorm(channels, eps=eps)
         self.affine_weight = nn.Parameter(torch.ones(lmax, channels))  # gamma^(L), L = 1..L_max
-        self.register_buffer("degree", _degree_index(lmax)[1:], persistent=False)
-        self.register_buffer("weight_index", _degree_index(lmax)[1:] - 1, persistent=False)
+        self.register_buffer("degree", degree_index(lmax)[1:], persistent=False)
+        self.register_buffer("weight_index", degree_index(lmax)[1:] - 1, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, (L+1)^2, C] -> same shape."""
@@ -92,7 +90,7 @@ class SeparableRMSNorm(nn.Module):
         self.lmax, self.eps = lmax, eps
         self.affine_weight = nn.Parameter(torch.ones(lmax + 1, channels))
         self.affine_bias = nn.Parameter(torch.zeros(channels))
-        self.register_buffer("degree", _degree_index(lmax), persistent=False)
+        self.register_buffer("degree", degree_index(lmax), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype

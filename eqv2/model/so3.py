@@ -37,6 +37,11 @@ def float64_constants():
         torch.set_default_dtype(previous)
 
 
+def degree_index(lmax: int) -> torch.Tensor:
+    """[(L+1)^2] degree l of each l-primary coefficient: 0, 1, 1, 1, 2, ..."""
+    return torch.repeat_interleave(torch.arange(lmax + 1), 2 * torch.arange(lmax + 1) + 1)
+
+
 class CoefficientLayout:
     """Index maps between full l-primary coefficients and rotated, M_max-truncated m-primary ones."""
 
@@ -57,10 +62,6 @@ class CoefficientLayout:
         self.num_reduced = len(order)
         # sizes of the m blocks: m=0 has L+1 entries, each +m and -m block has L-m+1
         self.m_block = [lmax + 1] + [lmax - m + 1 for m in range(1, mmax + 1)]
-
-    def degree_of_full(self) -> torch.Tensor:
-        """[ (L+1)^2 ] degree l of each l-primary coefficient."""
-        return torch.repeat_interleave(torch.arange(self.lmax + 1), 2 * torch.arange(self.lmax + 1) + 1)
 
     def inverse_rescale(self) -> torch.Tensor:
         """[K] factor on each kept coefficient when rotating back.
@@ -157,8 +158,7 @@ class SO3Linear(nn.Module):
         bound = 1.0 / math.sqrt(in_channels)
         self.weight = nn.Parameter(torch.empty(lmax + 1, out_channels, in_channels).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.zeros(out_channels))
-        degree = torch.repeat_interleave(torch.arange(lmax + 1), 2 * torch.arange(lmax + 1) + 1)
-        self.register_buffer("degree", degree, persistent=False)
+        self.register_buffer("degree", degree_index(lmax), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, (L+1)^2, C_in] -> [N, (L+1)^2, C_out]."""

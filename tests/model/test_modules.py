@@ -9,7 +9,8 @@ from eqv2.model.feed_forward import FeedForwardNetwork
 from eqv2.model.graph_attention import EquivariantGraphAttention, segment_softmax
 from eqv2.model.layer_norm import make_norm
 from eqv2.model.so2_convolution import SO2Convolution
-from eqv2.model.so3 import CoefficientLayout, EdgeRotation, SO3Linear, WignerD, _polar_rotation, wigner_from_rotation
+from eqv2.model.so3 import (CoefficientLayout, EdgeRotation, SO3Linear, WignerD, _polar_rotation, degree_index,
+                            wigner_from_rotation)
 from tests.model.equivariance import random_rotations
 
 L, C = 4, 6
@@ -61,7 +62,7 @@ def test_so3_linear_and_norms_equivariant():
 
 def test_gate_and_fine_grid_s2_activation_equivariant():
     x = features()
-    degree = torch.repeat_interleave(torch.arange(L + 1), 2 * torch.arange(L + 1) + 1)
+    degree = degree_index(L)
     gates = torch.randn(x.shape[0], L * C, dtype=torch.float64)
     gate = GateActivation(L, degree)
     assert_equivariant(lambda y: gate(gates, y), x)
