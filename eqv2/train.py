@@ -31,6 +31,7 @@ from eqv2.config import ConfigError, save_yaml, to_dict
 from eqv2.data import PlanError, SampleError, ShardError
 from eqv2.training import checkpointing as ckpt
 from eqv2.training.activation_checkpointing import apply_activation_checkpointing
+from eqv2.training.compile import apply_compile
 from eqv2.training.config import RunConfig, load_ds_config, load_run_config, resolve_ds_config
 from eqv2.training.dist import DistInfo, all_gather_object, all_reduce_max, barrier, init_distributed, shutdown
 from eqv2.training.ema import EMA
@@ -128,7 +129,9 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     torch.manual_seed(cfg.seed)
     model = EquiformerV2(cfg.model)
     wrapped = apply_activation_checkpointing(model, cfg.activation_checkpointing)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim), config=ds)
+    zero_stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    compiled = apply_compile(model, cfg.compile) if cfg.compile.resolve(dist.device, zero_stage) else []
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim, fused=dist.device.type == "cuda"), config=ds)
     ema = EMA(engine.module, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
     loss_fn = EnergyForceLoss(cfg.loss, normalizers)
     if dist.is_main:
@@ -136,7 +139,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
               f"{count_parameters(model) / 1e6:.2f}M parameters; ZeRO-{engine.zero_optimization_stage()}; "
               f"global batch {engine.train_batch_size()} = {ds['train_micro_batch_size_per_gpu']} x {gas} x "
               f"{dist.world_size}; {total_steps} steps ({steps_per_epoch}/epoch, warm-up {warmup_steps}); "
-              f"activation checkpointing on blocks {wrapped}", flush=True)
+              f"activation checkpointing on blocks {wrapped}; compiled: {len(compiled)} parts", flush=True)
 
     # --- resume
     step, epoch, nonfinite, best = 0, 0, 0, None

@@ -8,7 +8,8 @@ and <= 20 neighbours.  When fairchem-core 1.10.0 is importable (tests/model/fair
 torch_scatter), its EquiformerV2 runs on the same batches in the same process (fp16 AMP with
 GradScaler, as it trains) and the ratio is printed.
 
-    python tools/bench.py --configs 31M 153M --batch-sizes 4 8 --steps 20 [--reference] [--json out.json]
+    python tools/bench.py --configs 31M 153M --batch-sizes 4 8 --steps 20 [--impls eager compiled] [--reference]
+        [--ac-every k] [--json out.json] [--profile ops.txt]
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from eqv2.batch import AtomsBatch  # noqa: E402
 from eqv2.config import from_dict, load_yaml  # noqa: E402
 from eqv2.model.config import ModelConfig  # noqa: E402
 from eqv2.model.equiformer_v2 import EquiformerV2, count_parameters  # noqa: E402
+from eqv2.training.activation_checkpointing import ActivationCheckpointConfig, apply_activation_checkpointing  # noqa: E402
+from eqv2.training.compile import CompileConfig, apply_compile  # noqa: E402
 
 SLAB_SIZES = [(3, 3, 5), (4, 4, 4), (3, 4, 6), (4, 4, 5), (4, 5, 4), (3, 5, 6), (4, 4, 4)]  # 45..90, mean ~71 + adsorbate
 METALS = ["Cu", "Pt", "Ag", "Ni", "Pd", "Au", "Al"]
@@ -73,12 +76,15 @@ def count_flops(step, batch) -> float:
     return float(counter.get_total_flops())
 
 
-def time_steps(step, batches, warmup: int, device) -> tuple[float, float]:
+def time_steps(step, batches, warmup: int, device) -> tuple[float, float, float]:
+    """-> (seconds for the timed steps, peak GiB during them, seconds for the warm-up incl. compilation)"""
+    start = time.perf_counter()
     for b in batches[:warmup]:
         step(b)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    warmup_s = time.perf_counter() - start
     start = time.perf_counter()
     for b in batches[warmup:]:
         step(b)
@@ -86,7 +92,7 @@ def time_steps(step, batches, warmup: int, device) -> tuple[float, float]:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return elapsed, peak
+    return elapsed, peak, warmup_s
 
 
 def profile_steps(step, batches, path: Path, title: str) -> None:
@@ -104,9 +110,13 @@ def profile_steps(step, batches, path: Path, title: str) -> None:
         fh.write(f"## {title}, {len(batches)} steps\n{prof.key_averages().table(sort_by=sort, row_limit=30)}\n")
 
 
-def eqv2_step_fn(cfg: ModelConfig, device, dtype):
+def eqv2_step_fn(cfg: ModelConfig, device, dtype, compiled: bool, ac_every: int = 0):
     model = EquiformerV2(cfg).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if ac_every:
+        apply_activation_checkpointing(model, ActivationCheckpointConfig(enabled=True, every=ac_every))
+    if compiled:
+        apply_compile(model, CompileConfig(enabled=True))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
 
     def step(batch):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -152,6 +162,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--impls", nargs="+", choices=["eager", "compiled"], default=["compiled"],
+                        help="eqv2 paths to time: eager (the reference path) and/or compiled (the training default on GPU)")
+    parser.add_argument("--ac-every", type=int, default=0, help="activation checkpointing on every k-th block (0: off)")
     parser.add_argument("--reference", action="store_true", help="also run fairchem-core 1.10.0 on the same batches")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak for MFU (H100 SXM: 989)")
     parser.add_argument("--json", type=Path, help="write results here")
@@ -167,35 +180,43 @@ def main(argv=None) -> int:
         for bs in args.batch_sizes:
             batches = [b.to(device) for b in make_batches(bs, args.warmup + args.steps, args.seed)]
             atoms = sum(int(b.natoms.sum()) for b in batches[args.warmup:])
-            runs = [("eqv2", lambda: eqv2_step_fn(cfg, device, dtype))]
+            runs = [(f"eqv2-{impl}", lambda impl=impl: eqv2_step_fn(cfg, device, dtype, impl == "compiled",
+                                                                    args.ac_every))
+                    for impl in args.impls]
             if args.reference:
                 runs.append(("fairchem-1.10.0", lambda: reference_step_fn(cfg, device)))
             row = {"config": name, "batch": bs, "mean_atoms": atoms / (bs * args.steps)}
+            torch.manual_seed(args.seed)
+            eager_model, eager_step = eqv2_step_fn(cfg, device, dtype, compiled=False)
+            flops = count_flops(eager_step, batches[0]) / bs  # the model's FLOPs, counted on the eager path
+            del eager_model, eager_step
             for label, build in runs:
                 torch.manual_seed(args.seed)
                 try:
                     model, step = build()
-                    flops = count_flops(step, batches[0]) / bs
-                    elapsed, peak = time_steps(step, batches, args.warmup, device)
+                    elapsed, peak, warmup_s = time_steps(step, batches, args.warmup, device)
                 except torch.cuda.OutOfMemoryError:
                     row[label] = {"error": "out of memory"}
                     print(f"{name} batch {bs} {label}: out of memory")
                     continue
-                if args.profile and label == "eqv2":
-                    profile_steps(step, batches[:3], args.profile, f"{name} batch {bs}")
+                if args.profile and label.startswith("eqv2"):
+                    profile_steps(step, batches[:3], args.profile, f"{label} {name} batch {bs}")
                 sps = bs * args.steps / elapsed
                 mfu = flops * sps / (args.peak_tflops * 1e12)
                 row[label] = {"params": count_parameters(model), "samples_per_s": sps, "atoms_per_s": atoms / elapsed,
-                              "peak_gib": peak, "tflop_per_sample": flops / 1e12, "mfu": mfu}
+                              "peak_gib": peak, "tflop_per_sample": flops / 1e12, "mfu": mfu,
+                              "warmup_s": warmup_s}
                 print(f"{name} batch {bs} {label}: {sps:.2f} samples/s, {atoms / elapsed:.0f} atoms/s, "
-                      f"peak {peak:.1f} GiB, {flops / 1e12:.3f} TFLOP/sample, MFU {100 * mfu:.2f}%", flush=True)
+                      f"peak {peak:.1f} GiB, {flops / 1e12:.3f} TFLOP/sample, MFU {100 * mfu:.2f}% "
+                      f"(warm-up {warmup_s:.0f} s)", flush=True)
                 del model, step
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-            if "eqv2" in row and "fairchem-1.10.0" in row and "samples_per_s" in row["fairchem-1.10.0"]:
-                ratio = row["eqv2"].get("samples_per_s", 0) / row["fairchem-1.10.0"]["samples_per_s"]
-                row["speedup"] = ratio
-                print(f"{name} batch {bs}: eqv2 / fairchem = {ratio:.2f}x")
+            ref = row.get("fairchem-1.10.0", {}).get("samples_per_s")
+            for label in [k for k in row if k.startswith("eqv2-")]:
+                if ref and "samples_per_s" in row[label]:
+                    row[label]["speedup_vs_fairchem"] = row[label]["samples_per_s"] / ref
+                    print(f"{name} batch {bs}: {label} / fairchem = {row[label]['speedup_vs_fairchem']:.2f}x")
             results.append(row)
     if args.json:
         args.json.write_text(json.dumps({"device": str(device), "torch": torch.__version__, "results": results}, indent=2))

@@ -21,6 +21,7 @@ import functools
 import torch
 from torch import nn
 
+from eqv2.model.fused_s2_activation import kernel_available, s2_silu
 from eqv2.model.so3 import CoefficientLayout, degree_index, float64_constants
 
 
@@ -60,13 +61,23 @@ class S2Grid(nn.Module):
         self.register_buffer("to_grid_mat", to_mat[:, :, coefficients].reshape(g, -1), persistent=False)  # [G, K]
         self.register_buffer("from_grid_mat", from_mat[:, :, coefficients].reshape(g, -1), persistent=False)  # [G, K]
 
+    # einsum, not matmul: matmul broadcasts the [G, K] matrix into Z small batched products, einsum
+    # makes one [G, K] x [K, Z*C] product (its [G, Z, C] result is viewed as [Z, G, C], and
+    # from_grid reads that view back as [G, Z*C] without a copy).
     def to_grid(self, x: torch.Tensor) -> torch.Tensor:
         """[Z, K, C] -> [Z, G, C]"""
-        return torch.matmul(self.to_grid_mat.to(x.dtype), x)
+        return torch.einsum("gk,zkc->zgc", self.to_grid_mat.to(x.dtype), x)
 
     def from_grid(self, grid: torch.Tensor) -> torch.Tensor:
         """[Z, G, C] -> [Z, K, C]"""
-        return torch.matmul(self.from_grid_mat.to(grid.dtype).t(), grid)
+        return torch.einsum("gk,zgc->zkc", self.from_grid_mat.to(grid.dtype), grid)
+
+    def silu(self, x: torch.Tensor) -> torch.Tensor:
+        """[Z, K, C] -> from_grid(SiLU(to_grid(x))) [Z, K, C].  On CUDA in bf16/fp16 the fused kernel
+        (fused_s2_activation.py) computes it without writing the [Z, G, C] grid; else two einsums."""
+        if kernel_available(x):
+            return s2_silu(x, self.to_grid_mat.to(x.dtype), self.from_grid_mat.to(x.dtype))
+        return self.from_grid(nn.functional.silu(self.to_grid(x)))
 
 
 def node_grid(lmax: int, resolution: int | None) -> S2Grid:
@@ -83,7 +94,7 @@ class S2Activation(nn.Module):
     """SiLU applied pointwise on the sphere grid to all degrees."""
 
     def forward(self, x: torch.Tensor, grid: S2Grid) -> torch.Tensor:
-        return grid.from_grid(nn.functional.silu(grid.to_grid(x)))
+        return grid.silu(x)
 
 
 class SeparableS2Activation(nn.Module):
@@ -91,7 +102,7 @@ class SeparableS2Activation(nn.Module):
 
     def forward(self, scalars: torch.Tensor, x: torch.Tensor, grid: S2Grid) -> torch.Tensor:
         """scalars [Z, C], x [Z, K, C] (coefficient 0 is degree 0) -> [Z, K, C]."""
-        vectors = grid.from_grid(nn.functional.silu(grid.to_grid(x)))
+        vectors = grid.silu(x)
         return torch.cat([nn.functional.silu(scalars).unsqueeze(1), vectors.narrow(1, 1, x.shape[1] - 1)], dim=1)
 
 

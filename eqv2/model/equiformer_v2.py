@@ -75,7 +75,7 @@ class EquiformerV2(nn.Module):
                                      cfg.max_radius, cfg.max_neighbors, batch.ids)
             if cfg.validate_inputs:
                 validate_graph(graph, pos, batch.natoms, cfg.max_radius, batch.ids)
-            rotation = EdgeRotation(self.wigner(graph.edge_vec), self.layout)
+            rotation = EdgeRotation(self.wigner(graph.edge_vec), self.layout, compute_dtype(pos))
             distance_basis = self.radial_basis(graph.distance)  # [E, num_basis]
         edge_index = graph.edge_index
         x = torch.zeros(num_nodes, (cfg.lmax + 1) ** 2, cfg.sphere_channels, device=pos.device, dtype=pos.dtype)
@@ -92,6 +92,12 @@ class EquiformerV2(nn.Module):
             forces = self.force_head(x, z, distance_basis, edge_index, rotation)  # [N, (L+1)^2, 1]
             out["forces"] = forces.narrow(1, 1, 3).reshape(-1, 3).to(energy.dtype)  # degree 1 = (x, y, z)
         return out
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matrix products run in: autocast's (bfloat16) when it is on for x's device, else x's."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -84,6 +84,8 @@ class EquivariantGraphAttention(nn.Module):
         """x [N, (L+1)^2, C]; distance_basis [E, B]; edge_index [2, E] (source, target)."""
         source, target = edge_index[0], edge_index[1]
         edge_scalars = self.edge_scalars(distance_basis, atomic_numbers, edge_index)  # [E, F]
+        num_nodes, node_dtype = x.shape[0], x.dtype
+        x = x.to(rotation.dtype)  # cast the N node features once, not the E edge copies
         message = torch.cat([x.index_select(0, source), x.index_select(0, target)], dim=2)  # [E, (L+1)^2, 2C]
         message = rotation.rotate(message)  # [E, K, 2C]
         message, extra = self.so2_conv_1(message, edge_scalars)  # [E, K, hidden], [E, H*A + gating]
@@ -100,11 +102,11 @@ class EquivariantGraphAttention(nn.Module):
         # attention weights a_ij from f_ij^(0)
         alpha = self.alpha_act(self.alpha_norm(alpha_features.reshape(-1, self.num_heads, self.alpha_channels)))
         alpha = torch.einsum("ehc,hc->eh", alpha, self.alpha_dot.to(alpha.dtype))  # [E, H]
-        alpha = segment_softmax(alpha, target, x.shape[0])
+        alpha = segment_softmax(alpha, target, num_nodes)
         if self.alpha_dropout is not None:
             alpha = self.alpha_dropout(alpha)
         value = message.reshape(message.shape[0], message.shape[1], self.num_heads, self.value_channels)
         message = (value * alpha.to(value.dtype)[:, None, :, None]).reshape(message.shape)
         message = rotation.rotate_inv(message)  # [E, (L+1)^2, H*V]
-        aggregated = scatter_sum(message, target, x.shape[0]).to(x.dtype)  # [N, (L+1)^2, H*V]
+        aggregated = scatter_sum(message, target, num_nodes).to(node_dtype)  # [N, (L+1)^2, H*V]
         return self.proj(aggregated)

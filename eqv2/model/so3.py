@@ -132,21 +132,27 @@ class EdgeRotation:
     """The rotation of one batch of edges, restricted to the kept orders (Sec. 3.3).
 
     `rotate` maps node features [E, (L+1)^2, C] to the edge frame in m-primary order [E, K, C];
-    `rotate_inv` maps m-primary edge features [E, K, C] back to [E, (L+1)^2, C].  Both are
-    computed once per forward pass and shared by every block.
+    `rotate_inv` maps m-primary edge features [E, K, C] back to [E, (L+1)^2, C].  Both matrices are
+    computed once per forward pass in the Wigner-D dtype (float32 or float64), cast once to the compute
+    dtype `dtype` (bfloat16 under autocast) and shared by every block.
     """
 
-    def __init__(self, wigner: torch.Tensor, layout: CoefficientLayout):
+    def __init__(self, wigner: torch.Tensor, layout: CoefficientLayout, dtype: torch.dtype | None = None):
+        dtype = dtype or wigner.dtype
         idx = layout.reduced_to_full.to(wigner.device)
-        self.to_edge = wigner.index_select(1, idx).contiguous()  # [E, K, (L+1)^2]
+        to_edge = wigner.index_select(1, idx)  # [E, K, (L+1)^2]
         rescale = layout.inverse_rescale().to(wigner.device, wigner.dtype)
-        self.from_edge = (self.to_edge.transpose(1, 2) * rescale).contiguous()  # [E, (L+1)^2, K]
+        self.to_edge = to_edge.to(dtype).contiguous()
+        self.from_edge = (to_edge.transpose(1, 2) * rescale).to(dtype).contiguous()  # [E, (L+1)^2, K]
+        self.dtype = dtype
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(self.to_edge.to(x.dtype), x)
+        """[E, (L+1)^2, C] -> [E, K, C] in the compute dtype."""
+        return torch.bmm(self.to_edge, x.to(self.dtype))
 
     def rotate_inv(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(self.from_edge.to(x.dtype), x)
+        """[E, K, C] -> [E, (L+1)^2, C] in the compute dtype."""
+        return torch.bmm(self.from_edge, x.to(self.dtype))
 
 
 class SO3Linear(nn.Module):

@@ -20,6 +20,7 @@ from eqv2.data.config import DataConfig
 from eqv2.model.config import ModelConfig
 from eqv2.training.activation_checkpointing import ActivationCheckpointConfig
 from eqv2.training.checkpointing import CheckpointConfig
+from eqv2.training.compile import CompileConfig
 from eqv2.training.loss import LossConfig, Normalizers
 from eqv2.training.optim import OptimConfig
 
@@ -51,6 +52,7 @@ class RunConfig:
     optim: OptimConfig
     loss: LossConfig = field(default_factory=LossConfig)
     activation_checkpointing: ActivationCheckpointConfig = field(default_factory=ActivationCheckpointConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)  # torch.compile of the blocks (GPU default)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)

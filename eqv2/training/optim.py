@@ -80,9 +80,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> tuple[list[dict], lis
     return [g for g in groups if g["params"]], no_decay_names
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """fused: one CUDA kernel for the whole update (the parameters the engine steps must be on a GPU)."""
     groups, _ = param_groups(model, cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, warmup_factor: float,

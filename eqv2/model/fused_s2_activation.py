@@ -1,0 +1,148 @@
+"""Fused S2 activation kernel: y = F^T SiLU(T x) per feature, without the sphere grid in memory (Sec. 4.1).
+
+`activation.S2Grid.silu` computes from_grid(SiLU(to_grid(x))) for features x [Z, K, C]: T [G, K]
+evaluates the K coefficients on the G = 18 x 18 sphere grid, F [G, K] projects back.  Done as two
+matrix products, the grid values [Z, G, C] (G = 324, about 9x the size of x) are written, read and
+kept for the backward pass: per block of the 153M model that is ~0.5 GB per saved copy at batch 8.
+
+This Triton kernel streams over the grid in tiles of BG points: for a tile of BN (feature, channel)
+columns it computes pre = T_g x, act = SiLU(pre) and accumulates F_g^T act, so only x and y touch
+memory.  The backward kernel recomputes pre and forms dx = T^T (SiLU'(pre) * (F dy)).  Products run
+on tensor cores with bf16/fp16 inputs and float32 accumulation (float32 inputs: float32 products);
+SiLU and its derivative are evaluated in float32.
+
+Registered as the custom ops `eqv2::s2_silu` / `eqv2::s2_silu_backward`, so torch.compile treats
+them as opaque calls and autograd sees one node.  The einsum path in activation.py is the reference
+implementation; tests compare the two (CPU via the Triton interpreter, GPU via the device).
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: activation.py keeps to the einsum path
+    triton = None
+
+
+def kernel_available(x: torch.Tensor) -> bool:
+    """Whether the fused kernel serves features `x`: CUDA tensors in bf16/fp16 with Triton installed."""
+    return triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _columns(pid, Z, K: tl.constexpr, C: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr):
+        """Offsets [KP, BN] and mask of the tile: rows are coefficients k, columns the (z, c) pairs
+        pid*BN .. pid*BN+BN-1 of the [Z, K, C] tensor."""
+        col = pid.to(tl.int64) * BN + tl.arange(0, BN)
+        z = col // C
+        c = col % C
+        k = tl.arange(0, KP)
+        offs = z[None, :] * (K * C) + k[:, None] * C + c[None, :]
+        mask = (k[:, None] < K) & (z[None, :] < Z)
+        return offs, mask
+
+    @triton.jit
+    def _s2_silu_fwd(x_ptr, t_ptr, f_ptr, y_ptr, Z, G, K: tl.constexpr, C: tl.constexpr, KP: tl.constexpr,
+                     BG: tl.constexpr, BN: tl.constexpr):
+        offs, mask = _columns(tl.program_id(0), Z, K, C, KP, BN)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)  # [KP, BN]
+        k = tl.arange(0, KP)
+        acc = tl.zeros((KP, BN), dtype=tl.float32)
+        for g0 in range(0, G, BG):
+            g = g0 + tl.arange(0, BG)
+            gmask = (g[:, None] < G) & (k[None, :] < K)
+            t = tl.load(t_ptr + g[:, None] * K + k[None, :], mask=gmask, other=0.0)  # [BG, KP]
+            f = tl.load(f_ptr + g[:, None] * K + k[None, :], mask=gmask, other=0.0)  # [BG, KP]
+            pre = tl.dot(t, x)  # [BG, BN] grid values, float32
+            act = pre * tl.sigmoid(pre)
+            acc += tl.dot(tl.trans(f), act.to(f.dtype))  # [KP, BN]
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _s2_silu_bwd(x_ptr, dy_ptr, t_ptr, f_ptr, dx_ptr, Z, G, K: tl.constexpr, C: tl.constexpr,
+                     KP: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr):
+        offs, mask = _columns(tl.program_id(0), Z, K, C, KP, BN)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0)
+        k = tl.arange(0, KP)
+        acc = tl.zeros((KP, BN), dtype=tl.float32)
+        for g0 in range(0, G, BG):
+            g = g0 + tl.arange(0, BG)
+            gmask = (g[:, None] < G) & (k[None, :] < K)
+            t = tl.load(t_ptr + g[:, None] * K + k[None, :], mask=gmask, other=0.0)
+            f = tl.load(f_ptr + g[:, None] * K + k[None, :], mask=gmask, other=0.0)
+            pre = tl.dot(t, x)  # recomputed grid values
+            d_act = tl.dot(f, dy)  # [BG, BN] gradient on the grid
+            s = tl.sigmoid(pre)
+            d_pre = d_act * s * (1.0 + pre * (1.0 - s))
+            acc += tl.dot(tl.trans(t), d_pre.to(t.dtype))
+        tl.store(dx_ptr + offs, acc.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+_BG, _BN = 64, 64
+
+
+def _launch(kernel, tensors: list[torch.Tensor], out: torch.Tensor, to_grid: torch.Tensor) -> torch.Tensor:
+    z, k, c = out.shape
+    if z == 0:
+        return out
+    g = to_grid.shape[0]
+    kp = max(16, triton.next_power_of_2(k))
+    grid = (triton.cdiv(z * c, _BN),)
+    kernel[grid](*tensors, out, z, g, K=k, C=c, KP=kp, BG=_BG, BN=_BN, num_warps=4)
+    return out
+
+
+def _check(x: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor) -> None:
+    if triton is None:
+        raise RuntimeError("eqv2::s2_silu needs Triton (pip install triton)")
+    if x.dim() != 3 or to_grid.shape != from_grid.shape or to_grid.shape[1] != x.shape[1]:
+        raise ValueError(f"s2_silu: x {tuple(x.shape)}, to_grid {tuple(to_grid.shape)}, "
+                         f"from_grid {tuple(from_grid.shape)}: need [Z, K, C], [G, K], [G, K]")
+    if not (x.dtype == to_grid.dtype == from_grid.dtype):
+        raise ValueError(f"s2_silu: dtypes differ: x {x.dtype}, to_grid {to_grid.dtype}, from_grid {from_grid.dtype}")
+
+
+@torch.library.custom_op("eqv2::s2_silu", mutates_args=())
+def s2_silu(x: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor) -> torch.Tensor:
+    """x [Z, K, C], to_grid and from_grid [G, K] (same dtype) -> F^T SiLU(T x) [Z, K, C]."""
+    _check(x, to_grid, from_grid)
+    x, to_grid, from_grid = x.contiguous(), to_grid.contiguous(), from_grid.contiguous()
+    return _launch(_s2_silu_fwd, [x, to_grid, from_grid], torch.empty_like(x), to_grid)
+
+
+@s2_silu.register_fake
+def _(x, to_grid, from_grid):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("eqv2::s2_silu_backward", mutates_args=())
+def s2_silu_backward(grad: torch.Tensor, x: torch.Tensor, to_grid: torch.Tensor,
+                     from_grid: torch.Tensor) -> torch.Tensor:
+    """Gradient of `s2_silu` with respect to x."""
+    _check(x, to_grid, from_grid)
+    grad, x = grad.contiguous().to(x.dtype), x.contiguous()
+    to_grid, from_grid = to_grid.contiguous(), from_grid.contiguous()
+    return _launch(_s2_silu_bwd, [x, grad, to_grid, from_grid], torch.empty_like(x), to_grid)
+
+
+@s2_silu_backward.register_fake
+def _(grad, x, to_grid, from_grid):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    x, to_grid, from_grid = inputs
+    ctx.save_for_backward(x, to_grid, from_grid)
+
+
+def _backward(ctx, grad):
+    x, to_grid, from_grid = ctx.saved_tensors
+    return s2_silu_backward(grad, x, to_grid, from_grid), None, None  # the grid matrices are constants
+
+
+s2_silu.register_autograd(_backward, setup_context=_setup_context)

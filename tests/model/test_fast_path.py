@@ -1,0 +1,125 @@
+"""The fast path on CPU: the fused S2 kernel's logic (Triton interpreter) and the compiled model.
+
+GPU checks of the same (bf16 kernels on tensor cores, compiled bf16 model vs eager reference) are in
+test_gpu.py and run through the device tool.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from eqv2.config import ConfigError
+from eqv2.model.config import ModelConfig
+from eqv2.model.equiformer_v2 import EquiformerV2
+from eqv2.training.activation_checkpointing import ActivationCheckpointConfig, apply_activation_checkpointing
+from eqv2.training.compile import CompileConfig, apply_compile
+from tests.model.equivariance import batch_from_atoms
+from tests.model.fairchem_reference import slab_structures
+
+ROOT = Path(__file__).resolve().parents[2]
+HAS_TRITON = subprocess.run([sys.executable, "-c", "import triton"], capture_output=True).returncode == 0
+
+INTERPRETED = textwrap.dedent("""
+    import torch
+    from eqv2.model.activation import edge_grid, node_grid
+    from eqv2.model.fused_s2_activation import s2_silu
+    from eqv2.model.so3 import CoefficientLayout
+
+    torch.manual_seed(0)
+    worst = 0.0
+    grids = [edge_grid(CoefficientLayout(6, 3), 18), edge_grid(CoefficientLayout(4, 2), None), node_grid(3, 12)]
+    for grid in grids:
+        to_mat, from_mat = grid.to_grid_mat.double(), grid.from_grid_mat.double()
+        # Z*C below, at and above the 64-column tile; C not a power of two
+        for z, c in [(1, 8), (5, 24), (3, 64), (7, 20)]:
+            x = torch.randn(z, to_mat.shape[1], c, dtype=torch.float64, requires_grad=True)
+            y = s2_silu(x, to_mat, from_mat)
+            ref = torch.einsum("gk,zgc->zkc", from_mat, torch.nn.functional.silu(torch.einsum("gk,zkc->zgc", to_mat, x)))
+            dy = torch.randn_like(y)
+            (g,) = torch.autograd.grad(y, x, dy)
+            (g_ref,) = torch.autograd.grad(ref, x, dy)
+            worst = max(worst, float((y - ref).abs().max() / ref.abs().max()),
+                        float((g - g_ref).abs().max() / g_ref.abs().max()))
+    empty = s2_silu(torch.zeros(0, to_mat.shape[1], 4, dtype=torch.float64), to_mat, from_mat)
+    assert empty.shape == (0, to_mat.shape[1], 4)
+    print("WORST", worst)
+""")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (pip install triton) for its interpreter")
+def test_fused_s2_kernel_matches_einsum_in_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    worst = float(proc.stdout.split("WORST")[1])
+    assert worst < 1e-12, worst  # float64 through the interpreter: the same sums, up to ordering
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_fused_s2_kernel_rejects_mismatched_shapes():
+    from eqv2.model.fused_s2_activation import s2_silu
+
+    with pytest.raises(ValueError, match="need \\[Z, K, C\\]"):
+        s2_silu(torch.zeros(2, 5, 3), torch.zeros(10, 4), torch.zeros(10, 4))
+    with pytest.raises(ValueError, match="dtypes differ"):
+        s2_silu(torch.zeros(2, 4, 3), torch.zeros(10, 4, dtype=torch.float64), torch.zeros(10, 4))
+
+
+TINY = dict(num_layers=3, lmax=4, mmax=2, sphere_channels=16, attn_hidden_channels=8, attn_alpha_channels=8,
+            attn_value_channels=4, ffn_hidden_channels=16, edge_channels=16, num_heads=2, alpha_drop=0.0,
+            drop_path_rate=0.0, max_radius=6.0)
+
+
+def _loss(out):
+    return out["energy"].sum() + out["forces"].pow(2).sum()
+
+
+@pytest.mark.slow
+def test_compiled_model_matches_eager_and_compiles_once():
+    """Inductor (C++ on CPU) computes the eager model's function and gradients; with activation
+    checkpointing on one block; one compiled graph per part serves every block and batch size."""
+    import torch._dynamo.utils as dynamo_utils
+
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    torch.manual_seed(0)
+    eager = EquiformerV2(ModelConfig(**TINY)).train()
+    fast = EquiformerV2(ModelConfig(**TINY)).train()
+    fast.load_state_dict(eager.state_dict())
+    apply_activation_checkpointing(fast, ActivationCheckpointConfig(enabled=True, every=2))
+    names = apply_compile(fast, CompileConfig(enabled=True))
+    assert names == ["blocks.0", "blocks.1", "blocks.2", "edge_degree_embedding", "energy_head", "force_head"]
+    assert list(fast.state_dict()) == list(eager.state_dict())  # checkpoints stay interchangeable
+    for n in (2, 3, 4):  # three batch sizes: static compile, then one with symbolic atom/edge counts
+        batch = batch_from_atoms(slab_structures(n, n), torch.float32)
+        eager.zero_grad()
+        fast.zero_grad()
+        ref, out = eager(batch), fast(batch)
+        _loss(ref).backward()
+        _loss(out).backward()
+        for key in ("energy", "forces"):
+            err = float((out[key] - ref[key]).norm() / ref[key].norm())
+            assert err < 1e-5, (n, key, err)
+        for (name, p), q in zip(fast.named_parameters(), eager.parameters()):
+            if q.grad is not None and q.grad.norm() > 0:
+                err = float((p.grad - q.grad).norm() / q.grad.norm())
+                assert err < 1e-4, (n, name, err)
+    # blocks (with and without checkpointing share the code), edge-degree embedding, 2 heads: each
+    # compiled for a static and then a dynamic shape
+    assert dynamo_utils.counters["stats"]["unique_graphs"] <= 2 * 5, dict(dynamo_utils.counters["stats"])
+
+
+def test_compile_config_resolution():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert CompileConfig().resolve(cuda, zero_stage=2) is True
+    assert CompileConfig().resolve(cpu, zero_stage=0) is False
+    assert CompileConfig().resolve(cuda, zero_stage=3) is False
+    assert CompileConfig(enabled=True).resolve(cpu) is True
+    with pytest.raises(ConfigError, match="ZeRO stage 3"):
+        CompileConfig(enabled=True).resolve(cuda, zero_stage=3)
