@@ -9,7 +9,7 @@ torch_scatter), its EquiformerV2 runs on the same batches in the same process (f
 GradScaler, as it trains) and the ratio is printed.
 
     python tools/bench.py --configs 31M 153M --batch-sizes 4 8 --steps 20 [--impls eager compiled] [--reference]
-        [--ac-every k] [--json out.json] [--profile ops.txt]
+        [--ac-every 0 2] [--json out.json] [--profile ops.txt]
 """
 from __future__ import annotations
 
@@ -164,7 +164,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--impls", nargs="+", choices=["eager", "compiled"], default=["compiled"],
                         help="eqv2 paths to time: eager (the reference path) and/or compiled (the training default on GPU)")
-    parser.add_argument("--ac-every", type=int, default=0, help="activation checkpointing on every k-th block (0: off)")
+    parser.add_argument("--ac-every", nargs="+", type=int, default=[0],
+                        help="activation checkpointing on every k-th block (0: off); several values: one run each")
     parser.add_argument("--reference", action="store_true", help="also run fairchem-core 1.10.0 on the same batches")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak for MFU (H100 SXM: 989)")
     parser.add_argument("--json", type=Path, help="write results here")
@@ -174,15 +175,16 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     results = []
+    t0 = time.perf_counter()
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
     for name in args.configs:
         cfg = from_dict(ModelConfig, load_yaml(ROOT / "configs" / "model" / f"eqv2_{name}.yaml"))
         for bs in args.batch_sizes:
             batches = [b.to(device) for b in make_batches(bs, args.warmup + args.steps, args.seed)]
             atoms = sum(int(b.natoms.sum()) for b in batches[args.warmup:])
-            runs = [(f"eqv2-{impl}", lambda impl=impl: eqv2_step_fn(cfg, device, dtype, impl == "compiled",
-                                                                    args.ac_every))
-                    for impl in args.impls]
+            runs = [(f"eqv2-{impl}" + (f"-ac{k}" if k else ""),
+                     lambda impl=impl, k=k: eqv2_step_fn(cfg, device, dtype, impl == "compiled", k))
+                    for impl in args.impls for k in args.ac_every]
             if args.reference:
                 runs.append(("fairchem-1.10.0", lambda: reference_step_fn(cfg, device)))
             row = {"config": name, "batch": bs, "mean_atoms": atoms / (bs * args.steps)}
@@ -208,7 +210,7 @@ def main(argv=None) -> int:
                               "warmup_s": warmup_s}
                 print(f"{name} batch {bs} {label}: {sps:.2f} samples/s, {atoms / elapsed:.0f} atoms/s, "
                       f"peak {peak:.1f} GiB, {flops / 1e12:.3f} TFLOP/sample, MFU {100 * mfu:.2f}% "
-                      f"(warm-up {warmup_s:.0f} s)", flush=True)
+                      f"(warm-up {warmup_s:.0f} s) [t={time.perf_counter() - t0:.0f} s]", flush=True)
                 del model, step
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

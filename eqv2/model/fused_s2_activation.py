@@ -146,3 +146,25 @@ def _backward(ctx, grad):
 
 
 s2_silu.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _register_flop_formulas() -> None:
+    """Count the fused op's matrix products like the einsum path's, so FLOP counters (tools/bench.py's
+    MFU) see the same model FLOPs as the einsum path: forward T x and F^T act (2 products of
+    2*Z*G*K*C each), backward F dy and T^T d_pre (2; the kernel's recomputation of T x is not model work)."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    def products(x_shape, to_grid_shape, count):
+        z, k, c = x_shape
+        return count * 2 * z * to_grid_shape[0] * k * c
+
+    @register_flop_formula(torch.ops.eqv2.s2_silu)
+    def _(x_shape, to_grid_shape, from_grid_shape, *args, out_shape=None, **kwargs) -> int:
+        return products(x_shape, to_grid_shape, 2)
+
+    @register_flop_formula(torch.ops.eqv2.s2_silu_backward)
+    def _(grad_shape, x_shape, to_grid_shape, from_grid_shape, *args, out_shape=None, **kwargs) -> int:
+        return products(x_shape, to_grid_shape, 2)
+
+
+_register_flop_formulas()

@@ -51,7 +51,11 @@ class SO2Convolution(nn.Module):
         self.radial = RadialFunction(list(edge_channels) + [sum(self.radial_widths)]) if edge_channels else None
 
     def forward(self, x: torch.Tensor, edge_scalars: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x [E, K, C_in], edge_scalars [E, F] -> ([E, K, C_out], [E, extra] or None)."""
+        """x [E, K, C_in], edge_scalars [E, F] -> ([E, K, C_out], [E, extra] or None).
+
+        Each order is one matrix product on a contiguous slice of x: for m > 0 the complex product
+        acts on [x_{+m} | x_{-m}] through the real block matrix [[W_r, -W_i], [W_i, W_r]], whose output
+        [y_{+m} | y_{-m}] is already in layout order, so no per-m slicing or stacking follows."""
         num_edges = x.shape[0]
         blocks = self.layout.m_block
         weights = None
@@ -66,17 +70,15 @@ class SO2Convolution(nn.Module):
         if self.extra_m0_channels:
             extra = y0.narrow(1, 0, self.extra_m0_channels)
             y0 = y0.narrow(1, self.extra_m0_channels, y0.shape[1] - self.extra_m0_channels)
-        out = [y0.reshape(num_edges, blocks[0], self.out_channels)]
+        out = [y0]  # [E, (L+1)*C_out]
         offset = blocks[0]
         for m, fc in enumerate(self.m_convs, start=1):
             n_l = blocks[m]
-            xm = x.narrow(1, offset, 2 * n_l).reshape(num_edges, 2, n_l * self.in_channels)  # [+m; -m]
+            xm = x.narrow(1, offset, 2 * n_l)  # [E, 2*n_l, C_in] = [x_{+m}; x_{-m}]
             if weights is not None:
-                xm = xm * weights[m].to(xm.dtype).unsqueeze(1)
-            ym = fc(xm)  # [E, 2, 2 * n_l * C_out]: (W_r x, W_i x) for x = x_{+m}, x_{-m}
-            half = ym.shape[2] // 2
-            y_real = ym[:, 0, :half] - ym[:, 1, half:]  # W_r x_{+m} - W_i x_{-m}
-            y_imag = ym[:, 1, :half] + ym[:, 0, half:]  # W_r x_{-m} + W_i x_{+m}
-            out.append(torch.stack([y_real, y_imag], dim=1).reshape(num_edges, 2 * n_l, self.out_channels))
+                xm = xm.reshape(num_edges, 2, n_l * self.in_channels) * weights[m].to(xm.dtype).unsqueeze(1)
+            w_real, w_imag = fc.weight.chunk(2, dim=0)  # [n_l*C_out, n_l*C_in] each
+            complex_as_real = torch.cat([torch.cat([w_real, -w_imag], 1), torch.cat([w_imag, w_real], 1)], 0)
+            out.append(torch.nn.functional.linear(xm.reshape(num_edges, -1), complex_as_real))  # [E, 2*n_l*C_out]
             offset += 2 * n_l
-        return torch.cat(out, dim=1), extra
+        return torch.cat(out, dim=1).reshape(num_edges, -1, self.out_channels), extra

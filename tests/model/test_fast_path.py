@@ -76,6 +76,26 @@ TINY = dict(num_layers=3, lmax=4, mmax=2, sphere_channels=16, attn_hidden_channe
             drop_path_rate=0.0, max_radius=6.0)
 
 
+def test_fused_s2_op_flops_are_counted_like_the_einsum_path():
+    """tools/bench.py reports MFU from a FLOP count: the opaque custom op must count its products."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from eqv2.model.fused_s2_activation import s2_silu
+
+    z, k, c, g = 5, 29, 8, 40
+    with FakeTensorMode():  # shapes only: the kernel itself needs a GPU
+        x = torch.randn(z, k, c, requires_grad=True)
+        to_grid, from_grid = torch.randn(g, k), torch.randn(g, k)
+        with FlopCounterMode(display=False) as fused:
+            s2_silu(x, to_grid, from_grid).sum().backward()
+        with FlopCounterMode(display=False) as reference:
+            pre = torch.einsum("gk,zkc->zgc", to_grid, x)
+            torch.einsum("gk,zgc->zkc", from_grid, torch.nn.functional.silu(pre)).sum().backward()
+    # model FLOPs: 2 products forward, 2 backward (the kernel's recomputation is not counted)
+    assert fused.get_total_flops() == reference.get_total_flops() == 4 * 2 * z * g * k * c
+
+
 def _loss(out):
     return out["energy"].sum() + out["forces"].pow(2).sum()
 
