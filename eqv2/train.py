@@ -128,9 +128,9 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     # --- model, optimizer, engine
     torch.manual_seed(cfg.seed)
     model = EquiformerV2(cfg.model)
-    wrapped = apply_activation_checkpointing(model, cfg.activation_checkpointing)
     zero_stage = int(ds.get("zero_optimization", {}).get("stage", 0))
     compiled = apply_compile(model, cfg.compile) if cfg.compile.resolve(dist.device, zero_stage) else []
+    wrapped = apply_activation_checkpointing(model, cfg.activation_checkpointing)  # wraps the compiled forwards
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim, fused=dist.device.type == "cuda"), config=ds)
     ema = EMA(engine.module, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
     loss_fn = EnergyForceLoss(cfg.loss, normalizers)

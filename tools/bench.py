@@ -112,10 +112,10 @@ def profile_steps(step, batches, path: Path, title: str) -> None:
 
 def eqv2_step_fn(cfg: ModelConfig, device, dtype, compiled: bool, ac_every: int = 0):
     model = EquiformerV2(cfg).to(device).train()
-    if ac_every:
-        apply_activation_checkpointing(model, ActivationCheckpointConfig(enabled=True, every=ac_every))
     if compiled:
         apply_compile(model, CompileConfig(enabled=True))
+    if ac_every:
+        apply_activation_checkpointing(model, ActivationCheckpointConfig(enabled=True, every=ac_every))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
 
     def step(batch):

@@ -7,9 +7,12 @@ the backward pass instead of saving them.  Every block has the same code, so wit
 block is compiled once (twice: the second time with the atom and edge counts symbolic) and
 reused by all blocks and all batch sizes.
 
-What is compiled: every `model.blocks[i]`, the edge-degree embedding and the energy and force heads,
-each in place (`nn.Module.compile`), so parameter names — and checkpoints — are unchanged.  Graph
-construction and the Wigner-D matrices (data-dependent shapes, once per forward) stay eager.
+What is compiled: the `forward` of every `model.blocks[i]`, of the edge-degree embedding and of the
+energy and force heads, replaced in place on the module instance, so parameter names — and
+checkpoints — are unchanged and module hooks run outside the compiled region.  Graph construction and
+the Wigner-D matrices (data-dependent shapes, once per forward) stay eager.  Compile before applying
+activation checkpointing: checkpointing then wraps the compiled forward (recomputing it in the
+backward pass) instead of being traced into the graph.
 
 `enabled: null` (auto) compiles on CUDA devices unless ZeRO stage 3 is used: ZeRO-3 gathers
 parameters in module hooks, which a compiled block would trace.  The eager model is the reference
@@ -56,5 +59,9 @@ def apply_compile(model: nn.Module, cfg: CompileConfig) -> list[str]:
     """Compile the repeated parts of `model` in place; returns their names."""
     names = compiled_parts(model)
     for name in names:
-        model.get_submodule(name).compile(mode=cfg.mode, dynamic=cfg.dynamic, fullgraph=True)
+        part = model.get_submodule(name)
+        if "forward" in vars(part):
+            raise RuntimeError(f"{name}.forward is already wrapped (activation checkpointing?): apply_compile "
+                               "must come first, so that the wrapper calls the compiled forward")
+        part.forward = torch.compile(part.forward, mode=cfg.mode, dynamic=cfg.dynamic, fullgraph=True)
     return names

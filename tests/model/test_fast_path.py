@@ -112,8 +112,8 @@ def test_compiled_model_matches_eager_and_compiles_once():
     eager = EquiformerV2(ModelConfig(**TINY)).train()
     fast = EquiformerV2(ModelConfig(**TINY)).train()
     fast.load_state_dict(eager.state_dict())
-    apply_activation_checkpointing(fast, ActivationCheckpointConfig(enabled=True, every=2))
     names = apply_compile(fast, CompileConfig(enabled=True))
+    apply_activation_checkpointing(fast, ActivationCheckpointConfig(enabled=True, every=2))  # wraps compiled code
     assert names == ["blocks.0", "blocks.1", "blocks.2", "edge_degree_embedding", "energy_head", "force_head"]
     assert list(fast.state_dict()) == list(eager.state_dict())  # checkpoints stay interchangeable
     for n in (2, 3, 4):  # three batch sizes: static compile, then one with symbolic atom/edge counts
@@ -133,6 +133,13 @@ def test_compiled_model_matches_eager_and_compiles_once():
     # blocks (with and without checkpointing share the code), edge-degree embedding, 2 heads: each
     # compiled for a static and then a dynamic shape
     assert dynamo_utils.counters["stats"]["unique_graphs"] <= 2 * 5, dict(dynamo_utils.counters["stats"])
+
+
+def test_compile_must_precede_activation_checkpointing():
+    model = EquiformerV2(ModelConfig(**TINY))
+    apply_activation_checkpointing(model, ActivationCheckpointConfig(enabled=True, every=1))
+    with pytest.raises(RuntimeError, match="blocks.0.forward is already wrapped"):
+        apply_compile(model, CompileConfig(enabled=True))
 
 
 def test_compile_config_resolution():

@@ -91,7 +91,7 @@ def _grads(model) -> torch.Tensor:
 def test_compiled_bf16_fast_path_matches_eager_reference_and_is_equivariant():
     """Same weights: the fast path (compiled, fused S2 kernel, bf16) is as close to the float32 eager
     reference as bf16 eager autocast is, for energies, forces and every gradient; and its rotation
-    error is no larger than bf16 eager's."""
+    error is no larger than bf16 eager's (within 10 %)."""
     from eqv2.training.compile import CompileConfig, apply_compile
 
     torch.manual_seed(0)
@@ -119,8 +119,11 @@ def test_compiled_bf16_fast_path_matches_eager_reference_and_is_equivariant():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         base = max_equivariance_error(ref_model.eval(), batch, rotations)
         fast = max_equivariance_error(fast_model.eval(), batch, rotations)
+    # bf16 itself breaks equivariance far more than any bound we could fix for a random 3-block model
+    # (seen on an H200: energy 0.117, forces 0.534 relative, eager and fast alike), so the criterion is
+    # relative to eager bf16; exact equivariance of the compiled code is tested in float64 below
     for key in ("energy", "forces"):
-        assert fast[key] < 5e-2 and fast[key] <= 2 * base[key] + 1e-3, (key, fast, base)
+        assert fast[key] <= 1.1 * base[key] + 1e-3, (key, fast, base)
 
 
 def test_compiled_model_equivariant_float64_on_gpu(oc20_atoms):
