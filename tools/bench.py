@@ -9,11 +9,12 @@ torch_scatter), its EquiformerV2 runs on the same batches in the same process (f
 GradScaler, as it trains) and the ratio is printed.
 
     python tools/bench.py --configs 31M 153M --batch-sizes 4 8 --steps 20 [--impls eager compiled] [--reference]
-        [--ac-every 0 2] [--json out.json] [--profile ops.txt]
+        [--ac-every 0 2] [--mode reduce-overhead --pad 64 2048] [--json out.json] [--profile ops.txt]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -110,15 +111,17 @@ def profile_steps(step, batches, path: Path, title: str) -> None:
         fh.write(f"## {title}, {len(batches)} steps\n{prof.key_averages().table(sort_by=sort, row_limit=30)}\n")
 
 
-def eqv2_step_fn(cfg: ModelConfig, device, dtype, compiled: bool, ac_every: int = 0):
+def eqv2_step_fn(cfg: ModelConfig, device, dtype, compiled: bool, ac_every: int = 0, mode: str = "default"):
     model = EquiformerV2(cfg).to(device).train()
     if compiled:
-        apply_compile(model, CompileConfig(enabled=True))
+        apply_compile(model, CompileConfig(enabled=True, mode=mode))
     if ac_every:
         apply_activation_checkpointing(model, ActivationCheckpointConfig(enabled=True, every=ac_every))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
 
     def step(batch):
+        if compiled:
+            torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs (reduce-overhead): a new step
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             out = model(batch)
         loss = loss_fn(out["energy"], out["forces"], batch)
@@ -166,6 +169,10 @@ def main(argv=None) -> int:
                         help="eqv2 paths to time: eager (the reference path) and/or compiled (the training default on GPU)")
     parser.add_argument("--ac-every", nargs="+", type=int, default=[0],
                         help="activation checkpointing on every k-th block (0: off); several values: one run each")
+    parser.add_argument("--mode", default="default", choices=["default", "max-autotune-no-cudagraphs", "reduce-overhead"],
+                        help="Inductor mode of the compiled impl (reduce-overhead: CUDA graphs, needs --pad)")
+    parser.add_argument("--pad", nargs=2, type=int, default=[0, 0], metavar=("ATOMS", "EDGES"),
+                        help="shape buckets: pad atom and edge counts to these multiples (model.pad_*_multiple)")
     parser.add_argument("--reference", action="store_true", help="also run fairchem-core 1.10.0 on the same batches")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak for MFU (H100 SXM: 989)")
     parser.add_argument("--json", type=Path, help="write results here")
@@ -178,19 +185,22 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
     for name in args.configs:
-        cfg = from_dict(ModelConfig, load_yaml(ROOT / "configs" / "model" / f"eqv2_{name}.yaml"))
+        cfg = from_dict(ModelConfig, {**load_yaml(ROOT / "configs" / "model" / f"eqv2_{name}.yaml"),
+                                      "pad_atoms_multiple": args.pad[0], "pad_edges_multiple": args.pad[1]})
         for bs in args.batch_sizes:
             batches = [b.to(device) for b in make_batches(bs, args.warmup + args.steps, args.seed)]
             atoms = sum(int(b.natoms.sum()) for b in batches[args.warmup:])
             runs = [(f"eqv2-{impl}" + (f"-ac{k}" if k else ""),
-                     lambda impl=impl, k=k: eqv2_step_fn(cfg, device, dtype, impl == "compiled", k))
+                     lambda impl=impl, k=k: eqv2_step_fn(cfg, device, dtype, impl == "compiled", k, args.mode))
                     for impl in args.impls for k in args.ac_every]
             if args.reference:
                 runs.append(("fairchem-1.10.0", lambda: reference_step_fn(cfg, device)))
             row = {"config": name, "batch": bs, "mean_atoms": atoms / (bs * args.steps)}
             torch.manual_seed(args.seed)
-            eager_model, eager_step = eqv2_step_fn(cfg, device, dtype, compiled=False)
-            flops = count_flops(eager_step, batches[0]) / bs  # the model's FLOPs, counted on the eager path
+            # the model's FLOPs: eager and unpadded (padding atoms and edges are not model work)
+            unpadded = dataclasses.replace(cfg, pad_atoms_multiple=0, pad_edges_multiple=0)
+            eager_model, eager_step = eqv2_step_fn(unpadded, device, dtype, compiled=False)
+            flops = count_flops(eager_step, batches[0]) / bs
             del eager_model, eager_step
             for label, build in runs:
                 torch.manual_seed(args.seed)

@@ -47,6 +47,10 @@ class ModelConfig:
     weight_init: Literal["uniform", "normal"] = "uniform"  # linear-layer weight initialisation
     regress_forces: bool = True  # direct force head
     validate_inputs: bool = True  # check structures and graph (one host sync per forward)
+    # shape buckets (0: off): pad the atom / edge counts of each batch up to these multiples with an inert
+    # dummy structure, so compiled code and CUDA graphs see few distinct shapes; outputs are unchanged
+    pad_atoms_multiple: int = 0
+    pad_edges_multiple: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.mmax <= self.lmax:
@@ -60,6 +64,9 @@ class ModelConfig:
                      "edge_channels", "num_distance_basis", "max_neighbors"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("pad_atoms_multiple", "pad_edges_multiple"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: no padding), got {getattr(self, name)}")
         if self.max_radius <= 0:
             raise ValueError(f"max_radius must be positive, got {self.max_radius}")
         if self.grid_resolution is not None and self.grid_resolution < 2 * (self.lmax + 1) - 2:

@@ -9,7 +9,9 @@ Departures from the reference implementation (fairchem), none of which change th
 - the roll of each edge frame about the edge is fixed instead of drawn at random inside forward;
 - rotated edge features are kept in m-primary order throughout (no permutation matmuls);
 - nothing is stored on modules during forward; geometry, Wigner-D matrices, normalisation
-  statistics, softmax and neighbour sums stay in float32 under bf16 autocast.
+  statistics, softmax and neighbour sums stay in float32 under bf16 autocast;
+- optionally (`pad_atoms_multiple`, `pad_edges_multiple`) the graph is padded to shape buckets with an
+  inert dummy structure, for compiled code and CUDA graphs; outputs are sliced back to the real atoms.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from eqv2.batch import AtomsBatch
 from eqv2.model.config import ModelConfig
 from eqv2.model.edge_degree_embedding import EdgeDegreeEmbedding
 from eqv2.model.feed_forward import FeedForwardNetwork
-from eqv2.model.graph import radius_graph_pbc, validate_graph, validate_structures
+from eqv2.model.graph import pad_graph, radius_graph_pbc, validate_graph, validate_structures
 from eqv2.model.graph_attention import EquivariantGraphAttention
 from eqv2.model.layer_norm import make_norm
 from eqv2.model.radial import GaussianRadialBasis, RadialFunction
@@ -75,6 +77,13 @@ class EquiformerV2(nn.Module):
                                      cfg.max_radius, cfg.max_neighbors, batch.ids)
             if cfg.validate_inputs:
                 validate_graph(graph, pos, batch.natoms, cfg.max_radius, batch.ids)
+            graph_of_atom, num_real_nodes, num_real_graphs = batch.batch, num_nodes, num_graphs
+            if cfg.pad_atoms_multiple or cfg.pad_edges_multiple:
+                graph, num_pad = pad_graph(graph, num_nodes, cfg.pad_atoms_multiple, cfg.pad_edges_multiple,
+                                           cfg.max_radius / 2)
+                z = torch.cat([z, z.new_ones(num_pad)])  # padding atoms: hydrogen, in structure `num_graphs`
+                graph_of_atom = torch.cat([graph_of_atom, graph_of_atom.new_full((num_pad,), num_graphs)])
+                num_nodes, num_graphs = num_nodes + num_pad, num_graphs + 1
             rotation = EdgeRotation(self.wigner(graph.edge_vec), self.layout, compute_dtype(pos))
             distance_basis = self.radial_basis(graph.distance)  # [E, num_basis]
         edge_index = graph.edge_index
@@ -82,15 +91,16 @@ class EquiformerV2(nn.Module):
         x[:, 0, :] = self.atom_embedding(z).to(pos.dtype)
         x = x + self.edge_degree_embedding(z, distance_basis, edge_index, rotation, num_nodes).to(pos.dtype)
         for block in self.blocks:
-            x = block(x, z, distance_basis, edge_index, rotation, batch.batch, num_graphs)
+            x = block(x, z, distance_basis, edge_index, rotation, graph_of_atom, num_graphs)
         x = self.norm(x)  # [N, (L+1)^2, C]
         node_energy = self.energy_head(x).narrow(1, 0, 1).reshape(-1)  # [N]
         energy = torch.zeros(num_graphs, device=x.device, dtype=torch.float32 if x.dtype != torch.float64 else x.dtype)
-        energy = energy.index_add(0, batch.batch, node_energy.to(energy.dtype)) / cfg.avg_num_nodes
-        out = {"energy": energy}
+        energy = energy.index_add(0, graph_of_atom, node_energy.to(energy.dtype)) / cfg.avg_num_nodes
+        out = {"energy": energy.narrow(0, 0, num_real_graphs)}
         if self.force_head is not None:
             forces = self.force_head(x, z, distance_basis, edge_index, rotation)  # [N, (L+1)^2, 1]
-            out["forces"] = forces.narrow(1, 1, 3).reshape(-1, 3).to(energy.dtype)  # degree 1 = (x, y, z)
+            forces = forces.narrow(0, 0, num_real_nodes).narrow(1, 1, 3)  # degree 1 = (x, y, z)
+            out["forces"] = forces.reshape(-1, 3).to(energy.dtype)
         return out
 
 

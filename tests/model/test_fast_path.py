@@ -142,6 +142,13 @@ def test_compile_must_precede_activation_checkpointing():
         apply_compile(model, CompileConfig(enabled=True))
 
 
+def test_cuda_graphs_need_shape_buckets():
+    with pytest.raises(ConfigError, match="model.pad_atoms_multiple and model.pad_edges_multiple"):
+        apply_compile(EquiformerV2(ModelConfig(**TINY)), CompileConfig(enabled=True, mode="reduce-overhead"))
+    padded = EquiformerV2(ModelConfig(**TINY, pad_atoms_multiple=32, pad_edges_multiple=256))
+    assert len(apply_compile(padded, CompileConfig(enabled=True, mode="reduce-overhead"))) == 6
+
+
 def test_compile_config_resolution():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert CompileConfig().resolve(cuda, zero_stage=2) is True
