@@ -284,6 +284,7 @@ def take_step(engine, micro: list[AtomsBatch], loss_fn: EnergyForceLoss, zero_lo
     terms_sum = torch.zeros(3, dtype=torch.float64, device=device)
     skipped, stop_now, grad_norm = 0, False, None
     for batch in micro:
+        torch.compiler.cudagraph_mark_step_begin()  # compile.mode=reduce-overhead: earlier outputs may be reused
         out = engine(batch)
         loss, terms = loss_fn(out, batch, counts, scale)
         flags = all_reduce_max(torch.stack([(~torch.isfinite(loss)).float(),
@@ -324,6 +325,7 @@ def evaluate(engine, cfg: RunConfig, split_cfg, ema: EMA | None, normalizers: No
             if cfg.eval.max_batches and i >= cfg.eval.max_batches:
                 break
             batch = batch.to(dist.device, non_blocking=True)
+            torch.compiler.cudagraph_mark_step_begin()
             metrics.update(normalizers.denormalise(engine(batch)), batch)
     engine.train()
     return metrics.compute()

@@ -1,0 +1,36 @@
+"""tools/scaling.py: real multi-process trainer runs (CPU ranks here, one GPU per rank on a GPU node)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).parent
+
+
+def _scaling(tmp_path: Path, demo_data: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "tools" / "scaling.py"), "--ranks", "1", "2",
+           "--ds_config", str(HERE / "ds_zero2_cpu.json"), "--config", str(HERE / "tiny_run.yaml"),
+           "--data", str(demo_data), "--micro-batch", "2", "--steps", "8", "--skip", "2", "--log-every", "2",
+           "--work", str(tmp_path / "work"), "--out", str(tmp_path / "scaling.json"), "--timeout", "240", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_weak_scaling_runs_one_and_two_ranks(tmp_path, demo_data):
+    proc = _scaling(tmp_path, demo_data)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "scaling.json").read_text())["weak_scaling"]
+    assert [r["ranks"] for r in rows] == [1, 2]
+    assert rows[0]["efficiency"] == 1.0
+    for row in rows:
+        assert row["samples_per_s"] > 0 and row["intervals"] == 3  # logged steps 4, 6, 8 are timed
+        assert abs(row["samples_per_s_per_rank"] * row["ranks"] - row["samples_per_s"]) < 1e-9
+    # each rank count trained its own run directory
+    assert (tmp_path / "work" / "weak_2" / "metrics.jsonl").exists()
+
+
+def test_a_failing_run_is_reported_with_its_log(tmp_path, demo_data):
+    proc = _scaling(tmp_path, demo_data, "--set", "optim.lrr=1")
+    assert proc.returncode != 0
+    assert "1-rank run exit codes" in proc.stderr and "optim.lrr" in proc.stderr

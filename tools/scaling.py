@@ -1,0 +1,157 @@
+#!/usr/bin/env python
+"""Multi-GPU weak scaling of the full trainer (issue 7).
+
+Weak scaling: for each rank count N, `eqv2/train.py` runs the same config with the same micro-batch
+per rank (global batch grows with N) for `--steps` optimizer steps; throughput is read from the run's
+metrics.jsonl (global samples/s of each logging interval, after `--skip` steps of warm-up and
+compilation) and reported per rank, with the efficiency against the smallest N.
+
+The 1-vs-N equivalence is not measured here: ranks read disjoint shards, so N ranks and one rank
+with accumulation see different samples.  tests/train/test_engine_equivalence.py feeds both layouts
+the same global batches through the trainer's step function; on a multi-GPU machine it runs on NCCL.
+
+Ranks are started the way torchrun/srun do (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_* in the environment;
+rank r uses cuda:r), so the same tool runs on one multi-GPU node or, for testing, as CPU processes.
+
+    python tools/scaling.py --ranks 1 2 4 8 --ds_config ds_configs/zero2_bf16.json \
+        --config configs/train/oc20_all_md_153M.yaml --data /tmp/oc20 --micro-batch 8 --steps 60 --skip 20 \
+        --out scaling.json [--set key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "eqv2" / "train.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(nproc: int, args: list[str], log: Path, timeout: float) -> float:
+    """Run `nproc` trainer ranks to completion; returns wall seconds.  Raises with the log's tail if a
+    rank fails or the run outlasts `timeout` (every rank is then killed: no hang)."""
+    port = _free_port()
+    procs = []
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        for rank in range(nproc):
+            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONUNBUFFERED": "1"}
+            procs.append(subprocess.Popen([sys.executable, str(TRAIN), *args], env=env, cwd=ROOT,
+                                          stdout=out, stderr=subprocess.STDOUT))
+        try:
+            codes = [p.wait(timeout=max(1.0, timeout - (time.perf_counter() - start))) for p in procs]
+        except subprocess.TimeoutExpired:
+            codes = None
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+    if codes is None or any(codes):
+        tail = "\n".join(log.read_text().splitlines()[-30:])
+        why = f"timed out after {timeout:.0f} s" if codes is None else f"exit codes {codes}"
+        raise RuntimeError(f"{nproc}-rank run {why}; log {log}:\n{tail}")
+    return time.perf_counter() - start
+
+
+def train_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        raise RuntimeError(f"{path} was not written: did the run log any step?")
+    by_step = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if "split" not in rec:
+            by_step[rec["step"]] = rec
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def write_ds_config(path: Path, base: Path, micro_batch: int | None, accumulation: int) -> Path:
+    ds = json.loads(base.read_text())
+    if micro_batch is not None:
+        ds["train_micro_batch_size_per_gpu"] = micro_batch
+    ds["gradient_accumulation_steps"] = accumulation
+    path.write_text(json.dumps(ds, indent=2))
+    return path
+
+
+def run_args(args, run_dir: Path, ds_config: Path, extra: list[str]) -> list[str]:
+    sets = [f"run_dir={run_dir}", f"optim.max_steps={args.steps}", "optim.max_epochs=null",
+            f"optim.warmup_steps={max(1, args.steps // 10)}", "optim.warmup_epochs=null",
+            f"log.every_steps={args.log_every}", "log.progress_bar=false", "eval.every_steps=0",
+            "eval.max_batches=1", f"checkpoint.every_steps={10 ** 9}"]
+    if args.data:
+        data = Path(args.data)
+        sets += [f"data.train_manifest={data / 'train' / 'manifest.json'}",
+                 f"data.val_manifest={data / 'val' / 'manifest.json'}"]
+    out = ["--ds_config", str(ds_config), "--config", args.config]
+    for s in sets + extra + args.set:
+        out += ["--set", s]
+    return out
+
+
+def weak_scaling(args, work: Path) -> list[dict]:
+    rows = []
+    for n in args.ranks:
+        run_dir = work / f"weak_{n}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ds = write_ds_config(run_dir / "ds_in.json", Path(args.ds_config), args.micro_batch, 1)
+        wall = launch(n, run_args(args, run_dir, ds, []), run_dir / "log.txt", args.timeout)
+        timed = [r for r in train_records(run_dir) if r["step"] - args.log_every >= args.skip]
+        if not timed:
+            raise RuntimeError(f"{n} ranks: no logging interval after --skip {args.skip} steps; "
+                               f"raise --steps or lower --skip / --log-every")
+        sps = sum(r["samples_per_s"] for r in timed) / len(timed)
+        rows.append({"ranks": n, "samples_per_s": sps, "samples_per_s_per_rank": sps / n,
+                     "atoms_per_s": sum(r["atoms_per_s"] for r in timed) / len(timed),
+                     "peak_mem_gib_rank0": max(r["peak_mem_gib"] for r in timed), "wall_s": wall,
+                     "intervals": len(timed)})
+        print(f"{n} rank(s): {sps:.2f} samples/s, {sps / n:.2f} per rank, peak {rows[-1]['peak_mem_gib_rank0']:.1f} "
+              f"GiB on rank 0 ({wall:.0f} s)", flush=True)
+    base = rows[0]["samples_per_s_per_rank"]
+    for row in rows:
+        row["efficiency"] = row["samples_per_s_per_rank"] / base
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ranks", nargs="+", type=int, required=True, help="rank counts, e.g. 1 2 4 8 (one GPU each)")
+    p.add_argument("--ds_config", required=True)
+    p.add_argument("--config", required=True)
+    p.add_argument("--data", help="dataset root with train/ and val/ manifests (tools/make_oc20_sized_data.py)")
+    p.add_argument("--micro-batch", type=int, help="structures per rank and micro-batch (default: the ds_config's)")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--skip", type=int, default=20, help="steps not timed (warm-up, compilation)")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to eqv2/train.py")
+    p.add_argument("--work", default="runs/scaling", help="run directories and logs")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per launch")
+    p.add_argument("--out", type=Path, help="results JSON")
+    args = p.parse_args(argv)
+    if sorted(args.ranks) != args.ranks or args.ranks[0] < 1:
+        p.error(f"--ranks must be increasing positive counts, got {args.ranks}")
+    work = Path(args.work)
+    result = {"weak_scaling": weak_scaling(args, work)}
+    for row in result["weak_scaling"]:
+        print(f"| {row['ranks']} | {row['samples_per_s']:.2f} | {row['samples_per_s_per_rank']:.2f} | "
+              f"{100 * row['efficiency']:.1f} % | {row['peak_mem_gib_rank0']:.1f} |")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
