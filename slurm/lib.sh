@@ -106,8 +106,9 @@ _eqv2_forward() {
 }
 
 # Installed as soon as a batch script sources this file: bash's default for SIGUSR1 is to exit,
-# which would end the job without a requeue if the signal came before the step.
-STEP_SIGNAL=""
+# which would end the job without a requeue if the signal came before the step.  A signal the batch
+# script recorded before sourcing this file (its first-line traps) is kept.
+STEP_SIGNAL=${STEP_SIGNAL:-}
 _EQV2_STEP_PID=""
 trap '_eqv2_forward USR1' USR1
 trap '_eqv2_forward TERM' TERM

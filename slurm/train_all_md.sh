@@ -30,6 +30,11 @@
 #SBATCH --open-mode=append         # a requeued run appends to the same log instead of truncating it
 #SBATCH --output=%x-%j.out         # one log per job id (all its restarts), in the submission directory
 #SBATCH --exclusive                # whole nodes: NCCL and the data readers need all cores and NICs
+# From the first line on, record SIGUSR1/SIGTERM (bash's default for USR1 is to exit, which would end
+# the job without a requeue); lib.sh's handlers take over once sourced and act on a recorded signal.
+trap 'STEP_SIGNAL=USR1' USR1
+trap 'STEP_SIGNAL=${STEP_SIGNAL:-TERM}' TERM
+echo "[$(date '+%F %T')] job ${SLURM_JOB_ID:-?}: batch shell started (restart ${SLURM_RESTART_COUNT:-0})" >&2
 set -euo pipefail
 
 EQV2_ROOT=${EQV2_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}

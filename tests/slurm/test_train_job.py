@@ -183,7 +183,9 @@ def test_signal_during_startup_requeues_and_matches(reference, demo_raw, tmp_pat
     run_dir = tmp_path / "run"
     job = submit("slurm/train_all_md.sh", tmp_path, SBATCH, _env(demo_raw, run_dir))
     jobs.append(job)
-    _wait_for(lambda: job.state() == "RUNNING", job, "the RUNNING state", timeout=60)
+    # RUNNING comes before slurmstepd has started the batch shell; no script can handle a signal that
+    # arrives before its first line, so wait for that line (its traps are set just before it)
+    _wait_for(lambda: "batch shell started" in job.logs(), job, "the batch shell's first line", timeout=60)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job.job_id], check=True, timeout=15)
     state = job.wait(timeout=180)
     logs = job.logs()
