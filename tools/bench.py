@@ -9,7 +9,8 @@ torch_scatter), its EquiformerV2 runs on the same batches in the same process (f
 GradScaler, as it trains) and the ratio is printed.
 
     python tools/bench.py --configs 31M 153M --batch-sizes 4 8 --steps 20 [--impls eager compiled] [--reference]
-        [--ac-every 0 2] [--mode reduce-overhead --pad 64 2048] [--json out.json] [--profile ops.txt]
+        [--ac-every 0 2] [--memory-budget 0.5] [--mode reduce-overhead --pad 64 2048] [--json out.json]
+        [--profile ops.txt]
 """
 from __future__ import annotations
 
@@ -111,10 +112,11 @@ def profile_steps(step, batches, path: Path, title: str) -> None:
         fh.write(f"## {title}, {len(batches)} steps\n{prof.key_averages().table(sort_by=sort, row_limit=30)}\n")
 
 
-def eqv2_step_fn(cfg: ModelConfig, device, dtype, compiled: bool, ac_every: int = 0, mode: str = "default"):
+def eqv2_step_fn(cfg: ModelConfig, device, dtype, compiled: bool, ac_every: int = 0, mode: str = "default",
+                 memory_budget: float = 1.0):
     model = EquiformerV2(cfg).to(device).train()
     if compiled:
-        apply_compile(model, CompileConfig(enabled=True, mode=mode))
+        apply_compile(model, CompileConfig(enabled=True, mode=mode, activation_memory_budget=memory_budget))
     if ac_every:
         apply_activation_checkpointing(model, ActivationCheckpointConfig(enabled=True, every=ac_every))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
@@ -171,6 +173,8 @@ def main(argv=None) -> int:
                         help="activation checkpointing on every k-th block (0: off); several values: one run each")
     parser.add_argument("--mode", default="default", choices=["default", "max-autotune-no-cudagraphs", "reduce-overhead"],
                         help="Inductor mode of the compiled impl (reduce-overhead: CUDA graphs, needs --pad)")
+    parser.add_argument("--memory-budget", type=float, default=1.0,
+                        help="compile.activation_memory_budget of the compiled impl (one value per process)")
     parser.add_argument("--pad", nargs=2, type=int, default=[0, 0], metavar=("ATOMS", "EDGES"),
                         help="shape buckets: pad atom and edge counts to these multiples (model.pad_*_multiple)")
     parser.add_argument("--reference", action="store_true", help="also run fairchem-core 1.10.0 on the same batches")
@@ -190,8 +194,10 @@ def main(argv=None) -> int:
         for bs in args.batch_sizes:
             batches = [b.to(device) for b in make_batches(bs, args.warmup + args.steps, args.seed)]
             atoms = sum(int(b.natoms.sum()) for b in batches[args.warmup:])
-            runs = [(f"eqv2-{impl}" + (f"-ac{k}" if k else ""),
-                     lambda impl=impl, k=k: eqv2_step_fn(cfg, device, dtype, impl == "compiled", k, args.mode))
+            budget = f"-mb{args.memory_budget:g}" if args.memory_budget < 1.0 else ""
+            runs = [(f"eqv2-{impl}" + (f"-ac{k}" if k else "") + (budget if impl == "compiled" else ""),
+                     lambda impl=impl, k=k: eqv2_step_fn(cfg, device, dtype, impl == "compiled", k, args.mode,
+                                                                  args.memory_budget))
                     for impl in args.impls for k in args.ac_every]
             if args.reference:
                 runs.append(("fairchem-1.10.0", lambda: reference_step_fn(cfg, device)))

@@ -20,6 +20,7 @@ path: tests check that the compiled model computes the same function.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,6 +39,13 @@ class CompileConfig:
     # null: automatic (first compile static, the next one marks the dims that changed, atoms and edges,
     # dynamic; channel widths stay static); true: every dim symbolic; false: recompile per shape
     dynamic: bool | None = None
+    # fraction of the compiled parts' activations the backward pass may keep (torch's min-cut partitioner
+    # then recomputes the cheapest rest, elementwise ops and gathers before matrix products); 1.0: all
+    activation_memory_budget: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.activation_memory_budget <= 1.0:
+            raise ConfigError(f"compile.activation_memory_budget must be in (0, 1], got {self.activation_memory_budget}")
 
     def resolve(self, device: torch.device, zero_stage: int = 0) -> bool:
         if self.enabled is None:
@@ -70,5 +78,22 @@ def apply_compile(model: nn.Module, cfg: CompileConfig) -> list[str]:
         if "forward" in vars(part):
             raise RuntimeError(f"{name}.forward is already wrapped (activation checkpointing?): apply_compile "
                                "must come first, so that the wrapper calls the compiled forward")
-        part.forward = torch.compile(part.forward, mode=cfg.mode, dynamic=cfg.dynamic, fullgraph=True)
+        compiled = torch.compile(part.forward, mode=cfg.mode, dynamic=cfg.dynamic, fullgraph=True)
+        if cfg.activation_memory_budget < 1.0:
+            compiled = _with_memory_budget(compiled, cfg.activation_memory_budget)
+        part.forward = compiled
     return names
+
+
+def _with_memory_budget(compiled, budget: float):
+    """Call `compiled` with torch's partitioner budget set: compilation happens lazily, at a call (and at
+    any recompilation), so the setting is scoped to the calls rather than set process-wide.  Compiled
+    code is cached per code object, so a process uses the budget of its first compilation: one budget
+    per process (the trainer builds one model)."""
+    import torch._functorch.config as functorch_config
+
+    @functools.wraps(compiled)
+    def call(*args, **kwargs):
+        with functorch_config.patch(activation_memory_budget=budget):
+            return compiled(*args, **kwargs)
+    return call

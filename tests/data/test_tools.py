@@ -76,6 +76,6 @@ def test_inspect_and_stats_tools(demo, tmp_path):
 
 
 @pytest.mark.parametrize("tool", ["shard_lmdb.py", "make_demo_data.py", "inspect_shards.py", "dataset_stats.py",
-                                  "bench_data.py"])
+                                  "bench_data.py", "bench.py", "scaling.py", "activation_memory.py"])
 def test_help(tool):
     assert "usage" in _run(ROOT / "tools" / tool, "--help").stdout

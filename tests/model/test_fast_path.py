@@ -135,6 +135,56 @@ def test_compiled_model_matches_eager_and_compiles_once():
     assert dynamo_utils.counters["stats"]["unique_graphs"] <= 2 * 5, dict(dynamo_utils.counters["stats"])
 
 
+def _saved_bytes_and_outputs(model, batch):
+    """Bytes of the distinct storages autograd keeps for backward during one forward, and the outputs."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(batch)
+    return sum(storages.values()), out
+
+
+@pytest.mark.slow
+def test_activation_memory_budget_keeps_less_and_computes_the_same():
+    """compile.activation_memory_budget < 1: the partitioner recomputes instead of saving; per-edge
+    activations (the growth from a small to a larger batch) shrink, outputs and gradients do not change."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**TINY, "lmax": 6, "mmax": 3, "sphere_channels": 32, "attn_hidden_channels": 16})
+    eager = EquiformerV2(cfg).train()
+    growth, results = {}, {}
+    for budget in (1.0, 0.5):
+        torch._dynamo.reset()  # compiled code is cached per code object: one budget per process otherwise
+        fast = EquiformerV2(cfg).train()
+        fast.load_state_dict(eager.state_dict())
+        apply_compile(fast, CompileConfig(enabled=True, activation_memory_budget=budget))
+        sizes = []
+        for n in (2, 4):
+            batch = batch_from_atoms(slab_structures(n, n), torch.float32)
+            saved, out = _saved_bytes_and_outputs(fast, batch)
+            sizes.append(saved)
+            fast.zero_grad()
+            _loss(out).backward()
+        growth[budget] = sizes[1] - sizes[0]
+        results[budget] = (out["forces"].detach(), torch.cat([p.grad.flatten() for p in fast.parameters()
+                                                             if p.grad is not None]))
+    ref = eager(batch)
+    _loss(ref).backward()
+    ref_grads = torch.cat([p.grad.flatten() for p in eager.parameters() if p.grad is not None])
+    for budget, (forces, grads) in results.items():
+        assert float((forces - ref["forces"]).norm() / ref["forces"].norm()) < 1e-5, budget
+        assert float((grads - ref_grads).norm() / ref_grads.norm()) < 1e-4, budget
+    assert growth[0.5] < 0.7 * growth[1.0], growth
+
+
+def test_activation_memory_budget_range_is_checked():
+    with pytest.raises(ConfigError, match="compile.activation_memory_budget must be in"):
+        CompileConfig(activation_memory_budget=0.0)
+
+
 def test_compile_must_precede_activation_checkpointing():
     model = EquiformerV2(ModelConfig(**TINY))
     apply_activation_checkpointing(model, ActivationCheckpointConfig(enabled=True, every=1))
