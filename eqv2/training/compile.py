@@ -89,11 +89,21 @@ def _with_memory_budget(compiled, budget: float):
     """Call `compiled` with torch's partitioner budget set: compilation happens lazily, at a call (and at
     any recompilation), so the setting is scoped to the calls rather than set process-wide.  Compiled
     code is cached per code object, so a process uses the budget of its first compilation: one budget
-    per process (the trainer builds one model)."""
+    per process (the trainer builds one model).
+
+    On CPU, Inductor's vectorised C++ kernels are turned off, process-wide, at the first call: with torch
+    2.13 a recomputing partition of the attention backward produced a vectorised kernel that wrote out
+    of bounds (heap corruption on the 153M config; correct with `cpp.simdlen=1` or the aot_eager
+    backend).  The backward is compiled lazily, at the first backward pass, outside any scope this
+    wrapper could set, hence process-wide.  CUDA (Triton) kernels are unaffected.
+    """
     import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
 
     @functools.wraps(compiled)
     def call(*args, **kwargs):
+        if not any(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
+            inductor_config.cpp.simdlen = 1
         with functorch_config.patch(activation_memory_budget=budget):
             return compiled(*args, **kwargs)
     return call
