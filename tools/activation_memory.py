@@ -26,18 +26,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 
-def saved_bytes(model, batch) -> tuple[int, dict]:
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(batch)
-    return sum(storages.values()), out
-
-
 def measure(config: str, budget: float, device: str) -> dict:
     """One budget, in this process."""
     from bench import make_batches
@@ -45,7 +33,7 @@ def measure(config: str, budget: float, device: str) -> dict:
     from eqv2.config import from_dict, load_yaml
     from eqv2.model.config import ModelConfig
     from eqv2.model.equiformer_v2 import EquiformerV2
-    from eqv2.training.compile import CompileConfig, apply_compile
+    from eqv2.training.compile import CompileConfig, apply_compile, saved_for_backward_bytes
 
     cfg = from_dict(ModelConfig, load_yaml(ROOT / "configs" / "model" / f"eqv2_{config}.yaml"))
     torch.manual_seed(0)
@@ -56,7 +44,7 @@ def measure(config: str, budget: float, device: str) -> dict:
     for batch in (one, two, one, two):  # the first two compile (static, then dynamic shapes)
         batch = batch.to(device)
         start = time.perf_counter()
-        nbytes, out = saved_bytes(model, batch)
+        nbytes, out = saved_for_backward_bytes(model, batch)
         (out["energy"].sum() + out["forces"].pow(2).sum()).backward()
         model.zero_grad(set_to_none=True)
         sizes.append(nbytes)

@@ -107,3 +107,17 @@ def _with_memory_budget(compiled, budget: float):
         with functorch_config.patch(activation_memory_budget=budget):
             return compiled(*args, **kwargs)
     return call
+
+
+def saved_for_backward_bytes(model: nn.Module, *args) -> tuple[int, object]:
+    """Run `model(*args)` and return (bytes of the distinct storages autograd keeps for the backward
+    pass, the output): how activation_memory_budget and checkpointing are measured on any device."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(*args)
+    return sum(storages.values()), out

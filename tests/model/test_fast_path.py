@@ -18,7 +18,7 @@ from eqv2.config import ConfigError
 from eqv2.model.config import ModelConfig
 from eqv2.model.equiformer_v2 import EquiformerV2
 from eqv2.training.activation_checkpointing import ActivationCheckpointConfig, apply_activation_checkpointing
-from eqv2.training.compile import CompileConfig, apply_compile
+from eqv2.training.compile import CompileConfig, apply_compile, saved_for_backward_bytes
 from tests.model.equivariance import batch_from_atoms
 from tests.model.fairchem_reference import slab_structures
 
@@ -135,19 +135,6 @@ def test_compiled_model_matches_eager_and_compiles_once():
     assert dynamo_utils.counters["stats"]["unique_graphs"] <= 2 * 5, dict(dynamo_utils.counters["stats"])
 
 
-def _saved_bytes_and_outputs(model, batch):
-    """Bytes of the distinct storages autograd keeps for backward during one forward, and the outputs."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(batch)
-    return sum(storages.values()), out
-
-
 @pytest.mark.slow
 def test_activation_memory_budget_keeps_less_and_computes_the_same():
     """compile.activation_memory_budget < 1: the partitioner recomputes instead of saving; per-edge
@@ -164,7 +151,7 @@ def test_activation_memory_budget_keeps_less_and_computes_the_same():
         sizes = []
         for n in (2, 4):
             batch = batch_from_atoms(slab_structures(n, n), torch.float32)
-            saved, out = _saved_bytes_and_outputs(fast, batch)
+            saved, out = saved_for_backward_bytes(fast, batch)
             sizes.append(saved)
             fast.zero_grad()
             _loss(out).backward()
