@@ -78,16 +78,17 @@ def train_records(run_dir: Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def write_ds_config(path: Path, base: Path, micro_batch: int | None, accumulation: int) -> Path:
+def write_ds_config(path: Path, base: Path, micro_batch: int | None) -> Path:
+    """The engine config with the micro-batch per rank and no gradient accumulation (weak scaling)."""
     ds = json.loads(base.read_text())
     if micro_batch is not None:
         ds["train_micro_batch_size_per_gpu"] = micro_batch
-    ds["gradient_accumulation_steps"] = accumulation
+    ds["gradient_accumulation_steps"] = 1
     path.write_text(json.dumps(ds, indent=2))
     return path
 
 
-def run_args(args, run_dir: Path, ds_config: Path, extra: list[str]) -> list[str]:
+def run_args(args, run_dir: Path, ds_config: Path) -> list[str]:
     sets = [f"run_dir={run_dir}", f"optim.max_steps={args.steps}", "optim.max_epochs=null",
             f"optim.warmup_steps={max(1, args.steps // 10)}", "optim.warmup_epochs=null",
             f"log.every_steps={args.log_every}", "log.progress_bar=false", "eval.every_steps=0",
@@ -97,7 +98,7 @@ def run_args(args, run_dir: Path, ds_config: Path, extra: list[str]) -> list[str
         sets += [f"data.train_manifest={data / 'train' / 'manifest.json'}",
                  f"data.val_manifest={data / 'val' / 'manifest.json'}"]
     out = ["--ds_config", str(ds_config), "--config", args.config]
-    for s in sets + extra + args.set:
+    for s in sets + args.set:
         out += ["--set", s]
     return out
 
@@ -107,8 +108,8 @@ def weak_scaling(args, work: Path) -> list[dict]:
     for n in args.ranks:
         run_dir = work / f"weak_{n}"
         run_dir.mkdir(parents=True, exist_ok=True)
-        ds = write_ds_config(run_dir / "ds_in.json", Path(args.ds_config), args.micro_batch, 1)
-        wall = launch(n, run_args(args, run_dir, ds, []), run_dir / "log.txt", args.timeout)
+        ds = write_ds_config(run_dir / "ds_in.json", Path(args.ds_config), args.micro_batch)
+        wall = launch(n, run_args(args, run_dir, ds), run_dir / "log.txt", args.timeout)
         timed = [r for r in train_records(run_dir) if r["step"] - args.log_every >= args.skip]
         if not timed:
             raise RuntimeError(f"{n} ranks: no logging interval after --skip {args.skip} steps; "
