@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -204,7 +205,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     engine.train()
     try:
         while step < total_steps:
-            for micro in _groups(stream.epoch_batches(epoch), gas):
+            for micro in _timed(_groups(stream.epoch_batches(epoch), gas), logger):
                 lr = cfg.optim.lr * lr_factor(step, total_steps, warmup_steps, cfg.optim.warmup_factor,
                                               cfg.optim.lr_min_factor)
                 for group in engine.optimizer.param_groups:
@@ -246,6 +247,19 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     finally:
         logger.close()
         stream.close()
+
+
+def _timed(groups, logger):
+    """Yield from `groups`, adding the seconds spent waiting for each item to `logger.data_wait_s`."""
+    it = iter(groups)
+    while True:
+        start = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        logger.data_wait_s += time.perf_counter() - start
+        yield item
 
 
 def _groups(batches, size: int):

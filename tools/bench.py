@@ -19,6 +19,7 @@ import dataclasses
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -78,14 +79,24 @@ def count_flops(step, batch) -> float:
     return float(counter.get_total_flops())
 
 
-def time_steps(step, batches, warmup: int, device) -> tuple[float, float, float]:
-    """-> (seconds for the timed steps, peak GiB during them, seconds for the warm-up incl. compilation)"""
+def time_steps(step, batches, warmup: int, device, warm_timed: bool = False) -> tuple[float, float, float, float]:
+    """-> (seconds for the timed steps, peak GiB allocated during them, peak GiB reserved by the caching
+    allocator, seconds for the warm-up incl. compilation).
+
+    warm_timed: the warm-up also runs every timed batch once.  With CUDA graphs a graph is recorded at
+    the first step of each shape bucket; a training run meets its few dozen buckets in its first steps
+    and replays them for the rest, so the timed steps measure replays, as training does."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    for b in batches[:warmup]:
+    for b in batches[:warmup] + (batches[warmup:] if warm_timed else []):
         step(b)
     if device.type == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        if not warm_timed:  # CUDA graphs allocate at recording only: their peak includes the warm-up
+            torch.cuda.reset_peak_memory_stats()
     warmup_s = time.perf_counter() - start
     start = time.perf_counter()
     for b in batches[warmup:]:
@@ -94,7 +105,8 @@ def time_steps(step, batches, warmup: int, device) -> tuple[float, float, float]
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return elapsed, peak, warmup_s
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else float("nan")
+    return elapsed, peak, reserved, warmup_s
 
 
 def profile_steps(step, batches, path: Path, title: str) -> None:
@@ -212,20 +224,26 @@ def main(argv=None) -> int:
                 torch.manual_seed(args.seed)
                 try:
                     model, step = build()
-                    elapsed, peak, warmup_s = time_steps(step, batches, args.warmup, device)
+                    warm_timed = args.mode == "reduce-overhead" and label.startswith("eqv2-compiled")
+                    elapsed, peak, reserved, warmup_s = time_steps(step, batches, args.warmup, device, warm_timed)
                 except torch.cuda.OutOfMemoryError:
                     row[label] = {"error": "out of memory"}
                     print(f"{name} batch {bs} {label}: out of memory")
+                    continue
+                except Exception as exc:  # one failing setting must not lose the others' results
+                    traceback.print_exc()
+                    row[label] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+                    print(f"{name} batch {bs} {label}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
                     continue
                 if args.profile and label.startswith("eqv2"):
                     profile_steps(step, batches[:3], args.profile, f"{label} {name} batch {bs}")
                 sps = bs * args.steps / elapsed
                 mfu = flops * sps / (args.peak_tflops * 1e12)
                 row[label] = {"params": count_parameters(model), "samples_per_s": sps, "atoms_per_s": atoms / elapsed,
-                              "peak_gib": peak, "tflop_per_sample": flops / 1e12, "mfu": mfu,
+                              "peak_gib": peak, "reserved_gib": reserved, "tflop_per_sample": flops / 1e12, "mfu": mfu,
                               "warmup_s": warmup_s}
                 print(f"{name} batch {bs} {label}: {sps:.2f} samples/s, {atoms / elapsed:.0f} atoms/s, "
-                      f"peak {peak:.1f} GiB, {flops / 1e12:.3f} TFLOP/sample, MFU {100 * mfu:.2f}% "
+                      f"peak {peak:.1f} GiB (reserved {reserved:.1f}), {flops / 1e12:.3f} TFLOP/sample, MFU {100 * mfu:.2f}% "
                       f"(warm-up {warmup_s:.0f} s) [t={time.perf_counter() - t0:.0f} s]", flush=True)
                 del model, step
                 if device.type == "cuda":

@@ -118,9 +118,10 @@ def weak_scaling(args, work: Path) -> list[dict]:
         rows.append({"ranks": n, "samples_per_s": sps, "samples_per_s_per_rank": sps / n,
                      "atoms_per_s": sum(r["atoms_per_s"] for r in timed) / len(timed),
                      "peak_mem_gib_rank0": max(r["peak_mem_gib"] for r in timed), "wall_s": wall,
+                     "data_wait_frac": sum(r["data_wait_frac"] for r in timed) / len(timed),
                      "intervals": len(timed)})
         print(f"{n} rank(s): {sps:.2f} samples/s, {sps / n:.2f} per rank, peak {rows[-1]['peak_mem_gib_rank0']:.1f} "
-              f"GiB on rank 0 ({wall:.0f} s)", flush=True)
+              f"GiB on rank 0, data wait {100 * rows[-1]['data_wait_frac']:.1f} % ({wall:.0f} s)", flush=True)
     base = rows[0]["samples_per_s_per_rank"]
     for row in rows:
         row["efficiency"] = row["samples_per_s_per_rank"] / base
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
     result = {"weak_scaling": weak_scaling(args, work)}
     for row in result["weak_scaling"]:
         print(f"| {row['ranks']} | {row['samples_per_s']:.2f} | {row['samples_per_s_per_rank']:.2f} | "
-              f"{100 * row['efficiency']:.1f} % | {row['peak_mem_gib_rank0']:.1f} |")
+              f"{100 * row['efficiency']:.1f} % | {row['peak_mem_gib_rank0']:.1f} | {100 * row['data_wait_frac']:.1f} % |")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
     return 0

@@ -35,8 +35,10 @@ class StepLogger:
         self.total_steps = total_steps
         self.monitor = engine_monitor if (engine_monitor is not None and engine_monitor.enabled) else None
         self.jsonl = open(run_dir / "metrics.jsonl", "a") if is_main else None
-        # running sums since the last log line: loss terms (3), structures, free atoms, atoms, steps
-        self.acc = torch.zeros(len(TERMS) + 4, dtype=torch.float64, device=device)
+        # running sums since the last log line: loss terms (3), structures, free atoms, atoms, steps,
+        # seconds the loop waited for the data loader
+        self.acc = torch.zeros(len(TERMS) + 5, dtype=torch.float64, device=device)
+        self.data_wait_s = 0.0  # host-side; joins acc at the log's reduction
         self.t_last, self.step_last = time.perf_counter(), start_step
         self.t_start, self.step_start = self.t_last, start_step
         show = progress_bar if progress_bar is not None else sys.stderr.isatty()
@@ -49,7 +51,7 @@ class StepLogger:
         """terms: [3] this rank's share of the step's loss terms; counts: [3] *global* step counts."""
         self.acc[: len(TERMS)] += terms.double()
         self.acc[len(TERMS): len(TERMS) + 3] += counts  # identical on all ranks: divided by world in log()
-        self.acc[-1] += 1
+        self.acc[-2] += 1
         if self.bar is not None:
             self.bar.update(1)
 
@@ -58,11 +60,13 @@ class StepLogger:
 
     def log(self, step: int, epoch: int, lr: float, grad_norm, extra: dict) -> dict:
         """Collective: reduce the interval's sums, write the record on rank 0, reset."""
+        self.acc[-1] = self.data_wait_s
+        self.data_wait_s = 0.0
         sums = all_reduce_sum(self.acc.clone()).tolist()  # the interval's single host sync
         self.acc.zero_()
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         sums[len(TERMS):] = [v / world for v in sums[len(TERMS):]]
-        n_steps = max(sums[-1], 1.0)
+        n_steps = max(sums[-2], 1.0)
         now = time.perf_counter()
         dt = max(now - self.t_last, 1e-9)
         steps_done = step - self.step_last
@@ -73,6 +77,9 @@ class StepLogger:
                   "grad_norm": float(grad_norm) if grad_norm is not None else None,  # tensor: syncs here
                   "samples_per_s": sums[3] / dt, "free_atoms_per_s": sums[4] / dt, "atoms_per_s": sums[5] / dt,
                   "steps_per_s": rate, "peak_mem_gib": peak_memory_gib(self.device),
+                  # share of the interval the training loop waited for batches (mean over ranks):
+                  # near 0 when the loader keeps up with the device
+                  "data_wait_frac": sums[-1] / dt,
                   "eta_s": remaining / rate if rate > 0 else None, **extra}
         self.t_last, self.step_last = now, step
         if self.is_main:

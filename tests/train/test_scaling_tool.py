@@ -26,6 +26,7 @@ def test_weak_scaling_runs_one_and_two_ranks(tmp_path, demo_data):
     for row in rows:
         assert row["samples_per_s"] > 0 and row["intervals"] == 3  # logged steps 4, 6, 8 are timed
         assert abs(row["samples_per_s_per_rank"] * row["ranks"] - row["samples_per_s"]) < 1e-9
+        assert 0.0 <= row["data_wait_frac"] < 1.0  # the loop's share of time blocked on the loader
     # each rank count trained its own run directory
     assert (tmp_path / "work" / "weak_2" / "metrics.jsonl").exists()
 
