@@ -238,6 +238,9 @@ def main(argv=None) -> int:
                 if args.profile and label.startswith("eqv2"):
                     profile_steps(step, batches[:3], args.profile, f"{label} {name} batch {bs}")
                 sps = bs * args.steps / elapsed
+                if label.startswith("eqv2-compiled"):
+                    from torch._dynamo.utils import counters
+                    print(f"{label}: dynamo {dict(counters['stats'])}", flush=True)
                 mfu = flops * sps / (args.peak_tflops * 1e12)
                 row[label] = {"params": count_parameters(model), "samples_per_s": sps, "atoms_per_s": atoms / elapsed,
                               "peak_gib": peak, "reserved_gib": reserved, "tflop_per_sample": flops / 1e12, "mfu": mfu,

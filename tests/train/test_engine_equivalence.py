@@ -19,7 +19,9 @@ REPO = WORKER.parents[2]
 
 
 def launch(nproc: int, out: Path, specs: list[str]) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # keep any PYTHONPATH the caller has (the device machine installs packages there)
+    path = os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(29000 + os.getpid() % 1000), str(WORKER), str(out), *specs]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
