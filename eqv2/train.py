@@ -129,6 +129,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     # --- model, optimizer, engine
     torch.manual_seed(cfg.seed)
     model = EquiformerV2(cfg.model)
+    num_params = count_parameters(model)  # before ZeRO-3 partitions the parameters (then numel() is 0)
     zero_stage = int(ds.get("zero_optimization", {}).get("stage", 0))
     compiled = apply_compile(model, cfg.compile) if cfg.compile.resolve(dist.device, zero_stage) else []
     wrapped = apply_activation_checkpointing(model, cfg.activation_checkpointing)  # wraps the compiled forwards
@@ -137,7 +138,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     loss_fn = EnergyForceLoss(cfg.loss, normalizers)
     if dist.is_main:
         print(f"eqv2.train: {dist.launcher} launch, {dist.world_size} rank(s) on {dist.device.type}/{dist.backend}; "
-              f"{count_parameters(model) / 1e6:.2f}M parameters; ZeRO-{engine.zero_optimization_stage()}; "
+              f"{num_params / 1e6:.2f}M parameters; ZeRO-{engine.zero_optimization_stage()}; "
               f"global batch {engine.train_batch_size()} = {ds['train_micro_batch_size_per_gpu']} x {gas} x "
               f"{dist.world_size}; {total_steps} steps ({steps_per_epoch}/epoch, warm-up {warmup_steps}); "
               f"activation checkpointing on blocks {wrapped}; compiled: {len(compiled)} parts", flush=True)

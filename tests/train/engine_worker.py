@@ -70,7 +70,7 @@ def run(spec: str, dist) -> dict:
         micro = []
         for m in range(gas):
             chunk = m * dist.world_size + dist.rank
-            micro.append(AtomsBatch.from_arrays(structs[chunk * per:(chunk + 1) * per]))
+            micro.append(AtomsBatch.from_arrays(structs[chunk * per:(chunk + 1) * per]).to(dist.device))
         for group in engine.optimizer.param_groups:  # as train.py: the lr is set at every step
             group["lr"] = optim_cfg.lr
         torch.manual_seed(1000 + step * 10 + dist.rank)
@@ -90,7 +90,7 @@ def gather(engine, stage: int) -> dict:
     params = {}
     for name, p in engine.module.named_parameters():
         with deepspeed.zero.GatheredParameters([p], enabled=stage == 3):
-            params[name] = p.detach().float().clone()
+            params[name] = p.detach().float().cpu().clone()
     return params
 
 
