@@ -9,7 +9,7 @@ torch_scatter), its EquiformerV2 runs on the same batches in the same process (f
 GradScaler, as it trains) and the ratio is printed.
 
     python tools/bench.py --configs 31M 153M --batch-sizes 4 8 --steps 20 [--impls eager compiled] [--reference]
-        [--ac-every 0 2] [--memory-budget 0.5] [--mode reduce-overhead --pad 64 2048] [--json out.json]
+        [--ac-every 0 2] [--memory-budget 0.5] [--mode reduce-overhead --pad 64 2048] [--cpp-wrapper] [--json out.json]
         [--profile ops.txt]
 """
 from __future__ import annotations
@@ -125,10 +125,11 @@ def profile_steps(step, batches, path: Path, title: str) -> None:
 
 
 def eqv2_step_fn(cfg: ModelConfig, device, dtype, compiled: bool, ac_every: int = 0, mode: str = "default",
-                 memory_budget: float = 1.0):
+                 memory_budget: float = 1.0, cpp_wrapper: bool = False):
     model = EquiformerV2(cfg).to(device).train()
     if compiled:
-        apply_compile(model, CompileConfig(enabled=True, mode=mode, activation_memory_budget=memory_budget))
+        apply_compile(model, CompileConfig(enabled=True, mode=mode, activation_memory_budget=memory_budget,
+                                           cpp_wrapper=cpp_wrapper))
     if ac_every:
         apply_activation_checkpointing(model, ActivationCheckpointConfig(enabled=True, every=ac_every))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
@@ -187,6 +188,7 @@ def main(argv=None) -> int:
                         help="Inductor mode of the compiled impl (reduce-overhead: CUDA graphs, needs --pad)")
     parser.add_argument("--memory-budget", type=float, default=1.0,
                         help="compile.activation_memory_budget of the compiled impl (one value per process)")
+    parser.add_argument("--cpp-wrapper", action="store_true", help="compile.cpp_wrapper: kernels launched from C++")
     parser.add_argument("--pad", nargs=2, type=int, default=[0, 0], metavar=("ATOMS", "EDGES"),
                         help="shape buckets: pad atom and edge counts to these multiples (model.pad_*_multiple)")
     parser.add_argument("--reference", action="store_true", help="also run fairchem-core 1.10.0 on the same batches")
@@ -207,9 +209,10 @@ def main(argv=None) -> int:
             batches = [b.to(device) for b in make_batches(bs, args.warmup + args.steps, args.seed)]
             atoms = sum(int(b.natoms.sum()) for b in batches[args.warmup:])
             budget = f"-mb{args.memory_budget:g}" if args.memory_budget < 1.0 else ""
-            runs = [(f"eqv2-{impl}" + (f"-ac{k}" if k else "") + (budget if impl == "compiled" else ""),
+            extra = budget + ("-cppwrap" if args.cpp_wrapper else "")
+            runs = [(f"eqv2-{impl}" + (f"-ac{k}" if k else "") + (extra if impl == "compiled" else ""),
                      lambda impl=impl, k=k: eqv2_step_fn(cfg, device, dtype, impl == "compiled", k, args.mode,
-                                                                  args.memory_budget))
+                                                         args.memory_budget, args.cpp_wrapper))
                     for impl in args.impls for k in args.ac_every]
             if args.reference:
                 runs.append(("fairchem-1.10.0", lambda: reference_step_fn(cfg, device)))

@@ -42,6 +42,9 @@ class CompileConfig:
     # fraction of the compiled parts' activations the backward pass may keep (torch's min-cut partitioner
     # then recomputes the cheapest rest, elementwise ops and gathers before matrix products); 1.0: all
     activation_memory_budget: float = 1.0
+    # Inductor's C++ wrapper: the compiled graphs launch their kernels from generated C++ instead of
+    # Python (less host time per kernel; longer compilation)
+    cpp_wrapper: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.activation_memory_budget <= 1.0:
@@ -78,16 +81,17 @@ def apply_compile(model: nn.Module, cfg: CompileConfig) -> list[str]:
         if "forward" in vars(part):
             raise RuntimeError(f"{name}.forward is already wrapped (activation checkpointing?): apply_compile "
                                "must come first, so that the wrapper calls the compiled forward")
-        compiled = torch.compile(part.forward, options=inductor_options(cfg.mode), dynamic=cfg.dynamic,
-                                 fullgraph=True)
+        compiled = torch.compile(part.forward, options=inductor_options(cfg.mode, cfg.cpp_wrapper),
+                                 dynamic=cfg.dynamic, fullgraph=True)
         if cfg.activation_memory_budget < 1.0:
             compiled = _with_memory_budget(compiled, cfg.activation_memory_budget)
         part.forward = compiled
     return names
 
 
-def inductor_options(mode: str) -> dict:
-    """Inductor settings of `mode`, with mix-order reduction fusion off where torch has it (2.10+).
+def inductor_options(mode: str, cpp_wrapper: bool = False) -> dict:
+    """Inductor settings of `mode` (and the C++ wrapper if asked), with mix-order reduction fusion off
+    where torch has it (2.10+).
 
     That fusion decides from the sizes of a graph whether to fuse, and guards on the decision: with the
     edge count symbolic, a block compiled for batches of >= 10,240 edges was recompiled for a batch of
@@ -97,6 +101,8 @@ def inductor_options(mode: str) -> dict:
     import torch._inductor.config as inductor_config
 
     options = dict(inductor.list_mode_options(mode))
+    if cpp_wrapper:
+        options["cpp_wrapper"] = True
     if hasattr(inductor_config.triton, "mix_order_reduction"):
         options["triton.mix_order_reduction"] = False
     return options

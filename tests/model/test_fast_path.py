@@ -101,9 +101,11 @@ def _loss(out):
 
 
 @pytest.mark.slow
-def test_compiled_model_matches_eager_and_compiles_once():
+@pytest.mark.parametrize("cpp_wrapper", [False, True])
+def test_compiled_model_matches_eager_and_compiles_once(cpp_wrapper):
     """Inductor (C++ on CPU) computes the eager model's function and gradients; with activation
-    checkpointing on one block; one compiled graph per part serves every block and batch size."""
+    checkpointing on one block; one compiled graph per part serves every block and batch size.
+    Also with Inductor's C++ wrapper launching the kernels (compile.cpp_wrapper)."""
     import torch._dynamo.utils as dynamo_utils
 
     torch._dynamo.reset()
@@ -112,7 +114,7 @@ def test_compiled_model_matches_eager_and_compiles_once():
     eager = EquiformerV2(ModelConfig(**TINY)).train()
     fast = EquiformerV2(ModelConfig(**TINY)).train()
     fast.load_state_dict(eager.state_dict())
-    names = apply_compile(fast, CompileConfig(enabled=True))
+    names = apply_compile(fast, CompileConfig(enabled=True, cpp_wrapper=cpp_wrapper))
     apply_activation_checkpointing(fast, ActivationCheckpointConfig(enabled=True, every=2))  # wraps compiled code
     assert names == ["blocks.0", "blocks.1", "blocks.2", "edge_degree_embedding", "energy_head", "force_head"]
     assert list(fast.state_dict()) == list(eager.state_dict())  # checkpoints stay interchangeable
@@ -184,6 +186,16 @@ def test_cuda_graphs_need_shape_buckets():
         apply_compile(EquiformerV2(ModelConfig(**TINY)), CompileConfig(enabled=True, mode="reduce-overhead"))
     padded = EquiformerV2(ModelConfig(**TINY, pad_atoms_multiple=32, pad_edges_multiple=256))
     assert len(apply_compile(padded, CompileConfig(enabled=True, mode="reduce-overhead"))) == 6
+
+
+def test_inductor_options_keep_the_mode_and_turn_off_size_guarded_fusion():
+    from eqv2.training.compile import inductor_options
+
+    assert inductor_options("reduce-overhead")["triton.cudagraphs"] is True
+    assert inductor_options("default", cpp_wrapper=True)["cpp_wrapper"] is True
+    import torch._inductor.config as inductor_config
+    if hasattr(inductor_config.triton, "mix_order_reduction"):  # its size checks guard on the edge count
+        assert inductor_options("default")["triton.mix_order_reduction"] is False
 
 
 def test_compile_config_resolution():
