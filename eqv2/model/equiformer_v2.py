@@ -29,7 +29,7 @@ from eqv2.model.graph_attention import EquivariantGraphAttention
 from eqv2.model.layer_norm import make_norm
 from eqv2.model.radial import GaussianRadialBasis, RadialFunction
 from eqv2.model.so3 import CoefficientLayout, EdgeRotation, SO3Linear, WignerD
-from eqv2.model.transformer_block import TransformerBlock
+from eqv2.model.transformer_block import TransformerBlock, drop_path_scales
 
 
 class EquiformerV2(nn.Module):
@@ -90,8 +90,10 @@ class EquiformerV2(nn.Module):
         x = torch.zeros(num_nodes, (cfg.lmax + 1) ** 2, cfg.sphere_channels, device=pos.device, dtype=pos.dtype)
         x[:, 0, :] = self.atom_embedding(z).to(pos.dtype)
         x = x + self.edge_degree_embedding(z, distance_basis, edge_index, rotation, num_nodes).to(pos.dtype)
-        for block in self.blocks:
-            x = block(x, z, distance_basis, edge_index, rotation, graph_of_atom, num_graphs)
+        drop = drop_path_scales(len(self.blocks), graph_of_atom, num_graphs, cfg.drop_path_rate, self.training,
+                                x.dtype)  # [L, 2, N] or None
+        for i, block in enumerate(self.blocks):
+            x = block(x, z, distance_basis, edge_index, rotation, drop[i] if drop is not None else None)
         x = self.norm(x)  # [N, (L+1)^2, C]
         node_energy = self.energy_head(x).narrow(1, 0, 1).reshape(-1)  # [N]
         energy = torch.zeros(num_graphs, device=x.device, dtype=torch.float32 if x.dtype != torch.float64 else x.dtype)

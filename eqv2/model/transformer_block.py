@@ -16,13 +16,18 @@ from eqv2.model.layer_norm import make_norm
 from eqv2.model.so3 import EdgeRotation
 
 
-def drop_path(x: torch.Tensor, batch: torch.Tensor, num_graphs: int, rate: float, training: bool) -> torch.Tensor:
-    """Stochastic depth with one keep/drop decision per structure: x [N, K, C], batch [N]."""
+def drop_path_scales(num_layers: int, graph_of_atom: torch.Tensor, num_graphs: int, rate: float, training: bool,
+                     dtype: torch.dtype) -> torch.Tensor | None:
+    """Stochastic depth for a whole forward pass: per-atom scales [num_layers, 2, N] for each block's
+    attention and FFN updates, with one keep (1/keep) or drop (0) decision per structure; None when off.
+
+    Drawn once, outside the blocks, so the blocks see per-atom tensors only (the structure count never
+    enters a compiled block, where it would be specialised and recompiled when it changes)."""
     if rate <= 0.0 or not training:
-        return x
+        return None
     keep = 1.0 - rate
-    mask = torch.floor(keep + torch.rand(num_graphs, device=x.device, dtype=x.dtype)) / keep
-    return x * mask.index_select(0, batch).view(-1, 1, 1)
+    rand = torch.rand(num_layers, 2, num_graphs, device=graph_of_atom.device, dtype=dtype)
+    return (torch.floor(keep + rand) / keep).index_select(2, graph_of_atom)  # [L, 2, N]
 
 
 def channel_dropout(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
@@ -36,7 +41,7 @@ def channel_dropout(x: torch.Tensor, rate: float, training: bool) -> torch.Tenso
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.drop_path_rate, self.proj_drop = cfg.drop_path_rate, cfg.proj_drop
+        self.proj_drop = cfg.proj_drop
         self.norm_1 = make_norm(cfg.norm_type, cfg.lmax, cfg.sphere_channels)
         self.attention = EquivariantGraphAttention(cfg, cfg.sphere_channels, cfg.alpha_drop)
         self.norm_2 = make_norm(cfg.norm_type, cfg.lmax, cfg.sphere_channels)
@@ -49,12 +54,15 @@ class TransformerBlock(nn.Module):
         distance_basis: torch.Tensor,
         edge_index: torch.Tensor,
         rotation: EdgeRotation,
-        batch: torch.Tensor,
-        num_graphs: int,
+        drop_scale: torch.Tensor | None,
     ) -> torch.Tensor:
-        """x [N, (L+1)^2, C] -> [N, (L+1)^2, C]"""
+        """x [N, (L+1)^2, C] -> [N, (L+1)^2, C]; drop_scale [2, N] (stochastic depth, see
+        `drop_path_scales`) or None."""
         update = self.attention(self.norm_1(x), atomic_numbers, distance_basis, edge_index, rotation)
-        update = drop_path(update, batch, num_graphs, self.drop_path_rate, self.training)
+        if drop_scale is not None:
+            update = update * drop_scale[0].view(-1, 1, 1).to(update.dtype)
         x = x + channel_dropout(update, self.proj_drop, self.training)
         update = self.ffn(self.norm_2(x))
-        return x + drop_path(update, batch, num_graphs, self.drop_path_rate, self.training)
+        if drop_scale is not None:
+            update = update * drop_scale[1].view(-1, 1, 1).to(update.dtype)
+        return x + update

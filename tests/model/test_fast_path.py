@@ -111,30 +111,36 @@ def test_compiled_model_matches_eager_and_compiles_once(cpp_wrapper):
     torch._dynamo.reset()
     dynamo_utils.counters.clear()
     torch.manual_seed(0)
-    eager = EquiformerV2(ModelConfig(**TINY)).train()
-    fast = EquiformerV2(ModelConfig(**TINY)).train()
+    cfg = ModelConfig(**{**TINY, "drop_path_rate": 0.3})  # stochastic depth on: drawn outside the blocks
+    eager = EquiformerV2(cfg).train()
+    fast = EquiformerV2(cfg).train()
     fast.load_state_dict(eager.state_dict())
     names = apply_compile(fast, CompileConfig(enabled=True, cpp_wrapper=cpp_wrapper))
     apply_activation_checkpointing(fast, ActivationCheckpointConfig(enabled=True, every=2))  # wraps compiled code
     assert names == ["blocks.0", "blocks.1", "blocks.2", "edge_degree_embedding", "energy_head", "force_head"]
     assert list(fast.state_dict()) == list(eager.state_dict())  # checkpoints stay interchangeable
-    for n in (2, 3, 4):  # three batch sizes: static compile, then one with symbolic atom/edge counts
-        batch = batch_from_atoms(slab_structures(n, n), torch.float32)
+    # static compile; symbolic atom/edge counts (same structure count); then a new structure count,
+    # which must not recompile a block (the trainer's batches hold varying numbers of structures)
+    for step, structures in enumerate([slab_structures(2, 2), slab_structures(3, 3)[1:], slab_structures(4, 4)]):
+        batch = batch_from_atoms(structures, torch.float32)
         eager.zero_grad()
         fast.zero_grad()
-        ref, out = eager(batch), fast(batch)
+        torch.manual_seed(step)
+        ref = eager(batch)
+        torch.manual_seed(step)  # the same stochastic-depth draw
+        out = fast(batch)
         _loss(ref).backward()
         _loss(out).backward()
         for key in ("energy", "forces"):
             err = float((out[key] - ref[key]).norm() / ref[key].norm())
-            assert err < 1e-5, (n, key, err)
+            assert err < 1e-5, (step, key, err)
         for (name, p), q in zip(fast.named_parameters(), eager.parameters()):
             if q.grad is not None and q.grad.norm() > 0:
                 err = float((p.grad - q.grad).norm() / q.grad.norm())
-                assert err < 1e-4, (n, name, err)
+                assert err < 1e-4, (step, name, err)
     # blocks (with and without checkpointing share the code), edge-degree embedding, 2 heads: each
-    # compiled for a static and then a dynamic shape
-    assert dynamo_utils.counters["stats"]["unique_graphs"] <= 2 * 5, dict(dynamo_utils.counters["stats"])
+    # compiled for a static and then a dynamic shape, and never again
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == 2 * 4, dict(dynamo_utils.counters["stats"])
 
 
 @pytest.mark.slow

@@ -131,3 +131,20 @@ def test_bad_inputs_name_the_structure():
     empty = replace(b, natoms=torch.tensor([2, 0]), cell=b.cell.repeat(2, 1, 1), pbc=b.pbc.repeat(2, 1), ids=["a", "empty_one"])
     with pytest.raises(GraphInputError, match="empty_one.*empty structure"):
         m(empty)
+
+
+def test_stochastic_depth_decides_per_structure_and_only_in_training():
+    from eqv2.model.transformer_block import drop_path_scales
+
+    torch.manual_seed(0)
+    graph_of_atom = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    scales = drop_path_scales(4, graph_of_atom, 3, 0.25, True, torch.float32)  # [L, 2, N]
+    assert scales.shape == (4, 2, 9)
+    for g in range(3):  # one decision per structure, block and update
+        member = scales[:, :, graph_of_atom == g]
+        assert torch.equal(member, member[:, :, :1].expand_as(member))
+    assert set(scales.unique().tolist()) <= {0.0, float(torch.tensor(1.0 / 0.75, dtype=torch.float32))}
+    many = drop_path_scales(2000, graph_of_atom, 3, 0.25, True, torch.float64)
+    assert abs(float((many == 0).double().mean()) - 0.25) < 0.02
+    assert drop_path_scales(4, graph_of_atom, 3, 0.25, False, torch.float32) is None
+    assert drop_path_scales(4, graph_of_atom, 3, 0.0, True, torch.float32) is None
