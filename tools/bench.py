@@ -173,6 +173,26 @@ def reference_step_fn(cfg: ModelConfig, device):
     return model, step
 
 
+def set_inductor_config(item: str) -> None:
+    """KEY=VALUE (VALUE a Python literal, else a string) into torch._inductor.config; unknown keys fail."""
+    import ast
+
+    import torch._inductor.config as inductor_config
+
+    key, sep, raw = item.partition("=")
+    if not sep:
+        raise SystemExit(f"--inductor {item!r}: expected KEY=VALUE")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    try:
+        inductor_config.patch({key: value}).__enter__()  # for the rest of the process
+    except (AttributeError, KeyError) as exc:
+        raise SystemExit(f"--inductor {item!r}: torch._inductor.config has no {key!r} ({exc})") from None
+    print(f"torch._inductor.config.{key} = {value!r}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["31M", "153M"], help="31M 83M 153M")
@@ -189,6 +209,9 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-budget", type=float, default=1.0,
                         help="compile.activation_memory_budget of the compiled impl (one value per process)")
     parser.add_argument("--cpp-wrapper", action="store_true", help="compile.cpp_wrapper: kernels launched from C++")
+    parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                        help="set torch._inductor.config KEY (e.g. max_pointwise_cat_inputs=3) for this process: "
+                             "A/B of Inductor settings on the device")
     parser.add_argument("--pad", nargs=2, type=int, default=[0, 0], metavar=("ATOMS", "EDGES"),
                         help="shape buckets: pad atom and edge counts to these multiples (model.pad_*_multiple)")
     parser.add_argument("--reference", action="store_true", help="also run fairchem-core 1.10.0 on the same batches")
@@ -197,6 +220,8 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", type=Path, help="also profile 3 eqv2 steps per setting; op table written here")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    for item in args.inductor:
+        set_inductor_config(item)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     results = []

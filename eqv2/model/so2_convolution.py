@@ -61,8 +61,11 @@ class SO2Convolution(nn.Module):
         weights = None
         if self.radial is not None:
             weights = torch.split(self.radial(edge_scalars), self.radial_widths, dim=1)
+        # one split (not per-order narrows): its backward is a single concatenation of the per-order
+        # gradients, which Inductor can write in place, where narrows give a sum of zero-padded slices
+        parts = torch.split(x, [blocks[0]] + [2 * blocks[m] for m in range(1, len(self.m_convs) + 1)], dim=1)
         # m = 0: real coefficients of every degree
-        x0 = x.narrow(1, 0, blocks[0]).reshape(num_edges, -1)  # [E, (L+1)*C_in]
+        x0 = parts[0].reshape(num_edges, -1)  # [E, (L+1)*C_in]
         if weights is not None:
             x0 = x0 * weights[0].to(x0.dtype)
         y0 = self.fc_m0(x0)
@@ -71,14 +74,12 @@ class SO2Convolution(nn.Module):
             extra = y0.narrow(1, 0, self.extra_m0_channels)
             y0 = y0.narrow(1, self.extra_m0_channels, y0.shape[1] - self.extra_m0_channels)
         out = [y0]  # [E, (L+1)*C_out]
-        offset = blocks[0]
         for m, fc in enumerate(self.m_convs, start=1):
             n_l = blocks[m]
-            xm = x.narrow(1, offset, 2 * n_l)  # [E, 2*n_l, C_in] = [x_{+m}; x_{-m}]
+            xm = parts[m]  # [E, 2*n_l, C_in] = [x_{+m}; x_{-m}]
             if weights is not None:
                 xm = xm.reshape(num_edges, 2, n_l * self.in_channels) * weights[m].to(xm.dtype).unsqueeze(1)
             w_real, w_imag = fc.weight.chunk(2, dim=0)  # [n_l*C_out, n_l*C_in] each
             complex_as_real = torch.cat([torch.cat([w_real, -w_imag], 1), torch.cat([w_imag, w_real], 1)], 0)
             out.append(torch.nn.functional.linear(xm.reshape(num_edges, -1), complex_as_real))  # [E, 2*n_l*C_out]
-            offset += 2 * n_l
         return torch.cat(out, dim=1).reshape(num_edges, -1, self.out_channels), extra
