@@ -83,15 +83,16 @@ def time_steps(step, batches, warmup: int, device, warm_timed: bool = False) -> 
     """-> (seconds for the timed steps, peak GiB allocated during them, peak GiB reserved by the caching
     allocator, seconds for the warm-up incl. compilation).
 
-    warm_timed: the warm-up also runs every timed batch once.  With CUDA graphs a graph is recorded at
-    the first step of each shape bucket; a training run meets its few dozen buckets in its first steps
-    and replays them for the rest, so the timed steps measure replays, as training does."""
+    warm_timed: the warm-up also runs every timed batch twice.  CUDA graph trees run a new shape
+    bucket's graphs once without recording, record them at the bucket's second step and replay them
+    from the third; a training run meets its few dozen buckets early and replays them for the rest,
+    so the timed steps measure replays, as training does."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    for b in batches[:warmup] + (batches[warmup:] if warm_timed else []):
+    for b in batches[:warmup] + (2 * batches[warmup:] if warm_timed else []):
         step(b)
     if device.type == "cuda":
         torch.cuda.synchronize()
