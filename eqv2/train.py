@@ -32,7 +32,7 @@ from eqv2.config import ConfigError, save_yaml, to_dict
 from eqv2.data import PlanError, SampleError, ShardError
 from eqv2.training import checkpointing as ckpt
 from eqv2.training.activation_checkpointing import apply_activation_checkpointing
-from eqv2.training.compile import apply_compile
+from eqv2.training.compile import apply_compile, compiled_graph_count
 from eqv2.training.config import RunConfig, load_ds_config, load_run_config, resolve_ds_config
 from eqv2.training.dist import DistInfo, all_gather_object, all_reduce_max, barrier, init_distributed, shutdown
 from eqv2.training.ema import EMA
@@ -223,7 +223,10 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
                     ema.update()
                 logger.add_step(terms, counts)
                 if log_now:
-                    logger.log(step, epoch, lr, grad_norm, {"nonfinite_steps": nonfinite})
+                    extra = {"nonfinite_steps": nonfinite}
+                    if compiled:  # a count that keeps growing means recompilation (see docs/training.md)
+                        extra["compiled_graphs"] = compiled_graph_count()
+                    logger.log(step, epoch, lr, grad_norm, extra)
                 if nonfinite >= cfg.loss.max_nonfinite_steps:
                     raise NonFiniteError(
                         f"stopping: {nonfinite} steps had a non-finite loss (loss.max_nonfinite_steps="

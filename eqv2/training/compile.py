@@ -132,6 +132,14 @@ def _with_memory_budget(compiled, budget: float):
     return call
 
 
+def compiled_graph_count() -> int:
+    """Graphs Dynamo has compiled in this process so far (each compiled part: once with static shapes,
+    once with symbolic atom and edge counts, once more for no-grad evaluation); logged by the trainer."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def saved_for_backward_bytes(model: nn.Module, *args) -> tuple[int, object]:
     """Run `model(*args)` and return (bytes of the distinct storages autograd keeps for the backward
     pass, the output): how activation_memory_budget and checkpointing are measured on any device."""

@@ -1,0 +1,24 @@
+"""The trainer with compiled blocks (CPU Inductor): batches of varying atom, edge and structure counts
+must not recompile the blocks after the first two compilations (static, then symbolic)."""
+import pytest
+
+from tests.train.conftest import HERE, data_args, records, run_train
+
+
+@pytest.mark.slow
+def test_compiled_training_does_not_recompile_as_batches_vary(demo_data, tmp_path):
+    run_dir = tmp_path / "run"
+    rc, out = run_train(["--ds_config", str(HERE / "ds_zero2_cpu.json"), "--config", str(HERE / "tiny_run.yaml"),
+                         *data_args(demo_data), "--set", f"run_dir={run_dir}", "--set", "optim.max_steps=14",
+                         "--set", "compile.enabled=true", "--set", "checkpoint.every_steps=1000",
+                         "--set", "data.max_atoms=80"], timeout=900)  # batches by atoms: 2-4 structures each
+    assert rc == [0], out[-3000:]
+    assert "compiled: 5 parts" in out  # 2 blocks, the edge-degree embedding, 2 heads
+    train, _ = records(run_dir)
+    graphs = {step: rec["compiled_graphs"] for step, rec in train.items()}
+    atoms = {round(rec["atoms_per_s"] / rec["steps_per_s"]) for rec in train.values()}
+    structures = {round(rec["samples_per_s"] / rec["steps_per_s"]) for rec in train.values()}
+    assert len(atoms) > 5 and len(structures) > 1, (atoms, structures)  # the batches do vary
+    # 4 code objects (block, edge-degree embedding, energy head, force head), each compiled static and
+    # then symbolic within the first steps (2 micro-batches each); nothing after that
+    assert set(graphs[s] for s in graphs if s >= 2) == {8}, graphs
