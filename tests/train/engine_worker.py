@@ -11,7 +11,17 @@ import os
 import sys
 
 import numpy as np
-import torch
+
+# on a GPU the scatter sums (index_add) use atomics, so two runs of one layout differ in the last bits,
+# and AdamW (lr 1e-2, 3 steps) turns that into visible weight differences on parameters whose
+# gradient is near zero; deterministic kernels make the comparison between layouts, not between runs
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+import torch  # noqa: E402
+
+if torch.cuda.is_available():
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -83,7 +93,7 @@ def run(spec: str, dist) -> dict:
         torch.distributed.all_reduce(total)
         losses.append(total[0].item())
     return {"losses": losses, "params": gather(engine, stage), "init": init, "skipped": skipped_per_step,
-            "after": after}
+            "after": after, "device": dist.device.type}
 
 
 def gather(engine, stage: int) -> dict:

@@ -30,10 +30,27 @@ def launch(nproc: int, out: Path, specs: list[str]) -> dict:
 
 
 def assert_same_run(a: dict, b: dict, atol: float) -> None:
+    """Same skips, same per-step losses, same final weights.
+
+    On CPU the weights agree element by element.  On a GPU two layouts differ in the last bit of some
+    sums (the 1-rank and 2-rank step-0 losses differed by 1 ulp on an H200, deterministic kernels on),
+    and AdamW's first steps, lr * g / |g|, turn a last-bit change of a near-zero gradient element into a
+    visible change of that weight.  There the weights are compared per tensor, as the norm of the
+    difference against the norm of the tensor's movement in training."""
     assert a["skipped"] == b["skipped"] == [0, 0, 0]
     assert a["losses"] == pytest.approx(b["losses"], rel=1e-5)
+    worst = 0.0
     for name, value in a["params"].items():
-        torch.testing.assert_close(b["params"][name], value, atol=atol, rtol=1e-5, msg=name)
+        diff = (b["params"][name] - value).abs().max().item()
+        if a["device"] == "cpu":
+            torch.testing.assert_close(b["params"][name], value, atol=atol, rtol=1e-5,
+                                       msg=f"{name}: max abs difference {diff:.3g}")
+            continue
+        moved = (value - a["init"][name]).norm().item()
+        rel = (b["params"][name] - value).norm().item() / max(moved, 1e-12)
+        worst = max(worst, rel)
+        assert rel < 1e-2, f"{name}: |difference| / |movement| = {rel:.3g} (max abs difference {diff:.3g})"
+    print(f"largest per-tensor |difference| / |movement|: {worst:.3g}")
 
 
 @pytest.fixture(scope="module")
