@@ -9,7 +9,11 @@ model, so Inductor settings can be compared within a short device call.
 
 Variants: `dynamic` compiles with symbolic sizes (as the trainer does after the first batch);
 `dynamic-int32` adds Inductor's `assume_32bit_indexing`; `static` specialises on the edge count.
-Prints microseconds per forward + backward and, with --profile, the three slowest kernels.
+`rotation` and `rotation-aligned` time the edge rotation instead (Sec. 3.3: the per-edge Wigner-D
+products into and out of the edge frame, [E, K, (L+1)^2] x [E, (L+1)^2, C] and back, forward +
+backward, bf16), with the matrices stored unpadded or with rows padded to 16 bytes
+(`EdgeRotation(align=8)`).  Prints microseconds per forward + backward and, with --profile, the
+three slowest kernels.
 """
 from __future__ import annotations
 
@@ -21,13 +25,13 @@ from pathlib import Path
 import torch
 
 from eqv2.model.so2_convolution import SO2Convolution
-from eqv2.model.so3 import CoefficientLayout
+from eqv2.model.so3 import CoefficientLayout, EdgeRotation, WignerD
 from eqv2.training.compile import inductor_options
 
 from bench import set_inductor_config  # tools/bench.py, beside this file
 
 VARIANTS = {"dynamic": (True, {}), "dynamic-int32": (True, {"assume_32bit_indexing": True}),
-            "static": (False, {})}
+            "static": (False, {}), "rotation": 1, "rotation-aligned": 8}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -43,7 +47,22 @@ def step(conv, x, scalars):
     (y.float().square().sum() + extra.float().sum()).backward()
 
 
+def rotation_step(args, device: torch.device, align: int):
+    """Forward + backward of rotate -> rotate_inv for the 153M edge count (sphere channels wide)."""
+    layout = CoefficientLayout(args.lmax, args.mmax)
+    wigner = WignerD(args.lmax).to(device)(torch.randn(args.edges, 3, device=device))
+    rotation = EdgeRotation(wigner, layout, torch.bfloat16, align=align)
+    x = torch.randn(args.edges, (args.lmax + 1) ** 2, args.channels, device=device, dtype=torch.bfloat16,
+                    requires_grad=True)
+
+    def run():
+        rotation.rotate_inv(rotation.rotate(x)).float().square().sum().backward()
+    return run
+
+
 def time_variant(name: str, args, device: torch.device) -> dict:
+    if name.startswith("rotation"):
+        return time_steps(name, args, device, rotation_step(args, device, VARIANTS[name]), 0.0)
     dynamic, extra_opts = VARIANTS[name]
     torch.manual_seed(0)
     conv = build(device, args.lmax, args.mmax, args.channels, args.hidden)
@@ -62,19 +81,23 @@ def time_variant(name: str, args, device: torch.device) -> dict:
     sync(device)
     compile_s = time.perf_counter() - t0
     x, scalars = inputs(args.edges)
+    return time_steps(name, args, device, lambda: step(conv, x, scalars), compile_s)
+
+
+def time_steps(name: str, args, device: torch.device, run, compile_s: float) -> dict:
     for _ in range(3):
-        step(conv, x, scalars)
+        run()
     sync(device)
     t0 = time.perf_counter()
     for _ in range(args.iters):
-        step(conv, x, scalars)
+        run()
     sync(device)
     out = {"variant": name, "edges": args.edges, "us_per_fwd_bwd": (time.perf_counter() - t0) / args.iters * 1e6,
            "compile_s": compile_s}
     if args.profile:
         with torch.profiler.profile() as prof:
             for _ in range(3):
-                step(conv, x, scalars)
+                run()
             sync(device)
         attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
         rows = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)[:3]
@@ -99,7 +122,7 @@ def main() -> None:
     p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                    help="extra Inductor option for every variant (value parsed as a Python literal)")
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["dynamic", "static"])
     p.add_argument("--profile", action="store_true", help="also list the three slowest kernels")
     p.add_argument("--json", type=Path)
     args = p.parse_args()

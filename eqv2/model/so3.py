@@ -137,13 +137,18 @@ class EdgeRotation:
     dtype `dtype` (bfloat16 under autocast) and shared by every block.
     """
 
-    def __init__(self, wigner: torch.Tensor, layout: CoefficientLayout, dtype: torch.dtype | None = None):
+    def __init__(self, wigner: torch.Tensor, layout: CoefficientLayout, dtype: torch.dtype | None = None,
+                 align: int = 1):
+        """align: row stride of the stored matrices rounded up to a multiple of `align` elements (the
+        matrices are views of zero-padded buffers).  K and (L+1)^2 are odd (37 and 49 for L 6, M 3), so
+        unpadded bf16 rows are 74 and 98 bytes long; GPU matrix kernels need 16-byte aligned rows
+        (align 8 in bf16) for their fast paths.  The values and results do not change."""
         dtype = dtype or wigner.dtype
         idx = layout.reduced_to_full.to(wigner.device)
         to_edge = wigner.index_select(1, idx)  # [E, K, (L+1)^2]
         rescale = layout.inverse_rescale().to(wigner.device, wigner.dtype)
-        self.to_edge = to_edge.to(dtype).contiguous()
-        self.from_edge = (to_edge.transpose(1, 2) * rescale).to(dtype).contiguous()  # [E, (L+1)^2, K]
+        self.to_edge = _aligned_rows(to_edge.to(dtype), align)
+        self.from_edge = _aligned_rows((to_edge.transpose(1, 2) * rescale).to(dtype), align)  # [E, (L+1)^2, K]
         self.dtype = dtype
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,6 +158,16 @@ class EdgeRotation:
     def rotate_inv(self, x: torch.Tensor) -> torch.Tensor:
         """[E, K, C] -> [E, (L+1)^2, C] in the compute dtype."""
         return torch.bmm(self.from_edge, x.to(self.dtype))
+
+
+def _aligned_rows(m: torch.Tensor, align: int) -> torch.Tensor:
+    """[E, R, S] -> the same values in a buffer whose rows are padded to a multiple of `align`."""
+    width = -(-m.shape[-1] // align) * align
+    if width == m.shape[-1]:
+        return m.contiguous()
+    buf = m.new_zeros(*m.shape[:-1], width)
+    buf[..., : m.shape[-1]] = m
+    return buf[..., : m.shape[-1]]
 
 
 class SO3Linear(nn.Module):

@@ -125,3 +125,23 @@ def test_segment_softmax_sums_to_one_per_target():
     p = segment_softmax(logits, seg, 4)
     sums = torch.zeros(4, 3).index_add_(0, seg, p)
     assert torch.allclose(sums[[0, 1, 3]], torch.ones(3, 3), atol=1e-6) and torch.all(sums[2] == 0)
+
+
+def test_edge_rotation_with_aligned_rows_gives_identical_results():
+    """EdgeRotation(align=8) stores its matrices as views of row-padded buffers (16-byte rows in bf16 for
+    the GPU's matrix kernels): the same values, so rotations and their gradients are bit-identical."""
+    from eqv2.model.so3 import CoefficientLayout, EdgeRotation, WignerD
+
+    torch.manual_seed(0)
+    layout = CoefficientLayout(6, 3)
+    wigner = WignerD(6)(torch.randn(40, 3, dtype=torch.float64))
+    plain, aligned = EdgeRotation(wigner, layout), EdgeRotation(wigner, layout, align=8)
+    assert aligned.to_edge.shape == plain.to_edge.shape == (40, 37, 49)
+    assert aligned.to_edge.stride()[1] == 56 and aligned.from_edge.stride()[1] == 40
+    x = torch.randn(40, 49, 5, dtype=torch.float64, requires_grad=True)
+    outs = []
+    for rotation in (plain, aligned):
+        y = rotation.rotate_inv(rotation.rotate(x))
+        outs.append((y, *torch.autograd.grad(y.square().sum(), x)))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
