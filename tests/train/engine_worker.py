@@ -4,7 +4,9 @@ Trains the real EquiformerV2 (tiny) for a few optimizer steps on fixed synthetic
 trainer's own step function, loss, optimizer groups and activation checkpointing, then writes the
 per-step losses and the full fp32 parameters (gathered under ZeRO-3) to OUT, one entry per run spec.
 Usage: engine_worker.py OUT SPEC [SPEC ...], SPEC = "stage,grad_accum,activation_ckpt(0/1),dropout(0/1)"
-with an optional ",nan": step 1 then carries a NaN energy target in the last rank's last micro-batch.
+with an optional ",nan": step 1 then carries a NaN energy target in the last rank's last micro-batch,
+or ",pad" (shape buckets, no compilation) or ",cudagraphs" (shape buckets and compilation with CUDA
+graphs, as `compile.mode: reduce-overhead`; CUDA only).
 Several specs share one process group, which saves the start-up of a launch per configuration.
 """
 import os
@@ -32,6 +34,7 @@ from eqv2.model.config import ModelConfig  # noqa: E402
 from eqv2.model.equiformer_v2 import EquiformerV2  # noqa: E402
 from eqv2.train import _zero_loss_fn, take_step  # noqa: E402
 from eqv2.training.activation_checkpointing import ActivationCheckpointConfig, apply_activation_checkpointing  # noqa: E402
+from eqv2.training.compile import CompileConfig, apply_compile  # noqa: E402
 from eqv2.training.dist import init_distributed  # noqa: E402
 from eqv2.training.loss import EnergyForceLoss, LossConfig, Normalizers  # noqa: E402
 from eqv2.training.optim import OptimConfig, build_optimizer  # noqa: E402
@@ -61,8 +64,12 @@ def run(spec: str, dist) -> dict:
     fields = spec.split(",")
     stage, gas, ac, dropout = (int(v) for v in fields[:4])
     nan_step = 1 if fields[4:] == ["nan"] else None
+    padded = fields[4:] in (["pad"], ["cudagraphs"])
     torch.manual_seed(0)
-    model = EquiformerV2(ModelConfig(**{**TINY, **({} if dropout else {"alpha_drop": 0.0, "drop_path_rate": 0.0})}))
+    model = EquiformerV2(ModelConfig(**{**TINY, **({} if dropout else {"alpha_drop": 0.0, "drop_path_rate": 0.0}),
+                                        **({"pad_atoms_multiple": 16, "pad_edges_multiple": 64} if padded else {})}))
+    if fields[4:] == ["cudagraphs"]:
+        apply_compile(model, CompileConfig(enabled=True, mode="reduce-overhead"))
     apply_activation_checkpointing(model, ActivationCheckpointConfig(enabled=bool(ac), every=1))
     ds = {"train_micro_batch_size_per_gpu": STRUCTS_PER_STEP // (gas * dist.world_size),
           "gradient_accumulation_steps": gas, "gradient_clipping": 100.0, "zero_optimization": {"stage": stage},
