@@ -40,6 +40,7 @@ from eqv2.training.loss import EnergyForceLoss, Normalizers, global_counts
 from eqv2.training.metrics import S2EFMetrics
 from eqv2.training.monitor import StepLogger
 from eqv2.training.optim import build_optimizer, lr_factor
+from eqv2.training.profiling import StepProfiler
 from eqv2.training.signals import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_REQUEUE, StopFlag
 
 
@@ -172,6 +173,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     # --- loop
     logger = StepLogger(run_dir, dist.device, dist.is_main, total_steps, step, cfg.log.every_steps,
                         cfg.log.progress_bar, engine.monitor)
+    profiler = StepProfiler(cfg.log.profile_steps, run_dir, dist.rank, dist.device)
     scale = float(dist.world_size * gas)  # undoes DeepSpeed's mean over ranks and micro-batches
     zero_loss = _zero_loss_fn(engine)
 
@@ -214,10 +216,12 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
                 torch.manual_seed(hash((cfg.seed, step, dist.rank)) % 2**62)  # dropout masks survive resume
                 micro = [b.to(dist.device, non_blocking=True) for b in micro]
                 log_now = logger.due(step + 1)
+                profiler.before(step + 1)
                 terms, counts, skipped, stop_now, grad_norm = take_step(
                     engine, micro, loss_fn, zero_loss, stop, scale, cfg.loss.train_on_free_atoms, dist.device,
                     grad_norm_needed=log_now)
                 step += 1
+                profiler.after(step)
                 nonfinite += skipped > 0  # steps with at least one non-finite micro-batch
                 if ema is not None and skipped < gas:
                     ema.update()
@@ -249,6 +253,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
         save()
         return EXIT_OK
     finally:
+        profiler.close()
         logger.close()
         stream.close()
 

@@ -23,6 +23,7 @@ from eqv2.training.checkpointing import CheckpointConfig
 from eqv2.training.compile import CompileConfig
 from eqv2.training.loss import LossConfig, Normalizers
 from eqv2.training.optim import OptimConfig
+from eqv2.training.profiling import check_profile_steps
 
 # ds_config keys the trainer owns or derives; setting them in the JSON would be silently overridden
 _DS_FORBIDDEN = {"optimizer": "the optimizer is built from the run config's optim: section",
@@ -42,6 +43,12 @@ class EvalConfig:
 class LogConfig:
     every_steps: int = 50  # host syncs (loss values, grad norm) happen only at this interval
     progress_bar: bool | None = None  # a tqdm bar; null: only when stderr is a terminal
+    # [first, last] step numbers to record with the torch profiler (eqv2/training/profiling.py): writes
+    # profile_rank<r>.txt to run_dir, the host and GPU time per operator and kernel; null: off
+    profile_steps: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        check_profile_steps(self.profile_steps)
 
 
 @dataclass
