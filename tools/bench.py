@@ -32,6 +32,7 @@ from eqv2.batch import AtomsBatch  # noqa: E402
 from eqv2.config import from_dict, load_yaml  # noqa: E402
 from eqv2.model.config import ModelConfig  # noqa: E402
 from eqv2.model.equiformer_v2 import EquiformerV2, count_parameters  # noqa: E402
+from eqv2.model.so2_convolution import SO2Convolution  # noqa: E402
 from eqv2.training.activation_checkpointing import ActivationCheckpointConfig, apply_activation_checkpointing  # noqa: E402
 from eqv2.training.compile import CompileConfig, apply_compile  # noqa: E402
 
@@ -126,8 +127,11 @@ def profile_steps(step, batches, path: Path, title: str) -> None:
 
 
 def eqv2_step_fn(cfg: ModelConfig, device, dtype, compiled: bool, ac_every: int = 0, mode: str = "default",
-                 memory_budget: float = 1.0, cpp_wrapper: bool = False):
+                 memory_budget: float = 1.0, cpp_wrapper: bool = False, fused_input_grad: bool = False):
     model = EquiformerV2(cfg).to(device).train()
+    for module in model.modules():
+        if isinstance(module, SO2Convolution):
+            module.fused_input_grad = fused_input_grad
     if compiled:
         apply_compile(model, CompileConfig(enabled=True, mode=mode, activation_memory_budget=memory_budget,
                                            cpp_wrapper=cpp_wrapper))
@@ -209,6 +213,8 @@ def main(argv=None) -> int:
                         help="Inductor mode of the compiled impl (reduce-overhead: CUDA graphs, needs --pad)")
     parser.add_argument("--memory-budget", type=float, default=1.0,
                         help="compile.activation_memory_budget of the compiled impl (one value per process)")
+    parser.add_argument("--fused-input-grad", action="store_true",
+                        help="SO2Convolution.fused_input_grad: input gradients from eqv2::so2_input_grad")
     parser.add_argument("--cpp-wrapper", action="store_true", help="compile.cpp_wrapper: kernels launched from C++")
     parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                         help="set torch._inductor.config KEY (e.g. max_pointwise_cat_inputs=3) for this process: "
@@ -236,9 +242,10 @@ def main(argv=None) -> int:
             atoms = sum(int(b.natoms.sum()) for b in batches[args.warmup:])
             budget = f"-mb{args.memory_budget:g}" if args.memory_budget < 1.0 else ""
             extra = budget + ("-cppwrap" if args.cpp_wrapper else "")
-            runs = [(f"eqv2-{impl}" + (f"-ac{k}" if k else "") + (extra if impl == "compiled" else ""),
+            fused = "-fusedgrad" if args.fused_input_grad else ""
+            runs = [(f"eqv2-{impl}" + (f"-ac{k}" if k else "") + (extra if impl == "compiled" else "") + fused,
                      lambda impl=impl, k=k: eqv2_step_fn(cfg, device, dtype, impl == "compiled", k, args.mode,
-                                                         args.memory_budget, args.cpp_wrapper))
+                                                         args.memory_budget, args.cpp_wrapper, args.fused_input_grad))
                     for impl in args.impls for k in args.ac_every]
             if args.reference:
                 runs.append(("fairchem-1.10.0", lambda: reference_step_fn(cfg, device)))

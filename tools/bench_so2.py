@@ -8,7 +8,9 @@ model, so Inductor settings can be compared within a short device call.
     python3 tools/bench_so2.py --edges 11500 --variants dynamic dynamic-int32 static --profile
 
 Variants: `dynamic` compiles with symbolic sizes (as the trainer does after the first batch);
-`dynamic-int32` adds Inductor's `assume_32bit_indexing`; `static` specialises on the edge count.
+`dynamic-int32` adds Inductor's `assume_32bit_indexing`; `static` specialises on the edge count;
+`dynamic-fused` and `static-fused` take the input gradient from `eqv2::so2_input_grad`
+(`SO2Convolution.fused_input_grad`) instead of autograd's concatenation of per-order gradients.
 `rotation` and `rotation-aligned` time the edge rotation instead (Sec. 3.3: the per-edge Wigner-D
 products into and out of the edge frame, [E, K, (L+1)^2] x [E, (L+1)^2, C] and back, forward +
 backward, bf16), with the matrices stored unpadded or with rows padded to 16 bytes
@@ -30,8 +32,9 @@ from eqv2.training.compile import inductor_options
 
 from bench import set_inductor_config  # tools/bench.py, beside this file
 
-VARIANTS = {"dynamic": (True, {}), "dynamic-int32": (True, {"assume_32bit_indexing": True}),
-            "static": (False, {}), "rotation": 1, "rotation-aligned": 8}
+VARIANTS = {"dynamic": (True, {}, False), "dynamic-int32": (True, {"assume_32bit_indexing": True}, False),
+            "static": (False, {}, False), "dynamic-fused": (True, {}, True), "static-fused": (False, {}, True),
+            "rotation": 1, "rotation-aligned": 8}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -63,9 +66,10 @@ def rotation_step(args, device: torch.device, align: int):
 def time_variant(name: str, args, device: torch.device) -> dict:
     if name.startswith("rotation"):
         return time_steps(name, args, device, rotation_step(args, device, VARIANTS[name]), 0.0)
-    dynamic, extra_opts = VARIANTS[name]
+    dynamic, extra_opts, fused = VARIANTS[name]
     torch.manual_seed(0)
     conv = build(device, args.lmax, args.mmax, args.channels, args.hidden)
+    conv.fused_input_grad = fused
     k = conv.layout.num_reduced
     compiled = torch.compile(conv.forward, dynamic=dynamic, fullgraph=True,
                              options={**inductor_options("default"), **extra_opts})

@@ -7,6 +7,11 @@ by a complex weight (W_r + i W_i), mixing degrees l >= m but not orders.  An opt
 function of the edge scalars scales every input coefficient channel first (edge-dependent weights).
 
 Input and output use the m-primary order of `CoefficientLayout`: [m=0 | +1 | -1 | +2 | -2 | ...].
+
+With radial weights, `fused_input_grad = True` computes the same function as one autograd node whose
+gradient with respect to x comes from the `eqv2::so2_input_grad` op: each order's matrix product writes
+into its rows of one gradient buffer, where autograd (and Inductor) otherwise concatenate per-order
+gradients (a masked pointwise kernel measured at ~1 ms per block on the H200, BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -49,6 +54,9 @@ class SO2Convolution(nn.Module):
             self.m_convs.append(fc)
         self.radial_widths = [m0_in] + [fc.in_features for fc in self.m_convs]
         self.radial = RadialFunction(list(edge_channels) + [sum(self.radial_widths)]) if edge_channels else None
+        # with radial weights: the gradient with respect to x from `so2_input_grad` (one buffer written by
+        # the per-order matrix products) instead of autograd's concatenation of per-order gradients
+        self.fused_input_grad = False
 
     def forward(self, x: torch.Tensor, edge_scalars: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [E, K, C_in], edge_scalars [E, F] -> ([E, K, C_out], [E, extra] or None).
@@ -61,6 +69,8 @@ class SO2Convolution(nn.Module):
         weights = None
         if self.radial is not None:
             weights = torch.split(self.radial(edge_scalars), self.radial_widths, dim=1)
+            if self.fused_input_grad:
+                return self._assemble(num_edges, list(_radial_order_linears(x, weights, self)))
         # one split (not per-order narrows): its backward is a single concatenation of the per-order
         # gradients, which Inductor can write in place, where narrows give a sum of zero-padded slices
         parts = torch.split(x, [blocks[0]] + [2 * blocks[m] for m in range(1, len(self.m_convs) + 1)], dim=1)
@@ -68,18 +78,121 @@ class SO2Convolution(nn.Module):
         x0 = parts[0].reshape(num_edges, -1)  # [E, (L+1)*C_in]
         if weights is not None:
             x0 = x0 * weights[0].to(x0.dtype)
-        y0 = self.fc_m0(x0)
-        extra = None
-        if self.extra_m0_channels:
-            extra = y0.narrow(1, 0, self.extra_m0_channels)
-            y0 = y0.narrow(1, self.extra_m0_channels, y0.shape[1] - self.extra_m0_channels)
-        out = [y0]  # [E, (L+1)*C_out]
-        for m, fc in enumerate(self.m_convs, start=1):
+        out = [self.fc_m0(x0)]  # [E, extra + (L+1)*C_out]
+        for m, complex_as_real in enumerate(self.complex_weights(), start=1):
             n_l = blocks[m]
             xm = parts[m]  # [E, 2*n_l, C_in] = [x_{+m}; x_{-m}]
             if weights is not None:
                 xm = xm.reshape(num_edges, 2, n_l * self.in_channels) * weights[m].to(xm.dtype).unsqueeze(1)
-            w_real, w_imag = fc.weight.chunk(2, dim=0)  # [n_l*C_out, n_l*C_in] each
-            complex_as_real = torch.cat([torch.cat([w_real, -w_imag], 1), torch.cat([w_imag, w_real], 1)], 0)
             out.append(torch.nn.functional.linear(xm.reshape(num_edges, -1), complex_as_real))  # [E, 2*n_l*C_out]
+        return self._assemble(num_edges, out)
+
+    def _assemble(self, num_edges: int, out: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-order outputs (order 0 with the extra scalars first) -> ([E, K, C_out], [E, extra] or None)."""
+        extra = None
+        if self.extra_m0_channels:
+            extra = out[0].narrow(1, 0, self.extra_m0_channels)
+            out[0] = out[0].narrow(1, self.extra_m0_channels, out[0].shape[1] - self.extra_m0_channels)
         return torch.cat(out, dim=1).reshape(num_edges, -1, self.out_channels), extra
+
+    def complex_weights(self) -> list[torch.Tensor]:
+        """For each m > 0 the real block matrix [[W_r, -W_i], [W_i, W_r]] [2*n_l*C_out, 2*n_l*C_in]."""
+        mats = []
+        for fc in self.m_convs:
+            w_real, w_imag = fc.weight.chunk(2, dim=0)  # [n_l*C_out, n_l*C_in] each
+            mats.append(torch.cat([torch.cat([w_real, -w_imag], 1), torch.cat([w_imag, w_real], 1)], 0))
+        return mats
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast gives a linear layer on x (x's own dtype when autocast is off)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _radial_order_linears(x: torch.Tensor, radial: tuple[torch.Tensor, ...], conv: SO2Convolution) -> tuple:
+    """The per-order products of `SO2Convolution.forward` with radial weights, as one autograd node
+    whose input gradient comes from `so2_input_grad`.  x [E, K, C_in] -> per-order outputs."""
+    dtype = _compute_dtype(x)
+    mats = [conv.fc_m0.weight] + conv.complex_weights()
+    rows = [conv.layout.m_block[0]] + [2 * n for n in conv.layout.m_block[1:]]
+    return _RadialOrderLinears.apply(x.to(dtype), conv.fc_m0.bias.to(dtype), rows, len(mats),
+                                     *[r.to(dtype) for r in radial], *[w.to(dtype) for w in mats])
+
+
+def _scaled_parts(x: torch.Tensor, radial, rows: list[int]) -> list[torch.Tensor]:
+    """x [E, K, C] split by order and multiplied by its radial weights (shared by +m and -m):
+    [E, rows_m*C] each."""
+    num_edges = x.shape[0]
+    out = []
+    for m, (part, r) in enumerate(zip(torch.split(x, rows, dim=1), radial)):
+        part = part.reshape(num_edges, -1)
+        out.append(part * r if m == 0 else (part.view(num_edges, 2, -1) * r.unsqueeze(1)).view(num_edges, -1))
+    return out
+
+
+class _RadialOrderLinears(torch.autograd.Function):
+    """forward(x, bias0, rows, orders, *radial, *weights) -> per-order outputs y_m = (x_m * r_m) W_m^T."""
+
+    @staticmethod
+    def forward(ctx, x, bias0, rows, orders, *tensors):
+        radial, mats = tensors[:orders], tensors[orders:]
+        ctx.rows, ctx.orders = rows, orders
+        ctx.save_for_backward(x, *tensors)
+        scaled = _scaled_parts(x, radial, rows)
+        return tuple(torch.nn.functional.linear(s, w, bias0 if m == 0 else None)
+                     for m, (s, w) in enumerate(zip(scaled, mats)))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, *tensors = ctx.saved_tensors
+        orders, rows = ctx.orders, ctx.rows
+        radial, mats = tensors[:orders], tensors[orders:]
+        num_edges, _, channels = x.shape
+        grads = [g.contiguous() for g in grads]
+        grad_x, grad_scaled = so2_input_grad(grads, list(mats), list(radial), rows)
+        scaled = _scaled_parts(x, radial, rows)
+        grad_mats = [g.t().mm(s) for g, s in zip(grads, scaled)]
+        grad_radial = []
+        for m, (gs, part) in enumerate(zip(torch.split(grad_scaled, rows, dim=1), torch.split(x, rows, dim=1))):
+            prod = (gs * part).reshape(num_edges, -1)
+            grad_radial.append(prod if m == 0 else prod.view(num_edges, 2, -1).sum(1))
+        return (grad_x, grads[0].sum(0), None, None, *grad_radial, *grad_mats)
+
+
+@torch.library.custom_op("eqv2::so2_input_grad", mutates_args=())
+def so2_input_grad(grads: list[torch.Tensor], mats: list[torch.Tensor], radial: list[torch.Tensor],
+                   rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input gradients of the per-order products y_m = (x_m * r_m) W_m^T.
+
+    grads[m] [E, out_m], mats[m] [out_m, rows_m*C], radial[m] [E, rows_m*C] (m = 0) or [E, rows_m*C/2]
+    (m > 0, shared by +m and -m) -> (grad_x [E, K, C], grad_scaled [E, K, C]), K = sum(rows), the
+    gradients with respect to x and to the scaled x_m * r_m.  Each order's matrix product writes straight
+    into its rows of grad_scaled, and the radial weights are applied slice by slice: no concatenation
+    of per-order gradients (as a fused masked kernel, that concatenation ran at a tenth of the H200's
+    memory bandwidth)."""
+    num_edges, total = grads[0].shape[0], sum(m.shape[1] for m in mats)
+    grad_scaled = grads[0].new_empty(num_edges, total)
+    grad_x = torch.empty_like(grad_scaled)
+    start = 0
+    for m, (g, w, r) in enumerate(zip(grads, mats, radial)):
+        width = w.shape[1]
+        gs, gx = grad_scaled[:, start:start + width], grad_x[:, start:start + width]
+        torch.mm(g, w, out=gs)
+        if m == 0:
+            torch.mul(gs, r, out=gx)
+        else:
+            torch.mul(gs.view(num_edges, 2, width // 2), r.unsqueeze(1), out=gx.view(num_edges, 2, width // 2))
+        start += width
+    channels = total // sum(rows)
+    return grad_x.view(num_edges, -1, channels), grad_scaled.view(num_edges, -1, channels)
+
+
+@so2_input_grad.register_fake
+def _(grads, mats, radial, rows):
+    num_edges, total = grads[0].shape[0], sum(m.shape[1] for m in mats)
+    channels = total // sum(rows)
+    out = grads[0].new_empty(num_edges, sum(rows), channels)
+    return out, torch.empty_like(out)
+

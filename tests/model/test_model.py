@@ -148,3 +148,22 @@ def test_stochastic_depth_decides_per_structure_and_only_in_training():
     assert abs(float((many == 0).double().mean()) - 0.25) < 0.02
     assert drop_path_scales(4, graph_of_atom, 3, 0.25, False, torch.float32) is None
     assert drop_path_scales(4, graph_of_atom, 3, 0.0, True, torch.float32) is None
+
+
+def test_so2_input_gradient_op_leaves_the_model_unchanged(oc20_atoms):
+    """With `fused_input_grad` on in every SO(2) convolution, energies, forces and every parameter
+    gradient of the model are bit-identical (float64, eager)."""
+    from eqv2.model.so2_convolution import SO2Convolution
+
+    m = tiny().train()
+    b = batch_from_atoms([oc20_atoms], torch.float64)
+    results = []
+    for fused in (False, True):
+        for module in m.modules():
+            if isinstance(module, SO2Convolution):
+                module.fused_input_grad = fused
+        out = m(b)
+        grads = torch.autograd.grad(out["energy"].sum() + out["forces"].square().sum(), list(m.parameters()))
+        results.append((out["energy"], out["forces"], *grads))
+    for a, c in zip(*results):
+        assert torch.equal(a, c)
