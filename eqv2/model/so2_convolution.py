@@ -53,6 +53,7 @@ class SO2Convolution(nn.Module):
                 fc.weight.mul_(1.0 / math.sqrt(2.0))  # real and imaginary parts add up
             self.m_convs.append(fc)
         self.radial_widths = [m0_in] + [fc.in_features for fc in self.m_convs]
+        self.order_rows = [layout.m_block[0]] + [2 * n for n in layout.m_block[1:]]  # rows of x per order
         self.radial = RadialFunction(list(edge_channels) + [sum(self.radial_widths)]) if edge_channels else None
         # with radial weights: the gradient with respect to x from `so2_input_grad` (one buffer written by
         # the per-order matrix products) instead of autograd's concatenation of per-order gradients
@@ -73,7 +74,7 @@ class SO2Convolution(nn.Module):
                 return self._assemble(num_edges, list(_radial_order_linears(x, weights, self)))
         # one split (not per-order narrows): its backward is a single concatenation of the per-order
         # gradients, which Inductor can write in place, where narrows give a sum of zero-padded slices
-        parts = torch.split(x, [blocks[0]] + [2 * blocks[m] for m in range(1, len(self.m_convs) + 1)], dim=1)
+        parts = torch.split(x, self.order_rows, dim=1)
         # m = 0: real coefficients of every degree
         x0 = parts[0].reshape(num_edges, -1)  # [E, (L+1)*C_in]
         if weights is not None:
@@ -116,8 +117,7 @@ def _radial_order_linears(x: torch.Tensor, radial: tuple[torch.Tensor, ...], con
     whose input gradient comes from `so2_input_grad`.  x [E, K, C_in] -> per-order outputs."""
     dtype = _compute_dtype(x)
     mats = [conv.fc_m0.weight] + conv.complex_weights()
-    rows = [conv.layout.m_block[0]] + [2 * n for n in conv.layout.m_block[1:]]
-    return _RadialOrderLinears.apply(x.to(dtype), conv.fc_m0.bias.to(dtype), rows, len(mats),
+    return _RadialOrderLinears.apply(x.to(dtype), conv.fc_m0.bias.to(dtype), conv.order_rows, len(mats),
                                      *[r.to(dtype) for r in radial], *[w.to(dtype) for w in mats])
 
 
