@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as a script: import eqv2 from the repositor
     sys.path.insert(0, os.path.dirname(_here))
 
 import torch
+import torch._dynamo  # noqa: F401  (imported before zero.Init: its first import checks torch.Tensor.__new__, which zero.Init patches)
 
 from eqv2.batch import AtomsBatch
 from eqv2.config import ConfigError, save_yaml, to_dict
@@ -88,7 +89,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     import deepspeed
 
     from eqv2.data import TrainStream, load_stats, num_val_batches
-    from eqv2.model.equiformer_v2 import EquiformerV2, count_parameters
+    from eqv2.model.equiformer_v2 import EquiformerV2
 
     run_dir, ckpt_dir = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
     if dist.is_main:
@@ -129,9 +130,17 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
 
     # --- model, optimizer, engine
     torch.manual_seed(cfg.seed)
-    model = EquiformerV2(cfg.model)
-    num_params = count_parameters(model)  # before ZeRO-3 partitions the parameters (then numel() is 0)
     zero_stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    # ZeRO-3: every parameter is partitioned as soon as its module is built, so no rank ever holds the
+    # whole model (host or GPU); the initialisation steps that touch built submodules are then redone
+    # on gathered parameters
+    # tensor_overrides=[]: only parameters are moved and partitioned; the model's constant tables (Wigner
+    # swaps, sphere grids) are still computed as written, in float64 on the host
+    with deepspeed.zero.Init(config_dict_or_path=ds, enabled=zero_stage == 3, tensor_overrides=[]):
+        model = EquiformerV2(cfg.model)
+    if zero_stage == 3:
+        model.init_partitioned(lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
+    num_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ds_numel: ZeRO-3 full size
     compiled = apply_compile(model, cfg.compile) if cfg.compile.resolve(dist.device, zero_stage) else []
     wrapped = apply_activation_checkpointing(model, cfg.activation_checkpointing)  # wraps the compiled forwards
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim, fused=dist.device.type == "cuda"), config=ds)

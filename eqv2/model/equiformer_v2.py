@@ -15,6 +15,7 @@ Departures from the reference implementation (fairchem), none of which change th
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -27,7 +28,8 @@ from eqv2.model.feed_forward import FeedForwardNetwork
 from eqv2.model.graph import pad_graph, radius_graph_pbc, validate_graph, validate_structures
 from eqv2.model.graph_attention import EquivariantGraphAttention
 from eqv2.model.layer_norm import make_norm
-from eqv2.model.radial import GaussianRadialBasis, RadialFunction
+from eqv2.model.radial import AtomEdgeEmbedding, GaussianRadialBasis, RadialFunction
+from eqv2.model.so2_convolution import SO2Convolution
 from eqv2.model.so3 import CoefficientLayout, EdgeRotation, SO3Linear, WignerD
 from eqv2.model.transformer_block import TransformerBlock, drop_path_scales
 
@@ -47,22 +49,39 @@ class EquiformerV2(nn.Module):
         self.norm = make_norm(cfg.norm_type, cfg.lmax, cfg.sphere_channels)
         self.energy_head = FeedForwardNetwork(cfg, 1)
         self.force_head = EquivariantGraphAttention(cfg, 1, alpha_drop=0.0) if cfg.regress_forces else None
-        self._init_weights(cfg.weight_init)
+        self._init_weights(contextlib.nullcontext)
 
-    def _init_weights(self, scheme: str) -> None:
+    @torch.no_grad()
+    def _init_weights(self, gather) -> None:
         """Reference initialisation: zero biases; weights uniform or normal with std 1/sqrt(fan_in);
-        radial functions always uniform; LayerNorms identity."""
+        radial functions always uniform; LayerNorms identity.  `gather(params)`: see `init_partitioned`."""
         radial_linears = {id(m) for r in self.modules() if isinstance(r, RadialFunction) for m in r.modules()}
         for module in self.modules():
-            if isinstance(module, (nn.Linear, SO3Linear)):
+            if not isinstance(module, (nn.Linear, SO3Linear, nn.LayerNorm)):
+                continue
+            with gather(list(module.parameters(recurse=False))):
+                if isinstance(module, nn.LayerNorm):
+                    nn.init.ones_(module.weight)
+                    nn.init.zeros_(module.bias)
+                    continue
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
                 fan_in = module.in_features if isinstance(module, nn.Linear) else module.in_channels
-                if scheme == "normal" and id(module) not in radial_linears:
+                if self.cfg.weight_init == "normal" and id(module) not in radial_linears:
                     nn.init.normal_(module.weight, 0.0, 1.0 / math.sqrt(fan_in))
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+
+    def init_partitioned(self, gather) -> None:
+        """Redo the initialisation steps that act on parameters of already-built submodules, for a model
+        whose parameters were partitioned across ranks as each submodule was built (DeepSpeed ZeRO-3's
+        `zero.Init`): there those steps saw empty shards.  `gather(params)` is a context manager that
+        makes `params` whole and writable and keeps what one rank writes (the trainer passes DeepSpeed's
+        GatheredParameters with modifier_rank=0).  Each submodule's own initialisation ran before its
+        parameters were partitioned and is kept."""
+        for module in self.modules():
+            if isinstance(module, (RadialFunction, AtomEdgeEmbedding, SO2Convolution)):
+                with gather(list(module.parameters())):
+                    module.reset_parameters()
+        self._init_weights(gather)
 
     def forward(self, batch: AtomsBatch) -> dict[str, torch.Tensor]:
         cfg = self.cfg

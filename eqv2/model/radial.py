@@ -43,8 +43,12 @@ class RadialFunction(nn.Module):
             if i < len(channels) - 2:
                 layers += [nn.LayerNorm(c_out), nn.SiLU()]
         self.net = nn.Sequential(*layers)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Reference initialisation of the linear layers: uniform(+-1/sqrt(fan_in)), zero bias."""
         for layer in self.net:
-            if isinstance(layer, nn.Linear):  # reference: uniform(+-1/sqrt(fan_in)), zero bias
+            if isinstance(layer, nn.Linear):
                 bound = 1.0 / math.sqrt(layer.in_features)
                 nn.init.uniform_(layer.weight, -bound, bound)
                 nn.init.zeros_(layer.bias)
@@ -72,6 +76,11 @@ class AtomEdgeEmbedding(nn.Module):
         if use_atom_types:
             self.source_embedding = nn.Embedding(max_num_elements, channels)
             self.target_embedding = nn.Embedding(max_num_elements, channels)
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Reference initialisation of the type embeddings: uniform(+-0.001)."""
+        if self.use_atom_types:
             nn.init.uniform_(self.source_embedding.weight, -0.001, 0.001)
             nn.init.uniform_(self.target_embedding.weight, -0.001, 0.001)
 

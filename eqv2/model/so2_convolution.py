@@ -48,16 +48,23 @@ class SO2Convolution(nn.Module):
         self.m_convs = nn.ModuleList()
         for m in range(1, layout.mmax + 1):
             n_l = lmax - m + 1
-            fc = nn.Linear(n_l * in_channels, 2 * n_l * out_channels, bias=False)
-            with torch.no_grad():
-                fc.weight.mul_(1.0 / math.sqrt(2.0))  # real and imaginary parts add up
-            self.m_convs.append(fc)
+            self.m_convs.append(nn.Linear(n_l * in_channels, 2 * n_l * out_channels, bias=False))
         self.radial_widths = [m0_in] + [fc.in_features for fc in self.m_convs]
         self.order_rows = [layout.m_block[0]] + [2 * n for n in layout.m_block[1:]]  # rows of x per order
         self.radial = RadialFunction(list(edge_channels) + [sum(self.radial_widths)]) if edge_channels else None
         # with radial weights: the gradient with respect to x from `so2_input_grad` (one buffer written by
         # the per-order matrix products) instead of autograd's concatenation of per-order gradients
         self.fused_input_grad = False
+        self.reset_parameters(redraw=False)
+
+    @torch.no_grad()
+    def reset_parameters(self, redraw: bool = True) -> None:
+        """Reference initialisation of the m > 0 weights: PyTorch's default, scaled by 1/sqrt(2) (real and
+        imaginary parts add up).  redraw=False scales the weights as drawn at construction."""
+        for fc in self.m_convs:
+            if redraw:
+                fc.reset_parameters()
+            fc.weight.mul_(1.0 / math.sqrt(2.0))
 
     def forward(self, x: torch.Tensor, edge_scalars: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [E, K, C_in], edge_scalars [E, F] -> ([E, K, C_out], [E, extra] or None).
