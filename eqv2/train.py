@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: import eqv2 from the repositor
     sys.path.insert(0, os.path.dirname(_here))
 
 import torch
-import torch._dynamo  # noqa: F401  (imported before zero.Init: its first import checks torch.Tensor.__new__, which zero.Init patches)
+import torch._dynamo  # noqa: F401  (before zero.Init: its first import checks torch.Tensor.__new__, patched there)
 
 from eqv2.batch import AtomsBatch
 from eqv2.config import ConfigError, save_yaml, to_dict
@@ -132,9 +132,8 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     torch.manual_seed(cfg.seed)
     zero_stage = int(ds.get("zero_optimization", {}).get("stage", 0))
     # ZeRO-3: every parameter is partitioned as soon as its module is built, so no rank ever holds the
-    # whole model (host or GPU); the initialisation steps that touch built submodules are then redone
-    # on gathered parameters
-    # tensor_overrides=[]: only parameters are moved and partitioned; the model's constant tables (Wigner
+    # whole model; the initialisation steps that touch built submodules are then redone on gathered
+    # parameters.  tensor_overrides=[]: only parameters are moved; the model's constant tables (Wigner
     # swaps, sphere grids) are still computed as written, in float64 on the host
     with deepspeed.zero.Init(config_dict_or_path=ds, enabled=zero_stage == 3, tensor_overrides=[]):
         model = EquiformerV2(cfg.model)
