@@ -127,8 +127,10 @@ def profile_steps(step, batches, path: Path, title: str) -> None:
 
 
 def eqv2_step_fn(cfg: ModelConfig, device, dtype, compiled: bool, ac_every: int = 0, mode: str = "default",
-                 memory_budget: float = 1.0, cpp_wrapper: bool = False, fused_input_grad: bool = False):
+                 memory_budget: float = 1.0, cpp_wrapper: bool = False, fused_input_grad: bool = False,
+                 rotation_align: int = 1):
     model = EquiformerV2(cfg).to(device).train()
+    model.rotation_align = rotation_align
     for module in model.modules():
         if isinstance(module, SO2Convolution):
             module.fused_input_grad = fused_input_grad
@@ -215,6 +217,8 @@ def main(argv=None) -> int:
                         help="compile.activation_memory_budget of the compiled impl (one value per process)")
     parser.add_argument("--fused-input-grad", action="store_true",
                         help="SO2Convolution.fused_input_grad: input gradients from eqv2::so2_input_grad")
+    parser.add_argument("--rotation-align", type=int, default=1,
+                        help="EquiformerV2.rotation_align: Wigner matrix rows padded to this many elements")
     parser.add_argument("--cpp-wrapper", action="store_true", help="compile.cpp_wrapper: kernels launched from C++")
     parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                         help="set torch._inductor.config KEY (e.g. max_pointwise_cat_inputs=3) for this process: "
@@ -242,10 +246,12 @@ def main(argv=None) -> int:
             atoms = sum(int(b.natoms.sum()) for b in batches[args.warmup:])
             budget = f"-mb{args.memory_budget:g}" if args.memory_budget < 1.0 else ""
             extra = budget + ("-cppwrap" if args.cpp_wrapper else "")
-            fused = "-fusedgrad" if args.fused_input_grad else ""
+            fused = ("-fusedgrad" if args.fused_input_grad else "") + (f"-align{args.rotation_align}"
+                                                                        if args.rotation_align > 1 else "")
             runs = [(f"eqv2-{impl}" + (f"-ac{k}" if k else "") + (extra if impl == "compiled" else "") + fused,
                      lambda impl=impl, k=k: eqv2_step_fn(cfg, device, dtype, impl == "compiled", k, args.mode,
-                                                         args.memory_budget, args.cpp_wrapper, args.fused_input_grad))
+                                                         args.memory_budget, args.cpp_wrapper, args.fused_input_grad,
+                                                         args.rotation_align))
                     for impl in args.impls for k in args.ac_every]
             if args.reference:
                 runs.append(("fairchem-1.10.0", lambda: reference_step_fn(cfg, device)))

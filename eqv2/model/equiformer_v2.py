@@ -49,6 +49,7 @@ class EquiformerV2(nn.Module):
         self.norm = make_norm(cfg.norm_type, cfg.lmax, cfg.sphere_channels)
         self.energy_head = FeedForwardNetwork(cfg, 1)
         self.force_head = EquivariantGraphAttention(cfg, 1, alpha_drop=0.0) if cfg.regress_forces else None
+        self.rotation_align = 1  # row alignment of the per-edge Wigner matrices (EdgeRotation's `align`)
         self._init_weights(contextlib.nullcontext)
 
     @torch.no_grad()
@@ -103,7 +104,7 @@ class EquiformerV2(nn.Module):
                 z = torch.cat([z, z.new_ones(num_pad)])  # padding atoms: hydrogen, in structure `num_graphs`
                 graph_of_atom = torch.cat([graph_of_atom, graph_of_atom.new_full((num_pad,), num_graphs)])
                 num_nodes, num_graphs = num_nodes + num_pad, num_graphs + 1
-            rotation = EdgeRotation(self.wigner(graph.edge_vec), self.layout, compute_dtype(pos))
+            rotation = EdgeRotation(self.wigner(graph.edge_vec), self.layout, compute_dtype(pos), self.rotation_align)
             distance_basis = self.radial_basis(graph.distance)  # [E, num_basis]
         edge_index = graph.edge_index
         x = torch.zeros(num_nodes, (cfg.lmax + 1) ** 2, cfg.sphere_channels, device=pos.device, dtype=pos.dtype)
