@@ -150,6 +150,13 @@ def test_stochastic_depth_decides_per_structure_and_only_in_training():
     assert drop_path_scales(4, graph_of_atom, 3, 0.0, True, torch.float32) is None
 
 
+def _outputs_and_gradients(m, b) -> tuple:
+    """Energy, forces and the gradient of every parameter of one forward/backward pass."""
+    out = m(b)
+    grads = torch.autograd.grad(out["energy"].sum() + out["forces"].square().sum(), list(m.parameters()))
+    return (out["energy"], out["forces"], *grads)
+
+
 def test_so2_input_gradient_op_leaves_the_model_unchanged(oc20_atoms):
     """With `fused_input_grad` on in every SO(2) convolution, energies, forces and every parameter
     gradient of the model are bit-identical (float64, eager)."""
@@ -162,9 +169,7 @@ def test_so2_input_gradient_op_leaves_the_model_unchanged(oc20_atoms):
         for module in m.modules():
             if isinstance(module, SO2Convolution):
                 module.fused_input_grad = fused
-        out = m(b)
-        grads = torch.autograd.grad(out["energy"].sum() + out["forces"].square().sum(), list(m.parameters()))
-        results.append((out["energy"], out["forces"], *grads))
+        results.append(_outputs_and_gradients(m, b))
     for a, c in zip(*results):
         assert torch.equal(a, c)
 
@@ -177,8 +182,6 @@ def test_rotation_align_leaves_the_model_unchanged(oc20_atoms):
     results = []
     for align in (1, 8):
         m.rotation_align = align
-        out = m(b)
-        grads = torch.autograd.grad(out["energy"].sum() + out["forces"].square().sum(), list(m.parameters()))
-        results.append((out["energy"], out["forces"], *grads))
+        results.append(_outputs_and_gradients(m, b))
     for a, c in zip(*results):
         assert torch.equal(a, c)
