@@ -73,26 +73,17 @@ class SO2Convolution(nn.Module):
         acts on [x_{+m} | x_{-m}] through the real block matrix [[W_r, -W_i], [W_i, W_r]], whose output
         [y_{+m} | y_{-m}] is already in layout order, so no per-m slicing or stacking follows."""
         num_edges = x.shape[0]
-        blocks = self.layout.m_block
-        weights = None
-        if self.radial is not None:
+        if self.radial is None:
+            scaled = [part.reshape(num_edges, -1) for part in torch.split(x, self.order_rows, dim=1)]
+        else:
             weights = torch.split(self.radial(edge_scalars), self.radial_widths, dim=1)
             if self.fused_input_grad:
                 return self._assemble(num_edges, list(_radial_order_linears(x, weights, self)))
-        # one split (not per-order narrows): its backward is a single concatenation of the per-order
-        # gradients, which Inductor can write in place, where narrows give a sum of zero-padded slices
-        parts = torch.split(x, self.order_rows, dim=1)
-        # m = 0: real coefficients of every degree
-        x0 = parts[0].reshape(num_edges, -1)  # [E, (L+1)*C_in]
-        if weights is not None:
-            x0 = x0 * weights[0].to(x0.dtype)
-        out = [self.fc_m0(x0)]  # [E, extra + (L+1)*C_out]
-        for m, complex_as_real in enumerate(self.complex_weights(), start=1):
-            n_l = blocks[m]
-            xm = parts[m]  # [E, 2*n_l, C_in] = [x_{+m}; x_{-m}]
-            if weights is not None:
-                xm = xm.reshape(num_edges, 2, n_l * self.in_channels) * weights[m].to(xm.dtype).unsqueeze(1)
-            out.append(torch.nn.functional.linear(xm.reshape(num_edges, -1), complex_as_real))  # [E, 2*n_l*C_out]
+            scaled = _scaled_parts(x, [w.to(x.dtype) for w in weights], self.order_rows)
+        # m = 0: real coefficients of every degree; m > 0: [x_{+m} | x_{-m}] through the real block matrix
+        out = [self.fc_m0(scaled[0])]  # [E, extra + (L+1)*C_out]
+        for xm, complex_as_real in zip(scaled[1:], self.complex_weights()):
+            out.append(torch.nn.functional.linear(xm, complex_as_real))  # [E, 2*n_l*C_out]
         return self._assemble(num_edges, out)
 
     def _assemble(self, num_edges: int, out: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -130,7 +121,8 @@ def _radial_order_linears(x: torch.Tensor, radial: tuple[torch.Tensor, ...], con
 
 def _scaled_parts(x: torch.Tensor, radial, rows: list[int]) -> list[torch.Tensor]:
     """x [E, K, C] split by order and multiplied by its radial weights (shared by +m and -m):
-    [E, rows_m*C] each."""
+    [E, rows_m*C] each.  One split (not per-order narrows): its backward is a single concatenation of
+    the per-order gradients rather than a sum of zero-padded slices."""
     num_edges = x.shape[0]
     out = []
     for m, (part, r) in enumerate(zip(torch.split(x, rows, dim=1), radial)):
@@ -156,7 +148,7 @@ class _RadialOrderLinears(torch.autograd.Function):
         x, *tensors = ctx.saved_tensors
         orders, rows = ctx.orders, ctx.rows
         radial, mats = tensors[:orders], tensors[orders:]
-        num_edges, _, channels = x.shape
+        num_edges = x.shape[0]
         grads = [g.contiguous() for g in grads]
         grad_x, grad_scaled = so2_input_grad(grads, list(mats), list(radial), rows)
         scaled = _scaled_parts(x, radial, rows)

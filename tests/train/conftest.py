@@ -30,6 +30,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def run_worker(worker: Path, nproc: int, args: list[str], timeout: float = 300) -> None:
+    """Run a test worker script under torchrun on `nproc` CPU ranks; fails with its output if it fails."""
+    # keep any PYTHONPATH the caller has (the device machine installs packages there)
+    path = os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()), str(worker), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 def data_args(data: Path) -> list[str]:
     return ["--set", f"data.train_manifest={data / 'train' / 'manifest.json'}",
             "--set", f"data.val_manifest={data / 'val' / 'manifest.json'}"]

@@ -6,26 +6,18 @@
   whose structures differ in size so each rank holds a different number of (free) atoms: only a loss
   normalised by global counts makes the two agree.
 """
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.train.conftest import run_worker
+
 WORKER = Path(__file__).with_name("engine_worker.py")
-REPO = WORKER.parents[2]
 
 
 def launch(nproc: int, out: Path, specs: list[str]) -> dict:
-    # keep any PYTHONPATH the caller has (the device machine installs packages there)
-    path = os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(29000 + os.getpid() % 1000), str(WORKER), str(out), *specs]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_worker(WORKER, nproc, [str(out), *specs])
     return torch.load(out)
 
 

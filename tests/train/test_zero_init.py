@@ -1,24 +1,17 @@
 """ZeRO-3 builds the model partitioned (deepspeed.zero.Init, 2 real ranks): no rank holds whole
 parameters, and the initialisation matches the reference rules of the unpartitioned model."""
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
+from tests.train.conftest import run_worker
+
 WORKER = Path(__file__).with_name("zero_init_worker.py")
-REPO = WORKER.parents[2]
 
 
 def test_partitioned_construction_shards_parameters_and_keeps_the_reference_init(tmp_path):
     out = tmp_path / "zinit.pt"
-    path = os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29500 + os.getpid() % 1000), str(WORKER), str(out)]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_worker(WORKER, 2, [str(out)])
     res = torch.load(out)
     plain, zinit = res["plain"], res["zero_init"]
     assert plain.keys() == zinit.keys()
