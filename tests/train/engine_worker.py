@@ -35,7 +35,7 @@ from eqv2.model.equiformer_v2 import EquiformerV2  # noqa: E402
 from eqv2.train import _zero_loss_fn, take_step  # noqa: E402
 from eqv2.training.activation_checkpointing import ActivationCheckpointConfig, apply_activation_checkpointing  # noqa: E402
 from eqv2.training.compile import CompileConfig, apply_compile  # noqa: E402
-from eqv2.training.dist import init_distributed  # noqa: E402
+from eqv2.training.dist import init_distributed, shutdown  # noqa: E402
 from eqv2.training.loss import EnergyForceLoss, LossConfig, Normalizers  # noqa: E402
 from eqv2.training.optim import OptimConfig, build_optimizer  # noqa: E402
 from eqv2.training.signals import StopFlag  # noqa: E402
@@ -118,3 +118,4 @@ if __name__ == "__main__":
     results = {spec: run(spec, dist_info) for spec in sys.argv[2:]}
     if dist_info.rank == 0:
         torch.save(results, sys.argv[1])
+    shutdown(clean=True)  # left to interpreter exit, gloo's threads can abort a rank (exit -6)
