@@ -2,7 +2,8 @@
 
 Structures are concatenated along the atom axis; `batch[i]` says which structure atom i belongs to.
 Targets (`energy`, `forces`) and training masks (`fixed`, `tags`) are optional so that the same type
-serves prediction.
+serves prediction.  So is the radius graph: the trainer's data-loader workers build it on the CPU
+(integer edges and periodic images only; the model computes the edge vectors from the positions).
 """
 from __future__ import annotations
 
@@ -25,6 +26,12 @@ class AtomsBatch:
     energy: torch.Tensor | None = None  # [B] float32 target energy, eV
     forces: torch.Tensor | None = None  # [N, 3] float32 target forces, eV/Å
     ids: list[str] = field(default_factory=list)  # one id per structure, e.g. "<sid>_<fid>"
+    # radius graph built ahead of the model (in the data-loader workers, `eqv2.model.graph.GraphBuilder`);
+    # None: the model builds it from the positions
+    edge_index: torch.Tensor | None = None  # [2, E] int64 (source j, target i)
+    cell_offset: torch.Tensor | None = None  # [E, 3] int64 periodic image of each edge's source
+    # (max_radius, max_neighbors, max_num_elements) the graph was built and the atoms checked with
+    graph_spec: tuple[float, int, int] | None = None
 
     @property
     def num_graphs(self) -> int:

@@ -31,6 +31,7 @@ import torch._dynamo  # noqa: F401  (before zero.Init: its first import checks t
 from eqv2.batch import AtomsBatch
 from eqv2.config import ConfigError, save_yaml, to_dict
 from eqv2.data import PlanError, SampleError, ShardError
+from eqv2.model.graph import GraphBuilder, GraphInputError
 from eqv2.training import checkpointing as ckpt
 from eqv2.training.activation_checkpointing import apply_activation_checkpointing
 from eqv2.training.compile import apply_compile, compiled_graph_count
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = train(cfg, ds_cfg, args.resume, dist, stop)
         return code
-    except (ConfigError, FileNotFoundError, PlanError, SampleError, ShardError) as err:  # bad input
+    except (ConfigError, FileNotFoundError, PlanError, SampleError, ShardError, GraphInputError) as err:  # bad input
         print(f"eqv2.train (rank {dist.rank}): {err}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     except NonFiniteError as err:
@@ -119,7 +120,10 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
         (run_dir / "ds_config.json").write_text(json.dumps(ds, indent=1))
 
     # --- data
-    stream = TrainStream(cfg.data, dist.rank, dist.world_size)
+    # radius graphs built on the CPU in the loader workers, with the model's cutoff (data.build_graphs)
+    graphs = GraphBuilder(cfg.model.max_radius, cfg.model.max_neighbors, cfg.model.max_num_elements) \
+        if cfg.data.build_graphs else None
+    stream = TrainStream(cfg.data, dist.rank, dist.world_size, graphs)
     steps_per_epoch = stream.steps_in_epoch(0) // gas
     if steps_per_epoch < 1:
         raise ConfigError(f"data: an epoch has {stream.steps_in_epoch(0)} batches per rank, fewer than "
@@ -202,7 +206,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
         if not cfg.data.val_splits():
             return
         for name, split_cfg in cfg.data.val_splits():
-            split_metrics = evaluate(engine, cfg, split_cfg, ema, normalizers, dist)
+            split_metrics = evaluate(engine, cfg, split_cfg, ema, normalizers, dist, graphs)
             logger.log_eval(step, name, split_metrics)
             if name == "val":  # the primary split picks the best checkpoint
                 metrics = split_metrics
@@ -344,7 +348,8 @@ def take_step(engine, micro: list[AtomsBatch], loss_fn: EnergyForceLoss, zero_lo
 
 
 @torch.no_grad()
-def evaluate(engine, cfg: RunConfig, split_cfg, ema: EMA | None, normalizers: Normalizers, dist: DistInfo) -> dict:
+def evaluate(engine, cfg: RunConfig, split_cfg, ema: EMA | None, normalizers: Normalizers, dist: DistInfo,
+             graphs: GraphBuilder | None) -> dict:
     """Metrics of one validation split (`split_cfg`: its data config; EMA weights by default), exact
     over ranks."""
     from eqv2.data import val_batches
@@ -352,7 +357,7 @@ def evaluate(engine, cfg: RunConfig, split_cfg, ema: EMA | None, normalizers: No
     metrics = S2EFMetrics(dist.device, cfg.loss.train_on_free_atoms)
     engine.eval()
     with ema.swapped_in() if (ema is not None and cfg.eval.use_ema) else contextlib.nullcontext():
-        for i, batch in enumerate(val_batches(split_cfg, dist.rank, dist.world_size)):
+        for i, batch in enumerate(val_batches(split_cfg, dist.rank, dist.world_size, graphs)):
             if cfg.eval.max_batches and i >= cfg.eval.max_batches:
                 break
             batch = batch.to(dist.device, non_blocking=True)

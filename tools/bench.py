@@ -10,7 +10,11 @@ GradScaler, as it trains) and the ratio is printed.
 
     python tools/bench.py --configs 31M 153M --batch-sizes 4 8 --steps 20 [--impls eager compiled] [--reference]
         [--ac-every 0 2] [--memory-budget 0.5] [--mode reduce-overhead --pad 64 2048] [--cpp-wrapper] [--json out.json]
-        [--profile ops.txt]
+        [--profile ops.txt] [--graphs loader|model]
+
+eqv2's graphs are built ahead on the CPU by default (`--graphs loader`), as the trainer's data-loader
+workers build them (data.build_graphs), so the timed step starts from the graph; fairchem builds its
+graph inside its forward pass (otf_graph), as its OC20 training configs do.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from eqv2.batch import AtomsBatch  # noqa: E402
 from eqv2.config import from_dict, load_yaml  # noqa: E402
 from eqv2.model.config import ModelConfig  # noqa: E402
 from eqv2.model.equiformer_v2 import EquiformerV2, count_parameters  # noqa: E402
-from eqv2.model.so2_convolution import SO2Convolution  # noqa: E402
+from eqv2.model.graph import GraphBuilder  # noqa: E402
 from eqv2.training.activation_checkpointing import ActivationCheckpointConfig, apply_activation_checkpointing  # noqa: E402
 from eqv2.training.compile import CompileConfig, apply_compile  # noqa: E402
 
@@ -127,13 +131,13 @@ def profile_steps(step, batches, path: Path, title: str) -> None:
 
 
 def eqv2_step_fn(cfg: ModelConfig, device, dtype, compiled: bool, ac_every: int = 0, mode: str = "default",
-                 memory_budget: float = 1.0, cpp_wrapper: bool = False, fused_input_grad: bool = False,
-                 rotation_align: int = 1):
+                 memory_budget: float = 1.0, cpp_wrapper: bool = False, fused_input_grad: bool | None = None,
+                 rotation_align: int | None = None):
+    if fused_input_grad is not None:
+        cfg = dataclasses.replace(cfg, so2_fused_input_grad=fused_input_grad)
+    if rotation_align is not None:
+        cfg = dataclasses.replace(cfg, rotation_align=rotation_align)
     model = EquiformerV2(cfg).to(device).train()
-    model.rotation_align = rotation_align
-    for module in model.modules():
-        if isinstance(module, SO2Convolution):
-            module.fused_input_grad = fused_input_grad
     if compiled:
         apply_compile(model, CompileConfig(enabled=True, mode=mode, activation_memory_budget=memory_budget,
                                            cpp_wrapper=cpp_wrapper))
@@ -215,16 +219,19 @@ def main(argv=None) -> int:
                         help="Inductor mode of the compiled impl (reduce-overhead: CUDA graphs, needs --pad)")
     parser.add_argument("--memory-budget", type=float, default=1.0,
                         help="compile.activation_memory_budget of the compiled impl (one value per process)")
-    parser.add_argument("--fused-input-grad", action="store_true",
-                        help="SO2Convolution.fused_input_grad: input gradients from eqv2::so2_input_grad")
-    parser.add_argument("--rotation-align", type=int, default=1,
-                        help="EquiformerV2.rotation_align: Wigner matrix rows padded to this many elements")
+    parser.add_argument("--fused-input-grad", choices=["on", "off"], default=None,
+                        help="model.so2_fused_input_grad: input gradients from eqv2::so2_input_grad (default: the config's)")
+    parser.add_argument("--rotation-align", type=int, default=None,
+                        help="model.rotation_align: Wigner matrix rows padded to this many elements (default: the config's)")
     parser.add_argument("--cpp-wrapper", action="store_true", help="compile.cpp_wrapper: kernels launched from C++")
     parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                         help="set torch._inductor.config KEY (e.g. max_pointwise_cat_inputs=3) for this process: "
                              "A/B of Inductor settings on the device")
     parser.add_argument("--pad", nargs=2, type=int, default=[0, 0], metavar=("ATOMS", "EDGES"),
                         help="shape buckets: pad atom and edge counts to these multiples (model.pad_*_multiple)")
+    parser.add_argument("--graphs", choices=["loader", "model"], default="loader",
+                        help="loader: radius graphs built ahead on the CPU, as the trainer's data-loader workers do "
+                             "(data.build_graphs, outside the timed step); model: built in the model's forward pass")
     parser.add_argument("--reference", action="store_true", help="also run fairchem-core 1.10.0 on the same batches")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak for MFU (H100 SXM: 989)")
     parser.add_argument("--json", type=Path, help="write results here")
@@ -242,15 +249,22 @@ def main(argv=None) -> int:
         cfg = from_dict(ModelConfig, {**load_yaml(ROOT / "configs" / "model" / f"eqv2_{name}.yaml"),
                                       "pad_atoms_multiple": args.pad[0], "pad_edges_multiple": args.pad[1]})
         for bs in args.batch_sizes:
-            batches = [b.to(device) for b in make_batches(bs, args.warmup + args.steps, args.seed)]
+            batches = make_batches(bs, args.warmup + args.steps, args.seed)
+            if args.graphs == "loader":  # fairchem builds its graphs in its forward pass (otf_graph), as it trains
+                builder = GraphBuilder(cfg.max_radius, cfg.max_neighbors, cfg.max_num_elements)
+                batches = [builder(b) for b in batches]
+            batches = [b.to(device) for b in batches]
             atoms = sum(int(b.natoms.sum()) for b in batches[args.warmup:])
             budget = f"-mb{args.memory_budget:g}" if args.memory_budget < 1.0 else ""
             extra = budget + ("-cppwrap" if args.cpp_wrapper else "")
-            fused = ("-fusedgrad" if args.fused_input_grad else "") + (f"-align{args.rotation_align}"
-                                                                        if args.rotation_align > 1 else "")
+            fused_input_grad = None if args.fused_input_grad is None else args.fused_input_grad == "on"
+            fused = ("-fusedgrad" if fused_input_grad or (fused_input_grad is None and cfg.so2_fused_input_grad) else "")
+            align = args.rotation_align or cfg.rotation_align
+            fused += f"-align{align}" if align > 1 else ""
+            fused += "-graphinmodel" if args.graphs == "model" else ""
             runs = [(f"eqv2-{impl}" + (f"-ac{k}" if k else "") + (extra if impl == "compiled" else "") + fused,
                      lambda impl=impl, k=k: eqv2_step_fn(cfg, device, dtype, impl == "compiled", k, args.mode,
-                                                         args.memory_budget, args.cpp_wrapper, args.fused_input_grad,
+                                                         args.memory_budget, args.cpp_wrapper, fused_input_grad,
                                                          args.rotation_align))
                     for impl in args.impls for k in args.ac_every]
             if args.reference:

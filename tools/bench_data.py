@@ -7,10 +7,12 @@ torch_geometric Data, then times read + decode + batch in ONE process (= one wor
   shards        TrainStream(num_workers=0): tar read, sha256 check, decode, shuffle, AtomsBatch
   lmdb+pyg      shuffled LMDB gets, pickle.loads, torch_geometric Batch.from_data_list (fairchem path)
   lmdb+restricted  shuffled LMDB gets, eqv2's restricted unpickler, AtomsBatch
-and, for the total, TrainStream with --workers DataLoader processes.
+and, for the total, TrainStream with --workers DataLoader processes.  With --graphs the shard rows also
+build each batch's radius graph (GraphBuilder, radius 12 Å, <= 20 neighbours), as the trainer's workers
+do (data.build_graphs), and a second single-process row without graphs shows what they cost.
 
 Example:
-    python tools/bench_data.py --samples 8000 --batch-size 32 --workers 2
+    python tools/bench_data.py --samples 8000 --batch-size 32 --workers 2 [--graphs]
 """
 from __future__ import annotations
 
@@ -79,11 +81,12 @@ def bench_lmdb(path: Path, n: int, batch_size: int, seed: int, mode: str) -> tup
     return dt, atoms
 
 
-def bench_shards(manifest: Path, batch_size: int, workers: int) -> tuple[float, int, int]:
+def bench_shards(manifest: Path, batch_size: int, workers: int, graphs: bool = False) -> tuple[float, int, int]:
     from eqv2.data import DataConfig, TrainStream
+    from eqv2.model.graph import GraphBuilder
 
     cfg = DataConfig(train_manifest=str(manifest), batch_size=batch_size, num_workers=workers, shuffle_buffer=2000)
-    stream = TrainStream(cfg, 0, 1)
+    stream = TrainStream(cfg, 0, 1, GraphBuilder(12.0, 20, 90) if graphs else None)
     t0 = time.perf_counter()
     samples = atoms = 0
     for batch in stream.epoch_batches(0):
@@ -103,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--shard-samples", type=int, default=1000)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the total-throughput row")
+    p.add_argument("--graphs", action="store_true",
+                   help="shard rows build radius graphs (12 Å, 20 neighbours) in the loader, as the trainer does")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dir", default="", help="scratch directory (default: a temporary one)")
     args = p.parse_args(argv)
@@ -120,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     print("| path | processes | samples/s | atoms/s | samples/s per process |")
     print("|---|---|---|---|---|")
     rows = []
+    graphs = " + radius graphs" if args.graphs else ""
+    if args.graphs:
+        dt, seen, atoms = bench_shards(tmp / "shards/manifest.json", args.batch_size, 0, True)
+        assert seen == n
+        rows.append(("shards (eqv2 TrainStream)" + graphs, 1, n / dt, atoms / dt))
     dt, seen, atoms = bench_shards(tmp / "shards/manifest.json", args.batch_size, 0)
     assert seen == n
     rows.append(("shards (eqv2 TrainStream)", 1, n / dt, atoms / dt))
@@ -127,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         dt, atoms = bench_lmdb(tmp / "data.0000.lmdb", n, args.batch_size, args.seed, mode)
         rows.append((name, 1, n / dt, atoms / dt))
     if args.workers > 0:
-        dt, seen, atoms = bench_shards(tmp / "shards/manifest.json", args.batch_size, args.workers)
-        rows.append(("shards (eqv2 TrainStream)", args.workers, n / dt, atoms / dt))
+        dt, seen, atoms = bench_shards(tmp / "shards/manifest.json", args.batch_size, args.workers, args.graphs)
+        rows.append(("shards (eqv2 TrainStream)" + graphs, args.workers, n / dt, atoms / dt))
     for name, procs, sps, aps in rows:
         print(f"| {name} | {procs} | {sps:,.0f} | {aps:,.0f} | {sps / procs:,.0f} |")
     return 0

@@ -22,6 +22,9 @@ class DataConfig:
     prefetch_factor: int = 4  # batches in flight per worker
     on_error: Literal["raise", "skip"] = "raise"  # skip: drop bad samples, count them, log per epoch
     verify_checksums: bool = True  # compare every shard's sha256 with the manifest before use
+    # build each batch's radius graph in the loader workers (CPU), with the model's cutoff; the model
+    # then only computes edge vectors (no neighbour search, no host sync); false: the model builds it
+    build_graphs: bool = True
 
     def __post_init__(self) -> None:
         if (self.batch_size > 0) == (self.max_atoms > 0):

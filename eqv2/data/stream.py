@@ -1,11 +1,11 @@
 """Training and validation batch streams over sharded data: the API the trainer calls.
 
-    stream = TrainStream(cfg, rank, world_size)
+    stream = TrainStream(cfg, rank, world_size, prepare)   # prepare: AtomsBatch -> AtomsBatch, in the workers
     for epoch in range(start_epoch, epochs):
         for batch in stream.epoch_batches(epoch):     # AtomsBatch; stream.steps_in_epoch(epoch) of them
             ...                                        # checkpoint may store stream.state_dict()
     stream.load_state_dict(state)                      # after a restart: continue mid-epoch exactly
-    for batch in val_batches(cfg, rank, world_size):   # every val sample exactly once over all ranks
+    for batch in val_batches(cfg, rank, world_size, prepare):  # every val sample once over all ranks
         ...
 
 Each rank reads its own slots (one per DataLoader worker, see `eqv2.data.plan`) and every slot yields
@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -40,8 +40,9 @@ class _SlotReader:
     """Picklable description of what one rank reads in one epoch; iterates one slot's batches."""
 
     def __init__(self, urls: list[str], infos: list[ShardInfo], plan: EpochPlan, slots: list[SlotPlan],
-                 cfg: DataConfig, shuffle: bool) -> None:
+                 cfg: DataConfig, shuffle: bool, prepare: Callable[[AtomsBatch], AtomsBatch] | None) -> None:
         self.urls, self.infos, self.plan, self.slots = urls, infos, plan, slots
+        self.prepare = prepare  # e.g. the trainer's GraphBuilder; runs in the worker, after collation
         self.seed, self.shuffle = cfg.seed, shuffle
         self.verify, self.on_error = cfg.verify_checksums, cfg.on_error
         self.batch_size, self.max_atoms = cfg.batch_size, cfg.max_atoms
@@ -95,7 +96,8 @@ class _SlotReader:
     def _collate(self, samples: list[dict], atoms: int) -> AtomsBatch:
         if self.max_atoms and atoms > self.max_atoms:  # guaranteed by the plan; checked because OOM is costly
             raise AssertionError(f"batch of {atoms} atoms exceeds max_atoms={self.max_atoms}")
-        return AtomsBatch.from_arrays(samples, ids=[sample_key(s["sid"], s["fid"]) for s in samples])
+        batch = AtomsBatch.from_arrays(samples, ids=[sample_key(s["sid"], s["fid"]) for s in samples])
+        return self.prepare(batch) if self.prepare is not None else batch
 
 
 class _EpochDataset(IterableDataset):
@@ -133,10 +135,11 @@ def _iterate(reader: _SlotReader, cfg: DataConfig, step: int, positions: list[tu
 class TrainStream:
     """Shuffled training batches for one rank; equal step counts on all ranks; exact resume."""
 
-    def __init__(self, cfg: DataConfig, rank: int, world_size: int) -> None:
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int,
+                 prepare: Callable[[AtomsBatch], AtomsBatch] | None = None) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.cfg, self.rank, self.world_size, self.prepare = cfg, rank, world_size, prepare
         self.urls, self.infos, manifest = resolve_shards(cfg.train_manifest, cfg.train_shards)
         self._slots = _slots_per_rank(cfg)
         self._fingerprint = {
@@ -165,7 +168,7 @@ class TrainStream:
         self._epoch, start = epoch, self._step
         plan, total = self.plan(epoch), self.steps_in_epoch(epoch)
         mine = list(plan.slots[self.rank * self._slots : (self.rank + 1) * self._slots])
-        reader = _SlotReader(self.urls, self.infos, plan, mine, self.cfg, shuffle=True)
+        reader = _SlotReader(self.urls, self.infos, plan, mine, self.cfg, shuffle=True, prepare=self.prepare)
         skipped = 0
         for batch, local, position, n_skipped, messages in _iterate(reader, self.cfg, start, list(self._positions)):
             skipped += n_skipped
@@ -200,13 +203,15 @@ class TrainStream:
         """Nothing persistent to stop: workers live only while an epoch is iterated."""
 
 
-def _val_reader(cfg: DataConfig, rank: int, world_size: int) -> tuple[_SlotReader, EpochPlan]:
+def _val_reader(cfg: DataConfig, rank: int, world_size: int,
+                prepare: Callable[[AtomsBatch], AtomsBatch] | None = None) -> tuple[_SlotReader, EpochPlan]:
     if not cfg.val_manifest:
         raise ValueError("data.val_manifest is not set")
     urls, infos, _ = resolve_shards(cfg.val_manifest, cfg.val_shards)
     n = _slots_per_rank(cfg)
     plan = plan_epoch(infos, world_size * n, cfg.seed, 0, False, cfg.batch_size, cfg.max_atoms, cfg.shuffle_buffer)
-    return _SlotReader(urls, infos, plan, list(plan.slots[rank * n : (rank + 1) * n]), cfg, shuffle=False), plan
+    return _SlotReader(urls, infos, plan, list(plan.slots[rank * n : (rank + 1) * n]), cfg, shuffle=False,
+                       prepare=prepare), plan
 
 
 def num_val_batches(cfg: DataConfig, world_size: int) -> int:
@@ -214,9 +219,10 @@ def num_val_batches(cfg: DataConfig, world_size: int) -> int:
     return _val_reader(cfg, 0, world_size)[1].num_batches * _slots_per_rank(cfg)
 
 
-def val_batches(cfg: DataConfig, rank: int, world_size: int) -> Iterator[AtomsBatch]:
+def val_batches(cfg: DataConfig, rank: int, world_size: int,
+                prepare: Callable[[AtomsBatch], AtomsBatch] | None = None) -> Iterator[AtomsBatch]:
     """Every validation sample exactly once over all ranks, in a fixed order; equal counts per rank."""
-    reader, _ = _val_reader(cfg, rank, world_size)
+    reader, _ = _val_reader(cfg, rank, world_size, prepare)
     skipped = 0
     for batch, _, _, n_skipped, messages in _iterate(reader, cfg, 0, [(0, 0)] * len(reader.slots)):
         skipped += n_skipped

@@ -46,11 +46,18 @@ class ModelConfig:
     avg_degree: float = OC20_AVG_DEGREE  # edge-degree embedding sum / avg_degree
     weight_init: Literal["uniform", "normal"] = "uniform"  # linear-layer weight initialisation
     regress_forces: bool = True  # direct force head
-    validate_inputs: bool = True  # check structures and graph (one host sync per forward)
+    validate_inputs: bool = True  # check structures and graph built here (host syncs); a batch with a graph
+    # built ahead (GraphBuilder, the trainer's data loader) was checked there
     # shape buckets (0: off): pad the atom / edge counts of each batch up to these multiples with an inert
     # dummy structure, so compiled code and CUDA graphs see few distinct shapes; outputs are unchanged
     pad_atoms_multiple: int = 0
     pad_edges_multiple: int = 0
+    # kernel choices (same function, bit-identical in float64; for speed on GPUs):
+    # SO(2) convolutions take their input gradient from one custom op (eqv2::so2_input_grad) instead of
+    # autograd's concatenation of per-order gradients
+    so2_fused_input_grad: bool = False
+    # rows of the per-edge Wigner matrices padded to a multiple of this many elements (8: 16-byte bf16 rows)
+    rotation_align: int = 1
 
     def __post_init__(self) -> None:
         if not 0 <= self.mmax <= self.lmax:
@@ -64,6 +71,8 @@ class ModelConfig:
                      "edge_channels", "num_distance_basis", "max_neighbors"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.rotation_align < 1:
+            raise ValueError(f"rotation_align must be >= 1 (1: no padding), got {self.rotation_align}")
         for name in ("pad_atoms_multiple", "pad_edges_multiple"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: no padding), got {getattr(self, name)}")

@@ -1,6 +1,7 @@
 """EquiformerV2 (Liao et al., ICLR 2024), the whole network (paper Sec. 4, Fig. 1).
 
-Graph (radius 12 Å, <= 20 neighbours, periodic) -> per-edge Wigner-D (once, shared by all blocks)
+Graph (radius 12 Å, <= 20 neighbours, periodic; built here, or ahead in the data-loader workers
+and passed in the batch) -> per-edge Wigner-D (once, shared by all blocks)
 -> atom embedding + edge-degree embedding -> N Transformer blocks -> final norm ->
 energy head (FFN -> degree-0 scalar per atom -> sum / avg_num_nodes) and direct force head
 (graph attention -> degree-1 output per atom).
@@ -25,7 +26,7 @@ from eqv2.batch import AtomsBatch
 from eqv2.model.config import ModelConfig
 from eqv2.model.edge_degree_embedding import EdgeDegreeEmbedding
 from eqv2.model.feed_forward import FeedForwardNetwork
-from eqv2.model.graph import pad_graph, radius_graph_pbc, validate_graph, validate_structures
+from eqv2.model.graph import graph_from_offsets, pad_graph, radius_graph_pbc, validate_graph, validate_structures
 from eqv2.model.graph_attention import EquivariantGraphAttention
 from eqv2.model.layer_norm import make_norm
 from eqv2.model.radial import AtomEdgeEmbedding, GaussianRadialBasis, RadialFunction
@@ -49,7 +50,10 @@ class EquiformerV2(nn.Module):
         self.norm = make_norm(cfg.norm_type, cfg.lmax, cfg.sphere_channels)
         self.energy_head = FeedForwardNetwork(cfg, 1)
         self.force_head = EquivariantGraphAttention(cfg, 1, alpha_drop=0.0) if cfg.regress_forces else None
-        self.rotation_align = 1  # row alignment of the per-edge Wigner matrices (EdgeRotation's `align`)
+        self.rotation_align = cfg.rotation_align  # row alignment of the per-edge Wigner matrices (EdgeRotation's)
+        for module in self.modules():
+            if isinstance(module, SO2Convolution):
+                module.fused_input_grad = cfg.so2_fused_input_grad
         self._init_weights(contextlib.nullcontext)
 
     @torch.no_grad()
@@ -91,12 +95,19 @@ class EquiformerV2(nn.Module):
         with torch.autocast(device_type=batch.pos.device.type, enabled=False):
             # geometry in full precision
             pos = batch.pos if batch.pos.dtype == torch.float64 else batch.pos.float()
-            if cfg.validate_inputs:
-                validate_structures(pos, z, batch.natoms, cfg.max_num_elements, batch.ids)
-            graph = radius_graph_pbc(pos, batch.cell.to(pos.dtype), batch.pbc, batch.natoms,
-                                     cfg.max_radius, cfg.max_neighbors, batch.ids)
-            if cfg.validate_inputs:
-                validate_graph(graph, pos, batch.natoms, cfg.max_radius, batch.ids)
+            if batch.edge_index is not None:  # built and checked in the data-loader workers (GraphBuilder)
+                spec = (float(cfg.max_radius), int(cfg.max_neighbors), int(cfg.max_num_elements))
+                if batch.graph_spec != spec:
+                    raise ValueError(f"the batch's graph was built for (max_radius, max_neighbors, "
+                                     f"max_num_elements) = {batch.graph_spec}, the model has {spec}")
+                graph = graph_from_offsets(pos, batch.cell, batch.batch, batch.edge_index, batch.cell_offset)
+            else:
+                if cfg.validate_inputs:
+                    validate_structures(pos, z, batch.natoms, cfg.max_num_elements, batch.ids)
+                graph = radius_graph_pbc(pos, batch.cell.to(pos.dtype), batch.pbc, batch.natoms,
+                                         cfg.max_radius, cfg.max_neighbors, batch.ids)
+                if cfg.validate_inputs:
+                    validate_graph(graph, pos, batch.natoms, cfg.max_radius, batch.ids)
             graph_of_atom, num_real_nodes, num_real_graphs = batch.batch, num_nodes, num_graphs
             if cfg.pad_atoms_multiple or cfg.pad_edges_multiple:
                 graph, num_pad = pad_graph(graph, num_nodes, cfg.pad_atoms_multiple, cfg.pad_edges_multiple,

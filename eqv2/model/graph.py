@@ -125,6 +125,43 @@ def radius_graph_pbc(
     )
 
 
+def graph_from_offsets(pos: torch.Tensor, cell: torch.Tensor, graph_of_atom: torch.Tensor, edge_index: torch.Tensor,
+                       cell_offset: torch.Tensor) -> RadiusGraph:
+    """The graph of a batch whose edges and periodic images were found ahead (`GraphBuilder`): edge
+    vectors pos_j + offset . cell - pos_i computed here, from the current positions and cells, so they
+    are differentiable and rotate with the structure.  No host synchronisation."""
+    src, tgt = edge_index[0], edge_index[1]
+    cells = cell[graph_of_atom[tgt]].to(pos.dtype)  # [E, 3, 3]
+    vec = pos[src] - pos[tgt] + torch.einsum("ek,ekd->ed", cell_offset.to(pos.dtype), cells)  # [E, 3]
+    return RadiusGraph(edge_index=edge_index, edge_vec=vec, distance=vec.norm(dim=-1), cell_offset=cell_offset)
+
+
+class GraphBuilder:
+    """Builds a batch's radius graph ahead of the model, on the CPU, in the data-loader workers.
+
+    `GraphBuilder(max_radius, max_neighbors, max_num_elements)(batch)` returns the batch with
+    `edge_index`, `cell_offset` and `graph_spec` (these three numbers, which the model compares with its
+    own) set; the model then only computes edge vectors (`graph_from_offsets`), so its
+    forward pass has no data-dependent shapes, no host synchronisation and none of the neighbour
+    search's small kernels.  The structure and graph checks the model would make (`validate_*`) are
+    made here, and raise `GraphInputError` naming the structure.  Picklable (sent to worker processes).
+    """
+
+    def __init__(self, max_radius: float, max_neighbors: int, max_num_elements: int) -> None:
+        self.spec = (float(max_radius), int(max_neighbors), int(max_num_elements))
+
+    def __call__(self, batch):
+        from dataclasses import replace
+
+        max_radius, max_neighbors, max_num_elements = self.spec
+        pos = batch.pos if batch.pos.dtype == torch.float64 else batch.pos.float()
+        validate_structures(pos, batch.atomic_numbers, batch.natoms, max_num_elements, batch.ids)
+        graph = radius_graph_pbc(pos, batch.cell.to(pos.dtype), batch.pbc, batch.natoms, max_radius, max_neighbors,
+                                 batch.ids)
+        validate_graph(graph, pos, batch.natoms, max_radius, batch.ids)
+        return replace(batch, edge_index=graph.edge_index, cell_offset=graph.cell_offset, graph_spec=self.spec)
+
+
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 

@@ -163,3 +163,25 @@ def test_cuda_graphs_over_shape_buckets_match_eager():
         for i, key in enumerate(("energy", "forces", "gradients")):
             err = _rel(results[1][i], results[0][i])
             assert err < 1e-4, f"batch {n} {key}: {err:.2e}"
+
+
+def test_training_step_with_graph_built_ahead_has_no_host_sync():
+    """With the graph built in the loader (GraphBuilder) and shape buckets, forward and backward of the
+    model queue GPU work without waiting on it: torch's sync debug mode turns any sync into an error."""
+    from eqv2.model.graph import GraphBuilder
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**CFG, "drop_path_rate": 0.1, "alpha_drop": 0.1, "pad_atoms_multiple": 64,
+                         "pad_edges_multiple": 1024})
+    model = EquiformerV2(cfg).cuda().train()
+    batch = GraphBuilder(cfg.max_radius, cfg.max_neighbors, cfg.max_num_elements)(
+        batch_from_atoms(slab_structures(2, 4), torch.float32)).to("cuda")
+    for sync_mode in ("default", "error"):  # the first pass initialises CUDA libraries (may sync once)
+        torch.cuda.set_sync_debug_mode(sync_mode)
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(batch)
+            (out["energy"].square().sum() + out["forces"].square().sum()).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out["forces"]).all()

@@ -162,13 +162,12 @@ def test_so2_input_gradient_op_leaves_the_model_unchanged(oc20_atoms):
     gradient of the model are bit-identical (float64, eager)."""
     from eqv2.model.so2_convolution import SO2Convolution
 
-    m = tiny().train()
     b = batch_from_atoms([oc20_atoms], torch.float64)
     results = []
     for fused in (False, True):
-        for module in m.modules():
-            if isinstance(module, SO2Convolution):
-                module.fused_input_grad = fused
+        m = tiny(so2_fused_input_grad=fused).train()  # the config key reaches every SO(2) convolution
+        convs = [module for module in m.modules() if isinstance(module, SO2Convolution)]
+        assert len(convs) > 2 and all(conv.fused_input_grad == fused for conv in convs)
         results.append(_outputs_and_gradients(m, b))
     for a, c in zip(*results):
         assert torch.equal(a, c)
@@ -177,11 +176,11 @@ def test_so2_input_gradient_op_leaves_the_model_unchanged(oc20_atoms):
 def test_rotation_align_leaves_the_model_unchanged(oc20_atoms):
     """rotation_align 8 (Wigner matrices in row-padded buffers) gives bit-identical energies, forces and
     gradients (float64, eager)."""
-    m = tiny().train()
     b = batch_from_atoms([oc20_atoms], torch.float64)
     results = []
     for align in (1, 8):
-        m.rotation_align = align
+        m = tiny(rotation_align=align).train()
+        assert m.rotation_align == align
         results.append(_outputs_and_gradients(m, b))
     for a, c in zip(*results):
         assert torch.equal(a, c)

@@ -83,3 +83,33 @@ def test_interrupted_save_never_replaces_the_last_good_checkpoint(tmp_path):
     assert ckpt.find_resume("auto", tmp_path / "fresh") is None  # first start of a requeueable job
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         ckpt.find_resume(str(d / "step_00000012"), tmp_path)
+
+
+def test_structure_that_cannot_be_a_graph_stops_the_run_naming_it(capsys, tmp_path, demo_data):
+    """Graphs are built in the loader (data.build_graphs): a broken structure there is bad input, exit 2."""
+    from eqv2.data.format import sample_key
+    from tests.data.conftest import oc20_frames, with_energy, write_uneven
+
+    samples = with_energy(oc20_frames(8, seed=5))
+    samples[5]["positions"][3] = samples[5]["positions"][1]
+    write_uneven(tmp_path / "data", samples, [4, 4])
+    code = main(["--ds_config", DS, "--config", RUN, "--set", f"data.train_manifest={tmp_path / 'data' / 'manifest.json'}",
+                 "--set", 'data.val_manifest=""', "--set", f"data.stats={demo_data / 'train' / 'stats.json'}",
+                 "--set", f"run_dir={tmp_path / 'run'}"])
+    assert code == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert f"(id {sample_key(samples[5]['sid'], samples[5]['fid'])}): atoms" in err and "coincide" in err
+
+
+def test_graphs_built_in_the_loader_train_like_graphs_built_by_the_model(demo_data, tmp_path):
+    losses = {}
+    for build in (True, False):
+        run_dir = tmp_path / str(build)
+        args = common_args(demo_data, run_dir) + ["--set", "optim.max_steps=4", "--set", f"data.build_graphs={build}"]
+        rc, out = run_train(args)
+        assert rc == [0], out
+        train, _ = records(run_dir)
+        losses[build] = [train[s]["loss"] for s in sorted(train)]
+    assert len(losses[True]) == 4
+    for a, b in zip(losses[True], losses[False]):
+        assert abs(a - b) <= 1e-5 * abs(b), losses

@@ -1,0 +1,56 @@
+"""Radius graphs built in the DataLoader worker processes (the trainer's `data.build_graphs`): every
+batch carries the graph the model would have built, and a structure that cannot be a graph stops the
+stream with an error naming its sample, through the worker processes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from eqv2.data import DataConfig, TrainStream, val_batches
+from eqv2.data.format import sample_key
+from eqv2.model.graph import GraphBuilder, GraphInputError, radius_graph_pbc
+
+from .conftest import oc20_frames, with_energy, write_uneven
+
+BUILDER = GraphBuilder(6.0, 20, 90)
+
+
+def _cfg(d, **kw) -> DataConfig:
+    return DataConfig(train_manifest=str(d / "manifest.json"), val_manifest=str(d / "manifest.json"),
+                      batch_size=3, shuffle_buffer=10, num_workers=2, **kw)
+
+
+def _assert_graph_of(batch) -> None:
+    graph = radius_graph_pbc(batch.pos, batch.cell, batch.pbc, batch.natoms, 6.0, 20)
+    assert batch.graph_spec == (6.0, 20, 90)
+    assert batch.edge_index is not None and batch.cell_offset is not None
+    assert np.array_equal(batch.edge_index.numpy(), graph.edge_index.numpy())
+    assert np.array_equal(batch.cell_offset.numpy(), graph.cell_offset.numpy())
+
+
+def test_train_and_val_batches_carry_the_models_graph(uneven_dir):
+    train = list(TrainStream(_cfg(uneven_dir), 0, 2, BUILDER).epoch_batches(0))
+    val = list(val_batches(_cfg(uneven_dir), 1, 2, BUILDER))
+    assert train and val
+    for batch in train + val:
+        _assert_graph_of(batch)
+    plain = next(iter(TrainStream(_cfg(uneven_dir), 0, 2).epoch_batches(0)))
+    assert plain.edge_index is None and plain.graph_spec is None  # no builder: the model builds it
+
+
+def test_exact_resume_is_unchanged_by_graph_building(uneven_dir):
+    stream = TrainStream(_cfg(uneven_dir), 0, 1, BUILDER)
+    first = [b.ids for b in stream.epoch_batches(0)]
+    again = TrainStream(_cfg(uneven_dir), 0, 1)
+    assert [b.ids for b in again.epoch_batches(0)] == first
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_structure_that_cannot_be_a_graph_names_its_sample(tmp_path, workers):
+    samples = with_energy(oc20_frames(12, seed=3))
+    samples[7]["positions"][4] = samples[7]["positions"][2]  # two atoms at one place
+    bad = sample_key(samples[7]["sid"], samples[7]["fid"])
+    write_uneven(tmp_path, samples, [6, 6])
+    cfg = DataConfig(train_manifest=str(tmp_path / "manifest.json"), batch_size=2, num_workers=workers)
+    with pytest.raises(GraphInputError, match=f"id {bad}\\): atoms (2 and 4|4 and 2) .*coincide"):
+        list(TrainStream(cfg, 0, 1, BUILDER).epoch_batches(0))
