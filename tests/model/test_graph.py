@@ -77,3 +77,55 @@ def test_non_periodic_structure_has_no_images():
     b = batch_from_atoms([atoms])
     g = radius_graph_pbc(b.pos, b.cell, b.pbc, b.natoms, 5.0, 20)
     assert g.edge_index.shape[1] == 6 and torch.all(g.cell_offset == 0)
+
+
+def _brute_force(pos, cell, reps, cutoff):
+    """Every (target, source, image) with |pos_j + n.cell - pos_i| <= cutoff, forming each vector in
+    full: the definition the neighbour search's candidate filter must reproduce exactly.  Also returns
+    every squared distance [i, j, S] and the images [S, 3]."""
+    rng = [torch.arange(-k, k + 1) for k in reps]
+    shifts = torch.cartesian_prod(*rng).reshape(-1, 3)
+    image = torch.einsum("sk,mkd->msd", shifts.to(pos.dtype), cell[None])[0]  # [S, 3]
+    vec = (pos[None, :, None, :] - pos[:, None, None, :]) + image[None, None]  # [i, j, S, 3]
+    dist_sq = (vec * vec).sum(-1)
+    keep = dist_sq <= cutoff * cutoff
+    n = pos.shape[0]
+    keep[torch.arange(n), torch.arange(n), (shifts == 0).all(1).nonzero()[0, 0]] = False
+    return {(int(i), int(j), *shifts[s].tolist()) for i, j, s in keep.nonzero().tolist()}, dist_sq, shifts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_neighbours_exactly_at_the_cutoff_are_found_like_the_definition(dtype):
+    """The cutoff put exactly on the distance of one pair, 40 times: that pair sits on the boundary,
+    where the fast candidate filter (an expansion of |b + L|^2, which cancels digits) is least
+    accurate; the edges must be those of the definition, in float32 and float64."""
+    atoms = small_triclinic() * (2, 1, 1)
+    atoms.rattle(0.05, seed=1)
+    b = batch_from_atoms([atoms], dtype)
+    reps = [6, 6, 6]  # beyond what any cutoff below needs
+    _, dist_sq, _ = _brute_force(b.pos, b.cell[0], reps, 0.0)
+    candidates = dist_sq[(dist_sq > 1.0) & (dist_sq < 49.0)]
+    picks = candidates[torch.randperm(candidates.shape[0], generator=torch.Generator().manual_seed(0))[:40]]
+    for d_sq in picks.tolist():
+        cutoff = d_sq**0.5  # squared again (rounded to the dtype) it is that pair's squared distance
+        g = radius_graph_pbc(b.pos, b.cell, b.pbc, b.natoms, cutoff, 10**6)
+        expected, _, _ = _brute_force(b.pos, b.cell[0], reps, cutoff)
+        assert our_edges(g) == expected, cutoff
+
+
+def test_float32_neighbour_order_is_by_target_then_distance_then_candidate():
+    """float32 edges are ordered by one stable sort of an integer key (target, distance bits): the
+    same permutation as stable sorts by distance then target, also among exactly tied distances."""
+    from eqv2.model.graph import _target_distance_order
+
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 1)
+    b = batch_from_atoms([atoms], torch.float32)
+    g = radius_graph_pbc(b.pos, b.cell, b.pbc, b.natoms, 8.0, 10**6)
+    shuffle = torch.randperm(g.distance.shape[0], generator=torch.Generator().manual_seed(0))
+    tgt, dist = g.edge_index[1][shuffle], g.distance[shuffle]
+    ties = (torch.unique(torch.stack([tgt.float(), dist]), dim=1, return_counts=True)[1] > 1).sum()
+    assert ties > 100  # the lattice's symmetric neighbours: many exact ties
+    two_sorts = torch.sort(dist, stable=True).indices
+    two_sorts = two_sorts[torch.sort(tgt[two_sorts], stable=True).indices]
+    assert torch.equal(_target_distance_order(tgt, dist), two_sorts)
+    assert torch.equal(_target_distance_order(tgt, dist.double()), two_sorts)
