@@ -88,16 +88,20 @@ def _grads(model) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
-def test_compiled_bf16_fast_path_matches_eager_reference_and_is_equivariant():
-    """Same weights: the fast path (compiled, fused S2 kernel, bf16) is as close to the float32 eager
-    reference as bf16 eager autocast is, for energies, forces and every gradient; and its rotation
-    error is no larger than bf16 eager's (within 10 %)."""
+@pytest.mark.parametrize("fused_input_grad, rotation_align", [(False, 1), (True, 8)])
+def test_compiled_bf16_fast_path_matches_eager_reference_and_is_equivariant(fused_input_grad, rotation_align):
+    """Same weights: the fast path (compiled, fused S2 kernel, bf16; with and without the SO(2) input
+    gradient op and row-aligned Wigner matrices) is as close to the float32 eager reference as bf16
+    eager autocast is, for energies, forces and every gradient; and its rotation error is no larger
+    than bf16 eager's (within 10 %)."""
     from eqv2.training.compile import CompileConfig, apply_compile
 
     torch.manual_seed(0)
     cfg = ModelConfig(**{**FAST_CFG, "max_radius": 6.0, "max_neighbors": 1000})
     ref_model = EquiformerV2(cfg).cuda().train()
-    fast_model = EquiformerV2(cfg).cuda().train()
+    fast_model = EquiformerV2(ModelConfig(**{**FAST_CFG, "max_radius": 6.0, "max_neighbors": 1000,
+                                             "so2_fused_input_grad": fused_input_grad,
+                                             "rotation_align": rotation_align})).cuda().train()
     fast_model.load_state_dict(ref_model.state_dict())
     apply_compile(fast_model, CompileConfig(enabled=True))
     results = {}
@@ -140,7 +144,9 @@ def test_compiled_model_equivariant_float64_on_gpu(oc20_atoms):
 
 def test_cuda_graphs_over_shape_buckets_match_eager():
     """compile.mode=reduce-overhead with padded shapes: CUDA graphs replayed for forward and backward
-    (with activation checkpointing on one block) give the eager model's outputs and gradients."""
+    (with activation checkpointing on one block), fed graphs built ahead as in training, give the eager
+    model's outputs and gradients (which builds its graphs itself)."""
+    from eqv2.model.graph import GraphBuilder
     from eqv2.training.activation_checkpointing import ActivationCheckpointConfig, apply_activation_checkpointing
     from eqv2.training.compile import CompileConfig, apply_compile
 
@@ -152,12 +158,13 @@ def test_cuda_graphs_over_shape_buckets_match_eager():
     apply_compile(fast_model, CompileConfig(enabled=True, mode="reduce-overhead"))
     apply_activation_checkpointing(fast_model, ActivationCheckpointConfig(enabled=True, every=2))
     for n in (4, 5, 4, 6, 5):  # shapes repeat: later steps replay recorded graphs
-        batch = batch_from_atoms(slab_structures(n, n), torch.float32).to("cuda")
+        batch = batch_from_atoms(slab_structures(n, n), torch.float32)
+        ahead = GraphBuilder(6.0, 1000, fast_model.cfg.max_num_elements)(batch).to("cuda")
         results = []
-        for model in (ref_model, fast_model):
+        for model, inputs in ((ref_model, batch.to("cuda")), (fast_model, ahead)):
             torch.compiler.cudagraph_mark_step_begin()
             model.zero_grad(set_to_none=True)
-            out = model(batch)
+            out = model(inputs)
             (out["energy"].sum() + out["forces"].pow(2).sum()).backward()
             results.append((out["energy"].detach().clone(), out["forces"].detach().clone(), _grads(model).clone()))
         for i, key in enumerate(("energy", "forces", "gradients")):
