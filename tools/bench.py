@@ -120,14 +120,24 @@ def profile_steps(step, batches, path: Path, title: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    start = time.perf_counter()
     with profile(activities=activities) as prof:
         for b in batches:
             step(b)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+    wall = time.perf_counter() - start
     sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    summary = f"{wall / len(batches) * 1e3:.1f} ms wall per step (profiler overhead included)"
+    if torch.cuda.is_available():
+        from torch.autograd import DeviceType
+
+        from eqv2.training.profiling import busy_and_gaps_us
+        busy, gaps = busy_and_gaps_us([(e.time_range.start, e.time_range.end) for e in prof.events()
+                                       if e.device_type == DeviceType.CUDA])
+        summary += f"; GPU busy {busy / len(batches) / 1e3:.1f} ms per step, longest idle gap {max(gaps, default=0) / 1e3:.1f} ms"
     with open(path, "a") as fh:
-        fh.write(f"## {title}, {len(batches)} steps\n{prof.key_averages().table(sort_by=sort, row_limit=30)}\n")
+        fh.write(f"## {title}, {len(batches)} steps: {summary}\n{prof.key_averages().table(sort_by=sort, row_limit=40)}\n")
 
 
 def eqv2_step_fn(cfg: ModelConfig, device, dtype, compiled: bool, ac_every: int = 0, mode: str = "default",

@@ -2,8 +2,9 @@
 
 `log.profile_steps: [first, last]` (1-based step numbers, as logged) records those steps on every rank
 and writes `profile_rank<r>.txt` into the run directory: the operator and kernel table sorted by device
-time (GPU) or host time (CPU), plus the wall-clock seconds per profiled step, which the table's totals
-can be compared with (GPU time well below wall time means the step waits on the host).  Profiling
+time (GPU) or host time (CPU), plus the wall-clock seconds per profiled step and, on a GPU, the time
+some kernel was running (the union of kernel intervals) and the idle gaps between: GPU busy well below
+wall time means the step waits on the host; a second table then shows where the host time goes.  Profiling
 slows the profiled steps; the throughput logged for their interval is not representative.
 """
 from __future__ import annotations
@@ -53,10 +54,21 @@ class StepProfiler:
         wall = time.perf_counter() - self.t0
         self.prof.__exit__(None, None, None)
         n = self.last - self.first + 1
-        sort = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-        table = self.prof.key_averages().table(sort_by=sort, row_limit=80)
-        self.path.write_text(f"steps {self.first}-{self.last}: {wall / n * 1e3:.1f} ms wall per step "
-                             f"(profiler overhead included)\n{table}\n")
+        head = f"steps {self.first}-{self.last}: {wall / n * 1e3:.1f} ms wall per step (profiler overhead included)\n"
+        averages = self.prof.key_averages()
+        if self.device.type == "cuda":
+            from torch.autograd import DeviceType
+
+            kernels = [(e.time_range.start, e.time_range.end) for e in self.prof.events()
+                       if e.device_type == DeviceType.CUDA]
+            busy, gaps = busy_and_gaps_us(kernels)
+            head += (f"GPU busy {busy / n / 1e3:.1f} ms per step ({100 * busy / 1e6 / wall:.0f} % of wall); "
+                     f"idle gaps > 1 ms: {len([g for g in gaps if g > 1e3])}, longest {max(gaps, default=0) / 1e3:.1f} ms\n")
+            tables = averages.table(sort_by="self_device_time_total", row_limit=60) + "\n## host time\n" + \
+                averages.table(sort_by="self_cpu_time_total", row_limit=30)
+        else:
+            tables = averages.table(sort_by="self_cpu_time_total", row_limit=80)
+        self.path.write_text(f"{head}{tables}\n")
         self.prof = None
 
     def close(self) -> None:
@@ -65,3 +77,18 @@ class StepProfiler:
             self.prof.__exit__(None, None, None)
             self.prof = None
 
+
+
+def busy_and_gaps_us(intervals: list[tuple[float, float]]) -> tuple[float, list[float]]:
+    """(length of the union of [start, end] intervals, the gaps between its pieces), in their unit."""
+    busy, gaps, end = 0.0, [], None
+    for start, stop in sorted(intervals):
+        if end is None or start > end:
+            if end is not None:
+                gaps.append(start - end)
+            busy += stop - start
+            end = stop
+        elif stop > end:
+            busy += stop - end
+            end = stop
+    return busy, gaps

@@ -23,3 +23,11 @@ def test_bad_profile_steps_name_the_key(capsys, demo_data):
     for bad in ("[3, 2]", "[0, 1]", "[5]"):
         assert main(["--ds_config", DS, "--config", RUN, *data_args(demo_data), "--set", f"log.profile_steps={bad}"]) == EXIT_CONFIG
         assert "log.profile_steps must be [first, last]" in capsys.readouterr().err
+
+
+def test_gpu_busy_time_is_the_union_of_kernel_intervals():
+    from eqv2.training.profiling import busy_and_gaps_us
+
+    busy, gaps = busy_and_gaps_us([(10, 20), (0, 5), (15, 30), (40, 41), (18, 19)])
+    assert busy == 5 + 20 + 1 and gaps == [5, 10]
+    assert busy_and_gaps_us([]) == (0.0, [])
