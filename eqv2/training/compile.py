@@ -42,6 +42,10 @@ class CompileConfig:
     # fraction of the compiled parts' activations the backward pass may keep (torch's min-cut partitioner
     # then recomputes the cheapest rest, elementwise ops and gathers before matrix products); 1.0: all
     activation_memory_budget: float = 1.0
+    # with a budget < 1: custom kernels (the fused S2 activation) are weighed by their FLOPs when the
+    # partitioner chooses what to recompute, like matrix products; false: torch's default, which treats
+    # them as free to recompute (so a budget of 0.5 recomputed the S2 activation in every block)
+    weigh_custom_ops: bool = True
     # Inductor's C++ wrapper: the compiled graphs launch their kernels from generated C++ instead of
     # Python (less host time per kernel; longer compilation)
     cpp_wrapper: bool = False
@@ -84,7 +88,7 @@ def apply_compile(model: nn.Module, cfg: CompileConfig) -> list[str]:
         compiled = torch.compile(part.forward, options=inductor_options(cfg.mode, cfg.cpp_wrapper),
                                  dynamic=cfg.dynamic, fullgraph=True)
         if cfg.activation_memory_budget < 1.0:
-            compiled = _with_memory_budget(compiled, cfg.activation_memory_budget)
+            compiled = _with_memory_budget(compiled, cfg.activation_memory_budget, cfg.weigh_custom_ops)
         part.forward = compiled
     return names
 
@@ -108,11 +112,15 @@ def inductor_options(mode: str, cpp_wrapper: bool = False) -> dict:
     return options
 
 
-def _with_memory_budget(compiled, budget: float):
+def _with_memory_budget(compiled, budget: float, weigh_custom_ops: bool = True):
     """Call `compiled` with torch's partitioner budget set: compilation happens lazily, at a call (and at
     any recompilation), so the setting is scoped to the calls rather than set process-wide.  Compiled
     code is cached per code object, so a process uses the budget of its first compilation: one budget
     per process (the trainer builds one model).
+
+    weigh_custom_ops: functorch's `is_non_builtin_to_include` (where torch has it): custom ops are banned from
+    the min-cut's free recomputation and enter the budget's knapsack with their FLOP count (the fused
+    S2 op registers one), so they are recomputed only when the budget needs it.
 
     On CPU, Inductor's vectorised C++ kernels are turned off, process-wide, at the first call: with torch
     2.13 a recomputing partition of the attention backward produced a vectorised kernel that wrote out
@@ -123,11 +131,15 @@ def _with_memory_budget(compiled, budget: float):
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
+    settings = {"activation_memory_budget": budget}
+    if hasattr(functorch_config, "is_non_builtin_to_include"):
+        settings["is_non_builtin_to_include"] = weigh_custom_ops
+
     @functools.wraps(compiled)
     def call(*args, **kwargs):
         if not any(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
             inductor_config.cpp.simdlen = 1
-        with functorch_config.patch(activation_memory_budget=budget):
+        with functorch_config.patch(**settings):
             return compiled(*args, **kwargs)
     return call
 

@@ -244,3 +244,45 @@ def test_so2_microbenchmark_tool_runs_and_reports(tmp_path):
     assert all("error" not in r and r["us_per_fwd_bwd"] > 0 for r in results), results
     bad = subprocess.run(cmd[:-2] + ["--inductor", "no_such_key=1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert bad.returncode != 0 and "no_such_key" in bad.stderr
+
+
+WEIGHED = textwrap.dedent("""
+    import sys
+    import torch
+    from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from eqv2.model.fused_s2_activation import s2_silu
+    from eqv2.training.compile import _with_memory_budget
+
+    graphs = {}
+    def capture(name):
+        def compiler(gm, inputs):
+            graphs[name] = gm.code
+            return make_boxed_func(gm.forward)
+        return compiler
+    def backend(gm, inputs):
+        return aot_module_simplified(gm, inputs, fw_compiler=capture("fw"), bw_compiler=capture("bw"),
+                                     partition_fn=min_cut_rematerialization_partition)
+    torch.manual_seed(0)
+    to_grid, from_grid = torch.randn(40, 16, dtype=torch.float64), torch.randn(40, 16, dtype=torch.float64)
+    w1, w2 = (torch.randn(8, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    def block(x):
+        y = s2_silu(torch.nn.functional.silu(x @ w1), to_grid, from_grid)
+        return (torch.tanh(y) @ w2).sum()
+    x = torch.randn(64, 16, 8, dtype=torch.float64, requires_grad=True)
+    _with_memory_budget(torch.compile(block, backend=backend), 0.5, sys.argv[1] == "1")(x).backward()
+    print("RECOMPUTED", "eqv2.s2_silu.default" in graphs["bw"])
+""")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (pip install triton) for its interpreter")
+@pytest.mark.parametrize("weigh, recomputed", [(True, False), (False, True)])
+def test_memory_budget_weighs_the_fused_s2_op_instead_of_recomputing_it_for_free(weigh, recomputed):
+    """At budget 0.5 torch's default partitioner treats custom ops as free to recompute, so the backward
+    pass ran the S2 kernel a second time in every block; compile.weigh_custom_ops (default) puts it in
+    the budget's knapsack by its FLOPs, where it is kept.  The partition is read from the backward graph."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", WEIGHED, "1" if weigh else "0"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"RECOMPUTED {recomputed}" in proc.stdout, proc.stdout[-2000:]
