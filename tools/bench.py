@@ -142,7 +142,7 @@ def profile_steps(step, batches, path: Path, title: str) -> None:
 
 def eqv2_step_fn(cfg: ModelConfig, device, dtype, compiled: bool, ac_every: int = 0, mode: str = "default",
                  memory_budget: float = 1.0, cpp_wrapper: bool = False, fused_input_grad: bool | None = None,
-                 rotation_align: int | None = None):
+                 rotation_align: int | None = None, weigh_custom_ops: bool = True):
     if fused_input_grad is not None:
         cfg = dataclasses.replace(cfg, so2_fused_input_grad=fused_input_grad)
     if rotation_align is not None:
@@ -150,6 +150,7 @@ def eqv2_step_fn(cfg: ModelConfig, device, dtype, compiled: bool, ac_every: int 
     model = EquiformerV2(cfg).to(device).train()
     if compiled:
         apply_compile(model, CompileConfig(enabled=True, mode=mode, activation_memory_budget=memory_budget,
+                                           weigh_custom_ops=weigh_custom_ops,
                                            cpp_wrapper=cpp_wrapper))
     if ac_every:
         apply_activation_checkpointing(model, ActivationCheckpointConfig(enabled=True, every=ac_every))
@@ -229,6 +230,8 @@ def main(argv=None) -> int:
                         help="Inductor mode of the compiled impl (reduce-overhead: CUDA graphs, needs --pad)")
     parser.add_argument("--memory-budget", type=float, default=1.0,
                         help="compile.activation_memory_budget of the compiled impl (one value per process)")
+    parser.add_argument("--no-weigh-custom-ops", action="store_true",
+                        help="compile.weigh_custom_ops=false: torch's default, custom ops free to recompute")
     parser.add_argument("--fused-input-grad", choices=["on", "off"], default=None,
                         help="model.so2_fused_input_grad: input gradients from eqv2::so2_input_grad (default: the config's)")
     parser.add_argument("--rotation-align", type=int, default=None,
@@ -266,6 +269,7 @@ def main(argv=None) -> int:
             batches = [b.to(device) for b in batches]
             atoms = sum(int(b.natoms.sum()) for b in batches[args.warmup:])
             budget = f"-mb{args.memory_budget:g}" if args.memory_budget < 1.0 else ""
+            budget += "-s2free" if args.no_weigh_custom_ops and args.memory_budget < 1.0 else ""
             extra = budget + ("-cppwrap" if args.cpp_wrapper else "")
             fused_input_grad = None if args.fused_input_grad is None else args.fused_input_grad == "on"
             fused = ("-fusedgrad" if fused_input_grad or (fused_input_grad is None and cfg.so2_fused_input_grad) else "")
@@ -275,7 +279,7 @@ def main(argv=None) -> int:
             runs = [(f"eqv2-{impl}" + (f"-ac{k}" if k else "") + (extra if impl == "compiled" else "") + fused,
                      lambda impl=impl, k=k: eqv2_step_fn(cfg, device, dtype, impl == "compiled", k, args.mode,
                                                          args.memory_budget, args.cpp_wrapper, fused_input_grad,
-                                                         args.rotation_align))
+                                                         args.rotation_align, not args.no_weigh_custom_ops))
                     for impl in args.impls for k in args.ac_every]
             if args.reference:
                 runs.append(("fairchem-1.10.0", lambda: reference_step_fn(cfg, device)))
