@@ -46,6 +46,13 @@ class AtomsBatch:
             moved[f.name] = value
         return replace(self, **moved)
 
+    def pin_memory(self) -> "AtomsBatch":
+        """The batch with its tensors in page-locked host memory (the DataLoader's pinning thread calls
+        this on a GPU machine), so that `to(device, non_blocking=True)` copies without blocking the host."""
+        pinned = {f.name: getattr(self, f.name).pin_memory() for f in fields(self)
+                  if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **pinned)
+
     @classmethod
     def from_arrays(
         cls,

@@ -127,8 +127,11 @@ def _iterate(reader: _SlotReader, cfg: DataConfig, step: int, positions: list[tu
     dataset = _EpochDataset(reader, starts, positions, step % n)
     if cfg.num_workers == 0:
         return iter(dataset)
+    # on a GPU machine batches arrive in pinned memory: the trainer's non-blocking copy then overlaps
+    # the GPU's work instead of waiting for it
     loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, collate_fn=_identity,
-                        prefetch_factor=cfg.prefetch_factor, persistent_workers=False)
+                        prefetch_factor=cfg.prefetch_factor, persistent_workers=False,
+                        pin_memory=torch.cuda.is_available())
     return iter(loader)
 
 

@@ -192,3 +192,25 @@ def test_training_step_with_graph_built_ahead_has_no_host_sync():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out["forces"]).all()
+
+
+def test_loader_batches_arrive_pinned_and_copy_without_blocking(tmp_path):
+    """On a GPU machine the DataLoader pins each AtomsBatch (AtomsBatch.pin_memory), graph included,
+    so the trainer's `to(device, non_blocking=True)` is an asynchronous copy."""
+    from eqv2.data import DataConfig, TrainStream
+    from eqv2.model.graph import GraphBuilder
+    from tests.data.conftest import oc20_frames, with_energy, write_uneven
+
+    write_uneven(tmp_path, with_energy(oc20_frames(8, seed=2)), [4, 4])
+    cfg = DataConfig(train_manifest=str(tmp_path / "manifest.json"), batch_size=2, num_workers=2)
+    batches = list(TrainStream(cfg, 0, 1, GraphBuilder(6.0, 20, 90)).epoch_batches(0))
+    assert len(batches) == 4
+    for batch in batches:
+        tensors = [v for v in vars(batch).values() if isinstance(v, torch.Tensor)]
+        assert len(tensors) >= 8 and all(t.is_pinned() for t in tensors)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            on_gpu = batch.to("cuda", non_blocking=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.equal(on_gpu.edge_index.cpu(), batch.edge_index)
