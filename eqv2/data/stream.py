@@ -78,13 +78,15 @@ class _SlotReader:
                     continue
                 n = len(sample["numbers"])
                 if starts_new_batch(slot, k, self.batch_size, self.max_atoms, b, len(members), atoms, position, cum, n):
-                    yield self._collate(members, atoms), local, (position, cum), skipped, messages
+                    batch, dropped = self._collate(members, atoms, messages)
+                    yield batch, local, (position, cum), skipped + dropped, messages
                     b, members, atoms, skipped, messages = b + 1, [], 0, 0, []
                 members.append(sample)
                 atoms += n
                 cum += n
         if members:
-            yield self._collate(members, atoms), local, (slot.samples, cum), skipped, messages
+            batch, dropped = self._collate(members, atoms, messages)
+            yield batch, local, (slot.samples, cum), skipped + dropped, messages
             b += 1
         if b != k:
             raise SampleError(
@@ -93,11 +95,31 @@ class _SlotReader:
                 f"cannot stay in step; repair or remove the bad shards"
             )
 
-    def _collate(self, samples: list[dict], atoms: int) -> AtomsBatch:
+    def _collate(self, samples: list[dict], atoms: int, messages: list[str]) -> tuple[AtomsBatch, int]:
+        """(the batch of `samples`, prepared; how many samples were dropped).  `prepare` may reject one
+        structure by raising a ValueError whose `structure` attribute is its index in the batch
+        (GraphInputError: coinciding atoms, an atom without neighbours): with on_error=skip that sample
+        is dropped, counted and its message appended to `messages`, like an undecodable one."""
         if self.max_atoms and atoms > self.max_atoms:  # guaranteed by the plan; checked because OOM is costly
             raise AssertionError(f"batch of {atoms} atoms exceeds max_atoms={self.max_atoms}")
-        batch = AtomsBatch.from_arrays(samples, ids=[sample_key(s["sid"], s["fid"]) for s in samples])
-        return self.prepare(batch) if self.prepare is not None else batch
+        samples, dropped = list(samples), 0
+        while True:
+            batch = AtomsBatch.from_arrays(samples, ids=[sample_key(s["sid"], s["fid"]) for s in samples])
+            if self.prepare is None:
+                return batch, dropped
+            try:
+                return self.prepare(batch), dropped
+            except ValueError as err:
+                bad = getattr(err, "structure", None)
+                if self.on_error != "skip" or bad is None:
+                    raise
+                if len(messages) < _MAX_LOGGED:
+                    messages.append(str(err))
+                del samples[bad]
+                dropped += 1
+                if not samples:
+                    raise SampleError(f"every sample of a batch was rejected (last: {err}); on_error=skip cannot "
+                                      f"keep the ranks in step without it: repair or remove these samples") from err
 
 
 class _EpochDataset(IterableDataset):

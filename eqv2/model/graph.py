@@ -19,7 +19,12 @@ import torch
 
 
 class GraphInputError(ValueError):
-    """A structure cannot be turned into a graph; the message names the structure and the problem."""
+    """A structure cannot be turned into a graph; the message names the structure and the problem,
+    `structure` is its index in the batch."""
+
+    def __init__(self, message: str, structure: int | None = None):
+        super().__init__(message)
+        self.structure = structure
 
 
 @dataclass
@@ -41,7 +46,7 @@ def _image_counts(cell: torch.Tensor, pbc: torch.Tensor, radius: float, ids: lis
     singular = pbc.any(dim=1) & (det.abs() / volume_scale < 1e-8)
     if bool(singular.any()):
         b = int(singular.nonzero()[0])
-        raise GraphInputError(f"{_name(ids, b)}: the periodic cell is singular (det = {float(det[b]):.3g})")
+        raise GraphInputError(f"{_name(ids, b)}: the periodic cell is singular (det = {float(det[b]):.3g})", b)
     safe = torch.where(pbc.any(dim=1)[:, None, None], cell.to(torch.float64), torch.eye(3, dtype=torch.float64, device=cell.device))
     # spacing of lattice planes k = 1 / |row k of inv(cell)^T| = 1 / |column k of inv(cell)|
     plane_spacing = 1.0 / torch.linalg.inv(safe).norm(dim=1)  # [B, 3]
@@ -111,7 +116,7 @@ def radius_graph_pbc(
             b = int(graph_of_pair[p])
             raise GraphInputError(
                 f"{_name(ids, b)}: atoms {int(tgt[p] - start[p])} and {int(src[p] - start[p])} (image "
-                f"{shifts[s].tolist()}) coincide (distance {float(dist_sq[c].sqrt()):.2e} Å)"
+                f"{shifts[s].tolist()}) coincide (distance {float(dist_sq[c].sqrt()):.2e} Å)", b
             )
         kept = keep.nonzero().squeeze(1)
         p_idx, vec = p_c.index_select(0, kept), vec.index_select(0, kept)
@@ -230,18 +235,18 @@ def validate_structures(
         return
     if bool(flags[0]):
         b = int((natoms <= 0).nonzero()[0])
-        raise GraphInputError(f"{_name(ids, b)}: empty structure (no atoms)")
+        raise GraphInputError(f"{_name(ids, b)}: empty structure (no atoms)", b)
     first = torch.cumsum(natoms, 0) - natoms
     if bool(flags[1]):
         a = int(bad_z.nonzero()[0])
         b = int(batch[a])
         raise GraphInputError(
             f"{_name(ids, b)}: atomic number {int(atomic_numbers[a])} of atom {a - int(first[b])} is outside "
-            f"the embedding table [1, {max_num_elements - 1}]"
+            f"the embedding table [1, {max_num_elements - 1}]", b
         )
     a = int(bad_pos.nonzero()[0])
     b = int(batch[a])
-    raise GraphInputError(f"{_name(ids, b)}: atom {a - int(first[b])} has a non-finite position {pos[a].tolist()}")
+    raise GraphInputError(f"{_name(ids, b)}: atom {a - int(first[b])} has a non-finite position {pos[a].tolist()}", b)
 
 
 def validate_graph(graph: RadiusGraph, pos: torch.Tensor, natoms: torch.Tensor, max_radius: float, ids: list[str] | None = None) -> None:
@@ -253,4 +258,4 @@ def validate_graph(graph: RadiusGraph, pos: torch.Tensor, natoms: torch.Tensor, 
         a = int(lonely.nonzero()[0])
         b = int(batch[a])
         local = a - int(natoms[:b].sum())
-        raise GraphInputError(f"{_name(ids, b)}: atom {local} has no neighbour within max_radius {max_radius} Å")
+        raise GraphInputError(f"{_name(ids, b)}: atom {local} has no neighbour within max_radius {max_radius} Å", b)

@@ -54,3 +54,35 @@ def test_structure_that_cannot_be_a_graph_names_its_sample(tmp_path, workers):
     cfg = DataConfig(train_manifest=str(tmp_path / "manifest.json"), batch_size=2, num_workers=workers)
     with pytest.raises(GraphInputError, match=f"id {bad}\\): atoms (2 and 4|4 and 2) .*coincide"):
         list(TrainStream(cfg, 0, 1, BUILDER).epoch_batches(0))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_on_error_skip_drops_a_structure_that_cannot_be_a_graph(tmp_path, workers, caplog):
+    import logging
+
+    samples = with_energy(oc20_frames(12, seed=3))
+    samples[7]["positions"][4] = samples[7]["positions"][2]
+    bad = sample_key(samples[7]["sid"], samples[7]["fid"])
+    write_uneven(tmp_path, samples, [6, 6])
+    cfg = DataConfig(train_manifest=str(tmp_path / "manifest.json"), batch_size=2, num_workers=workers,
+                     on_error="skip")
+    stream = TrainStream(cfg, 0, 1, BUILDER)
+    with caplog.at_level(logging.INFO, logger="eqv2.data"):
+        batches = list(stream.epoch_batches(0))
+    ids = [i for b in batches for i in b.ids]
+    assert len(batches) == stream.steps_in_epoch(0)  # the plan's step count is kept: one batch is smaller
+    assert len(ids) == 11 and bad not in ids and stream.skipped == 1
+    assert any(bad in r.getMessage() and "coincide" in r.getMessage() for r in caplog.records)
+    for batch in batches:
+        _assert_graph_of(batch)
+
+
+def test_on_error_skip_refuses_a_batch_with_no_good_structure(tmp_path):
+    samples = with_energy(oc20_frames(4, seed=3))
+    for s in samples:
+        s["positions"][1] = s["positions"][0]
+    write_uneven(tmp_path, samples, [4])
+    cfg = DataConfig(train_manifest=str(tmp_path / "manifest.json"), batch_size=2, num_workers=0, on_error="skip")
+    from eqv2.data import SampleError
+    with pytest.raises(SampleError, match="every sample of a batch was rejected .*coincide"):
+        list(TrainStream(cfg, 0, 1, BUILDER).epoch_batches(0))
