@@ -44,6 +44,9 @@ class EquiformerV2(nn.Module):
         self.atom_embedding = nn.Embedding(cfg.max_num_elements, cfg.sphere_channels)
         self.radial_basis = GaussianRadialBasis(cfg.max_radius, cfg.num_distance_basis)
         self.wigner = WignerD(cfg.lmax)
+        # the edge rotation's index tables, on the model's device (no host-to-device copy per forward)
+        self.register_buffer("rotation_index", self.layout.reduced_to_full.clone(), persistent=False)
+        self.register_buffer("rotation_degree", self.layout.degree_of_reduced.clone(), persistent=False)
         self.edge_degree_embedding = EdgeDegreeEmbedding(cfg)
         self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.num_layers))
         self.norm = make_norm(cfg.norm_type, cfg.lmax, cfg.sphere_channels)
@@ -123,7 +126,8 @@ class EquiformerV2(nn.Module):
                 z = torch.cat([z, z.new_ones(num_pad)])  # padding atoms: hydrogen, in structure `num_graphs`
                 graph_of_atom = torch.cat([graph_of_atom, graph_of_atom.new_full((num_pad,), num_graphs)])
                 num_nodes, num_graphs = num_nodes + num_pad, num_graphs + 1
-            rotation = EdgeRotation(self.wigner(graph.edge_vec), self.layout, compute_dtype(pos), self.rotation_align)
+            rotation = EdgeRotation(self.wigner(graph.edge_vec), self.layout, compute_dtype(pos), self.rotation_align,
+                                    (self.rotation_index, self.rotation_degree))
             distance_basis = self.radial_basis(graph.distance)  # [E, num_basis]
         edge_index = graph.edge_index
         x = torch.zeros(num_nodes, (cfg.lmax + 1) ** 2, cfg.sphere_channels, device=pos.device, dtype=pos.dtype)

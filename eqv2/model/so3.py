@@ -69,9 +69,15 @@ class CoefficientLayout:
         Degrees l > M_max keep only 2*M_max+1 of their 2l+1 orders; the reference rescales them by
         sqrt((2l+1) / (2*M_max+1)) when rotating back so their magnitude matches the full rotation.
         """
-        l = self.degree_of_reduced.to(torch.float64)
-        factor = torch.sqrt((2 * l + 1) / (2 * self.mmax + 1))
-        return torch.where(self.degree_of_reduced > self.mmax, factor, torch.ones_like(factor))
+        return inverse_rescale(self.degree_of_reduced, self.mmax)
+
+
+def inverse_rescale(degree: torch.Tensor, mmax: int) -> torch.Tensor:
+    """[K] float64 rotate-back factors of coefficients of degrees `degree` (see
+    CoefficientLayout.inverse_rescale), computed on `degree`'s device."""
+    l = degree.to(torch.float64)
+    factor = torch.sqrt((2 * l + 1) / (2 * mmax + 1))
+    return torch.where(degree > mmax, factor, torch.ones_like(factor))
 
 
 def _polar_rotation(angle: torch.Tensor, l: int) -> torch.Tensor:
@@ -138,15 +144,20 @@ class EdgeRotation:
     """
 
     def __init__(self, wigner: torch.Tensor, layout: CoefficientLayout, dtype: torch.dtype | None = None,
-                 align: int = 1):
+                 align: int = 1, tables: tuple[torch.Tensor, torch.Tensor] | None = None):
         """align: row stride of the stored matrices rounded up to a multiple of `align` elements (the
         matrices are views of zero-padded buffers).  K and (L+1)^2 are odd (37 and 49 for L 6, M 3), so
         unpadded bf16 rows are 74 and 98 bytes long; GPU matrix kernels need 16-byte aligned rows
-        (align 8 in bf16) for their fast paths.  The values and results do not change."""
+        (align 8 in bf16) for their fast paths.  The values and results do not change.
+
+        tables: the layout's (reduced_to_full, degree_of_reduced) already on the Wigner matrices' device
+        (the model keeps them as buffers); without them they are copied from the host, which on a GPU
+        is a synchronous copy that waits for all queued work."""
         dtype = dtype or wigner.dtype
-        idx = layout.reduced_to_full.to(wigner.device)
-        to_edge = wigner.index_select(1, idx)  # [E, K, (L+1)^2]
-        rescale = layout.inverse_rescale().to(wigner.device, wigner.dtype)
+        index, degree = tables if tables is not None else (layout.reduced_to_full.to(wigner.device),
+                                                           layout.degree_of_reduced.to(wigner.device))
+        to_edge = wigner.index_select(1, index)  # [E, K, (L+1)^2]
+        rescale = inverse_rescale(degree, layout.mmax).to(wigner.dtype)
         self.to_edge = _aligned_rows(to_edge.to(dtype), align)
         self.from_edge = _aligned_rows((to_edge.transpose(1, 2) * rescale).to(dtype), align)  # [E, (L+1)^2, K]
         self.dtype = dtype
