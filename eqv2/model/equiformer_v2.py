@@ -16,6 +16,7 @@ Departures from the reference implementation (fairchem), none of which change th
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -103,7 +104,7 @@ class EquiformerV2(nn.Module):
         cfg = self.cfg
         z = batch.atomic_numbers.long()
         num_nodes, num_graphs = z.shape[0], batch.natoms.shape[0]
-        with torch.autocast(device_type=batch.pos.device.type, enabled=False):
+        with _full_precision(batch.pos.device.type):
             # geometry in full precision
             pos = batch.pos if batch.pos.dtype == torch.float64 else batch.pos.float()
             if batch.edge_index is not None:  # built and checked in the data-loader workers (GraphBuilder)
@@ -149,10 +150,19 @@ class EquiformerV2(nn.Module):
         return out
 
 
+def _full_precision(device_type: str):
+    """Autocast off for `device_type` (geometry in full precision); nothing to turn off on devices
+    without autocast (the `meta` device of the no-host-sync test)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype matrix products run in: autocast's (bfloat16) when it is on for x's device, else x's."""
     device_type = x.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    return torch.get_autocast_dtype(device_type) if autocast else x.dtype
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -105,7 +105,7 @@ class SO2Convolution(nn.Module):
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype autocast gives a linear layer on x (x's own dtype when autocast is off)."""
-    if torch.is_autocast_enabled(x.device.type):
+    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
