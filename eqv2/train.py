@@ -323,7 +323,7 @@ def take_step(engine, micro: list[AtomsBatch], loss_fn: EnergyForceLoss, zero_lo
         out = engine(batch)
         loss, terms = loss_fn(out, batch, counts, scale)
         flags = all_reduce_max(torch.stack([(~torch.isfinite(loss)).float(),
-                                            loss.new_tensor(float(stop.requested))]))
+                                            loss.new_full((), float(stop.requested))]))
         bad, stop_flag = (v > 0 for v in flags.tolist())
         stop_now = stop_now or stop_flag
         if bad:

@@ -66,8 +66,9 @@ def free_atom_mask(batch: AtomsBatch, free_only: bool) -> torch.Tensor:
 def local_counts(batch: AtomsBatch, free_only: bool) -> torch.Tensor:
     """[3] float64: (structures, free atoms, atoms) of one micro-batch, summed over a step and ranks."""
     n_free = free_atom_mask(batch, free_only).sum()
-    n_atoms = batch.natoms.new_tensor(batch.atomic_numbers.shape[0])
-    return torch.stack([batch.natoms.new_tensor(batch.num_graphs), n_free, n_atoms]).double()
+    # new_full: filled on the device (new_tensor would copy from the host, a synchronous copy on a GPU)
+    n_atoms = n_free.new_full((), batch.atomic_numbers.shape[0])
+    return torch.stack([n_free.new_full((), batch.num_graphs), n_free, n_atoms]).double()
 
 
 def global_counts(micro_batches: list[AtomsBatch], free_only: bool, device: torch.device) -> torch.Tensor:

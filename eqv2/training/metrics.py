@@ -48,7 +48,7 @@ class S2EFMetrics:
         struct_max = torch.zeros_like(e_err).scatter_reduce(0, batch.batch, per_atom_max, "amax")  # [B]
         hits = (e_err < ENERGY_THRESHOLD) & (struct_max < FORCE_THRESHOLD)
         vals = torch.stack([
-            e_err.sum(), e_err.new_tensor(batch.num_graphs),
+            e_err.sum(), e_err.new_full((), batch.num_graphs),  # filled on the device, no host copy
             (f_err.sum(-1) * maskf).sum(), 3.0 * maskf.sum(),
             (cos * maskf).sum(), maskf.sum(),
             hits.double().sum(),

@@ -35,21 +35,49 @@ class CrossDeviceOps(TorchDispatchMode):
         return out
 
 
+def _spy_host_data(monkeypatch) -> list[str]:
+    """Record tensors made on the device from host data (new_tensor, torch.tensor, torch.as_tensor): on
+    a GPU each is a synchronous host-to-device copy.  They bypass dispatch modes, hence these spies."""
+    made: list[str] = []
+
+    def spy(name, fn):
+        def wrapper(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            if isinstance(out, torch.Tensor) and out.device.type == "meta":
+                made.append(name)
+            return out
+        return wrapper
+    monkeypatch.setattr(torch.Tensor, "new_tensor", spy("Tensor.new_tensor", torch.Tensor.new_tensor))
+    monkeypatch.setattr(torch, "tensor", spy("torch.tensor", torch.tensor))
+    monkeypatch.setattr(torch, "as_tensor", spy("torch.as_tensor", torch.as_tensor))
+    return made
+
+
 @pytest.mark.parametrize("kernels", [dict(), dict(so2_fused_input_grad=True, rotation_align=8)])
-def test_training_pass_reads_nothing_back_and_copies_nothing_to_the_device(kernels):
+def test_training_step_reads_nothing_back_and_copies_nothing_to_the_device(kernels, monkeypatch):
     cfg = ModelConfig(num_layers=2, lmax=4, mmax=2, sphere_channels=16, attn_hidden_channels=8, attn_alpha_channels=8,
                       attn_value_channels=4, ffn_hidden_channels=16, edge_channels=16, num_heads=2, max_radius=6.0,
                       alpha_drop=0.1, drop_path_rate=0.1, proj_drop=0.1, pad_atoms_multiple=16,
                       pad_edges_multiple=64, **kernels)
+    from dataclasses import replace
+
+    from eqv2.training.loss import EnergyForceLoss, LossConfig, Normalizers, global_counts
+
     model = EquiformerV2(cfg).train().to("meta")
     batch = GraphBuilder(6.0, cfg.max_neighbors, cfg.max_num_elements)(
-        batch_from_atoms(slab_structures(0, 2), torch.float32)).to("meta")
-    mode = CrossDeviceOps()
-    with mode:
+        batch_from_atoms(slab_structures(0, 2), torch.float32))
+    n = batch.pos.shape[0]
+    batch = replace(batch, energy=torch.zeros(2), forces=torch.zeros(n, 3), fixed=torch.arange(n) % 3 == 0).to("meta")
+    loss_fn = EnergyForceLoss(LossConfig(), Normalizers(-0.7, 2.9, 2.9))
+    mode, made = CrossDeviceOps(), _spy_host_data(monkeypatch)
+    with mode:  # the trainer's micro-batch: step counts, forward, loss, backward
+        counts = global_counts([batch, batch], True, batch.pos.device)
         out = model(batch)
-        (out["energy"].sum() + out["forces"].square().sum()).backward()
+        loss, _ = loss_fn(out, batch, counts, 2.0)
+        loss.backward()
     assert out["forces"].shape == batch.pos.shape
     assert not mode.seen, mode.seen
+    assert not made, made
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
