@@ -13,7 +13,7 @@ Edges are returned sorted by target.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -181,8 +181,6 @@ class GraphBuilder:
         self.spec = (float(max_radius), int(max_neighbors), int(max_num_elements))
 
     def __call__(self, batch):
-        from dataclasses import replace
-
         max_radius, max_neighbors, max_num_elements = self.spec
         pos = batch.pos if batch.pos.dtype == torch.float64 else batch.pos.float()
         validate_structures(pos, batch.atomic_numbers, batch.natoms, max_num_elements, batch.ids)
