@@ -54,7 +54,6 @@ class EquiformerV2(nn.Module):
         self.norm = make_norm(cfg.norm_type, cfg.lmax, cfg.sphere_channels)
         self.energy_head = FeedForwardNetwork(cfg, 1)
         self.force_head = EquivariantGraphAttention(cfg, 1, alpha_drop=0.0) if cfg.regress_forces else None
-        self.rotation_align = cfg.rotation_align  # row alignment of the per-edge Wigner matrices (EdgeRotation's)
         for module in self.modules():
             if isinstance(module, SO2Convolution):
                 module.fused_input_grad = cfg.so2_fused_input_grad
@@ -64,7 +63,8 @@ class EquiformerV2(nn.Module):
     def _init_weights(self, modules) -> None:
         """Reference initialisation of `modules` (of this model): zero biases; weights uniform or normal
         with std 1/sqrt(fan_in); radial functions always uniform; LayerNorms identity."""
-        radial_linears = {id(m) for r in self.modules() if isinstance(r, RadialFunction) for m in r.modules()}
+        modules = list(modules)  # a radial function's linears are among `modules` when it is
+        radial_linears = {id(m) for r in modules if isinstance(r, RadialFunction) for m in r.modules()}
         for module in modules:
             if isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
@@ -134,7 +134,7 @@ class EquiformerV2(nn.Module):
                 z = torch.cat([z, z.new_ones(num_pad)])  # padding atoms: hydrogen, in structure `num_graphs`
                 graph_of_atom = torch.cat([graph_of_atom, graph_of_atom.new_full((num_pad,), num_graphs)])
                 num_nodes, num_graphs = num_nodes + num_pad, num_graphs + 1
-            rotation = EdgeRotation(self.wigner(graph.edge_vec), self.layout, compute_dtype(pos), self.rotation_align,
+            rotation = EdgeRotation(self.wigner(graph.edge_vec), self.layout, compute_dtype(pos), cfg.rotation_align,
                                     (self.rotation_index, self.rotation_degree))
             distance_basis = self.radial_basis(graph.distance)  # [E, num_basis]
         edge_index = graph.edge_index

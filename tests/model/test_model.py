@@ -180,7 +180,6 @@ def test_rotation_align_leaves_the_model_unchanged(oc20_atoms):
     results = []
     for align in (1, 8):
         m = tiny(rotation_align=align).train()
-        assert m.rotation_align == align
         results.append(_outputs_and_gradients(m, b))
     for a, c in zip(*results):
         assert torch.equal(a, c)
