@@ -26,8 +26,7 @@ from eqv2.batch import AtomsBatch
 from eqv2.model.config import ModelConfig
 from eqv2.model.edge_degree_embedding import EdgeDegreeEmbedding
 from eqv2.model.feed_forward import FeedForwardNetwork
-from eqv2.model.graph import (RadiusGraph, graph_from_offsets, pad_graph, radius_graph_pbc, validate_graph,
-                              validate_structures)
+from eqv2.model.graph import RadiusGraph, graph_from_offsets, pad_graph, search_graph
 from eqv2.model.graph_attention import EquivariantGraphAttention
 from eqv2.model.layer_norm import make_norm
 from eqv2.model.radial import AtomEdgeEmbedding, GaussianRadialBasis, RadialFunction
@@ -101,7 +100,7 @@ class EquiformerV2(nn.Module):
                         module.reset_parameters()
                 self._init_weights(part.modules())
 
-    def _graph(self, batch: AtomsBatch, pos: torch.Tensor, z: torch.Tensor) -> RadiusGraph:
+    def _graph(self, batch: AtomsBatch, pos: torch.Tensor) -> RadiusGraph:
         """The batch's radius graph: from the edges found in the data-loader workers (GraphBuilder,
         which also checked the structures) when the batch has them, else searched and checked here."""
         cfg = self.cfg
@@ -111,13 +110,7 @@ class EquiformerV2(nn.Module):
                 raise ValueError(f"the batch's graph was built for (max_radius, max_neighbors, max_num_elements) "
                                  f"= {batch.graph_spec}, the model has {spec}")
             return graph_from_offsets(pos, batch.cell, batch.batch, batch.edge_index, batch.cell_offset)
-        if cfg.validate_inputs:
-            validate_structures(pos, z, batch.natoms, cfg.max_num_elements, batch.ids)
-        graph = radius_graph_pbc(pos, batch.cell.to(pos.dtype), batch.pbc, batch.natoms, cfg.max_radius,
-                                 cfg.max_neighbors, batch.ids)
-        if cfg.validate_inputs:
-            validate_graph(graph, pos, batch.natoms, cfg.max_radius, batch.ids)
-        return graph
+        return search_graph(batch, pos, cfg.max_radius, cfg.max_neighbors, cfg.max_num_elements, cfg.validate_inputs)
 
     def forward(self, batch: AtomsBatch) -> dict[str, torch.Tensor]:
         cfg = self.cfg
@@ -126,7 +119,7 @@ class EquiformerV2(nn.Module):
         with _full_precision(batch.pos.device.type):
             # geometry in full precision
             pos = batch.pos if batch.pos.dtype == torch.float64 else batch.pos.float()
-            graph = self._graph(batch, pos, z)
+            graph = self._graph(batch, pos)
             graph_of_atom, num_real_nodes, num_real_graphs = batch.batch, num_nodes, num_graphs
             if cfg.pad_atoms_multiple or cfg.pad_edges_multiple:
                 graph, num_pad = pad_graph(graph, num_nodes, cfg.pad_atoms_multiple, cfg.pad_edges_multiple,

@@ -181,13 +181,22 @@ class GraphBuilder:
         self.spec = (float(max_radius), int(max_neighbors), int(max_num_elements))
 
     def __call__(self, batch):
-        max_radius, max_neighbors, max_num_elements = self.spec
         pos = batch.pos if batch.pos.dtype == torch.float64 else batch.pos.float()
-        validate_structures(pos, batch.atomic_numbers, batch.natoms, max_num_elements, batch.ids)
-        graph = radius_graph_pbc(pos, batch.cell.to(pos.dtype), batch.pbc, batch.natoms, max_radius, max_neighbors,
-                                 batch.ids)
-        validate_graph(graph, pos, batch.natoms, max_radius, batch.ids)
+        graph = search_graph(batch, pos, *self.spec, validate=True)
         return replace(batch, edge_index=graph.edge_index, cell_offset=graph.cell_offset, graph_spec=self.spec)
+
+
+def search_graph(batch, pos: torch.Tensor, max_radius: float, max_neighbors: int, max_num_elements: int,
+                 validate: bool) -> RadiusGraph:
+    """The neighbour search of a batch (AtomsBatch) at positions `pos`, with the structure and graph
+    checks when `validate`: the model's own path and GraphBuilder's."""
+    if validate:
+        validate_structures(pos, batch.atomic_numbers, batch.natoms, max_num_elements, batch.ids)
+    graph = radius_graph_pbc(pos, batch.cell.to(pos.dtype), batch.pbc, batch.natoms, max_radius, max_neighbors,
+                             batch.ids)
+    if validate:
+        validate_graph(graph, pos, batch.natoms, max_radius, batch.ids)
+    return graph
 
 
 def _round_up(value: int, multiple: int) -> int:
