@@ -16,7 +16,6 @@ Departures from the reference implementation (fairchem), none of which change th
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -31,7 +30,7 @@ from eqv2.model.graph_attention import EquivariantGraphAttention
 from eqv2.model.layer_norm import make_norm
 from eqv2.model.radial import AtomEdgeEmbedding, GaussianRadialBasis, RadialFunction
 from eqv2.model.so2_convolution import SO2Convolution
-from eqv2.model.so3 import CoefficientLayout, EdgeRotation, SO3Linear, WignerD
+from eqv2.model.so3 import CoefficientLayout, EdgeRotation, SO3Linear, WignerD, compute_dtype, full_precision
 from eqv2.model.transformer_block import TransformerBlock, drop_path_scales
 
 
@@ -116,7 +115,7 @@ class EquiformerV2(nn.Module):
         cfg = self.cfg
         z = batch.atomic_numbers.long()
         num_nodes, num_graphs = z.shape[0], batch.natoms.shape[0]
-        with _full_precision(batch.pos.device.type):
+        with full_precision(batch.pos.device.type):
             # geometry in full precision
             pos = batch.pos if batch.pos.dtype == torch.float64 else batch.pos.float()
             graph = self._graph(batch, pos)
@@ -148,21 +147,6 @@ class EquiformerV2(nn.Module):
             forces = forces.narrow(0, 0, num_real_nodes).narrow(1, 1, 3)  # degree 1 = (x, y, z)
             out["forces"] = forces.reshape(-1, 3).to(energy.dtype)
         return out
-
-
-def _full_precision(device_type: str):
-    """Autocast off for `device_type` (geometry in full precision); nothing to turn off on devices
-    without autocast (the `meta` device of the no-host-sync test)."""
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type=device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matrix products run in: autocast's (bfloat16) when it is on for x's device, else x's."""
-    device_type = x.device.type
-    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-    return torch.get_autocast_dtype(device_type) if autocast else x.dtype
 
 
 def count_parameters(model: nn.Module) -> int:

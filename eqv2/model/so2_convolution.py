@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from eqv2.model.radial import RadialFunction
-from eqv2.model.so3 import CoefficientLayout
+from eqv2.model.so3 import CoefficientLayout, compute_dtype
 
 
 class SO2Convolution(nn.Module):
@@ -103,17 +103,10 @@ class SO2Convolution(nn.Module):
         return mats
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype autocast gives a linear layer on x (x's own dtype when autocast is off)."""
-    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
 def _radial_order_linears(x: torch.Tensor, radial: tuple[torch.Tensor, ...], conv: SO2Convolution) -> tuple:
     """The per-order products of `SO2Convolution.forward` with radial weights, as one autograd node
     whose input gradient comes from `so2_input_grad`.  x [E, K, C_in] -> per-order outputs."""
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     mats = [conv.fc_m0.weight] + conv.complex_weights()
     return _RadialOrderLinears.apply(x.to(dtype), conv.fc_m0.bias.to(dtype), conv.order_rows, len(mats),
                                      *[r.to(dtype) for r in radial], *[w.to(dtype) for w in mats])

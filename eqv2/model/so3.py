@@ -24,6 +24,28 @@ import torch
 from torch import nn
 
 
+def _autocast_available(device_type: str) -> bool:
+    """Whether `device_type` has autocast (the `meta` device of the no-host-sync test has none).
+    Under torch.compile the query is not traceable; compiled code runs on CPU or CUDA, which have it."""
+    return torch.compiler.is_compiling() or torch.amp.is_autocast_available(device_type)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matrix products run in: autocast's (bfloat16) when it is on for x's device, else x's."""
+    device_type = x.device.type
+    if _autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def full_precision(device_type: str):
+    """Autocast off for `device_type` (geometry in full precision); nothing to turn off on devices
+    without autocast."""
+    if _autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def float64_constants():
     """e3nn builds its constant matrices in the default dtype; build ours in float64 so that

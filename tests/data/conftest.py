@@ -13,10 +13,7 @@ from eqv2.data.format import encode_sample, sample_key
 from eqv2.data.sharding import shard_sources
 from eqv2.data.stats import summarize
 from eqv2.data.writer import ShardWriter
-
-OC20 = Path(__file__).resolve().parents[3] / "shared" / "data" / "oc20_adslab.json"
-if not OC20.exists():
-    OC20 = Path("/work/shared/data/oc20_adslab.json")
+from tests.conftest import OC20_JSON as OC20  # ../shared, or EQV2_OC20_JSON on the GPU machine
 
 
 def oc20_frames(n: int, seed: int, sid0: int = 2181546) -> list[dict]:

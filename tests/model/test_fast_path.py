@@ -116,17 +116,19 @@ def _loss(out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cpp_wrapper", [False, True])
-def test_compiled_model_matches_eager_and_compiles_once(cpp_wrapper):
+@pytest.mark.parametrize("cpp_wrapper,kernels", [(False, {}), (True, {}),
+                                                 (False, dict(so2_fused_input_grad=True, rotation_align=8))])
+def test_compiled_model_matches_eager_and_compiles_once(cpp_wrapper, kernels):
     """Inductor (C++ on CPU) computes the eager model's function and gradients; with activation
     checkpointing on one block; one compiled graph per part serves every block and batch size.
-    Also with Inductor's C++ wrapper launching the kernels (compile.cpp_wrapper)."""
+    Also with Inductor's C++ wrapper launching the kernels (compile.cpp_wrapper), and with the
+    kernel choices of the 153M training config (they must trace without a graph break)."""
     import torch._dynamo.utils as dynamo_utils
 
     torch._dynamo.reset()
     dynamo_utils.counters.clear()
     torch.manual_seed(0)
-    cfg = ModelConfig(**{**TINY, "drop_path_rate": 0.3})  # stochastic depth on: drawn outside the blocks
+    cfg = ModelConfig(**{**TINY, "drop_path_rate": 0.3, **kernels})  # stochastic depth on: drawn outside the blocks
     eager = EquiformerV2(cfg).train()
     fast = EquiformerV2(cfg).train()
     fast.load_state_dict(eager.state_dict())

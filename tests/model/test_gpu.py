@@ -81,6 +81,30 @@ def test_fused_s2_kernel_bf16_matches_einsum():
     assert _rel(out, ref) < 1e-2 and _rel(grad, ref_grad) < 1e-2, (_rel(out, ref), _rel(grad, ref_grad))
 
 
+@pytest.mark.parametrize("lmax,mmax,full", [(6, 2, False), (6, 3, False), (6, 6, True), (4, 2, False)])
+def test_every_s2_kernel_tile_setting_matches_einsum(lmax, mmax, full):
+    """Each setting the autotuner may pick, launched explicitly at the models' coefficient counts
+    (K 29, 37, 49, 19) and channel widths 64 and 128, forward and backward."""
+    from eqv2.model.activation import edge_grid, node_grid
+    from eqv2.model.fused_s2_activation import TUNING, _launch, _s2_silu_bwd, _s2_silu_fwd
+    from eqv2.model.so3 import CoefficientLayout
+
+    grid = (node_grid(lmax, 18) if full else edge_grid(CoefficientLayout(lmax, mmax), 18)).cuda()
+    t, f = grid.to_grid_mat.float(), grid.from_grid_mat.float()
+    for channels in (64, 128):
+        x = torch.randn(2999, t.shape[1], channels, device="cuda")
+        dy = torch.randn_like(x)
+        ref_x = x.clone().requires_grad_()
+        ref = torch.einsum("gk,zgc->zkc", f, torch.nn.functional.silu(torch.einsum("gk,zkc->zgc", t, ref_x)))
+        (ref_grad,) = torch.autograd.grad(ref, ref_x, dy)
+        xb, tb, fb = x.bfloat16(), t.bfloat16(), f.bfloat16()
+        for config in TUNING:
+            out = _launch(_s2_silu_fwd, [xb, tb, fb], torch.empty_like(xb), tb, config)
+            grad = _launch(_s2_silu_bwd, [xb, dy.bfloat16(), tb, fb], torch.empty_like(xb), tb, config)
+            torch.cuda.synchronize()
+            assert _rel(out, ref) < 1e-2 and _rel(grad, ref_grad) < 1e-2, (config, channels, _rel(out, ref))
+
+
 FAST_CFG = dict(CFG, num_layers=3)
 
 
