@@ -3,8 +3,9 @@
 The run YAML holds what the experiment is: model, data, optimisation, loss, evaluation, checkpointing and
 logging; the ds_config holds how the engine runs it (ZeRO stage, precision, clipping, buckets, monitor,
 micro-batch and accumulation).  Both are checked strictly: an unknown or ill-typed key is an error naming
-the key.  `model:` may be a mapping or the path of a model YAML (e.g. configs/model/eqv2_153M.yaml); it is
-inlined before `--set` overrides apply, so `--set model.num_layers=4` works either way, and the saved
+the key.  `model:` may be a mapping, the path of a model YAML (e.g. configs/model/eqv2_153M.yaml), or
+{base: <path>, <key>: <value>, ...} (that file with some keys replaced); it is inlined before `--set`
+overrides apply, so `--set model.num_layers=4` works either way, and the saved
 resolved config is self-contained.
 """
 from __future__ import annotations
@@ -80,15 +81,26 @@ def _sci_floats(overrides: list[str]) -> list[str]:
     return out
 
 
+def _inline_model(model):
+    """`model:` as a mapping: a model YAML's path, or {base: path, key: value, ...} (the base file with
+    those keys replaced: how a run config sets execution keys such as shape buckets on a published
+    architecture); a mapping without `base` is used as it is."""
+    if isinstance(model, str):
+        model = {"base": model}
+    if not isinstance(model, dict) or "base" not in model:
+        return model
+    model = dict(model)
+    model_path = Path(str(model.pop("base")))
+    if not model_path.is_file():
+        raise ConfigError(f"model.base: model config file not found: {model_path}")
+    return {**load_yaml(model_path), **model}
+
+
 def load_run_config(path: str | Path, overrides: list[str], micro_batch: int) -> tuple[RunConfig, dict]:
     """Parse and check the run YAML; returns the config and the resolved plain mapping."""
     overrides = _sci_floats(overrides)
     raw = load_yaml(path)
-    if isinstance(raw.get("model"), str):
-        model_path = Path(raw["model"])
-        if not model_path.is_file():
-            raise ConfigError(f"model: model config file not found: {model_path}")
-        raw["model"] = load_yaml(model_path)
+    raw["model"] = _inline_model(raw.get("model"))
     apply_overrides(raw, overrides)
     data = raw.get("data")
     if isinstance(data, dict) and not data.get("batch_size") and not data.get("max_atoms"):

@@ -28,3 +28,33 @@ def test_ds_configs(path: Path):
         pytest.importorskip("tensorboard", reason="the GPU configs log to TensorBoard")
     ds = load_ds_config(path)
     assert ds["gradient_clipping"] == 100.0  # reference clip_grad_norm
+
+
+@pytest.mark.parametrize("name,model", [("oc20_all_md_153M", "153M"), ("oc20_all_md_31M", "31M"), ("oc20_2M_83M", "83M")])
+def test_published_runs_train_on_the_fast_path_with_the_published_architecture(name, model, demo_data):
+    """model: {base: <published model YAML>, ...}: the architecture is the file's, the execution keys
+    (shape buckets, kernel choices) are the run's; CUDA graphs are the training default."""
+    from eqv2.config import from_dict, load_yaml
+    from eqv2.model.config import ModelConfig
+
+    sets = [a for a in data_args(demo_data) if a != "--set"]
+    cfg, resolved = load_run_config(REPO / "configs" / "train" / f"{name}.yaml", sets, micro_batch=4)
+    fast = dict(pad_atoms_multiple=64, pad_edges_multiple=1024, so2_fused_input_grad=True, rotation_align=8)
+    published = from_dict(ModelConfig, {**load_yaml(REPO / "configs" / "model" / f"eqv2_{model}.yaml"), **fast})
+    assert cfg.model == published
+    assert cfg.compile.mode == "reduce-overhead"
+    assert "base" not in resolved["model"]  # the saved config is self-contained
+
+
+def test_model_base_errors_name_the_key(tmp_path, demo_data):
+    from eqv2.config import ConfigError
+
+    sets = [a for a in data_args(demo_data) if a != "--set"]
+    run = (REPO / "configs" / "train" / "oc20_all_md_31M.yaml").read_text()
+    bad = tmp_path / "run.yaml"
+    bad.write_text(run.replace("base: configs/model/eqv2_31M.yaml", "base: configs/model/nope.yaml"))
+    with pytest.raises(ConfigError, match="model.base: model config file not found"):
+        load_run_config(bad, sets, micro_batch=4)
+    bad.write_text(run.replace("  rotation_align: 8", "  rotation_alin: 8"))
+    with pytest.raises(ConfigError, match="model.rotation_alin"):
+        load_run_config(bad, sets, micro_batch=4)
