@@ -42,7 +42,7 @@ from eqv2.training.loss import EnergyForceLoss, Normalizers, global_counts
 from eqv2.training.metrics import S2EFMetrics
 from eqv2.training.monitor import StepLogger
 from eqv2.training.optim import build_optimizer, lr_factor
-from eqv2.training.profiling import StepProfiler
+from eqv2.training.profiling import StepProfiler, phase
 from eqv2.training.signals import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_REQUEUE, StopFlag
 
 
@@ -226,7 +226,8 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
                 for group in engine.optimizer.param_groups:
                     group["lr"] = lr
                 torch.manual_seed(hash((cfg.seed, step, dist.rank)) % 2**62)  # dropout masks survive resume
-                micro = [b.to(dist.device, non_blocking=True) for b in micro]
+                with phase("batch_to_device"):
+                    micro = [b.to(dist.device, non_blocking=True) for b in micro]
                 log_now = logger.due(step + 1)
                 profiler.before(step + 1)
                 terms, counts, skipped, stop_now, grad_norm = take_step(
@@ -236,8 +237,10 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
                 profiler.after(step)
                 nonfinite += skipped > 0  # steps with at least one non-finite micro-batch
                 if ema is not None and skipped < gas:
-                    ema.update()
-                logger.add_step(terms, counts)
+                    with phase("ema"):
+                        ema.update()
+                with phase("log"):
+                    logger.add_step(terms, counts)
                 if log_now:
                     extra = {"nonfinite_steps": nonfinite}
                     if compiled:  # a count that keeps growing means recompilation (see docs/training.md)
@@ -276,7 +279,8 @@ def _timed(groups, logger):
     while True:
         start = time.perf_counter()
         try:
-            item = next(it)
+            with phase("data_wait"):
+                item = next(it)
         except StopIteration:
             return
         logger.data_wait_s += time.perf_counter() - start
@@ -315,16 +319,20 @@ def take_step(engine, micro: list[AtomsBatch], loss_fn: EnergyForceLoss, zero_lo
     The one host sync per micro-batch: whether any rank's loss is non-finite must be known before the
     backward pass; the same all-reduce carries the stop flag so all ranks stop at the same step.
     """
-    counts = global_counts(micro, free_only, device)  # [structures, free atoms, atoms] of the global step
+    with phase("step_counts"):
+        counts = global_counts(micro, free_only, device)  # [structures, free atoms, atoms] of the global step
     terms_sum = torch.zeros(3, dtype=torch.float64, device=device)
     skipped, stop_now, grad_norm = 0, False, None
     for batch in micro:
         torch.compiler.cudagraph_mark_step_begin()  # compile.mode=reduce-overhead: earlier outputs may be reused
-        out = engine(batch)
-        loss, terms = loss_fn(out, batch, counts, scale)
-        flags = all_reduce_max(torch.stack([(~torch.isfinite(loss)).float(),
-                                            loss.new_full((), float(stop.requested))]))
-        bad, stop_flag = (v > 0 for v in flags.tolist())
+        with phase("forward"):
+            out = engine(batch)
+        with phase("loss"):
+            loss, terms = loss_fn(out, batch, counts, scale)
+        with phase("nonfinite_check"):  # waits for the forward pass to finish on the device
+            flags = all_reduce_max(torch.stack([(~torch.isfinite(loss)).float(),
+                                                loss.new_full((), float(stop.requested))]))
+            bad, stop_flag = (v > 0 for v in flags.tolist())
         stop_now = stop_now or stop_flag
         if bad:
             skipped += 1
@@ -336,12 +344,14 @@ def take_step(engine, micro: list[AtomsBatch], loss_fn: EnergyForceLoss, zero_lo
                     group["lr"] = 0.0
         else:
             terms_sum += torch.stack([terms["loss"], terms["energy_mae_norm"], terms["force_l2mae_norm"]]).double()
-        engine.backward(loss)
+        with phase("backward"):
+            engine.backward(loss)
         if grad_norm_needed and engine.zero_optimization_stage() == 0 and engine.is_gradient_accumulation_boundary():
             # ZeRO-0 clips but does not report the norm; the gradients are already averaged here
             grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
             grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-        engine.step()
+        with phase("optimizer_step"):
+            engine.step()
     if grad_norm_needed and engine.zero_optimization_stage() > 0:
         grad_norm = engine.get_global_grad_norm()
     return terms_sum, counts, skipped, stop_now, grad_norm

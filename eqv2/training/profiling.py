@@ -6,6 +6,11 @@ time (GPU) or host time (CPU), plus the wall-clock seconds per profiled step and
 some kernel was running (the union of kernel intervals) and the idle gaps between: GPU busy well below
 wall time means the step waits on the host; a second table then shows where the host time goes.  Profiling
 slows the profiled steps; the throughput logged for their interval is not representative.
+
+The trainer marks the phases of a step (`PHASE` ranges: batch copy, step counts, forward, loss,
+non-finite check, backward, optimizer step, EMA); the report gives each phase's host milliseconds per
+step and, on a GPU, how long the GPU sat idle while the host was in it: the phase that owns the idle
+time is where the step waits on the host.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 
 from eqv2.config import ConfigError
 
@@ -57,13 +63,18 @@ class StepProfiler:
         head = f"steps {self.first}-{self.last}: {wall / n * 1e3:.1f} ms wall per step (profiler overhead included)\n"
         averages = self.prof.key_averages()
         if self.device.type == "cuda":
-            from torch.autograd import DeviceType
-
+            # kernels and copies; not the phase ranges, which the profiler mirrors on the GPU timeline
             kernels = [(e.time_range.start, e.time_range.end) for e in self.prof.events()
-                       if e.device_type == DeviceType.CUDA]
+                       if e.device_type == DeviceType.CUDA and not e.name.startswith(PHASE)]
             busy, gaps = busy_and_gaps_us(kernels)
             head += (f"GPU busy {busy / n / 1e3:.1f} ms per step ({100 * busy / 1e6 / wall:.0f} % of wall); "
                      f"idle gaps > 1 ms: {len([g for g in gaps if g > 1e3])}, longest {max(gaps, default=0) / 1e3:.1f} ms\n")
+        else:
+            kernels = []
+        phases = [(e.name, e.time_range.start, e.time_range.end) for e in self.prof.events()
+                  if e.name.startswith(PHASE) and e.device_type == DeviceType.CPU]
+        head += phase_table(phases, kernels, n, gpu=self.device.type == "cuda")
+        if self.device.type == "cuda":
             tables = averages.table(sort_by="self_device_time_total", row_limit=60) + "\n## host time\n" + \
                 averages.table(sort_by="self_cpu_time_total", row_limit=30)
         else:
@@ -77,6 +88,10 @@ class StepProfiler:
             self.prof.__exit__(None, None, None)
             self.prof = None
 
+
+def phase(name: str):
+    """A named range of the trainer's step for the profile's phase table (cheap when not profiling)."""
+    return torch.profiler.record_function(PHASE + name)
 
 
 def busy_and_gaps_us(intervals: list[tuple[float, float]]) -> tuple[float, list[float]]:
@@ -92,3 +107,59 @@ def busy_and_gaps_us(intervals: list[tuple[float, float]]) -> tuple[float, list[
             busy += stop - end
             end = stop
     return busy, gaps
+
+
+PHASE = "step/"  # prefix of the trainer's phase ranges (torch.profiler.record_function names)
+
+
+def idle_intervals(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The gaps [end of one busy piece, start of the next] of the union of [start, end] intervals."""
+    out, end = [], None
+    for start, stop in sorted(intervals):
+        if end is not None and start > end:
+            out.append((end, start))
+        end = stop if end is None else max(end, stop)
+    return out
+
+
+def phase_table(phases: list[tuple[str, float, float]], kernels: list[tuple[float, float]], steps: int,
+                gpu: bool) -> str:
+    """Per phase name: host ms per step (the union of its ranges) and, with `gpu`, GPU-idle ms per
+    step while the host was in it (the idle gaps between `kernels` that overlap its ranges).  The
+    idle time inside the profiled window that no phase covers is reported as `(between phases)`."""
+    if not phases:
+        return ""
+    names = sorted({name for name, _, _ in phases})
+    gaps = idle_intervals(kernels) if gpu else []
+    rows = []
+    for name in names:
+        ranges = [(a, b) for n, a, b in phases if n == name]
+        host, _ = busy_and_gaps_us(ranges)
+        idle = sum(_overlap(g, r) for g in gaps for r in _union(ranges))
+        rows.append((name, host, idle))
+    rows.sort(key=lambda r: -(r[2] if gpu else r[1]))
+    lines = ["phase (host ms / step" + (", GPU idle ms / step while the host is in it)" if gpu else ")")]
+    for name, host, idle in rows:
+        lines.append(f"  {name:<28} {host / steps / 1e3:8.1f}" + (f" {idle / steps / 1e3:8.1f}" if gpu else ""))
+    if gpu:
+        covered = _union([(a, b) for _, a, b in phases])
+        first = min(a for _, a, _ in phases)
+        last = max(b for _, _, b in phases)
+        inside = [(max(a, first), min(b, last)) for a, b in gaps if b > first and a < last]
+        outside = sum(b - a for a, b in inside) - sum(_overlap(g, r) for g in inside for r in covered)
+        lines.append(f"  {'(between phases)':<28} {'':>8} {outside / steps / 1e3:8.1f}")
+    return "\n".join(lines) + "\n"
+
+
+def _union(ranges: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[list[float]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def _overlap(x: tuple[float, float], y: tuple[float, float]) -> float:
+    return max(0.0, min(x[1], y[1]) - max(x[0], y[0]))

@@ -17,6 +17,8 @@ def test_profile_steps_writes_the_op_table(demo_data, tmp_path):
     assert text.startswith("steps 2-3: ") and "ms wall per step" in text
     assert "aten::mm" in text or "aten::addmm" in text  # the model's matrix products were recorded
     assert "Self CPU" in text
+    for name in ("forward", "backward", "optimizer_step", "nonfinite_check", "ema"):  # the step's phases
+        assert f"step/{name}" in text.split("\n-")[0], name
 
 
 def test_bad_profile_steps_name_the_key(capsys, demo_data):
@@ -31,3 +33,23 @@ def test_gpu_busy_time_is_the_union_of_kernel_intervals():
     busy, gaps = busy_and_gaps_us([(10, 20), (0, 5), (15, 30), (40, 41), (18, 19)])
     assert busy == 5 + 20 + 1 and gaps == [5, 10]
     assert busy_and_gaps_us([]) == (0.0, [])
+
+
+def test_phase_table_charges_gpu_idle_time_to_the_host_phase_it_falls_in():
+    """Each GPU idle gap is split over the phases the host was in; what no phase covers is reported
+    apart; host time is the union of a phase's ranges; rows sorted by idle time."""
+    from eqv2.training.profiling import _overlap, _union, idle_intervals, phase_table
+
+    kernels = [(0, 1000), (5000, 6000), (9000, 9500)]
+    phases = [("step/a", 500, 3000), ("step/b", 2000, 7000), ("step/a", 8000, 9200)]
+    gaps = idle_intervals(kernels)
+    assert gaps == [(1000, 5000), (6000, 9000)]
+    assert _union([(0, 2), (1, 3), (5, 6)]) == [(0, 3), (5, 6)] and _overlap((0, 5), (3, 9)) == 2
+    lines = phase_table(phases, kernels, steps=1, gpu=True).splitlines()[1:]
+    vals = {line.split()[0]: float(line.split()[-1]) * 1e3 for line in lines}
+    # a: 1000-3000 (2000) + 8000-9000 (1000); b: 2000-5000 (3000) + 6000-7000 (1000); between: 7000-8000
+    assert vals == {"step/a": 3000.0, "step/b": 4000.0, "(between": 1000.0}
+    assert [line.split()[0] for line in lines] == ["step/b", "step/a", "(between"]
+    host = {line.split()[0]: float(line.split()[1]) * 1e3 for line in lines[:2]}
+    assert host == {"step/a": 3700.0, "step/b": 5000.0}
+    assert phase_table([], kernels, 1, True) == ""
