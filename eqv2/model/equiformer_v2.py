@@ -115,6 +115,9 @@ class EquiformerV2(nn.Module):
         cfg = self.cfg
         z = batch.atomic_numbers.long()
         num_nodes, num_graphs = z.shape[0], batch.natoms.shape[0]
+        # the blocks' matrix-product dtype (bfloat16 under autocast), read before autocast is turned off
+        # for the geometry: the rotation matrices are cast to it once here, not in every block
+        dtype = compute_dtype(batch.pos.float() if batch.pos.dtype != torch.float64 else batch.pos)
         with full_precision(batch.pos.device.type):
             # geometry in full precision
             pos = batch.pos if batch.pos.dtype == torch.float64 else batch.pos.float()
@@ -126,7 +129,7 @@ class EquiformerV2(nn.Module):
                 z = torch.cat([z, z.new_ones(num_pad)])  # padding atoms: hydrogen, in structure `num_graphs`
                 graph_of_atom = torch.cat([graph_of_atom, graph_of_atom.new_full((num_pad,), num_graphs)])
                 num_nodes, num_graphs = num_nodes + num_pad, num_graphs + 1
-            rotation = EdgeRotation(self.wigner(graph.edge_vec), self.layout, compute_dtype(pos), cfg.rotation_align,
+            rotation = EdgeRotation(self.wigner(graph.edge_vec), self.layout, dtype, cfg.rotation_align,
                                     (self.rotation_index, self.rotation_degree))
             distance_basis = self.radial_basis(graph.distance)  # [E, num_basis]
         edge_index = graph.edge_index

@@ -85,7 +85,9 @@ class EquivariantGraphAttention(nn.Module):
         source, target = edge_index[0], edge_index[1]
         edge_scalars = self.edge_scalars(distance_basis, atomic_numbers, edge_index)  # [E, F]
         num_nodes, node_dtype = x.shape[0], x.dtype
-        x = x.to(rotation.dtype)  # cast the N node features once, not the E edge copies
+        # gathered in the node dtype (float32 under autocast), so that the backward pass sums each node's
+        # edge gradients in it; `rotate` casts the edge copies to the compute dtype (one fused kernel
+        # with the gather when compiled)
         message = torch.cat([x.index_select(0, source), x.index_select(0, target)], dim=2)  # [E, (L+1)^2, 2C]
         message = rotation.rotate(message)  # [E, K, 2C]
         message, extra = self.so2_conv_1(message, edge_scalars)  # [E, K, hidden], [E, H*A + gating]

@@ -183,3 +183,32 @@ def test_rotation_align_leaves_the_model_unchanged(oc20_atoms):
         results.append(_outputs_and_gradients(m, b))
     for a, c in zip(*results):
         assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("kernels", [dict(), dict(so2_fused_input_grad=True, rotation_align=8)])
+def test_rotation_matrices_are_cast_once_to_the_autocast_dtype(monkeypatch, kernels):
+    """Under autocast the edge rotation holds bf16 matrices (computed in float32, cast once per forward)
+    so that no block casts them again; outputs and gradients are bit-identical to float32 matrices
+    that every matrix product would cast itself."""
+    import eqv2.model.so3 as so3
+    from tests.model.fairchem_reference import slab_structures
+
+    built = so3.EdgeRotation.__init__
+    seen = []
+
+    def run(force_dtype):
+        def init(self, wigner, layout, dtype=None, align=1, tables=None):
+            built(self, wigner, layout, force_dtype or dtype, align, tables)
+            seen.append(self.to_edge.dtype)
+        monkeypatch.setattr(so3.EdgeRotation, "__init__", init)
+        torch.manual_seed(0)
+        model = EquiformerV2(ModelConfig(**{**TINY, **kernels})).train()  # float32, as trained
+        batch = batch_from_atoms(slab_structures(0, 3), torch.float32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(batch)
+        (out["energy"].sum() + out["forces"].pow(2).sum()).backward()
+        return [out["energy"], out["forces"]] + [p.grad for p in model.parameters() if p.grad is not None]
+
+    fast, reference = run(None), run(torch.float32)
+    assert seen == [torch.bfloat16, torch.float32]
+    assert len(fast) == len(reference) and all(torch.equal(a, b) for a, b in zip(fast, reference))
