@@ -131,7 +131,8 @@ class EquiformerV2(nn.Module):
                 num_nodes, num_graphs = num_nodes + num_pad, num_graphs + 1
             rotation = EdgeRotation(self.wigner(graph.edge_vec), self.layout, dtype, cfg.rotation_align,
                                     (self.rotation_index, self.rotation_degree))
-            distance_basis = self.radial_basis(graph.distance)  # [E, num_basis]
+            # [E, num_basis], in the compute dtype: the radial functions' first products would cast it anyway
+            distance_basis = self.radial_basis(graph.distance).to(dtype)
         edge_index = graph.edge_index
         x = torch.zeros(num_nodes, (cfg.lmax + 1) ** 2, cfg.sphere_channels, device=pos.device, dtype=pos.dtype)
         x[:, 0, :] = self.atom_embedding(z).to(pos.dtype)

@@ -187,8 +187,8 @@ def test_rotation_align_leaves_the_model_unchanged(oc20_atoms):
 
 @pytest.mark.parametrize("kernels", [dict(), dict(so2_fused_input_grad=True, rotation_align=8)])
 def test_rotation_matrices_are_cast_once_to_the_autocast_dtype(monkeypatch, kernels):
-    """Under autocast the edge rotation holds bf16 matrices (computed in float32, cast once per forward)
-    so that no block casts them again; outputs and gradients are bit-identical to float32 matrices
+    """Under autocast the edge rotation holds bf16 matrices and the blocks get a bf16 distance basis
+    (computed in float32, cast once per forward) so that no block casts them again; outputs and gradients are bit-identical to float32 matrices
     that every matrix product would cast itself."""
     import eqv2.model.so3 as so3
     from tests.model.fairchem_reference import slab_structures
@@ -203,6 +203,7 @@ def test_rotation_matrices_are_cast_once_to_the_autocast_dtype(monkeypatch, kern
         monkeypatch.setattr(so3.EdgeRotation, "__init__", init)
         torch.manual_seed(0)
         model = EquiformerV2(ModelConfig(**{**TINY, **kernels})).train()  # float32, as trained
+        model.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[2].dtype))  # distance basis
         batch = batch_from_atoms(slab_structures(0, 3), torch.float32)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(batch)
@@ -210,5 +211,5 @@ def test_rotation_matrices_are_cast_once_to_the_autocast_dtype(monkeypatch, kern
         return [out["energy"], out["forces"]] + [p.grad for p in model.parameters() if p.grad is not None]
 
     fast, reference = run(None), run(torch.float32)
-    assert seen == [torch.bfloat16, torch.float32]
+    assert seen == [torch.bfloat16, torch.bfloat16, torch.float32, torch.bfloat16]
     assert len(fast) == len(reference) and all(torch.equal(a, b) for a, b in zip(fast, reference))
