@@ -30,7 +30,8 @@ from eqv2.model.graph_attention import EquivariantGraphAttention
 from eqv2.model.layer_norm import make_norm
 from eqv2.model.radial import AtomEdgeEmbedding, GaussianRadialBasis, RadialFunction
 from eqv2.model.so2_convolution import SO2Convolution
-from eqv2.model.so3 import CoefficientLayout, EdgeRotation, SO3Linear, WignerD, compute_dtype, full_precision
+from eqv2.model.so3 import (CoefficientLayout, EdgeRotation, SO3Linear, WignerD, compute_dtype, full_precision,
+                            rotation_matrices)
 from eqv2.model.transformer_block import TransformerBlock, drop_path_scales
 
 
@@ -111,6 +112,18 @@ class EquiformerV2(nn.Module):
             return graph_from_offsets(pos, batch.cell, batch.batch, batch.edge_index, batch.cell_offset)
         return search_graph(batch, pos, cfg.max_radius, cfg.max_neighbors, cfg.max_num_elements, cfg.validate_inputs)
 
+    def edge_frames(self, edge_vec: torch.Tensor, distance: torch.Tensor, dtype: torch.dtype):
+        """Per-edge quantities every block shares (Sec. 3.3): the rotations to and from each edge's
+        frame (`so3.rotation_matrices`) and the distance basis, computed in full precision and cast
+        once to `dtype`, the blocks' matrix-product dtype (the radial functions' first products would
+        cast the basis anyway).  A compiled part on the GPU (`training.compile`): its outputs stay in
+        the CUDA-graph pool the blocks read from.
+        edge_vec [E, 3], distance [E] -> to_edge [E, K, (L+1)^2], from_edge [E, (L+1)^2, K], basis [E, B]."""
+        tables = (self.rotation_index, self.rotation_degree)
+        to_edge, from_edge = rotation_matrices(self.wigner(edge_vec), self.layout, dtype, self.cfg.rotation_align,
+                                               tables)
+        return to_edge, from_edge, self.radial_basis(distance).to(dtype)
+
     def forward(self, batch: AtomsBatch) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         z = batch.atomic_numbers.long()
@@ -129,10 +142,8 @@ class EquiformerV2(nn.Module):
                 z = torch.cat([z, z.new_ones(num_pad)])  # padding atoms: hydrogen, in structure `num_graphs`
                 graph_of_atom = torch.cat([graph_of_atom, graph_of_atom.new_full((num_pad,), num_graphs)])
                 num_nodes, num_graphs = num_nodes + num_pad, num_graphs + 1
-            rotation = EdgeRotation(self.wigner(graph.edge_vec), self.layout, dtype, cfg.rotation_align,
-                                    (self.rotation_index, self.rotation_degree))
-            # [E, num_basis], in the compute dtype: the radial functions' first products would cast it anyway
-            distance_basis = self.radial_basis(graph.distance).to(dtype)
+            to_edge, from_edge, distance_basis = self.edge_frames(graph.edge_vec, graph.distance, dtype)
+            rotation = EdgeRotation.of(to_edge, from_edge)
         edge_index = graph.edge_index
         x = torch.zeros(num_nodes, (cfg.lmax + 1) ** 2, cfg.sphere_channels, device=pos.device, dtype=pos.dtype)
         x[:, 0, :] = self.atom_embedding(z).to(pos.dtype)

@@ -167,22 +167,16 @@ class EdgeRotation:
 
     def __init__(self, wigner: torch.Tensor, layout: CoefficientLayout, dtype: torch.dtype | None = None,
                  align: int = 1, tables: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """align: row stride of the stored matrices rounded up to a multiple of `align` elements (the
-        matrices are views of zero-padded buffers).  K and (L+1)^2 are odd (37 and 49 for L 6, M 3), so
-        unpadded bf16 rows are 74 and 98 bytes long; GPU matrix kernels need 16-byte aligned rows
-        (align 8 in bf16) for their fast paths.  The values and results do not change.
+        """From the Wigner-D matrices [E, (L+1)^2, (L+1)^2]; see `rotation_matrices` for the arguments."""
+        self.to_edge, self.from_edge = rotation_matrices(wigner, layout, dtype, align, tables)
+        self.dtype = self.to_edge.dtype
 
-        tables: the layout's (reduced_to_full, degree_of_reduced) already on the Wigner matrices' device
-        (the model keeps them as buffers); without them they are copied from the host, which on a GPU
-        is a synchronous copy that waits for all queued work."""
-        dtype = dtype or wigner.dtype
-        index, degree = tables if tables is not None else (layout.reduced_to_full.to(wigner.device),
-                                                           layout.degree_of_reduced.to(wigner.device))
-        to_edge = wigner.index_select(1, index)  # [E, K, (L+1)^2]
-        rescale = inverse_rescale(degree, layout.mmax).to(wigner.dtype)
-        self.to_edge = _aligned_rows(to_edge.to(dtype), align)
-        self.from_edge = _aligned_rows((to_edge.transpose(1, 2) * rescale).to(dtype), align)  # [E, (L+1)^2, K]
-        self.dtype = dtype
+    @classmethod
+    def of(cls, to_edge: torch.Tensor, from_edge: torch.Tensor) -> "EdgeRotation":
+        """From matrices `rotation_matrices` made (the model computes them in a compiled part)."""
+        rotation = cls.__new__(cls)
+        rotation.to_edge, rotation.from_edge, rotation.dtype = to_edge, from_edge, to_edge.dtype
+        return rotation
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """[E, (L+1)^2, C] -> [E, K, C] in the compute dtype."""
@@ -191,6 +185,27 @@ class EdgeRotation:
     def rotate_inv(self, x: torch.Tensor) -> torch.Tensor:
         """[E, K, C] -> [E, (L+1)^2, C] in the compute dtype."""
         return torch.bmm(self.from_edge, x.to(self.dtype))
+
+
+def rotation_matrices(wigner: torch.Tensor, layout: CoefficientLayout, dtype: torch.dtype | None = None,
+                      align: int = 1, tables: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """-> (to_edge [E, K, (L+1)^2], from_edge [E, (L+1)^2, K]) in `dtype` (default: the Wigner dtype).
+
+    align: row stride of the stored matrices rounded up to a multiple of `align` elements (the
+    matrices are views of zero-padded buffers).  K and (L+1)^2 are odd (37 and 49 for L 6, M 3), so
+    unpadded bf16 rows are 74 and 98 bytes long; GPU matrix kernels need 16-byte aligned rows
+    (align 8 in bf16) for their fast paths.  The values and results do not change.
+
+    tables: the layout's (reduced_to_full, degree_of_reduced) already on the Wigner matrices' device
+    (the model keeps them as buffers); without them they are copied from the host, which on a GPU
+    is a synchronous copy that waits for all queued work."""
+    dtype = dtype or wigner.dtype
+    index, degree = tables if tables is not None else (layout.reduced_to_full.to(wigner.device),
+                                                       layout.degree_of_reduced.to(wigner.device))
+    to_edge = wigner.index_select(1, index)  # [E, K, (L+1)^2]
+    rescale = inverse_rescale(degree, layout.mmax).to(wigner.dtype)
+    from_edge = (to_edge.transpose(1, 2) * rescale).to(dtype)  # [E, (L+1)^2, K]
+    return _aligned_rows(to_edge.to(dtype), align), _aligned_rows(from_edge, align)
 
 
 def _aligned_rows(m: torch.Tensor, align: int) -> torch.Tensor:

@@ -9,8 +9,10 @@ reused by all blocks and all batch sizes.
 
 What is compiled: the `forward` of every `model.blocks[i]`, of the edge-degree embedding and of the
 energy and force heads, replaced in place on the module instance, so parameter names — and
-checkpoints — are unchanged and module hooks run outside the compiled region.  Graph construction and
-the Wigner-D matrices (data-dependent shapes, once per forward) stay eager.  Compile before applying
+checkpoints — are unchanged and module hooks run outside the compiled region; and the model's
+`edge_frames` (Wigner-D matrices, rotation matrices, distance basis: dozens of small eager kernels
+otherwise, and under CUDA graphs its outputs stay in the graph pool instead of being copied into
+every block's graph).  Graph construction (data-dependent shapes, once per forward) stays eager.  Compile before applying
 activation checkpointing: checkpointing then wraps the compiled forward (recomputing it in the
 backward pass) instead of being traced into the graph.
 
@@ -64,12 +66,13 @@ class CompileConfig:
 
 
 def compiled_parts(model: nn.Module) -> list[str]:
-    """Names of the submodules `apply_compile` compiles."""
+    """Names of what `apply_compile` compiles: submodules (their forward) and the model's `edge_frames`
+    (the per-edge rotation matrices and distance basis)."""
     names = [f"blocks.{i}" for i in range(len(model.blocks))]
     for name in ("edge_degree_embedding", "energy_head", "force_head"):
         if getattr(model, name, None) is not None:
             names.append(name)
-    return names
+    return names + ["edge_frames"]
 
 
 def apply_compile(model: nn.Module, cfg: CompileConfig) -> list[str]:
@@ -81,15 +84,15 @@ def apply_compile(model: nn.Module, cfg: CompileConfig) -> list[str]:
                           "model.pad_atoms_multiple and model.pad_edges_multiple (shape buckets) too")
     names = compiled_parts(model)
     for name in names:
-        part = model.get_submodule(name)
-        if "forward" in vars(part):
-            raise RuntimeError(f"{name}.forward is already wrapped (activation checkpointing?): apply_compile "
+        owner, attr = (model, name) if name == "edge_frames" else (model.get_submodule(name), "forward")
+        if attr in vars(owner):
+            raise RuntimeError(f"{name}.{attr} is already wrapped (activation checkpointing?): apply_compile "
                                "must come first, so that the wrapper calls the compiled forward")
-        compiled = torch.compile(part.forward, options=inductor_options(cfg.mode, cfg.cpp_wrapper),
+        compiled = torch.compile(getattr(owner, attr), options=inductor_options(cfg.mode, cfg.cpp_wrapper),
                                  dynamic=cfg.dynamic, fullgraph=True)
         if cfg.activation_memory_budget < 1.0:
             compiled = _with_memory_budget(compiled, cfg.activation_memory_budget, cfg.weigh_custom_ops)
-        part.forward = compiled
+        setattr(owner, attr, compiled)
     return names
 
 

@@ -134,7 +134,8 @@ def test_compiled_model_matches_eager_and_compiles_once(cpp_wrapper, kernels):
     fast.load_state_dict(eager.state_dict())
     names = apply_compile(fast, CompileConfig(enabled=True, cpp_wrapper=cpp_wrapper))
     apply_activation_checkpointing(fast, ActivationCheckpointConfig(enabled=True, every=2))  # wraps compiled code
-    assert names == ["blocks.0", "blocks.1", "blocks.2", "edge_degree_embedding", "energy_head", "force_head"]
+    assert names == ["blocks.0", "blocks.1", "blocks.2", "edge_degree_embedding", "energy_head", "force_head",
+                     "edge_frames"]
     assert list(fast.state_dict()) == list(eager.state_dict())  # checkpoints stay interchangeable
     # static compile; symbolic atom/edge counts (same structure count); then a new structure count,
     # which must not recompile a block (the trainer's batches hold varying numbers of structures)
@@ -155,9 +156,9 @@ def test_compiled_model_matches_eager_and_compiles_once(cpp_wrapper, kernels):
             if q.grad is not None and q.grad.norm() > 0:
                 err = float((p.grad - q.grad).norm() / q.grad.norm())
                 assert err < 1e-4, (step, name, err)
-    # blocks (with and without checkpointing share the code), edge-degree embedding, 2 heads: each
-    # compiled for a static and then a dynamic shape, and never again
-    assert dynamo_utils.counters["stats"]["unique_graphs"] == 2 * 4, dict(dynamo_utils.counters["stats"])
+    # blocks (with and without checkpointing share the code), edge-degree embedding, 2 heads, edge
+    # frames: each compiled for a static and then a dynamic shape, and never again
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == 2 * 5, dict(dynamo_utils.counters["stats"])
 
 
 @pytest.mark.slow
