@@ -234,6 +234,8 @@ def main(argv=None) -> int:
                         help="compile.weigh_custom_ops=false: torch's default, custom ops free to recompute")
     parser.add_argument("--fused-input-grad", choices=["on", "off"], default=None,
                         help="model.so2_fused_input_grad: input gradients from eqv2::so2_input_grad (default: the config's)")
+    parser.add_argument("--fused-rotation", choices=["on", "off"], default=None,
+                        help="model.fused_rotation: the rotations fused with their gather and scatter (default: the config's)")
     parser.add_argument("--rotation-align", type=int, default=None,
                         help="model.rotation_align: Wigner matrix rows padded to this many elements (default: the config's)")
     parser.add_argument("--cpp-wrapper", action="store_true", help="compile.cpp_wrapper: kernels launched from C++")
@@ -261,6 +263,8 @@ def main(argv=None) -> int:
     for name in args.configs:
         cfg = from_dict(ModelConfig, {**load_yaml(ROOT / "configs" / "model" / f"eqv2_{name}.yaml"),
                                       "pad_atoms_multiple": args.pad[0], "pad_edges_multiple": args.pad[1]})
+        if args.fused_rotation is not None:
+            cfg = dataclasses.replace(cfg, fused_rotation=args.fused_rotation == "on")
         for bs in args.batch_sizes:
             batches = make_batches(bs, args.warmup + args.steps, args.seed)
             if args.graphs == "loader":  # fairchem builds its graphs in its forward pass (otf_graph), as it trains
@@ -275,6 +279,7 @@ def main(argv=None) -> int:
             fused = ("-fusedgrad" if fused_input_grad or (fused_input_grad is None and cfg.so2_fused_input_grad) else "")
             align = args.rotation_align or cfg.rotation_align
             fused += f"-align{align}" if align > 1 else ""
+            fused += "-fusedrot" if cfg.fused_rotation else ""
             fused += "-graphinmodel" if args.graphs == "model" else ""
             runs = [(f"eqv2-{impl}" + (f"-ac{k}" if k else "") + (extra if impl == "compiled" else "") + fused,
                      lambda impl=impl, k=k: eqv2_step_fn(cfg, device, dtype, impl == "compiled", k, args.mode,

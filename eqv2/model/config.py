@@ -58,6 +58,9 @@ class ModelConfig:
     so2_fused_input_grad: bool = False
     # rows of the per-edge Wigner matrices padded to a multiple of this many elements (8: 16-byte bf16 rows)
     rotation_align: int = 1
+    # the attention's and edge-degree embedding's rotations fused with their gather and scatter (Triton,
+    # fused_rotation.py; CUDA bf16/fp16 only, elsewhere the stock operations)
+    fused_rotation: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.mmax <= self.lmax:

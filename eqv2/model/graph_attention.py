@@ -15,6 +15,7 @@ import math
 import torch
 from torch import nn
 
+from eqv2.model import fused_rotation
 from eqv2.model.activation import GateActivation, S2Activation, SeparableS2Activation, SmoothLeakyReLU, edge_grid
 from eqv2.model.config import ModelConfig
 from eqv2.model.radial import AtomEdgeEmbedding
@@ -39,6 +40,26 @@ def scatter_sum(messages: torch.Tensor, target: torch.Tensor, num_nodes: int) ->
     acc_dtype = torch.float32 if messages.dtype in (torch.float16, torch.bfloat16) else messages.dtype
     out = messages.new_zeros((num_nodes, *messages.shape[1:]), dtype=acc_dtype)
     return out.index_add_(0, target, messages.to(acc_dtype))
+
+
+def rotated_pairs(rotation: EdgeRotation, x: torch.Tensor, source: torch.Tensor, target: torch.Tensor,
+                  fused: bool) -> torch.Tensor:
+    """Both atoms' features of each edge in the edge frame: rotate(cat(x[source], x[target])) [E, K, 2C].
+    The gather happens in x's dtype (float32 under autocast), so that the backward pass sums each node's
+    edge gradients in it; the rotation casts the edge copies to the compute dtype.  fused: one kernel
+    (fused_rotation.py) when it serves the rotation's device and dtype."""
+    if fused and fused_rotation.kernel_available(rotation.to_edge):
+        return fused_rotation.gather_rotate(x, source, target, rotation.to_edge)
+    return rotation.rotate(torch.cat([x.index_select(0, source), x.index_select(0, target)], dim=2))
+
+
+def rotated_back_and_summed(rotation: EdgeRotation, m: torch.Tensor, target: torch.Tensor, num_nodes: int,
+                            fused: bool) -> torch.Tensor:
+    """Edge-frame messages m [E, K, C] rotated back and summed into their target atoms:
+    [num_nodes, (L+1)^2, C], float32 or better.  fused: one kernel, as in `rotated_pairs`."""
+    if fused and fused_rotation.kernel_available(rotation.from_edge):
+        return fused_rotation.rotate_scatter(m, rotation.from_edge, target, num_nodes)
+    return scatter_sum(rotation.rotate_inv(m), target, num_nodes)
 
 
 class EquivariantGraphAttention(nn.Module):
@@ -85,11 +106,7 @@ class EquivariantGraphAttention(nn.Module):
         source, target = edge_index[0], edge_index[1]
         edge_scalars = self.edge_scalars(distance_basis, atomic_numbers, edge_index)  # [E, F]
         num_nodes, node_dtype = x.shape[0], x.dtype
-        # gathered in the node dtype (float32 under autocast), so that the backward pass sums each node's
-        # edge gradients in it; `rotate` casts the edge copies to the compute dtype (one fused kernel
-        # with the gather when compiled)
-        message = torch.cat([x.index_select(0, source), x.index_select(0, target)], dim=2)  # [E, (L+1)^2, 2C]
-        message = rotation.rotate(message)  # [E, K, 2C]
+        message = rotated_pairs(rotation, x, source, target, self.cfg.fused_rotation)  # [E, K, 2C]
         message, extra = self.so2_conv_1(message, edge_scalars)  # [E, K, hidden], [E, H*A + gating]
         n_alpha = self.num_heads * self.alpha_channels
         alpha_features = extra.narrow(1, 0, n_alpha)
@@ -109,6 +126,6 @@ class EquivariantGraphAttention(nn.Module):
             alpha = self.alpha_dropout(alpha)
         value = message.reshape(message.shape[0], message.shape[1], self.num_heads, self.value_channels)
         message = (value * alpha.to(value.dtype)[:, None, :, None]).reshape(message.shape)
-        message = rotation.rotate_inv(message)  # [E, (L+1)^2, H*V]
-        aggregated = scatter_sum(message, target, num_nodes).to(node_dtype)  # [N, (L+1)^2, H*V]
+        aggregated = rotated_back_and_summed(rotation, message, target, num_nodes, self.cfg.fused_rotation)
+        aggregated = aggregated.to(node_dtype)  # [N, (L+1)^2, H*V]
         return self.proj(aggregated)
