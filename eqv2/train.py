@@ -378,4 +378,11 @@ def evaluate(engine, cfg: RunConfig, split_cfg, ema: EMA | None, normalizers: No
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Files are closed and the process group is torn down (main's `finally`).  Skip interpreter
+    # finalisation: C++ objects torch leaves to it (gloo/TCPStore threads) can still abort a finished
+    # rank with "terminate called without an active exception" (exit -6; seen in CI, ZeRO-3 on 2 CPU
+    # ranks), turning a completed run into a failed one.
+    os._exit(exit_code)

@@ -13,12 +13,12 @@ def test_compiled_training_does_not_recompile_as_batches_vary(demo_data, tmp_pat
                          "--set", "compile.enabled=true", "--set", "checkpoint.every_steps=1000",
                          "--set", "data.max_atoms=80"], timeout=900)  # batches by atoms: 2-4 structures each
     assert rc == [0], out[-3000:]
-    assert "compiled: 5 parts" in out  # 2 blocks, the edge-degree embedding, 2 heads
+    assert "compiled: 6 parts" in out  # 2 blocks, the edge-degree embedding, 2 heads, the edge frames
     train, _ = records(run_dir)
     graphs = {step: rec["compiled_graphs"] for step, rec in train.items()}
     atoms = {round(rec["atoms_per_s"] / rec["steps_per_s"]) for rec in train.values()}
     structures = {round(rec["samples_per_s"] / rec["steps_per_s"]) for rec in train.values()}
     assert len(atoms) > 5 and len(structures) > 1, (atoms, structures)  # the batches do vary
-    # 4 code objects (block, edge-degree embedding, energy head, force head), each compiled static and
-    # then symbolic within the first steps (2 micro-batches each); nothing after that
-    assert set(graphs[s] for s in graphs if s >= 2) == {8}, graphs
+    # 5 code objects (block, edge-degree embedding, energy head, force head, edge frames), each compiled
+    # static and then symbolic within the first steps (2 micro-batches each); nothing after that
+    assert set(graphs[s] for s in graphs if s >= 2) == {10}, graphs
