@@ -6,11 +6,14 @@ operations (graph_attention.py), that is a gather writing [E, (L+1)^2, 2C] copie
 a batched product reading them, and after the block a product writing [E, (L+1)^2, C] messages that a
 scatter reads again: four passes over the largest tensors of the model.
 
-Two Triton kernels remove the intermediate tensors:
+Two Triton kernels remove the intermediate tensors, one program per edge and channel tile:
 
-- `_gather_mm`:  out[e, p, c0 + c] = sum_q M[e, p, q] x[idx[e], q, c]  (a row of nodes gathered,
-  multiplied by the edge's matrix, written once);
-- `_mm_scatter`: out[idx[e], p, c] += sum_q M[e, p, q] y[e, q, c0 + c]  (float32 atomics).
+- `_gather_mm`:  out[e, p, c] = sum_q M[e, p, q] x[ia[e], q, c], and for the second atom of the edge
+  out[e, p, C + c] from x[ib[e]] with the same matrix tile (rows gathered, multiplied, written once);
+- `_mm_scatter`: out[ia[e], p, c] += sum_q M[e, p, q] y[e, q, c] (and into ib[e] from y[e, q, C + c]),
+  float32 atomics.
+
+The channel tile and warp count are autotuned on the GPU per shape (TUNING).
 
 They make two custom ops, each the other's backward:
 
@@ -25,6 +28,8 @@ and the features are CUDA bf16/fp16; the tests run the kernels in Triton's inter
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -32,9 +37,6 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: graph_attention.py keeps to the stock operations
     triton = None
-
-BLOCK_C = 64  # channels per program
-
 
 def kernel_available(matrices: torch.Tensor) -> bool:
     """Whether the fused ops serve rotation matrices of this device and dtype (CUDA bf16/fp16, Triton)."""
@@ -44,36 +46,82 @@ def kernel_available(matrices: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _gather_mm(x_ptr, idx_ptr, m_ptr, out_ptr, C, sxn, sxq, sme, smp, smq, soe, sop, out_c0,
-                   P: tl.constexpr, Q: tl.constexpr, PP: tl.constexpr, QP: tl.constexpr, BC: tl.constexpr):
+    def _gather_mm(x_ptr, ia_ptr, ib_ptr, m_ptr, out_ptr, C, sxn, sxq, sme, smp, smq, soe, sop,
+                   P: tl.constexpr, Q: tl.constexpr, PP: tl.constexpr, QP: tl.constexpr, TWO: tl.constexpr,
+                   BC: tl.constexpr):
+        """out[e, p, c] = sum_q M[e, p, q] x[ia[e], q, c]; with TWO also out[e, p, C + c] from x[ib[e]]."""
         e = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1) * BC + tl.arange(0, BC)
-        n = tl.load(idx_ptr + e).to(tl.int64)
         p = tl.arange(0, PP)
         q = tl.arange(0, QP)
         mat = tl.load(m_ptr + e * sme + p[:, None] * smp + q[None, :] * smq,
-                      mask=(p[:, None] < P) & (q[None, :] < Q), other=0.0)  # [PP, QP]
-        rows = tl.load(x_ptr + n * sxn + q[:, None] * sxq + c[None, :],
-                       mask=(q[:, None] < Q) & (c[None, :] < C), other=0.0)  # [QP, BC]
-        acc = tl.dot(mat, rows.to(mat.dtype))  # [PP, BC]
-        tl.store(out_ptr + e * soe + p[:, None] * sop + out_c0 + c[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=(p[:, None] < P) & (c[None, :] < C))
+                      mask=(p[:, None] < P) & (q[None, :] < Q), other=0.0)  # [PP, QP], shared by both gathers
+        load_mask = (q[:, None] < Q) & (c[None, :] < C)
+        store_mask = (p[:, None] < P) & (c[None, :] < C)
+        out = out_ptr + e * soe + p[:, None] * sop + c[None, :]
+        n = tl.load(ia_ptr + e).to(tl.int64)
+        rows = tl.load(x_ptr + n * sxn + q[:, None] * sxq + c[None, :], mask=load_mask, other=0.0)  # [QP, BC]
+        tl.store(out, tl.dot(mat, rows.to(mat.dtype)).to(out_ptr.dtype.element_ty), mask=store_mask)
+        if TWO:
+            n = tl.load(ib_ptr + e).to(tl.int64)
+            rows = tl.load(x_ptr + n * sxn + q[:, None] * sxq + c[None, :], mask=load_mask, other=0.0)
+            tl.store(out + C, tl.dot(mat, rows.to(mat.dtype)).to(out_ptr.dtype.element_ty), mask=store_mask)
 
     @triton.jit
-    def _mm_scatter(y_ptr, idx_ptr, m_ptr, out_ptr, C, sye, syq, y_c0, sme, smp, smq, son, sop,
-                    P: tl.constexpr, Q: tl.constexpr, PP: tl.constexpr, QP: tl.constexpr, BC: tl.constexpr):
+    def _mm_scatter(y_ptr, ia_ptr, ib_ptr, m_ptr, out_ptr, C, sye, syq, sme, smp, smq, son, sop,
+                    P: tl.constexpr, Q: tl.constexpr, PP: tl.constexpr, QP: tl.constexpr, TWO: tl.constexpr,
+                    BC: tl.constexpr):
+        """out[ia[e], p, c] += sum_q M[e, p, q] y[e, q, c]; with TWO also out[ib[e], p, c] += ... y[e, q, C + c]
+        (float32 or float64 atomics)."""
         e = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1) * BC + tl.arange(0, BC)
-        n = tl.load(idx_ptr + e).to(tl.int64)
         p = tl.arange(0, PP)
         q = tl.arange(0, QP)
         mat = tl.load(m_ptr + e * sme + p[:, None] * smp + q[None, :] * smq,
                       mask=(p[:, None] < P) & (q[None, :] < Q), other=0.0)  # [PP, QP]
-        rows = tl.load(y_ptr + e * sye + q[:, None] * syq + y_c0 + c[None, :],
-                       mask=(q[:, None] < Q) & (c[None, :] < C), other=0.0)  # [QP, BC]
+        load_mask = (q[:, None] < Q) & (c[None, :] < C)
+        add_mask = (p[:, None] < P) & (c[None, :] < C)
+        rows_ptr = y_ptr + e * sye + q[:, None] * syq + c[None, :]
+        n = tl.load(ia_ptr + e).to(tl.int64)
+        rows = tl.load(rows_ptr, mask=load_mask, other=0.0)  # [QP, BC]
         acc = tl.dot(mat, rows.to(mat.dtype))  # [PP, BC]
-        tl.atomic_add(out_ptr + n * son + p[:, None] * sop + c[None, :], acc.to(out_ptr.dtype.element_ty),
-                      mask=(p[:, None] < P) & (c[None, :] < C))
+        tl.atomic_add(out_ptr + n * son + p[:, None] * sop + c[None, :], acc.to(out_ptr.dtype.element_ty), mask=add_mask)
+        if TWO:
+            n = tl.load(ib_ptr + e).to(tl.int64)
+            rows = tl.load(rows_ptr + C, mask=load_mask, other=0.0)
+            acc = tl.dot(mat, rows.to(mat.dtype))
+            tl.atomic_add(out_ptr + n * son + p[:, None] * sop + c[None, :], acc.to(out_ptr.dtype.element_ty),
+                          mask=add_mask)
+
+
+# channel tiles and warps the autotuner tries on the GPU per (P, Q, C, TWO); the interpreter (CPU tests)
+# runs each explicitly
+TUNING = [dict(BC=bc, num_warps=w) for bc, w in [(64, 4), (32, 4), (128, 4), (64, 2), (128, 8)]]
+_tuned: dict = {}
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _autotuned(kernel, scatter: bool):
+    """`kernel` under triton.autotune over TUNING (the scatter's output is zeroed before each trial)."""
+    if kernel not in _tuned:
+        configs = [triton.Config({"BC": t["BC"]}, num_warps=t["num_warps"]) for t in TUNING]
+        _tuned[kernel] = triton.autotune(configs=configs, key=["P", "Q", "C", "TWO"],
+                                         reset_to_zero=["out_ptr"] if scatter else None)(kernel)
+    return _tuned[kernel]
+
+
+def _run(kernel, scatter: bool, e: int, c: int, args: list, p: int, q: int, two: bool, config: dict | None):
+    if e == 0:
+        return
+    meta = dict(P=p, Q=q, PP=_pad(p), QP=_pad(q), TWO=two)
+    if config is None and not _interpreted():
+        _autotuned(kernel, scatter)[lambda m: (e, triton.cdiv(c, m["BC"]))](*args, **meta)
+        return
+    t = config or TUNING[0]
+    kernel[(e, triton.cdiv(c, t["BC"]))](*args, **meta, BC=t["BC"], num_warps=t["num_warps"])
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -85,25 +133,26 @@ def _pad(size: int) -> int:
     return max(16, triton.next_power_of_2(size))  # tl.dot needs every dimension >= 16
 
 
-def _gather(x: torch.Tensor, idx: torch.Tensor, m: torch.Tensor, out: torch.Tensor, out_c0: int) -> None:
-    """out[e, :, out_c0:out_c0+C] = m[e] @ x[idx[e]]; x [N, Q, C] and out channel-contiguous, m [E, P, Q]."""
+def _gather(x: torch.Tensor, ia: torch.Tensor, ib: torch.Tensor | None, m: torch.Tensor, out: torch.Tensor,
+            config: dict | None = None) -> None:
+    """out[e, :, :C] = m[e] @ x[ia[e]] (and out[e, :, C:] = m[e] @ x[ib[e]]); x [N, Q, C] and out
+    channel-contiguous, m [E, P, Q] with any strides."""
     e, p, q = m.shape
     c = x.shape[2]
-    if e == 0:
-        return
-    _gather_mm[(e, triton.cdiv(c, BLOCK_C))](x, idx, m, out, c, x.stride(0), x.stride(1), *m.stride(), out.stride(0),
-                                              out.stride(1), out_c0, P=p, Q=q, PP=_pad(p), QP=_pad(q), BC=BLOCK_C)
+    args = [x, ia, ia if ib is None else ib, m, out, c, x.stride(0), x.stride(1), *m.stride(), out.stride(0),
+            out.stride(1)]
+    _run(_gather_mm, False, e, c, args, p, q, ib is not None, config)
 
 
-def _scatter(y: torch.Tensor, idx: torch.Tensor, m: torch.Tensor, out: torch.Tensor, y_c0: int) -> None:
-    """out[idx[e]] += m[e] @ y[e, :, y_c0:y_c0+C]; y channel-contiguous, m [E, P, Q], out [N, P, C] float32."""
+def _scatter(y: torch.Tensor, ia: torch.Tensor, ib: torch.Tensor | None, m: torch.Tensor, out: torch.Tensor,
+             config: dict | None = None) -> None:
+    """out[ia[e]] += m[e] @ y[e, :, :C] (and out[ib[e]] += m[e] @ y[e, :, C:]); y channel-contiguous,
+    m [E, P, Q] with any strides, out [N, P, C] float32 (float64)."""
     e, p, q = m.shape
     c = out.shape[2]
-    if e == 0:
-        return
-    _mm_scatter[(e, triton.cdiv(c, BLOCK_C))](y, idx, m, out, c, y.stride(0), y.stride(1), y_c0, *m.stride(),
-                                               out.stride(0), out.stride(1), P=p, Q=q, PP=_pad(p), QP=_pad(q),
-                                               BC=BLOCK_C)
+    args = [y, ia, ia if ib is None else ib, m, out, c, y.stride(0), y.stride(1), *m.stride(), out.stride(0),
+            out.stride(1)]
+    _run(_mm_scatter, True, e, c, args, p, q, ib is not None, config)
 
 
 def _check(name: str, features: torch.Tensor, matrices: torch.Tensor, *indices: torch.Tensor) -> None:
@@ -123,8 +172,7 @@ def gather_rotate(x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, to_edge
     x = x.contiguous()
     c = x.shape[2]
     out = x.new_empty((to_edge.shape[0], to_edge.shape[1], 2 * c), dtype=to_edge.dtype)
-    _gather(x, src, to_edge, out, 0)
-    _gather(x, dst, to_edge, out, c)
+    _gather(x, src, dst, to_edge, out)
     return out
 
 
@@ -140,7 +188,7 @@ def rotate_scatter(m: torch.Tensor, from_edge: torch.Tensor, dst: torch.Tensor, 
     the edges e into node dst[e] of from_edge[e] @ m[e]."""
     _check("rotate_scatter", m, from_edge, dst)
     out = m.new_zeros((num_nodes, from_edge.shape[1], m.shape[2]), dtype=_acc_dtype(m))
-    _scatter(m.contiguous(), dst, from_edge, out, 0)
+    _scatter(m.contiguous(), dst, None, from_edge, out)
     return out
 
 
@@ -158,8 +206,7 @@ def gather_rotate_backward(grad: torch.Tensor, to_edge: torch.Tensor, src: torch
     grad = grad.contiguous()
     c = grad.shape[2] // 2
     out = grad.new_zeros((num_nodes, to_edge.shape[2], c), dtype=_acc_dtype(grad))
-    _scatter(grad, src, to_edge.transpose(1, 2), out, 0)
-    _scatter(grad, dst, to_edge.transpose(1, 2), out, c)
+    _scatter(grad, src, dst, to_edge.transpose(1, 2), out)
     return out
 
 
@@ -173,7 +220,7 @@ def rotate_scatter_backward(grad: torch.Tensor, from_edge: torch.Tensor, dst: to
     """Gradient of `rotate_scatter` for m, [E, K, C] in from_edge's dtype: from_edge[e]^T @ grad[dst[e]]."""
     _check("rotate_scatter_backward", grad, from_edge, dst)
     out = grad.new_empty((from_edge.shape[0], from_edge.shape[2], grad.shape[2]), dtype=from_edge.dtype)
-    _gather(grad.contiguous(), dst, from_edge.transpose(1, 2), out, 0)
+    _gather(grad.contiguous(), dst, None, from_edge.transpose(1, 2), out)
     return out
 
 
