@@ -28,9 +28,10 @@ and the features are CUDA bf16/fp16; the tests run the kernels in Triton's inter
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+from eqv2.model import fused_s2_activation
+from eqv2.model.fused_s2_activation import _interpreted
 
 try:
     import triton
@@ -38,9 +39,8 @@ try:
 except ImportError:  # CPU-only installs: graph_attention.py keeps to the stock operations
     triton = None
 
-def kernel_available(matrices: torch.Tensor) -> bool:
-    """Whether the fused ops serve rotation matrices of this device and dtype (CUDA bf16/fp16, Triton)."""
-    return triton is not None and matrices.is_cuda and matrices.dtype in (torch.bfloat16, torch.float16)
+# the fused ops serve the same tensors as the fused S2 kernel: CUDA, bf16/fp16, Triton installed
+kernel_available = fused_s2_activation.kernel_available
 
 
 if triton is not None:
@@ -98,10 +98,6 @@ if triton is not None:
 # runs each explicitly
 TUNING = [dict(BC=bc, num_warps=w) for bc, w in [(64, 4), (32, 4), (128, 4), (64, 2), (128, 8)]]
 _tuned: dict = {}
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _autotuned(kernel, scatter: bool):
