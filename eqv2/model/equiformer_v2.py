@@ -128,12 +128,11 @@ class EquiformerV2(nn.Module):
         cfg = self.cfg
         z = batch.atomic_numbers.long()
         num_nodes, num_graphs = z.shape[0], batch.natoms.shape[0]
+        pos = batch.pos if batch.pos.dtype == torch.float64 else batch.pos.float()  # geometry in full precision
         # the blocks' matrix-product dtype (bfloat16 under autocast), read before autocast is turned off
         # for the geometry: the rotation matrices are cast to it once here, not in every block
-        dtype = compute_dtype(batch.pos.float() if batch.pos.dtype != torch.float64 else batch.pos)
-        with full_precision(batch.pos.device.type):
-            # geometry in full precision
-            pos = batch.pos if batch.pos.dtype == torch.float64 else batch.pos.float()
+        dtype = compute_dtype(pos)
+        with full_precision(pos.device.type):
             graph = self._graph(batch, pos)
             graph_of_atom, num_real_nodes, num_real_graphs = batch.batch, num_nodes, num_graphs
             if cfg.pad_atoms_multiple or cfg.pad_edges_multiple:
