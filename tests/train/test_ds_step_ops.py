@@ -1,0 +1,26 @@
+"""tools/ds_step_ops.py: what DeepSpeed adds to a step per parameter tensor (BENCHMARKS.md, session 7)."""
+import json
+import subprocess
+import sys
+
+from tests.train.conftest import REPO
+
+
+def test_contiguous_gradients_copy_every_gradient_once_more():
+    settings = ['{"stage": 2, "overlap_comm": true, "contiguous_gradients": true}',
+                '{"stage": 2, "overlap_comm": true, "contiguous_gradients": false}']
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "ds_step_ops.py"), "--config", "31M", "--zero",
+                           *settings], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 2
+    contiguous, plain = rows
+    tensors = contiguous["parameter_tensors"]
+    assert tensors == plain["parameter_tensors"] > 300  # 31M: one tensor per weight and bias
+    copies = [dict(r["top_launching_ops"]).get("copy_", 0) for r in rows]
+    # one copy per gradient into the contiguous bucket (and one for the bucket itself at the end)
+    assert copies[0] - copies[1] in (tensors, tensors + 1), (copies, tensors)
+    extra = contiguous["backward_extra_launches"] - plain["backward_extra_launches"]
+    assert tensors <= extra <= tensors + 5, (extra, tensors)
+    # step(): a cast and a norm per gradient in both (the global norm for clipping)
+    assert contiguous["step_launches"] == plain["step_launches"] >= 2 * tensors
