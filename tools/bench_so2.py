@@ -14,7 +14,7 @@ Variants: `dynamic` compiles with symbolic sizes (as the trainer does after the 
 `rotation` and `rotation-aligned` time the edge rotation instead (Sec. 3.3: the per-edge Wigner-D
 products into and out of the edge frame, [E, K, (L+1)^2] x [E, (L+1)^2, C] and back, forward +
 backward, bf16), with the matrices stored unpadded or with rows padded to 16 bytes
-(`EdgeRotation(align=8)`).  Prints microseconds per forward + backward and, with --profile, the
+(`rotation_matrices(align=8)`).  Prints microseconds per forward + backward and, with --profile, the
 three slowest kernels.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from eqv2.model.so2_convolution import SO2Convolution
-from eqv2.model.so3 import CoefficientLayout, EdgeRotation, WignerD
+from eqv2.model.so3 import CoefficientLayout, EdgeRotation, WignerD, rotation_matrices
 from eqv2.training.compile import inductor_options
 
 from bench import set_inductor_config  # tools/bench.py, beside this file
@@ -54,7 +54,7 @@ def rotation_step(args, device: torch.device, align: int):
     """Forward + backward of rotate -> rotate_inv for the 153M edge count (sphere channels wide)."""
     layout = CoefficientLayout(args.lmax, args.mmax)
     wigner = WignerD(args.lmax).to(device)(torch.randn(args.edges, 3, device=device))
-    rotation = EdgeRotation(wigner, layout, torch.bfloat16, align=align)
+    rotation = EdgeRotation(*rotation_matrices(wigner, layout, torch.bfloat16, align=align))
     x = torch.randn(args.edges, (args.lmax + 1) ** 2, args.channels, device=device, dtype=torch.bfloat16,
                     requires_grad=True)
 

@@ -142,7 +142,7 @@ class EquiformerV2(nn.Module):
                 graph_of_atom = torch.cat([graph_of_atom, graph_of_atom.new_full((num_pad,), num_graphs)])
                 num_nodes, num_graphs = num_nodes + num_pad, num_graphs + 1
             to_edge, from_edge, distance_basis = self.edge_frames(graph.edge_vec, graph.distance, dtype)
-            rotation = EdgeRotation.of(to_edge, from_edge)
+            rotation = EdgeRotation(to_edge, from_edge)
         edge_index = graph.edge_index
         x = torch.zeros(num_nodes, (cfg.lmax + 1) ** 2, cfg.sphere_channels, device=pos.device, dtype=pos.dtype)
         x[:, 0, :] = self.atom_embedding(z).to(pos.dtype)

@@ -165,18 +165,9 @@ class EdgeRotation:
     dtype `dtype` (bfloat16 under autocast) and shared by every block.
     """
 
-    def __init__(self, wigner: torch.Tensor, layout: CoefficientLayout, dtype: torch.dtype | None = None,
-                 align: int = 1, tables: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """From the Wigner-D matrices [E, (L+1)^2, (L+1)^2]; see `rotation_matrices` for the arguments."""
-        self.to_edge, self.from_edge = rotation_matrices(wigner, layout, dtype, align, tables)
-        self.dtype = self.to_edge.dtype
-
-    @classmethod
-    def of(cls, to_edge: torch.Tensor, from_edge: torch.Tensor) -> "EdgeRotation":
-        """From matrices `rotation_matrices` made (the model computes them in a compiled part)."""
-        rotation = cls.__new__(cls)
-        rotation.to_edge, rotation.from_edge, rotation.dtype = to_edge, from_edge, to_edge.dtype
-        return rotation
+    def __init__(self, to_edge: torch.Tensor, from_edge: torch.Tensor):
+        """to_edge [E, K, (L+1)^2], from_edge [E, (L+1)^2, K] as `rotation_matrices` makes them."""
+        self.to_edge, self.from_edge, self.dtype = to_edge, from_edge, to_edge.dtype
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """[E, (L+1)^2, C] -> [E, K, C] in the compute dtype."""

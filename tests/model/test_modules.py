@@ -11,7 +11,7 @@ from eqv2.model.graph_attention import EquivariantGraphAttention, segment_softma
 from eqv2.model.layer_norm import make_norm
 from eqv2.model.so2_convolution import SO2Convolution
 from eqv2.model.so3 import (CoefficientLayout, EdgeRotation, SO3Linear, WignerD, _polar_rotation, degree_index,
-                            wigner_from_rotation)
+                            rotation_matrices, wigner_from_rotation)
 from tests.model.equivariance import random_rotations
 
 L, C = 4, 6
@@ -115,7 +115,7 @@ def test_graph_attention_equivariant(oc20_atoms):
     outs = []
     for b, feats in ((batch, x), (rotate_batch(batch, rot), torch.einsum("ij,njc->nic", wigner_from_rotation(rot, L), x))):
         g = radius_graph_pbc(b.pos, b.cell, b.pbc, b.natoms, 6.0, 1000)  # no ties cut
-        outs.append(attn(feats, b.atomic_numbers, basis(g.distance), g.edge_index, EdgeRotation(wigner(g.edge_vec), layout)))
+        outs.append(attn(feats, b.atomic_numbers, basis(g.distance), g.edge_index, EdgeRotation(*rotation_matrices(wigner(g.edge_vec), layout))))
     expected = torch.einsum("ij,njc->nic", wigner_from_rotation(rot, L), outs[0])
     assert torch.allclose(outs[1], expected, atol=1e-10)
 
@@ -129,14 +129,15 @@ def test_segment_softmax_sums_to_one_per_target():
 
 
 def test_edge_rotation_with_aligned_rows_gives_identical_results():
-    """EdgeRotation(align=8) stores its matrices as views of row-padded buffers (16-byte rows in bf16 for
+    """rotation_matrices(align=8) stores its matrices as views of row-padded buffers (16-byte rows in bf16 for
     the GPU's matrix kernels): the same values, so rotations and their gradients are bit-identical."""
-    from eqv2.model.so3 import CoefficientLayout, EdgeRotation, WignerD
+    from eqv2.model.so3 import CoefficientLayout, EdgeRotation, WignerD, rotation_matrices
 
     torch.manual_seed(0)
     layout = CoefficientLayout(6, 3)
     wigner = WignerD(6)(torch.randn(40, 3, dtype=torch.float64))
-    plain, aligned = EdgeRotation(wigner, layout), EdgeRotation(wigner, layout, align=8)
+    plain = EdgeRotation(*rotation_matrices(wigner, layout))
+    aligned = EdgeRotation(*rotation_matrices(wigner, layout, align=8))
     assert aligned.to_edge.shape == plain.to_edge.shape == (40, 37, 49)
     assert aligned.to_edge.stride()[1] == 56 and aligned.from_edge.stride()[1] == 40
     x = torch.randn(40, 49, 5, dtype=torch.float64, requires_grad=True)
