@@ -41,7 +41,7 @@ from eqv2.training.ema import EMA
 from eqv2.training.loss import EnergyForceLoss, Normalizers, global_counts
 from eqv2.training.metrics import S2EFMetrics
 from eqv2.training.monitor import StepLogger
-from eqv2.training.optim import build_optimizer, lr_factor
+from eqv2.training.optim import build_optimizer, clip_gradients, lr_factor, trainer_clipping
 from eqv2.training.profiling import StepProfiler, phase
 from eqv2.training.signals import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_REQUEUE, StopFlag
 
@@ -146,7 +146,9 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     num_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ds_numel: ZeRO-3 full size
     compiled = apply_compile(model, cfg.compile) if cfg.compile.resolve(dist.device, zero_stage) else []
     wrapped = apply_activation_checkpointing(model, cfg.activation_checkpointing)  # wraps the compiled forwards
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim, fused=dist.device.type == "cuda"), config=ds)
+    engine_ds, max_grad_norm = trainer_clipping(ds)  # ZeRO-0: the trainer clips, with multi-tensor kernels
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim, fused=dist.device.type == "cuda"),
+                                           config=engine_ds)
     ema = EMA(engine.module, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
     loss_fn = EnergyForceLoss(cfg.loss, normalizers)
     if dist.is_main:
@@ -232,7 +234,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
                 profiler.before(step + 1)
                 terms, counts, skipped, stop_now, grad_norm = take_step(
                     engine, micro, loss_fn, zero_loss, stop, scale, cfg.loss.train_on_free_atoms, dist.device,
-                    grad_norm_needed=log_now)
+                    grad_norm_needed=log_now, max_grad_norm=max_grad_norm)
                 step += 1
                 profiler.after(step)
                 nonfinite += skipped > 0  # steps with at least one non-finite micro-batch
@@ -311,9 +313,12 @@ def _zero_loss_fn(engine):
 
 
 def take_step(engine, micro: list[AtomsBatch], loss_fn: EnergyForceLoss, zero_loss, stop: StopFlag,
-              scale: float, free_only: bool, device: torch.device, grad_norm_needed: bool = False):
+              scale: float, free_only: bool, device: torch.device, grad_norm_needed: bool = False,
+              max_grad_norm: float = 0.0):
     """One optimizer step over `micro` (this rank's micro-batches).
 
+    max_grad_norm: at ZeRO stage 0, the gradient-norm limit the trainer applies before the optimizer
+    step (`trainer_clipping`; 0: none).
     Returns (loss terms [3] of this rank, global counts [3], micro-batches skipped, stop agreed,
     gradient norm before clipping or None).
     The one host sync per micro-batch: whether any rank's loss is non-finite must be known before the
@@ -346,10 +351,10 @@ def take_step(engine, micro: list[AtomsBatch], loss_fn: EnergyForceLoss, zero_lo
             terms_sum += torch.stack([terms["loss"], terms["energy_mae_norm"], terms["force_l2mae_norm"]]).double()
         with phase("backward"):
             engine.backward(loss)
-        if grad_norm_needed and engine.zero_optimization_stage() == 0 and engine.is_gradient_accumulation_boundary():
-            # ZeRO-0 clips but does not report the norm; the gradients are already averaged here
-            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        if ((grad_norm_needed or max_grad_norm > 0) and engine.zero_optimization_stage() == 0
+                and engine.is_gradient_accumulation_boundary()):
+            with phase("clip"):  # the gradients are averaged over ranks here
+                grad_norm = clip_gradients(engine.module.parameters(), max_grad_norm)
         with phase("optimizer_step"):
             engine.step()
     if grad_norm_needed and engine.zero_optimization_stage() > 0:

@@ -86,6 +86,33 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> 
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
 
 
+def trainer_clipping(ds: dict) -> tuple[dict, float]:
+    """(the DeepSpeed config the engine gets, the gradient-norm limit the trainer applies itself).
+
+    At ZeRO stage 0 the trainer clips: DeepSpeed's stage-0 clipping takes one norm and one scaling per
+    parameter tensor plus an all-reduce of the norm (892 tensors in the 153M model: ~1,800 kernel
+    launches per step, counted by tools/ds_step_ops.py), while the gradients are already averaged and
+    identical on every rank, so `clip_gradients` gives the same result in a handful of multi-tensor
+    kernels.  At stages 1-3 each rank holds only its partition of the averaged gradients, and
+    DeepSpeed's own clipping (over the partitions, all-reduced) stays."""
+    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    max_norm = float(ds.get("gradient_clipping", 0.0))
+    if stage != 0 or max_norm <= 0:
+        return ds, 0.0
+    return {**ds, "gradient_clipping": 0.0}, max_norm
+
+
+def clip_gradients(params, max_norm: float) -> torch.Tensor:
+    """Global 2-norm of the gradients of `params` (before clipping); when `max_norm` > 0 the gradients
+    are scaled by min(1, max_norm / (norm + 1e-6)), as DeepSpeed and torch clip.  Multi-tensor kernels
+    and no host synchronisation: the scale is applied on the device whether or not it is below 1."""
+    params = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+    return norm
+
+
 def lr_factor(step: int, total_steps: int, warmup_steps: int, warmup_factor: float,
               lr_min_factor: float) -> float:
     """Multiplier of the peak lr at optimizer step `step` (0-based).

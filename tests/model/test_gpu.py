@@ -15,6 +15,15 @@ CFG = dict(num_layers=2, lmax=6, mmax=3, sphere_channels=32, attn_hidden_channel
            drop_path_rate=0.0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_compile_cache():
+    """Compiled code is cached per code object for the whole process, and Dynamo allows 8 variants of
+    one: tests that compile the same modules with different settings would otherwise share that budget
+    (the 16th GPU test hit the limit on EdgeDegreeEmbedding.forward)."""
+    torch._dynamo.reset()
+    yield
+
+
 def test_cuda_matches_cpu_and_bf16_is_close(oc20_atoms):
     torch.manual_seed(0)
     # no neighbour cap: with max_neighbors, ties at the cut (perfect-lattice layers) may be broken

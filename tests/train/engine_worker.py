@@ -5,7 +5,8 @@ trainer's own step function, loss, optimizer groups and activation checkpointing
 per-step losses and the full fp32 parameters (gathered under ZeRO-3) to OUT, one entry per run spec.
 Usage: engine_worker.py OUT SPEC [SPEC ...], SPEC = "stage,grad_accum,activation_ckpt(0/1),dropout(0/1)"
 with an optional ",nan": step 1 then carries a NaN energy target in the last rank's last micro-batch,
-or ",pad" (shape buckets, no compilation) or ",cudagraphs" (shape buckets and compilation with CUDA
+",clip" (a gradient-norm limit of 1e-3, which every step hits; at stage 0 the trainer applies it, at
+stages 1-3 DeepSpeed), or ",pad" (shape buckets, no compilation) or ",cudagraphs" (shape buckets and compilation with CUDA
 graphs, as `compile.mode: reduce-overhead`; CUDA only).
 Several specs share one process group, which saves the start-up of a launch per configuration.
 """
@@ -37,7 +38,7 @@ from eqv2.training.activation_checkpointing import ActivationCheckpointConfig, a
 from eqv2.training.compile import CompileConfig, apply_compile  # noqa: E402
 from eqv2.training.dist import init_distributed, shutdown  # noqa: E402
 from eqv2.training.loss import EnergyForceLoss, LossConfig, Normalizers  # noqa: E402
-from eqv2.training.optim import OptimConfig, build_optimizer  # noqa: E402
+from eqv2.training.optim import OptimConfig, build_optimizer, trainer_clipping  # noqa: E402
 from eqv2.training.signals import StopFlag  # noqa: E402
 
 TINY = dict(num_layers=2, lmax=2, mmax=1, sphere_channels=8, attn_hidden_channels=8, num_heads=2,
@@ -74,9 +75,10 @@ def run(spec: str, dist) -> dict:
         apply_compile(model, CompileConfig(enabled=True, mode="reduce-overhead"))
     apply_activation_checkpointing(model, ActivationCheckpointConfig(enabled=bool(ac), every=1))
     ds = {"train_micro_batch_size_per_gpu": STRUCTS_PER_STEP // (gas * dist.world_size),
-          "gradient_accumulation_steps": gas, "gradient_clipping": 100.0, "zero_optimization": {"stage": stage},
-          "steps_per_print": 10**9}
+          "gradient_accumulation_steps": gas, "gradient_clipping": 1e-3 if fields[4:] == ["clip"] else 100.0,
+          "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}
     optim_cfg = OptimConfig(lr=1e-2, max_steps=STEPS)
+    ds, max_grad_norm = trainer_clipping(ds)  # as train.py
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, optim_cfg), config=ds)
     loss_fn = EnergyForceLoss(LossConfig(), Normalizers(0.0, 1.0, 1.0))
     losses, init, skipped_per_step, after = [], gather(engine, stage), [], []
@@ -94,7 +96,8 @@ def run(spec: str, dist) -> dict:
             group["lr"] = optim_cfg.lr
         torch.manual_seed(1000 + step * 10 + dist.rank)
         terms, counts, skipped, _, _ = take_step(engine, micro, loss_fn, _zero_loss_fn(engine), StopFlag(),
-                                              float(dist.world_size * gas), True, dist.device)
+                                                 float(dist.world_size * gas), True, dist.device,
+                                                 max_grad_norm=max_grad_norm)
         skipped_per_step.append(skipped)
         if nan_step is not None:
             after.append(gather(engine, stage))

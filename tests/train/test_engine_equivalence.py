@@ -5,6 +5,8 @@
 - 2 ranks under ZeRO-2 reproduce 1 rank with 2-step gradient accumulation on the same global batches,
   whose structures differ in size so each rank holds a different number of (free) atoms: only a loss
   normalised by global counts makes the two agree.
+- Gradient clipping that engages at every step: the trainer's own clipping at ZeRO-0 reproduces
+  DeepSpeed's clipping at ZeRO-1 (each rank clipping its partition by the all-reduced norm).
 """
 from pathlib import Path
 
@@ -48,7 +50,7 @@ def assert_same_run(a: dict, b: dict, atol: float) -> None:
 @pytest.fixture(scope="module")
 def two_rank_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("eq") / "two.pt"
-    return launch(2, out, ["0,1,0,1", "3,1,0,1", "0,1,1,1", "2,1,0,0", "2,1,0,0,nan"])
+    return launch(2, out, ["0,1,0,1", "3,1,0,1", "0,1,1,1", "2,1,0,0", "2,1,0,0,nan", "0,1,0,0,clip", "1,1,0,0,clip"])
 
 
 def test_zero3_matches_plain(two_rank_runs):
@@ -66,6 +68,14 @@ def test_two_ranks_zero2_match_one_rank_with_accumulation(two_rank_runs, tmp_pat
     # the weights did move: the comparison is not between two untouched initialisations
     moved = max((two["params"][n] - two["init"][n]).abs().max().item() for n in two["init"])
     assert moved > 1e-3
+
+
+def test_trainer_clipping_at_zero0_matches_deepspeed_clipping_at_zero1(two_rank_runs):
+    ours, theirs = two_rank_runs["0,1,0,0,clip"], two_rank_runs["1,1,0,0,clip"]
+    assert_same_run(ours, theirs, atol=1e-6)
+    # the limit did engage: unclipped, the same steps move the weights elsewhere
+    unclipped = two_rank_runs["2,1,0,0"]
+    assert max((unclipped["params"][n] - ours["params"][n]).abs().max().item() for n in ours["params"]) > 1e-3
 
 
 def test_nonfinite_loss_on_one_rank_skips_the_step_on_all(two_rank_runs):
