@@ -1,6 +1,6 @@
 """Train EquiformerV2 with DeepSpeed.
 
-    deepspeed eqv2/train.py --ds_config ds_configs/zero2_bf16.json --config configs/train/demo.yaml \
+    deepspeed eqv2/train.py --ds_config ds_configs/zero0_bf16.json --config configs/train/demo.yaml \
         [--set optim.lr=2e-4 ...] [--resume auto|PATH]
 
 Also runs under torchrun, plain srun, mpirun (mpi4py) or as a single `python` process.  Reads top to

@@ -12,7 +12,7 @@
 #
 # Settings (environment):
 #   CONFIG         run YAML                        (configs/train/oc20_all_md_153M.yaml)
-#   DS_CONFIG      DeepSpeed JSON                  (ds_configs/zero2_bf16.json; CPU: ds_configs/cpu_demo.json)
+#   DS_CONFIG      DeepSpeed JSON                  (ds_configs/zero0_bf16.json; CPU: ds_configs/cpu_demo.json)
 #   RUN_DIR        checkpoints, metrics, configs   (runs/oc20_all_md_153M)
 #   TRAIN_ARGS     extra trainer arguments, e.g. "--set optim.max_epochs=3 --set data.num_workers=8"
 #   GPUS_PER_NODE  GPUs (= ranks) per node; 0 = CPU, one rank per node   (from --gpus-per-node)
@@ -44,4 +44,4 @@ source "$EQV2_ROOT/slurm/lib.sh"
 
 CONFIG=${CONFIG:-configs/train/oc20_all_md_153M.yaml}
 RUN_DIR=${RUN_DIR:-runs/oc20_all_md_153M}
-eqv2_train "$CONFIG" "$RUN_DIR" ds_configs/zero2_bf16.json
+eqv2_train "$CONFIG" "$RUN_DIR" ds_configs/zero0_bf16.json

@@ -12,7 +12,9 @@ launch nothing and are reported apart.
     python tools/ds_step_ops.py --zero '{"stage": 0}' '{"stage": 2, "overlap_comm": true, "contiguous_gradients": true}'
 
 Prints one JSON line per setting: launches and view operations in backward and in step, and the
-most frequent launching operations.
+most frequent launching operations.  The step is the trainer's: at stage 0 the trainer clips the
+gradients itself (`trainer_clipping`), counted as part of the step; `--deepspeed-clipping` leaves
+stage 0's clipping to DeepSpeed for comparison.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from eqv2.config import from_dict, load_yaml  # noqa: E402
 from eqv2.model.config import ModelConfig  # noqa: E402
 from eqv2.model.equiformer_v2 import EquiformerV2  # noqa: E402
+from eqv2.training.optim import clip_gradients, trainer_clipping  # noqa: E402
 
 VIEWS = {"view", "detach", "slice", "alias", "as_strided", "expand", "t", "transpose", "unsqueeze", "squeeze",
          "narrow", "select", "_reshape_alias", "reshape", "lift_fresh", "_unsafe_view", "split", "permute"}
@@ -54,7 +57,7 @@ class OpCount(TorchDispatchMode):
         return sum(self.counts.values()) - views, views
 
 
-def measure(model_cfg: ModelConfig, zero: dict | None, port: int) -> dict:
+def measure(model_cfg: ModelConfig, zero: dict | None, port: int, deepspeed_clipping: bool = False) -> dict:
     """Counts for one setting (`zero` None: a plain torch AdamW step with foreach clipping)."""
     import deepspeed
 
@@ -87,12 +90,15 @@ def measure(model_cfg: ModelConfig, zero: dict | None, port: int) -> dict:
         ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 100.0,
               "torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []},
               "zero_optimization": zero, "steps_per_print": 10**9}
+        ds, max_grad_norm = (ds, 0.0) if deepspeed_clipping else trainer_clipping(ds)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
 
         def backward():
             engine.backward(loss())
 
         def step():
+            if max_grad_norm > 0:
+                clip_gradients(params, max_grad_norm)
             engine.step()
     for _ in range(2):  # state and buffers exist from here on
         backward()
@@ -105,7 +111,7 @@ def measure(model_cfg: ModelConfig, zero: dict | None, port: int) -> dict:
     b_launch, b_views = b.split()
     s_launch, s_views = s.split()
     top = [(name, n) for name, n in (b.counts + s.counts - plain.counts).most_common() if name not in VIEWS][:6]
-    return {"zero": zero, "parameter_tensors": len(params), "backward_extra_launches": b_launch - plain_launch,
+    return {"zero": zero, "deepspeed_clipping": deepspeed_clipping, "parameter_tensors": len(params), "backward_extra_launches": b_launch - plain_launch,
             "backward_extra_views": b_views - plain_views, "step_launches": s_launch, "step_views": s_views,
             "top_launching_ops": top}
 
@@ -115,6 +121,8 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default="153M", help="model config name (configs/model/eqv2_<name>.yaml)")
     parser.add_argument("--zero", nargs="+", default=['{"stage": 0}'], metavar="JSON",
                         help="zero_optimization sections to compare; 'none': plain torch AdamW")
+    parser.add_argument("--deepspeed-clipping", action="store_true",
+                        help="at stage 0, DeepSpeed clips (not the trainer)")
     parser.add_argument("--port", type=int, default=29655)
     args = parser.parse_args(argv)
     tiny = dict(sphere_channels=8, attn_hidden_channels=8, ffn_hidden_channels=8, edge_channels=8,
@@ -122,7 +130,7 @@ def main(argv=None) -> int:
     model_cfg = from_dict(ModelConfig, {**load_yaml(ROOT / "configs" / "model" / f"eqv2_{args.config}.yaml"), **tiny})
     for i, text in enumerate(args.zero):
         zero = None if text == "none" else json.loads(text)
-        print(json.dumps(measure(model_cfg, zero, args.port + i)), flush=True)
+        print(json.dumps(measure(model_cfg, zero, args.port + i, args.deepspeed_clipping)), flush=True)
     return 0
 
 

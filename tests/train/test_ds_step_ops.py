@@ -24,3 +24,20 @@ def test_contiguous_gradients_copy_every_gradient_once_more():
     assert tensors <= extra <= tensors + 5, (extra, tensors)
     # step(): a cast and a norm per gradient in both (the global norm for clipping)
     assert contiguous["step_launches"] == plain["step_launches"] >= 2 * tensors
+
+
+def _rows(*args):
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "ds_step_ops.py"), "--config", "31M", *args],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def test_trainer_clipping_at_stage0_is_a_few_multi_tensor_operations():
+    (ours,), (theirs,) = _rows("--zero", '{"stage": 0}'), _rows("--zero", '{"stage": 0}', "--deepspeed-clipping")
+    tensors = ours["parameter_tensors"]
+
+    def launches(row):  # without the CPU AdamW's reads of its step counters (on a GPU the fused AdamW has none)
+        return row["step_launches"] - dict(row["top_launching_ops"]).get("_local_scalar_dense", 0)
+    assert launches(theirs) >= 2 * tensors  # a norm and a scaling per gradient
+    assert launches(ours) < 40, ours
