@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from eqv2.batch import AtomsBatch
+from eqv2.model import fused_rotation
 from eqv2.model.config import ModelConfig
 from eqv2.model.edge_degree_embedding import EdgeDegreeEmbedding
 from eqv2.model.feed_forward import FeedForwardNetwork
@@ -142,8 +143,10 @@ class EquiformerV2(nn.Module):
                 graph_of_atom = torch.cat([graph_of_atom, graph_of_atom.new_full((num_pad,), num_graphs)])
                 num_nodes, num_graphs = num_nodes + num_pad, num_graphs + 1
             to_edge, from_edge, distance_basis = self.edge_frames(graph.edge_vec, graph.distance, dtype)
-            rotation = EdgeRotation(to_edge, from_edge)
         edge_index = graph.edge_index
+        # the fused kernels' segmented sums take the edges grouped by atom (two sorts, shared by all blocks)
+        order = fused_rotation.EdgeOrder.of(edge_index) if cfg.fused_rotation else None
+        rotation = EdgeRotation(to_edge, from_edge, order)
         x = torch.zeros(num_nodes, (cfg.lmax + 1) ** 2, cfg.sphere_channels, device=pos.device, dtype=pos.dtype)
         x[:, 0, :] = self.atom_embedding(z).to(pos.dtype)
         x = x + self.edge_degree_embedding(z, distance_basis, edge_index, rotation, num_nodes).to(pos.dtype)

@@ -48,8 +48,9 @@ def rotated_pairs(rotation: EdgeRotation, x: torch.Tensor, source: torch.Tensor,
     The gather happens in x's dtype (float32 under autocast), so that the backward pass sums each node's
     edge gradients in it; the rotation casts the edge copies to the compute dtype.  fused: one kernel
     (fused_rotation.py) when it serves the rotation's device and dtype."""
-    if fused and fused_rotation.kernel_available(rotation.to_edge):
-        return fused_rotation.gather_rotate(x, source, target, rotation.to_edge)
+    if fused and rotation.order is not None and fused_rotation.kernel_available(rotation.to_edge):
+        return fused_rotation.gather_rotate(x, source, target, rotation.to_edge, rotation.order.by_source,
+                                            rotation.order.by_target)
     return rotation.rotate(torch.cat([x.index_select(0, source), x.index_select(0, target)], dim=2))
 
 
@@ -57,8 +58,8 @@ def rotated_back_and_summed(rotation: EdgeRotation, m: torch.Tensor, target: tor
                             fused: bool) -> torch.Tensor:
     """Edge-frame messages m [E, K, C] rotated back and summed into their target atoms:
     [num_nodes, (L+1)^2, C], float32 or better.  fused: one kernel, as in `rotated_pairs`."""
-    if fused and fused_rotation.kernel_available(rotation.from_edge):
-        return fused_rotation.rotate_scatter(m, rotation.from_edge, target, num_nodes)
+    if fused and rotation.order is not None and fused_rotation.kernel_available(rotation.from_edge):
+        return fused_rotation.rotate_scatter(m, rotation.from_edge, target, rotation.order.by_target, num_nodes)
     return scatter_sum(rotation.rotate_inv(m), target, num_nodes)
 
 

@@ -78,7 +78,7 @@ def test_fused_s2_kernel_matches_einsum_in_triton_interpreter():
 
 FUSED_ROTATION = """
 import torch
-from eqv2.model.fused_rotation import gather_rotate, rotate_scatter
+from eqv2.model.fused_rotation import EdgeOrder, gather_rotate, rotate_scatter
 from eqv2.model.so3 import CoefficientLayout, WignerD, rotation_matrices
 torch.manual_seed(0)
 worst = 0.0
@@ -87,14 +87,15 @@ for lmax, mmax, n, e, c, align in [(6, 3, 7, 23, 24, 8), (4, 2, 5, 11, 64, 1), (
     vec = torch.randn(e, 3, dtype=torch.float64)
     to_edge, from_edge = rotation_matrices(WignerD(lmax).double()(vec), layout, torch.float64, align)
     src, dst = torch.randint(0, n, (e,)), torch.randint(0, n, (e,))
+    order = EdgeOrder.of(torch.stack([src, dst]))
     x = torch.randn(n, (lmax + 1) ** 2, c, dtype=torch.float64, requires_grad=True)
-    out = gather_rotate(x, src, dst, to_edge)
+    out = gather_rotate(x, src, dst, to_edge, order.by_source, order.by_target)
     ref = torch.bmm(to_edge, torch.cat([x[src], x[dst]], dim=2))
     g = torch.randn_like(ref)
     (gx,) = torch.autograd.grad(out, x, g)
     (gx_ref,) = torch.autograd.grad(ref, x, g)
     m = torch.randn(e, layout.num_reduced, c, dtype=torch.float64, requires_grad=True)
-    agg = rotate_scatter(m, from_edge, dst, n)
+    agg = rotate_scatter(m, from_edge, dst, order.by_target, n)
     agg_ref = torch.zeros(n, (lmax + 1) ** 2, c, dtype=torch.float64).index_add(0, dst, torch.bmm(from_edge, m))
     h = torch.randn_like(agg_ref)
     (gm,) = torch.autograd.grad(agg, m, h)
@@ -102,21 +103,31 @@ for lmax, mmax, n, e, c, align in [(6, 3, 7, 23, 24, 8), (4, 2, 5, 11, 64, 1), (
     for a, b in [(out, ref), (gx, gx_ref), (agg, agg_ref), (gm, gm_ref)]:
         assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
         worst = max(worst, float((a - b).abs().max() / b.abs().max()))
-# every tile setting the GPU autotuner may pick, both kernels, one and two indices
-from eqv2.model.fused_rotation import TUNING, _gather, _scatter
+# every tile setting the GPU autotuner may pick, both kernels, one and two indices; 70 edges so that
+# groups cross the segmented sum's edge runs (16 to 64 edges per program), one atom with no edge
+from eqv2.model.fused_rotation import SEGMENT_TUNING, TUNING, _gather, _scatter
 layout = CoefficientLayout(4, 2)
-to_edge, _ = rotation_matrices(WignerD(4).double()(torch.randn(13, 3, dtype=torch.float64)), layout, torch.float64, 8)
-src, dst = torch.randint(0, 5, (13,)), torch.randint(0, 5, (13,))
-x, y = torch.randn(5, 25, 80, dtype=torch.float64), torch.randn(13, 19, 160, dtype=torch.float64)
+to_edge, _ = rotation_matrices(WignerD(4).double()(torch.randn(70, 3, dtype=torch.float64)), layout, torch.float64, 8)
+src, dst = torch.randint(0, 5, (70,)), torch.randint(0, 5, (70,))
+dst[dst == 3] = 4
+order = EdgeOrder.of(torch.stack([src, dst]))
+x, y = torch.randn(5, 25, 80, dtype=torch.float64), torch.randn(70, 19, 160, dtype=torch.float64)
+mt = to_edge.transpose(1, 2)
 for config in TUNING:
-    out = torch.empty(13, 19, 160, dtype=torch.float64)
+    out = torch.empty(70, 19, 160, dtype=torch.float64)
     _gather(x, src, dst, to_edge, out, config)
     ref = torch.bmm(to_edge, torch.cat([x[src], x[dst]], dim=2))
+    worst = max(worst, float((out - ref).abs().max() / ref.abs().max()))
+for config in SEGMENT_TUNING:
     acc = torch.zeros(5, 25, 80, dtype=torch.float64)
-    _scatter(y, src, dst, to_edge.transpose(1, 2), acc, config)
-    mt = to_edge.transpose(1, 2)
+    _scatter(y, src, order.by_source, dst, order.by_target, mt, acc, config)
     acc_ref = torch.zeros_like(acc).index_add(0, src, torch.bmm(mt, y[:, :, :80])).index_add(0, dst, torch.bmm(mt, y[:, :, 80:]))
-    worst = max(worst, float((out - ref).abs().max() / ref.abs().max()), float((acc - acc_ref).abs().max() / acc_ref.abs().max()))
+    one = torch.zeros(5, 25, 80, dtype=torch.float64)
+    _scatter(y[:, :, :80], dst, order.by_target, None, None, mt, one, config)
+    one_ref = torch.zeros_like(one).index_add(0, dst, torch.bmm(mt, y[:, :, :80]))
+    assert one[3].abs().max() == 0
+    worst = max(worst, float((acc - acc_ref).abs().max() / acc_ref.abs().max()),
+                float((one - one_ref).abs().max() / one_ref.abs().max()))
 print("WORST", worst)
 # the model with model.fused_rotation: the interpreter serves CPU float64 tensors, so the availability
 # check is widened for this process; same outputs and gradients as the stock operations

@@ -116,8 +116,9 @@ def test_every_s2_kernel_tile_setting_matches_einsum(lmax, mmax, full):
 
 def test_fused_rotation_kernels_bf16_match_the_stock_operations():
     """gather_rotate / rotate_scatter on tensor cores against the stock bf16 path (bmm over gathered copies,
-    scatter_sum), forward and backward, at the 153M attention's sizes (L 6, M 3, aligned rows)."""
-    from eqv2.model.fused_rotation import gather_rotate, rotate_scatter
+    scatter_sum), forward and backward, at the 153M attention's sizes (L 6, M 3, aligned rows); the
+    targets sorted as the graph builder returns them, the last 1,000 edges into one padding atom."""
+    from eqv2.model.fused_rotation import EdgeOrder, gather_rotate, rotate_scatter
     from eqv2.model.graph_attention import scatter_sum
     from eqv2.model.so3 import CoefficientLayout, WignerD, rotation_matrices
 
@@ -125,15 +126,17 @@ def test_fused_rotation_kernels_bf16_match_the_stock_operations():
     n, e, c = 700, 14000, 128
     wigner = WignerD(6).cuda()(torch.randn(e, 3, device="cuda"))
     to_edge, from_edge = rotation_matrices(wigner, CoefficientLayout(6, 3), torch.bfloat16, 8)
-    src, dst = torch.randint(0, n, (e,), device="cuda"), torch.randint(0, n, (e,), device="cuda")
+    src, dst = torch.randint(0, n, (e,), device="cuda"), torch.randint(0, n - 1, (e,), device="cuda").sort().values
+    dst[-1000:] = n - 1
+    order = EdgeOrder.of(torch.stack([src, dst]))
     x = torch.randn(n, 49, c, device="cuda", requires_grad=True)
-    out = gather_rotate(x, src, dst, to_edge)
+    out = gather_rotate(x, src, dst, to_edge, order.by_source, order.by_target)
     ref = torch.bmm(to_edge, torch.cat([x[src], x[dst]], dim=2).bfloat16())
     g = torch.randn_like(ref)
     (gx,) = torch.autograd.grad(out, x, g)
     (gx_ref,) = torch.autograd.grad(ref, x, g)
     m = torch.randn(e, 37, c, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    agg = rotate_scatter(m, from_edge, dst, n)
+    agg = rotate_scatter(m, from_edge, dst, order.by_target, n)
     agg_ref = scatter_sum(torch.bmm(from_edge, m), dst, n)
     h = torch.randn_like(agg_ref)
     (gm,) = torch.autograd.grad(agg, m, h)
