@@ -137,14 +137,17 @@ def profile_steps(step, batches, path: Path, title: str) -> None:
                                        if e.device_type == DeviceType.CUDA])
         summary += f"; GPU busy {busy / len(batches) / 1e3:.1f} ms per step, longest idle gap {max(gaps, default=0) / 1e3:.1f} ms"
     with open(path, "a") as fh:
-        fh.write(f"## {title}, {len(batches)} steps: {summary}\n{prof.key_averages().table(sort_by=sort, row_limit=40)}\n")
+        fh.write(f"## {title}, {len(batches)} steps: {summary}\n{prof.key_averages().table(sort_by=sort, row_limit=60)}\n")
 
 
 def eqv2_step_fn(cfg: ModelConfig, device, dtype, compiled: bool, ac_every: int = 0, mode: str = "default",
                  memory_budget: float = 1.0, cpp_wrapper: bool = False, fused_input_grad: bool | None = None,
-                 rotation_align: int | None = None, weigh_custom_ops: bool = True):
+                 rotation_align: int | None = None, weigh_custom_ops: bool = True, indexed_radial: bool | None = None):
     if fused_input_grad is not None:
-        cfg = dataclasses.replace(cfg, so2_fused_input_grad=fused_input_grad)
+        cfg = dataclasses.replace(cfg, so2_fused_input_grad=fused_input_grad,
+                                  so2_indexed_radial=cfg.so2_indexed_radial and fused_input_grad)
+    if indexed_radial is not None:
+        cfg = dataclasses.replace(cfg, so2_indexed_radial=indexed_radial)
     if rotation_align is not None:
         cfg = dataclasses.replace(cfg, rotation_align=rotation_align)
     model = EquiformerV2(cfg).to(device).train()
@@ -234,6 +237,9 @@ def main(argv=None) -> int:
                         help="compile.weigh_custom_ops=false: torch's default, custom ops free to recompute")
     parser.add_argument("--fused-input-grad", choices=["on", "off"], default=None,
                         help="model.so2_fused_input_grad: input gradients from eqv2::so2_input_grad (default: the config's)")
+    parser.add_argument("--indexed-radial", choices=["on", "off"], default=None,
+                        help="model.so2_indexed_radial: the SO(2) radial products by column index tables (needs the "
+                             "fused input grad; default: the config's)")
     parser.add_argument("--fused-rotation", choices=["on", "off"], default=None,
                         help="model.fused_rotation: the rotations fused with their gather and scatter (default: the config's)")
     parser.add_argument("--rotation-align", type=int, default=None,
@@ -279,12 +285,15 @@ def main(argv=None) -> int:
             fused = ("-fusedgrad" if fused_input_grad or (fused_input_grad is None and cfg.so2_fused_input_grad) else "")
             align = args.rotation_align or cfg.rotation_align
             fused += f"-align{align}" if align > 1 else ""
+            indexed = None if args.indexed_radial is None else args.indexed_radial == "on"
+            fused += "-idxrad" if indexed or (indexed is None and cfg.so2_indexed_radial) else ""
             fused += "-fusedrot" if cfg.fused_rotation else ""
             fused += "-graphinmodel" if args.graphs == "model" else ""
             runs = [(f"eqv2-{impl}" + (f"-ac{k}" if k else "") + (extra if impl == "compiled" else "") + fused,
                      lambda impl=impl, k=k: eqv2_step_fn(cfg, device, dtype, impl == "compiled", k, args.mode,
                                                          args.memory_budget, args.cpp_wrapper, fused_input_grad,
-                                                         args.rotation_align, not args.no_weigh_custom_ops))
+                                                         args.rotation_align, not args.no_weigh_custom_ops,
+                                                         indexed))
                     for impl in args.impls for k in args.ac_every]
             if args.reference:
                 runs.append(("fairchem-1.10.0", lambda: reference_step_fn(cfg, device)))

@@ -56,6 +56,9 @@ class ModelConfig:
     # SO(2) convolutions take their input gradient from one custom op (eqv2::so2_input_grad) instead of
     # autograd's concatenation of per-order gradients
     so2_fused_input_grad: bool = False
+    # with it: the radial products of the SO(2) convolutions by column index tables over whole rows
+    # (no per-order slices and concatenations; so2_convolution.py)
+    so2_indexed_radial: bool = False
     # rows of the per-edge Wigner matrices padded to a multiple of this many elements (8: 16-byte bf16 rows)
     rotation_align: int = 1
     # the attention's and edge-degree embedding's rotations fused with their gather and scatter (Triton,
@@ -65,6 +68,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.mmax <= self.lmax:
             raise ValueError(f"mmax must be in [0, lmax]: lmax={self.lmax}, mmax={self.mmax}")
+        if self.so2_indexed_radial and not self.so2_fused_input_grad:
+            raise ValueError("so2_indexed_radial needs so2_fused_input_grad (it is a form of that path)")
         if self.lmax < 1:
             raise ValueError(f"lmax must be >= 1 (degree-1 features carry the forces), got {self.lmax}")
         if self.num_layers < 0:

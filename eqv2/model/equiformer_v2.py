@@ -57,6 +57,7 @@ class EquiformerV2(nn.Module):
         for module in self.modules():
             if isinstance(module, SO2Convolution):
                 module.fused_input_grad = cfg.so2_fused_input_grad
+                module.indexed_radial = cfg.so2_indexed_radial
         self._init_weights(self.modules())
 
     @torch.no_grad()

@@ -12,6 +12,10 @@ With radial weights, `fused_input_grad = True` computes the same function as one
 gradient with respect to x comes from the `eqv2::so2_input_grad` op: each order's matrix product writes
 into its rows of one gradient buffer, where autograd (and Inductor) otherwise concatenate per-order
 gradients (a masked pointwise kernel measured at ~1 ms per block on the H200, BENCHMARKS.md).
+`indexed_radial = True` (with it) also takes the radial products of both passes, x_m * r_m and, in the
+backward pass, dL/d(x_m r_m) * r_m for x and dL/d(x_m r_m) * x_m for r (summed over +m and -m), as
+elementwise products over whole [E, K*C] rows with per-column index tables into the unsplit radial
+output: no per-order slices, broadcasts or concatenations for the compiler to stitch together.
 """
 from __future__ import annotations
 
@@ -55,6 +59,11 @@ class SO2Convolution(nn.Module):
         # with radial weights: the gradient with respect to x from `so2_input_grad` (one buffer written by
         # the per-order matrix products) instead of autograd's concatenation of per-order gradients
         self.fused_input_grad = False
+        self.indexed_radial = False  # with fused_input_grad: the radial products by column index tables
+        if self.radial is not None:
+            tables = radial_columns(self.order_rows, in_channels)
+            for name, table in zip(("radial_of_column", "plus_column", "minus_column", "paired_column"), tables):
+                self.register_buffer(name, table, persistent=False)
         self.reset_parameters(redraw=False)
 
     @torch.no_grad()
@@ -76,7 +85,10 @@ class SO2Convolution(nn.Module):
         if self.radial is None:
             scaled = [part.reshape(num_edges, -1) for part in torch.split(x, self.order_rows, dim=1)]
         else:
-            weights = torch.split(self.radial(edge_scalars), self.radial_widths, dim=1)
+            radial = self.radial(edge_scalars)  # [E, R]: per order m, the weights of x_m (shared by +m and -m)
+            if self.fused_input_grad and self.indexed_radial:
+                return self._assemble(num_edges, list(_indexed_radial_order_linears(x, radial, self)))
+            weights = torch.split(radial, self.radial_widths, dim=1)
             if self.fused_input_grad:
                 return self._assemble(num_edges, list(_radial_order_linears(x, weights, self)))
             scaled = _scaled_parts(x, [w.to(x.dtype) for w in weights], self.order_rows)
@@ -110,6 +122,67 @@ def _radial_order_linears(x: torch.Tensor, radial: tuple[torch.Tensor, ...], con
     mats = [conv.fc_m0.weight] + conv.complex_weights()
     return _RadialOrderLinears.apply(x.to(dtype), conv.fc_m0.bias.to(dtype), conv.order_rows, len(mats),
                                      *[r.to(dtype) for r in radial], *[w.to(dtype) for w in mats])
+
+
+def radial_columns(order_rows: list[int], channels: int) -> tuple[torch.Tensor, ...]:
+    """Index tables between the columns of x [E, K*C] (orders in m-primary layout, each order's rows
+    +m first, then -m) and the columns of the radial weights [E, R] (per order m: (l_max-m+1)*C
+    weights shared by +m and -m; all (l_max+1)*C for m = 0):
+
+    radial_of_column [K*C]: the radial column that scales each column of x;
+    plus_column, minus_column [R]: the columns of x each radial weight scales (+m and -m; for m = 0 the
+    same column twice); paired_column [R] (bool): whether the weight has a -m column."""
+    radial_of_column, plus, minus, paired = [], [], [], []
+    start, radial_start = 0, 0
+    for m, rows in enumerate(order_rows):
+        width = rows * channels
+        half = width if m == 0 else width // 2
+        columns = torch.arange(half)
+        radial_of_column.append(radial_start + torch.arange(width) % half)
+        plus.append(start + columns)
+        minus.append(start + columns + (0 if m == 0 else half))
+        paired.append(torch.full((half,), m > 0))
+        start, radial_start = start + width, radial_start + half
+    return torch.cat(radial_of_column), torch.cat(plus), torch.cat(minus), torch.cat(paired)
+
+
+def _indexed_radial_order_linears(x: torch.Tensor, radial: torch.Tensor, conv: SO2Convolution) -> tuple:
+    """As `_radial_order_linears`, with the radial products by column index (`indexed_radial`):
+    x [E, K, C_in], radial [E, R] -> per-order outputs."""
+    dtype = compute_dtype(x)
+    mats = [conv.fc_m0.weight] + conv.complex_weights()
+    return _IndexedRadialOrderLinears.apply(x.to(dtype), conv.fc_m0.bias.to(dtype), radial.to(dtype),
+                                            conv.radial_of_column, conv.plus_column, conv.minus_column,
+                                            conv.paired_column, [rows * conv.in_channels for rows in conv.order_rows],
+                                            *[w.to(dtype) for w in mats])
+
+
+class _IndexedRadialOrderLinears(torch.autograd.Function):
+    """forward(x, bias0, radial, radial_of_column, plus_column, minus_column, paired_column, widths, *weights)
+    -> per-order outputs y_m = (x * radial[:, radial_of_column])[:, order m's columns] W_m^T."""
+
+    @staticmethod
+    def forward(ctx, x, bias0, radial, radial_of_column, plus, minus, paired, widths, *mats):
+        ctx.widths = widths
+        ctx.save_for_backward(x, radial, radial_of_column, plus, minus, paired, *mats)
+        scaled = x.reshape(x.shape[0], -1) * radial.index_select(1, radial_of_column)  # [E, K*C]
+        return tuple(torch.nn.functional.linear(s, w, bias0 if m == 0 else None)
+                     for m, (s, w) in enumerate(zip(torch.split(scaled, widths, dim=1), mats)))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, radial, radial_of_column, plus, minus, paired, *mats = ctx.saved_tensors
+        xf = x.reshape(x.shape[0], -1)  # [E, K*C]
+        grads = [g.contiguous() for g in grads]
+        grad_scaled = so2_scaled_grad(grads, list(mats))  # [E, K*C]
+        r = radial.index_select(1, radial_of_column)  # [E, K*C]
+        grad_x = (grad_scaled * r).view_as(x)
+        scaled = xf * r
+        grad_mats = [g.t().mm(s) for g, s in zip(grads, torch.split(scaled, ctx.widths, dim=1))]
+        first = grad_scaled.index_select(1, plus) * xf.index_select(1, plus)  # [E, R]
+        second = grad_scaled.index_select(1, minus) * xf.index_select(1, minus)
+        grad_radial = torch.where(paired, first + second, first)
+        return (grad_x, grads[0].sum(0), grad_radial, None, None, None, None, None, *grad_mats)
 
 
 def _scaled_parts(x: torch.Tensor, radial, rows: list[int]) -> list[torch.Tensor]:
@@ -179,6 +252,23 @@ def so2_input_grad(grads: list[torch.Tensor], mats: list[torch.Tensor], radial: 
         start += width
     channels = total // sum(rows)
     return grad_x.view(num_edges, -1, channels), grad_scaled.view(num_edges, -1, channels)
+
+
+@torch.library.custom_op("eqv2::so2_scaled_grad", mutates_args=())
+def so2_scaled_grad(grads: list[torch.Tensor], mats: list[torch.Tensor]) -> torch.Tensor:
+    """grads[m] [E, out_m], mats[m] [out_m, width_m] -> [E, sum(width_m)]: the gradients with respect to
+    the scaled inputs of the per-order products, each order's product written straight into its columns."""
+    out = grads[0].new_empty(grads[0].shape[0], sum(m.shape[1] for m in mats))
+    start = 0
+    for g, w in zip(grads, mats):
+        torch.mm(g, w, out=out[:, start:start + w.shape[1]])
+        start += w.shape[1]
+    return out
+
+
+@so2_scaled_grad.register_fake
+def _(grads, mats):
+    return grads[0].new_empty(grads[0].shape[0], sum(m.shape[1] for m in mats))
 
 
 @so2_input_grad.register_fake

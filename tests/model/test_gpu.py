@@ -152,10 +152,10 @@ def _grads(model) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
-@pytest.mark.parametrize("fused_input_grad, rotation_align, fused_rotation", [(False, 1, False), (True, 8, False),
-                                                                            (True, 8, True)])
+@pytest.mark.parametrize("fused_input_grad, rotation_align, fused_rotation, indexed_radial",
+                         [(False, 1, False, False), (True, 8, False, False), (True, 8, True, False), (True, 8, True, True)])
 def test_compiled_bf16_fast_path_matches_eager_reference_and_is_equivariant(fused_input_grad, rotation_align,
-                                                                              fused_rotation):
+                                                                              fused_rotation, indexed_radial):
     """Same weights: the fast path (compiled, fused S2 kernel, bf16; with and without the SO(2) input
     gradient op, row-aligned Wigner matrices and the fused rotation kernels) is as close to the float32 eager reference as bf16
     eager autocast is, for energies, forces and every gradient; and its rotation error is no larger
@@ -168,7 +168,8 @@ def test_compiled_bf16_fast_path_matches_eager_reference_and_is_equivariant(fuse
     fast_model = EquiformerV2(ModelConfig(**{**FAST_CFG, "max_radius": 6.0, "max_neighbors": 1000,
                                              "so2_fused_input_grad": fused_input_grad,
                                              "rotation_align": rotation_align,
-                                             "fused_rotation": fused_rotation})).cuda().train()
+                                             "fused_rotation": fused_rotation,
+                                             "so2_indexed_radial": indexed_radial})).cuda().train()
     fast_model.load_state_dict(ref_model.state_dict())
     apply_compile(fast_model, CompileConfig(enabled=True))
     results = {}

@@ -164,13 +164,16 @@ def test_so2_input_gradient_op_leaves_the_model_unchanged(oc20_atoms):
 
     b = batch_from_atoms([oc20_atoms], torch.float64)
     results = []
-    for fused in (False, True):
-        m = tiny(so2_fused_input_grad=fused).train()  # the config key reaches every SO(2) convolution
+    for fused, indexed in ((False, False), (True, False), (True, True)):
+        # the config keys reach every SO(2) convolution
+        m = tiny(so2_fused_input_grad=fused, so2_indexed_radial=indexed).train()
         convs = [module for module in m.modules() if isinstance(module, SO2Convolution)]
-        assert len(convs) > 2 and all(conv.fused_input_grad == fused for conv in convs)
+        assert len(convs) > 2 and all((conv.fused_input_grad, conv.indexed_radial) == (fused, indexed)
+                                      for conv in convs)
         results.append(_outputs_and_gradients(m, b))
-    for a, c in zip(*results):
-        assert torch.equal(a, c)
+    for other in results[1:]:
+        for a, c in zip(results[0], other):
+            assert torch.equal(a, c)
 
 
 def test_rotation_align_leaves_the_model_unchanged(oc20_atoms):
@@ -185,7 +188,8 @@ def test_rotation_align_leaves_the_model_unchanged(oc20_atoms):
         assert torch.equal(a, c)
 
 
-@pytest.mark.parametrize("kernels", [dict(), dict(so2_fused_input_grad=True, rotation_align=8)])
+@pytest.mark.parametrize("kernels", [dict(), dict(so2_fused_input_grad=True, rotation_align=8),
+                                     dict(so2_fused_input_grad=True, so2_indexed_radial=True)])
 def test_rotation_matrices_are_cast_once_to_the_autocast_dtype(kernels):
     """Under autocast the edge rotation holds bf16 matrices and the blocks get a bf16 distance basis
     (computed in float32, cast once per forward) so that no block casts them again; outputs and
