@@ -208,7 +208,9 @@ def _loss(out):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cpp_wrapper,kernels", [(False, {}), (True, {}),
-                                                 (False, dict(so2_fused_input_grad=True, rotation_align=8))])
+                                                 (False, dict(so2_fused_input_grad=True, rotation_align=8)),
+                                                 (False, dict(so2_fused_input_grad=True, so2_indexed_radial=True,
+                                                              rotation_align=8, fused_rotation=True))])
 def test_compiled_model_matches_eager_and_compiles_once(cpp_wrapper, kernels):
     """Inductor (C++ on CPU) computes the eager model's function and gradients; with activation
     checkpointing on one block; one compiled graph per part serves every block and batch size.
