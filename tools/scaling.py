@@ -4,7 +4,8 @@
 Weak scaling: for each rank count N, `eqv2/train.py` runs the same config with the same micro-batch
 per rank (global batch grows with N) for `--steps` optimizer steps; throughput is read from the run's
 metrics.jsonl (global samples/s of each logging interval, after `--skip` steps of warm-up and
-compilation) and reported per rank, with the efficiency against the smallest N.
+compilation, leaving out an interval with profiled steps) and reported per rank, with the efficiency
+against the smallest N.
 
 The 1-vs-N equivalence is not measured here: ranks read disjoint shards, so N ranks and one rank
 with accumulation see different samples.  tests/train/test_engine_equivalence.py feeds both layouts
@@ -103,6 +104,30 @@ def run_args(args, run_dir: Path, ds_config: Path) -> list[str]:
     return out
 
 
+def timed_intervals(records: list[dict], skip: int, log_every: int, profiled: tuple[int, int] | None) -> list[dict]:
+    """The logging intervals to time: those after the first `skip` steps, and none that contains a step
+    run under the profiler (`log.profile_steps`: its overhead is not training speed)."""
+    out = []
+    for rec in records:
+        first, last = rec["step"] - log_every + 1, rec["step"]
+        if first <= skip:
+            continue
+        if profiled is not None and first <= profiled[1] and profiled[0] <= last:
+            continue
+        out.append(rec)
+    return out
+
+
+def profiled_steps(sets: list[str]) -> tuple[int, int] | None:
+    """(first, last) of `--set log.profile_steps=[first,last]`, if given."""
+    for item in sets:
+        key, _, value = item.partition("=")
+        if key == "log.profile_steps":
+            first, last = (int(v) for v in value.strip("[] ").split(","))
+            return first, last
+    return None
+
+
 def weak_scaling(args, work: Path) -> list[dict]:
     rows = []
     for n in args.ranks:
@@ -110,10 +135,10 @@ def weak_scaling(args, work: Path) -> list[dict]:
         run_dir.mkdir(parents=True, exist_ok=True)
         ds = write_ds_config(run_dir / "ds_in.json", Path(args.ds_config), args.micro_batch)
         wall = launch(n, run_args(args, run_dir, ds), run_dir / "log.txt", args.timeout)
-        timed = [r for r in train_records(run_dir) if r["step"] - args.log_every >= args.skip]
+        timed = timed_intervals(train_records(run_dir), args.skip, args.log_every, profiled_steps(args.set))
         if not timed:
-            raise RuntimeError(f"{n} ranks: no logging interval after --skip {args.skip} steps; "
-                               f"raise --steps or lower --skip / --log-every")
+            raise RuntimeError(f"{n} ranks: no logging interval after --skip {args.skip} steps and outside "
+                               f"log.profile_steps; raise --steps or lower --skip / --log-every")
         sps = sum(r["samples_per_s"] for r in timed) / len(timed)
         rows.append({"ranks": n, "samples_per_s": sps, "samples_per_s_per_rank": sps / n,
                      "atoms_per_s": sum(r["atoms_per_s"] for r in timed) / len(timed),
@@ -145,6 +170,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if sorted(args.ranks) != args.ranks or args.ranks[0] < 1:
         p.error(f"--ranks must be increasing positive counts, got {args.ranks}")
+    if any(item.partition("=")[0] == "log.every_steps" for item in args.set):
+        p.error("set the logging interval with --log-every (the timed intervals are counted in it), "
+                "not --set log.every_steps")
     work = Path(args.work)
     result = {"weak_scaling": weak_scaling(args, work)}
     for row in result["weak_scaling"]:

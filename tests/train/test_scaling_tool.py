@@ -35,3 +35,20 @@ def test_a_failing_run_is_reported_with_its_log(tmp_path, demo_data):
     proc = _scaling(tmp_path, demo_data, "--set", "optim.lrr=1")
     assert proc.returncode != 0
     assert "1-rank run exit codes" in proc.stderr and "optim.lrr" in proc.stderr
+
+
+def test_profiled_steps_and_warm_up_are_not_timed():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scaling", REPO / "tools" / "scaling.py")
+    scaling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scaling)
+    records = [{"step": s} for s in range(20, 201, 20)]
+    assert scaling.profiled_steps(["optim.lr=1", "log.profile_steps=[181,183]"]) == (181, 183)
+    assert scaling.profiled_steps(["optim.lr=1"]) is None
+    timed = scaling.timed_intervals(records, 120, 20, (181, 183))
+    assert [r["step"] for r in timed] == [140, 160, 180]  # 121-140 ... 161-180; 181-200 was profiled
+    assert [r["step"] for r in scaling.timed_intervals(records, 120, 20, None)] == [140, 160, 180, 200]
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "scaling.py"), "--ranks", "1", "--ds_config", "x",
+                           "--config", "y", "--set", "log.every_steps=20"], capture_output=True, text=True)
+    assert proc.returncode != 0 and "--log-every" in proc.stderr
