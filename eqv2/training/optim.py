@@ -93,11 +93,12 @@ def trainer_clipping(ds: dict) -> tuple[dict, float]:
     parameter tensor plus an all-reduce of the norm (892 tensors in the 153M model: ~1,800 kernel
     launches per step, counted by tools/ds_step_ops.py), while the gradients are already averaged and
     identical on every rank, so `clip_gradients` gives the same result in a handful of multi-tensor
-    kernels.  At stages 1-3 each rank holds only its partition of the averaged gradients, and
-    DeepSpeed's own clipping (over the partitions, all-reduced) stays."""
+    kernels.  At stages 1-3 each rank holds only its partition of the averaged gradients, and under
+    DeepSpeed's own `bf16` mode its optimizer steps from float32 copies of the gradients rather than
+    `.grad`: there DeepSpeed's clipping stays."""
     stage = int(ds.get("zero_optimization", {}).get("stage", 0))
     max_norm = float(ds.get("gradient_clipping", 0.0))
-    if stage != 0 or max_norm <= 0:
+    if stage != 0 or max_norm <= 0 or ds.get("bf16", {}).get("enabled"):
         return ds, 0.0
     return {**ds, "gradient_clipping": 0.0}, max_norm
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from eqv2.training.optim import OptimConfig, build_optimizer, lr_factor, param_groups
+from eqv2.training.optim import (OptimConfig, build_optimizer, clip_gradients, lr_factor, param_groups,
+                                 trainer_clipping)
 
 
 class SeparableLayerNorm(nn.Module):  # stands for the model's own norms, matched by class name
@@ -55,3 +56,22 @@ def test_steps_from_epochs_and_validation():
         OptimConfig(max_steps=5, max_epochs=1.0)
     with pytest.raises(ValueError, match="ema_decay"):
         OptimConfig(max_steps=5, ema_decay=1.5)
+
+
+def test_trainer_clips_only_at_stage_0_without_deepspeeds_bf16_mode():
+    base = {"gradient_clipping": 100.0, "zero_optimization": {"stage": 0}}
+    engine_ds, max_norm = trainer_clipping(base)
+    assert (engine_ds["gradient_clipping"], max_norm) == (0.0, 100.0) and base["gradient_clipping"] == 100.0
+    for ds in ({**base, "zero_optimization": {"stage": 2}}, {**base, "bf16": {"enabled": True}},
+               {"zero_optimization": {"stage": 0}}):
+        assert trainer_clipping(ds) == (ds, 0.0)
+
+
+def test_clip_gradients_returns_the_norm_and_scales_only_above_the_limit():
+    params = [nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(1))]
+    params[0].grad, params[1].grad = torch.tensor([3.0, 0.0, 0.0]), torch.tensor([0.0, 4.0])  # norm 5; one without
+    assert float(clip_gradients(params, 10.0)) == pytest.approx(5.0)
+    assert params[1].grad.tolist() == [0.0, 4.0]  # below the limit: untouched
+    assert float(clip_gradients(params, 1.0)) == pytest.approx(5.0)
+    assert params[0].grad.tolist() == pytest.approx([0.6, 0.0, 0.0], rel=1e-5)  # scaled to norm 1
+    assert float(clip_gradients(params, 0.0)) == pytest.approx(1.0, rel=1e-5)  # 0: the norm only
