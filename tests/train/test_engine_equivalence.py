@@ -78,6 +78,13 @@ def test_trainer_clipping_at_zero0_matches_deepspeed_clipping_at_zero1(two_rank_
     assert max((unclipped["params"][n] - ours["params"][n]).abs().max().item() for n in ours["params"]) > 1e-3
 
 
+def test_trainer_clipping_acts_on_the_accumulated_gradient(two_rank_runs, tmp_path):
+    """ZeRO-0 with an engaging limit: 1 rank accumulating 2 micro-batches clips once, at the boundary,
+    the gradient of the whole global batch, as 2 ranks do (clipping each micro-batch would differ)."""
+    one = launch(1, tmp_path / "one_clip.pt", ["0,2,0,0,clip"])["0,2,0,0,clip"]
+    assert_same_run(two_rank_runs["0,1,0,0,clip"], one, atol=1e-5)
+
+
 def test_nonfinite_loss_on_one_rank_skips_the_step_on_all(two_rank_runs):
     run = two_rank_runs["2,1,0,0,nan"]
     assert run["skipped"] == [0, 1, 0]  # counted on every rank, not only where the NaN was
