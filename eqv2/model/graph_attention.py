@@ -24,12 +24,16 @@ from eqv2.model.so3 import CoefficientLayout, EdgeRotation, SO3Linear
 
 
 def segment_softmax(logits: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:
-    """Softmax of logits [E, H] over the edges sharing a target, computed in float32 or better."""
+    """Softmax of logits [E, H] over the edges sharing a target, computed in float32 or better.
+
+    The per-target maximum that is subtracted for range safety is a constant to the gradient (detached,
+    as in PyG's softmax that the reference uses): softmax does not depend on it, so its exact gradient
+    is zero, and the backward pass of the scatter-max is skipped rather than computed as round-off."""
     dtype = logits.dtype
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     index = segment.view(-1, 1).expand_as(logits)
     peak = logits.new_full((num_segments, logits.shape[1]), float("-inf"))
-    peak = peak.scatter_reduce(0, index, logits, reduce="amax", include_self=True)
+    peak = peak.scatter_reduce(0, index, logits.detach(), reduce="amax", include_self=True)
     expo = torch.exp(logits - peak.index_select(0, segment))
     total = logits.new_zeros((num_segments, logits.shape[1])).index_add_(0, segment, expo)
     return (expo / (total.index_select(0, segment) + 1e-16)).to(dtype)

@@ -128,6 +128,19 @@ def test_segment_softmax_sums_to_one_per_target():
     assert torch.allclose(sums[[0, 1, 3]], torch.ones(3, 3), atol=1e-6) and torch.all(sums[2] == 0)
 
 
+def test_segment_softmax_gradient_is_the_softmax_gradient_of_each_segment():
+    """The subtracted per-target maximum is detached (as in PyG): values and gradients are those of
+    torch.softmax applied to each segment on its own, float64, logits up to 1e3 apart."""
+    logits = (torch.randn(10, 3, dtype=torch.float64) * 300).requires_grad_()
+    seg = torch.tensor([0, 0, 1, 1, 1, 3, 3, 3, 3, 3])
+    weights = torch.randn(10, 3, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((segment_softmax(logits, seg, 4) * weights).sum(), logits)
+    ref_out = torch.cat([torch.softmax(logits[seg == s], dim=0) for s in (0, 1, 3)])
+    (ref,) = torch.autograd.grad((ref_out * weights).sum(), logits)
+    torch.testing.assert_close(segment_softmax(logits, seg, 4), ref_out, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(grad, ref, rtol=1e-10, atol=1e-13)
+
+
 def test_edge_rotation_with_aligned_rows_gives_identical_results():
     """rotation_matrices(align=8) stores its matrices as views of row-padded buffers (16-byte rows in bf16 for
     the GPU's matrix kernels): the same values, so rotations and their gradients are bit-identical."""
