@@ -229,8 +229,9 @@ def main(argv=None) -> int:
                         help="eqv2 paths to time: eager (the reference path) and/or compiled (the training default on GPU)")
     parser.add_argument("--ac-every", nargs="+", type=int, default=[0],
                         help="activation checkpointing on every k-th block (0: off); several values: one run each")
-    parser.add_argument("--mode", default="default", choices=["default", "max-autotune-no-cudagraphs", "reduce-overhead"],
-                        help="Inductor mode of the compiled impl (reduce-overhead: CUDA graphs, needs --pad)")
+    parser.add_argument("--mode", default="default",
+                        choices=["default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"],
+                        help="Inductor mode of the compiled impl (reduce-overhead, max-autotune: CUDA graphs, need --pad)")
     parser.add_argument("--memory-budget", type=float, default=1.0,
                         help="compile.activation_memory_budget of the compiled impl (one value per process)")
     parser.add_argument("--no-weigh-custom-ops", action="store_true",

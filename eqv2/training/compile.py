@@ -36,8 +36,9 @@ from eqv2.config import ConfigError
 class CompileConfig:
     enabled: bool | None = None  # null: on for CUDA devices with ZeRO stage <= 2, off otherwise
     # Inductor mode; reduce-overhead adds CUDA graphs (one recording per shape: needs the model's shape
-    # buckets, model.pad_atoms_multiple and model.pad_edges_multiple)
-    mode: Literal["default", "max-autotune-no-cudagraphs", "reduce-overhead"] = "default"
+    # buckets, model.pad_atoms_multiple and model.pad_edges_multiple); max-autotune: Triton templates
+    # tried for the matrix products as well, with CUDA graphs (same need; much longer compilation)
+    mode: Literal["default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"] = "default"
     # null: automatic (first compile static, the next one marks the dims that changed, atoms and edges,
     # dynamic; channel widths stay static); true: every dim symbolic; false: recompile per shape
     dynamic: bool | None = None
@@ -78,9 +79,9 @@ def compiled_parts(model: nn.Module) -> list[str]:
 def apply_compile(model: nn.Module, cfg: CompileConfig) -> list[str]:
     """Compile the repeated parts of `model` in place; returns their names."""
     model_cfg = getattr(model, "cfg", None)
-    if cfg.mode == "reduce-overhead" and not (getattr(model_cfg, "pad_atoms_multiple", 0)
-                                              and getattr(model_cfg, "pad_edges_multiple", 0)):
-        raise ConfigError("compile.mode=reduce-overhead records a CUDA graph per batch shape: set "
+    if cfg.mode in ("reduce-overhead", "max-autotune") and not (getattr(model_cfg, "pad_atoms_multiple", 0)
+                                                                and getattr(model_cfg, "pad_edges_multiple", 0)):
+        raise ConfigError(f"compile.mode={cfg.mode} records a CUDA graph per batch shape: set "
                           "model.pad_atoms_multiple and model.pad_edges_multiple (shape buckets) too")
     names = compiled_parts(model)
     for name in names:

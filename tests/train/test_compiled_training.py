@@ -22,3 +22,17 @@ def test_compiled_training_does_not_recompile_as_batches_vary(demo_data, tmp_pat
     # 5 code objects (block, edge-degree embedding, energy head, force head, edge frames), each compiled
     # static and then symbolic within the first steps (2 micro-batches each); nothing after that
     assert set(graphs[s] for s in graphs if s >= 2) == {10}, graphs
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_cuda_graph_modes_need_shape_buckets(mode):
+    from eqv2.config import ConfigError
+    from eqv2.model.config import ModelConfig
+    from eqv2.model.equiformer_v2 import EquiformerV2
+    from eqv2.training.compile import CompileConfig, apply_compile
+
+    model = EquiformerV2(ModelConfig(num_layers=1, lmax=2, mmax=1, sphere_channels=8, attn_hidden_channels=8,
+                                     num_heads=2, attn_alpha_channels=4, attn_value_channels=4,
+                                     ffn_hidden_channels=8, edge_channels=8))
+    with pytest.raises(ConfigError, match=f"compile.mode={mode}.*model.pad_atoms_multiple"):
+        apply_compile(model, CompileConfig(enabled=True, mode=mode))
