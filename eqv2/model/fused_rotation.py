@@ -8,13 +8,15 @@ scatter reads again: four passes over the largest tensors of the model.
 
 Two Triton kernels remove the intermediate tensors:
 
-- `_gather_mm` (one program per edge and channel tile): out[e, p, c] = sum_q M[e, p, q] x[ia[e], q, c], and for the second atom of the edge
-  out[e, p, C + c] from x[ib[e]] with the same matrix tile (rows gathered, multiplied, written once);
+- `_gather_mm` (one program per edge and channel tile): out[e, p, c] = sum_q M[e, p, q] x[ia[e], q, c],
+  and for the second atom of the edge out[e, p, C + c] from x[ib[e]] with the same matrix tile (rows
+  gathered, multiplied, written once);
 - `_mm_segment_sum` (one program per run of edges and channel tile): out[n, p, c] = sum over the edges
   e of atom n of sum_q M[e, p, q] y[e, q, c]. The edges are taken in an order that groups them by atom
-  (`EdgeOrder`: stable sorts by source and by target, once per forward pass); each program sums a run of consecutive edges of that order in registers and adds to the
-  output once per atom it meets, so float32 atomics happen at group boundaries rather than per edge
-  (one edge at a time, they were 3x slower than the gather on the H200, BENCHMARKS.md session 8).
+  (`EdgeOrder`: stable sorts by source and by target, once per forward pass); each program sums a run
+  of consecutive edges of that order in registers and adds to the output once per atom it meets, so
+  float32 atomics happen at group boundaries rather than per edge (one edge at a time, they were 3x
+  slower than the gather on the H200, BENCHMARKS.md session 8).
 
 The tiles and warp counts are autotuned on the GPU per shape (TUNING, SEGMENT_TUNING).
 
