@@ -238,13 +238,12 @@ def so2_input_grad(grads: list[torch.Tensor], mats: list[torch.Tensor], radial: 
     of per-order gradients (as a fused masked kernel, that concatenation ran at a tenth of the H200's
     memory bandwidth)."""
     num_edges, total = grads[0].shape[0], sum(m.shape[1] for m in mats)
-    grad_scaled = grads[0].new_empty(num_edges, total)
+    grad_scaled = _products_into_columns(grads, mats)
     grad_x = torch.empty_like(grad_scaled)
     start = 0
-    for m, (g, w, r) in enumerate(zip(grads, mats, radial)):
+    for m, (w, r) in enumerate(zip(mats, radial)):
         width = w.shape[1]
         gs, gx = grad_scaled[:, start:start + width], grad_x[:, start:start + width]
-        torch.mm(g, w, out=gs)
         if m == 0:
             torch.mul(gs, r, out=gx)
         else:
@@ -258,6 +257,12 @@ def so2_input_grad(grads: list[torch.Tensor], mats: list[torch.Tensor], radial: 
 def so2_scaled_grad(grads: list[torch.Tensor], mats: list[torch.Tensor]) -> torch.Tensor:
     """grads[m] [E, out_m], mats[m] [out_m, width_m] -> [E, sum(width_m)]: the gradients with respect to
     the scaled inputs of the per-order products, each order's product written straight into its columns."""
+    return _products_into_columns(grads, mats)
+
+
+def _products_into_columns(grads: list[torch.Tensor], mats: list[torch.Tensor]) -> torch.Tensor:
+    """[grads[0] @ mats[0] | grads[1] @ mats[1] | ...] [E, sum(width_m)], each product written into its
+    columns of one buffer (no concatenation)."""
     out = grads[0].new_empty(grads[0].shape[0], sum(m.shape[1] for m in mats))
     start = 0
     for g, w in zip(grads, mats):
