@@ -22,7 +22,6 @@ class EdgeDegreeEmbedding(nn.Module):
         self.layout = CoefficientLayout(cfg.lmax, cfg.mmax)
         self.channels = cfg.sphere_channels
         self.avg_degree = cfg.avg_degree
-        self.fused_rotation = cfg.fused_rotation
         self.edge_scalars = AtomEdgeEmbedding(cfg.max_num_elements, cfg.edge_channels, cfg.use_atom_edge_embedding)
         widths = [cfg.num_distance_basis + self.edge_scalars.extra_width(), cfg.edge_channels, cfg.edge_channels]
         self.radial = RadialFunction(widths + [(cfg.lmax + 1) * cfg.sphere_channels])
@@ -40,5 +39,5 @@ class EdgeDegreeEmbedding(nn.Module):
         m0 = self.radial(edge_scalars).reshape(-1, self.layout.lmax + 1, self.channels)  # [E, L+1, C]
         rest = m0.new_zeros(m0.shape[0], self.layout.num_reduced - m0.shape[1], self.channels)
         rotated = torch.cat([m0, rest], dim=1)  # [E, K, C] in the edge frame, only m = 0 non-zero
-        summed = rotated_back_and_summed(rotation, rotated, edge_index[1], num_nodes, self.fused_rotation)
+        summed = rotated_back_and_summed(rotation, rotated, edge_index[1], num_nodes)
         return summed / self.avg_degree  # [N, (L+1)^2, C]

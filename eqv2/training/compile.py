@@ -12,8 +12,8 @@ energy and force heads, replaced in place on the module instance, so parameter n
 checkpoints — are unchanged and module hooks run outside the compiled region; and the model's
 `edge_frames` (Wigner-D matrices, rotation matrices, distance basis: dozens of small eager kernels
 otherwise, and under CUDA graphs its outputs stay in the graph pool instead of being copied into
-every block's graph).  Graph construction (data-dependent shapes, once per forward) stays eager.  Compile before applying
-activation checkpointing: checkpointing then wraps the compiled forward (recomputing it in the
+every block's graph).  Graph construction (data-dependent shapes, once per forward) stays eager.
+Compile before applying activation checkpointing: checkpointing then wraps the compiled forward (recomputing it in the
 backward pass) instead of being traced into the graph.
 
 `enabled: null` (auto) compiles on CUDA devices unless ZeRO stage 3 is used: ZeRO-3 gathers
