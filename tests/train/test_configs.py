@@ -40,7 +40,7 @@ def test_published_runs_train_on_the_fast_path_with_the_published_architecture(n
     sets = [a for a in data_args(demo_data) if a != "--set"]
     cfg, resolved = load_run_config(REPO / "configs" / "train" / f"{name}.yaml", sets, micro_batch=4)
     fast = dict(pad_atoms_multiple=64, pad_edges_multiple=1024, so2_fused_input_grad=True, rotation_align=8,
-                fused_rotation=True)
+                fused_rotation=True, so2_indexed_radial=True)
     published = from_dict(ModelConfig, {**load_yaml(REPO / "configs" / "model" / f"eqv2_{model}.yaml"), **fast})
     assert cfg.model == published
     assert cfg.compile.mode == "reduce-overhead"
