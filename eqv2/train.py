@@ -34,7 +34,7 @@ from eqv2.data import PlanError, SampleError, ShardError
 from eqv2.model.graph import GraphBuilder, GraphInputError
 from eqv2.training import checkpointing as ckpt
 from eqv2.training.activation_checkpointing import apply_activation_checkpointing
-from eqv2.training.compile import apply_compile, compiled_graph_count
+from eqv2.training.compile import ShapeBuckets, apply_compile, compiled_graph_count
 from eqv2.training.config import RunConfig, load_ds_config, load_run_config, resolve_ds_config
 from eqv2.training.dist import DistInfo, all_gather_object, all_reduce_max, barrier, init_distributed, shutdown
 from eqv2.training.ema import EMA
@@ -185,8 +185,10 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
                   f"{', universal' if resume.universal else ''})", flush=True)
 
     # --- loop
+    padded = bool(cfg.model.pad_atoms_multiple or cfg.model.pad_edges_multiple)
+    buckets = ShapeBuckets(cfg.model.pad_atoms_multiple, cfg.model.pad_edges_multiple) if padded else None
     logger = StepLogger(run_dir, dist.device, dist.is_main, total_steps, step, cfg.log.every_steps,
-                        cfg.log.progress_bar, engine.monitor)
+                        cfg.log.progress_bar, engine.monitor, count_shape_buckets=padded)
     profiler = StepProfiler(cfg.log.profile_steps, run_dir, dist.rank, dist.device)
     scale = float(dist.world_size * gas)  # undoes DeepSpeed's mean over ranks and micro-batches
     zero_loss = _zero_loss_fn(engine)
@@ -228,6 +230,8 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
                 for group in engine.optimizer.param_groups:
                     group["lr"] = lr
                 torch.manual_seed(hash((cfg.seed, step, dist.rank)) % 2**62)  # dropout masks survive resume
+                if buckets is not None:  # a new shape is a CUDA-graph recording: logged per interval
+                    logger.new_shape_buckets += buckets.count_new(micro)
                 with phase("batch_to_device"):
                     micro = [b.to(dist.device, non_blocking=True) for b in micro]
                 log_now = logger.due(step + 1)

@@ -5,7 +5,9 @@ Weak scaling: for each rank count N, `eqv2/train.py` runs the same config with t
 per rank (global batch grows with N) for `--steps` optimizer steps; throughput is read from the run's
 metrics.jsonl (global samples/s of each logging interval, after `--skip` steps of warm-up and
 compilation, leaving out an interval with profiled steps) and reported per rank, with the efficiency
-against the smallest N.
+against the smallest N.  With shape buckets (CUDA graphs) each batch of a shape not seen before costs a
+graph recording on its rank, and every rank waits for it at the next all-reduce; the trainer logs
+these per interval, and the steady-state columns average only the intervals in which no rank met one.
 
 The 1-vs-N equivalence is not measured here: ranks read disjoint shards, so N ranks and one rank
 with accumulation see different samples.  tests/train/test_engine_equivalence.py feeds both layouts
@@ -139,18 +141,40 @@ def weak_scaling(args, work: Path) -> list[dict]:
         if not timed:
             raise RuntimeError(f"{n} ranks: no logging interval after --skip {args.skip} steps and outside "
                                f"log.profile_steps; raise --steps or lower --skip / --log-every")
-        sps = sum(r["samples_per_s"] for r in timed) / len(timed)
-        rows.append({"ranks": n, "samples_per_s": sps, "samples_per_s_per_rank": sps / n,
-                     "atoms_per_s": sum(r["atoms_per_s"] for r in timed) / len(timed),
-                     "peak_mem_gib_rank0": max(r["peak_mem_gib"] for r in timed), "wall_s": wall,
-                     "data_wait_frac": sum(r["data_wait_frac"] for r in timed) / len(timed),
-                     "intervals": len(timed)})
-        print(f"{n} rank(s): {sps:.2f} samples/s, {sps / n:.2f} per rank, peak {rows[-1]['peak_mem_gib_rank0']:.1f} "
-              f"GiB on rank 0, data wait {100 * rows[-1]['data_wait_frac']:.1f} % ({wall:.0f} s)", flush=True)
-    base = rows[0]["samples_per_s_per_rank"]
+        row = {"ranks": n, **summarise(timed, n), "wall_s": wall}
+        rows.append(row)
+        steady = ""
+        if row.get("steady_intervals"):
+            steady = (f"; steady state {row['steady_samples_per_s_per_rank']:.2f} per rank over "
+                      f"{row['steady_intervals']} of {row['intervals']} intervals")
+        elif "steady_intervals" in row:
+            steady = "; every interval met a new shape bucket"
+        print(f"{n} rank(s): {row['samples_per_s']:.2f} samples/s, {row['samples_per_s_per_rank']:.2f} per rank, "
+              f"peak {row['peak_mem_gib_rank0']:.1f} GiB on rank 0, data wait {100 * row['data_wait_frac']:.1f} %"
+              f"{steady} ({wall:.0f} s)", flush=True)
     for row in rows:
-        row["efficiency"] = row["samples_per_s_per_rank"] / base
+        row["efficiency"] = row["samples_per_s_per_rank"] / rows[0]["samples_per_s_per_rank"]
+        if row.get("steady_samples_per_s_per_rank") and rows[0].get("steady_samples_per_s_per_rank"):
+            row["steady_efficiency"] = row["steady_samples_per_s_per_rank"] / rows[0]["steady_samples_per_s_per_rank"]
     return rows
+
+
+def summarise(timed: list[dict], ranks: int) -> dict:
+    """Means over the timed intervals; where the run logs shape buckets, also over the steady ones (no
+    rank met a new shape in them)."""
+    def mean(key, recs):
+        return sum(r[key] for r in recs) / len(recs)
+
+    sps = mean("samples_per_s", timed)
+    out = {"samples_per_s": sps, "samples_per_s_per_rank": sps / ranks, "atoms_per_s": mean("atoms_per_s", timed),
+           "peak_mem_gib_rank0": max(r["peak_mem_gib"] for r in timed),
+           "data_wait_frac": mean("data_wait_frac", timed), "intervals": len(timed)}
+    if all("new_shape_buckets" in r for r in timed):
+        steady = [r for r in timed if r["new_shape_buckets"] == 0]
+        out["new_shape_buckets"] = sum(r["new_shape_buckets"] for r in timed)
+        out["steady_intervals"] = len(steady)
+        out["steady_samples_per_s_per_rank"] = mean("samples_per_s", steady) / ranks if steady else None
+    return out
 
 
 def main(argv=None) -> int:
@@ -175,9 +199,17 @@ def main(argv=None) -> int:
                 "not --set log.every_steps")
     work = Path(args.work)
     result = {"weak_scaling": weak_scaling(args, work)}
+    print("| ranks | samples/s | per rank | efficiency | steady per rank (intervals) | steady efficiency | "
+          "peak GiB | data wait |")
     for row in result["weak_scaling"]:
+        steady, eff = "–", "–"
+        if row.get("steady_samples_per_s_per_rank"):
+            steady = f"{row['steady_samples_per_s_per_rank']:.2f} ({row['steady_intervals']}/{row['intervals']})"
+        if row.get("steady_efficiency"):
+            eff = f"{100 * row['steady_efficiency']:.1f} %"
         print(f"| {row['ranks']} | {row['samples_per_s']:.2f} | {row['samples_per_s_per_rank']:.2f} | "
-              f"{100 * row['efficiency']:.1f} % | {row['peak_mem_gib_rank0']:.1f} | {100 * row['data_wait_frac']:.1f} % |")
+              f"{100 * row['efficiency']:.1f} % | {steady} | {eff} | {row['peak_mem_gib_rank0']:.1f} | "
+              f"{100 * row['data_wait_frac']:.1f} % |")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
     return 0

@@ -203,6 +203,12 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def bucket_shape(num_atoms: int, num_edges: int, atoms_multiple: int, edges_multiple: int) -> tuple[int, int]:
+    """(atoms, edges) of a batch with `num_atoms` atoms and `num_edges` edges once `pad_graph` has padded
+    it: each count plus at least one, rounded up to its multiple (a multiple of 1 when 0)."""
+    return _round_up(num_atoms + 1, max(atoms_multiple, 1)), _round_up(num_edges + 1, max(edges_multiple, 1))
+
+
 def pad_graph(graph: RadiusGraph, num_atoms: int, atoms_multiple: int, edges_multiple: int,
               pad_distance: float) -> tuple[RadiusGraph, int]:
     """Pad a batch's graph to shape buckets: returns the graph with its edge count rounded up to a
@@ -213,8 +219,8 @@ def pad_graph(graph: RadiusGraph, num_atoms: int, atoms_multiple: int, edges_mul
     real atom sends or receives a padding message and real outputs are unchanged.
     """
     num_edges = graph.edge_index.shape[1]
-    pad_atoms = _round_up(num_atoms + 1, max(atoms_multiple, 1)) - num_atoms
-    pad_edges = _round_up(num_edges + 1, max(edges_multiple, 1)) - num_edges
+    atoms, edges = bucket_shape(num_atoms, num_edges, atoms_multiple, edges_multiple)
+    pad_atoms, pad_edges = atoms - num_atoms, edges - num_edges
     index = graph.edge_index.new_full((2, pad_edges), num_atoms)
     vec = graph.edge_vec.new_zeros(pad_edges, 3)
     vec[:, 2] = pad_distance

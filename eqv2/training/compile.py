@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from eqv2.config import ConfigError
+from eqv2.model.graph import bucket_shape
 
 
 @dataclass
@@ -154,6 +155,33 @@ def compiled_graph_count() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
+
+
+class ShapeBuckets:
+    """The padded shapes (model.pad_atoms_multiple / pad_edges_multiple) this rank's training batches
+    have had.  Under CUDA graphs each new shape is recorded once, a stall of seconds; the trainer logs
+    how many new ones each interval met (`new_shape_buckets`, summed over ranks), so that throughput
+    with recordings in it can be told from steady state.
+
+    A shape is (padded atoms, structures + 1, padded edges), read from the host batch before it moves to
+    the device.  The edge count is known there only when the loader built the graph (data.build_graphs);
+    otherwise the key has no edge count and new edge buckets are not counted."""
+
+    def __init__(self, atoms_multiple: int, edges_multiple: int) -> None:
+        self.atoms_multiple, self.edges_multiple = atoms_multiple, edges_multiple
+        self.seen: set[tuple] = set()
+
+    def count_new(self, batches) -> int:
+        """How many of `batches` (host AtomsBatch) have a shape not seen before; remembers them."""
+        new = 0
+        for batch in batches:
+            edges = batch.edge_index.shape[1] if batch.edge_index is not None else 0
+            atoms, padded_edges = bucket_shape(batch.pos.shape[0], edges, self.atoms_multiple, self.edges_multiple)
+            key = (atoms, batch.num_graphs + 1, padded_edges if batch.edge_index is not None else None)
+            if key not in self.seen:
+                self.seen.add(key)
+                new += 1
+        return new
 
 
 def saved_for_backward_bytes(model: nn.Module, *args) -> tuple[int, object]:

@@ -30,15 +30,17 @@ def peak_memory_gib(device: torch.device) -> float:
 
 class StepLogger:
     def __init__(self, run_dir: Path, device: torch.device, is_main: bool, total_steps: int, start_step: int,
-                 every: int, progress_bar: bool | None, engine_monitor=None):
+                 every: int, progress_bar: bool | None, engine_monitor=None, count_shape_buckets: bool = False):
         self.device, self.is_main, self.every = device, is_main, every
         self.total_steps = total_steps
         self.monitor = engine_monitor if (engine_monitor is not None and engine_monitor.enabled) else None
         self.jsonl = open(run_dir / "metrics.jsonl", "a") if is_main else None
         # running sums since the last log line: loss terms (3), structures, free atoms, atoms, steps,
-        # seconds the loop waited for the data loader
-        self.acc = torch.zeros(len(TERMS) + 5, dtype=torch.float64, device=device)
+        # seconds the loop waited for the data loader, new shape buckets
+        self.acc = torch.zeros(len(TERMS) + 6, dtype=torch.float64, device=device)
         self.data_wait_s = 0.0  # host-side; joins acc at the log's reduction
+        self.new_shape_buckets = 0  # host-side, added by the trainer (ShapeBuckets); summed over ranks
+        self.count_shape_buckets = count_shape_buckets
         self.t_last, self.step_last = time.perf_counter(), start_step
         self.t_start, self.step_start = self.t_last, start_step
         show = progress_bar if progress_bar is not None else sys.stderr.isatty()
@@ -51,7 +53,7 @@ class StepLogger:
         """terms: [3] this rank's share of the step's loss terms; counts: [3] *global* step counts."""
         self.acc[: len(TERMS)] += terms.double()
         self.acc[len(TERMS): len(TERMS) + 3] += counts  # identical on all ranks: divided by world in log()
-        self.acc[-2] += 1
+        self.acc[-3] += 1
         if self.bar is not None:
             self.bar.update(1)
 
@@ -60,13 +62,13 @@ class StepLogger:
 
     def log(self, step: int, epoch: int, lr: float, grad_norm, extra: dict) -> dict:
         """Collective: reduce the interval's sums, write the record on rank 0, reset."""
-        self.acc[-1] = self.data_wait_s
-        self.data_wait_s = 0.0
+        self.acc[-2], self.acc[-1] = self.data_wait_s, self.new_shape_buckets
+        self.data_wait_s, self.new_shape_buckets = 0.0, 0
         sums = all_reduce_sum(self.acc.clone()).tolist()  # the interval's single host sync
         self.acc.zero_()
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        sums[len(TERMS):] = [v / world for v in sums[len(TERMS):]]
-        n_steps = max(sums[-2], 1.0)
+        sums[len(TERMS):-1] = [v / world for v in sums[len(TERMS):-1]]  # counts: the same on every rank
+        n_steps = max(sums[-3], 1.0)
         now = time.perf_counter()
         dt = max(now - self.t_last, 1e-9)
         steps_done = step - self.step_last
@@ -79,8 +81,10 @@ class StepLogger:
                   "steps_per_s": rate, "peak_mem_gib": peak_memory_gib(self.device),
                   # share of the interval the training loop waited for batches (mean over ranks):
                   # near 0 when the loader keeps up with the device
-                  "data_wait_frac": sums[-1] / dt,
+                  "data_wait_frac": sums[-2] / dt,
                   "eta_s": remaining / rate if rate > 0 else None, **extra}
+        if self.count_shape_buckets:  # batches of a shape no earlier batch had, over all ranks
+            record["new_shape_buckets"] = int(round(sums[-1]))
         self.t_last, self.step_last = now, step
         if self.is_main:
             self.write(record)
@@ -88,7 +92,8 @@ class StepLogger:
                    f"(E {record['energy_mae_norm']:.4f} F {record['force_l2mae_norm']:.4f}) lr {lr:.3e} "
                    f"gnorm {record['grad_norm'] if record['grad_norm'] is None else round(record['grad_norm'], 3)} "
                    f"{record['samples_per_s']:.1f} samples/s {record['atoms_per_s']:.0f} atoms/s "
-                   f"mem {record['peak_mem_gib']:.2f} GiB eta {_fmt_eta(record['eta_s'])}")
+                   f"mem {record['peak_mem_gib']:.2f} GiB eta {_fmt_eta(record['eta_s'])}"
+                   + (f" new shape buckets {record['new_shape_buckets']}" if record.get("new_shape_buckets") else ""))
             self.print(msg)
             if self.monitor is not None:
                 events = [(f"Train/{k}", v, step) for k, v in record.items()

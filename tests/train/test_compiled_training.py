@@ -36,3 +36,33 @@ def test_cuda_graph_modes_need_shape_buckets(mode):
                                      ffn_hidden_channels=8, edge_channels=8))
     with pytest.raises(ConfigError, match=f"compile.mode={mode}.*model.pad_atoms_multiple"):
         apply_compile(model, CompileConfig(enabled=True, mode=mode))
+
+
+def test_shape_buckets_count_each_padded_shape_once():
+    """ShapeBuckets keys a host batch by the shape pad_graph gives it: atoms and edges rounded up to their
+    multiples (plus one padding atom and edge), and the structure count."""
+    import torch
+
+    from eqv2.batch import AtomsBatch
+    from eqv2.model.graph import RadiusGraph, bucket_shape, pad_graph
+    from eqv2.training.compile import ShapeBuckets
+
+    def batch(natoms: list[int], edges: int | None) -> AtomsBatch:
+        n = sum(natoms)
+        return AtomsBatch(pos=torch.zeros(n, 3), atomic_numbers=torch.ones(n, dtype=torch.long),
+                          cell=torch.zeros(len(natoms), 3, 3), pbc=torch.zeros(len(natoms), 3, dtype=torch.bool),
+                          natoms=torch.tensor(natoms), batch=torch.repeat_interleave(torch.arange(len(natoms)), torch.tensor(natoms)),
+                          edge_index=None if edges is None else torch.zeros(2, edges, dtype=torch.long))
+
+    buckets = ShapeBuckets(16, 64)
+    assert buckets.count_new([batch([5, 6], 40), batch([7, 4], 63)]) == 1  # 11 atoms -> 16, 40 and 63 edges -> 64
+    assert buckets.count_new([batch([5, 10], 40)]) == 0  # 15 atoms + 1 padding atom: still 16
+    assert buckets.count_new([batch([5, 11], 40)]) == 1  # 16 atoms + 1 -> 32
+    assert buckets.count_new([batch([5, 6], 64)]) == 1  # 64 edges + 1 -> 128
+    assert buckets.count_new([batch([5, 3, 3], 40)]) == 1  # three structures: another shape
+    assert buckets.count_new([batch([5, 6], None), batch([6, 5], None)]) == 1  # edges unknown on the host
+    # the same rounding as the padding the model applies
+    graph = RadiusGraph(edge_index=torch.zeros(2, 64, dtype=torch.long), edge_vec=torch.zeros(64, 3),
+                        distance=torch.zeros(64), cell_offset=torch.zeros(64, 3, dtype=torch.long))
+    padded, pad_atoms = pad_graph(graph, 16, 16, 64, 1.0)
+    assert (16 + pad_atoms, padded.edge_index.shape[1]) == bucket_shape(16, 64, 16, 64) == (32, 128)

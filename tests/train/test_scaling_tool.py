@@ -18,17 +18,38 @@ def _scaling(tmp_path: Path, demo_data: Path, *extra: str) -> subprocess.Complet
 
 
 def test_weak_scaling_runs_one_and_two_ranks(tmp_path, demo_data):
-    proc = _scaling(tmp_path, demo_data)
+    # shape buckets wide enough that every 2-structure batch of the demo data pads to one shape: each
+    # rank meets exactly one new shape, at its first step
+    proc = _scaling(tmp_path, demo_data, "--set", "model.pad_atoms_multiple=512", "--set", "model.pad_edges_multiple=4096")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.loads((tmp_path / "scaling.json").read_text())["weak_scaling"]
     assert [r["ranks"] for r in rows] == [1, 2]
-    assert rows[0]["efficiency"] == 1.0
+    assert rows[0]["efficiency"] == 1.0 and rows[0]["steady_efficiency"] == 1.0
     for row in rows:
         assert row["samples_per_s"] > 0 and row["intervals"] == 3  # logged steps 4, 6, 8 are timed
         assert abs(row["samples_per_s_per_rank"] * row["ranks"] - row["samples_per_s"]) < 1e-9
         assert 0.0 <= row["data_wait_frac"] < 1.0  # the loop's share of time blocked on the loader
+        assert row["steady_intervals"] == 3 and row["new_shape_buckets"] == 0
+        assert abs(row["steady_samples_per_s_per_rank"] - row["samples_per_s_per_rank"]) < 1e-9
+        # the trainer's record: the new shapes of all ranks, summed, in the interval they were met
+        recs = [json.loads(line) for line in (tmp_path / "work" / f"weak_{row['ranks']}" / "metrics.jsonl")
+                .read_text().splitlines()]
+        assert [r["new_shape_buckets"] for r in recs if "split" not in r] == [row["ranks"], 0, 0, 0], recs
     # each rank count trained its own run directory
     assert (tmp_path / "work" / "weak_2" / "metrics.jsonl").exists()
+
+
+def test_steady_state_leaves_out_intervals_with_new_shape_buckets():
+    scaling = _module()
+    recs = [dict(step=s, samples_per_s=v, atoms_per_s=10 * v, peak_mem_gib=1.0, data_wait_frac=0.0,
+                 new_shape_buckets=n) for s, v, n in [(20, 40.0, 0), (40, 10.0, 3), (60, 44.0, 0)]]
+    out = scaling.summarise(recs, 2)
+    assert out["samples_per_s_per_rank"] == 94.0 / 3 / 2 and out["intervals"] == 3
+    assert out["steady_samples_per_s_per_rank"] == 21.0 and out["steady_intervals"] == 2
+    assert out["new_shape_buckets"] == 3
+    out = scaling.summarise([{k: v for k, v in r.items() if k != "new_shape_buckets"} for r in recs], 1)
+    assert "steady_intervals" not in out  # a run without shape buckets has no such column
+    assert scaling.summarise(recs[1:2], 1)["steady_samples_per_s_per_rank"] is None
 
 
 def test_a_failing_run_is_reported_with_its_log(tmp_path, demo_data):
@@ -37,12 +58,17 @@ def test_a_failing_run_is_reported_with_its_log(tmp_path, demo_data):
     assert "1-rank run exit codes" in proc.stderr and "optim.lrr" in proc.stderr
 
 
-def test_profiled_steps_and_warm_up_are_not_timed():
+def _module():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("scaling", REPO / "tools" / "scaling.py")
     scaling = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(scaling)
+    return scaling
+
+
+def test_profiled_steps_and_warm_up_are_not_timed():
+    scaling = _module()
     records = [{"step": s} for s in range(20, 201, 20)]
     assert scaling.profiled_steps(["optim.lr=1", "log.profile_steps=[181,183]"]) == (181, 183)
     assert scaling.profiled_steps(["optim.lr=1"]) is None
