@@ -38,53 +38,94 @@ def kernel_available(x: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _columns(pid, Z, K: tl.constexpr, C: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr):
-        """Offsets [KP, BN] and mask of the tile: rows are coefficients k, columns the (z, c) pairs
-        pid*BN .. pid*BN+BN-1 of the [Z, K, C] tensor."""
+    def _rows(pid, Z, K: tl.constexpr, C: tl.constexpr, K0: tl.constexpr, KR: tl.constexpr, BN: tl.constexpr):
+        """Offsets [KR, BN] and mask of a tile: rows are the coefficients K0 .. K0+KR-1 (those < K),
+        columns the (z, c) pairs pid*BN .. pid*BN+BN-1 of the [Z, K, C] tensor."""
         col = pid.to(tl.int64) * BN + tl.arange(0, BN)
         z = col // C
         c = col % C
-        k = tl.arange(0, KP)
+        k = K0 + tl.arange(0, KR)
         offs = z[None, :] * (K * C) + k[:, None] * C + c[None, :]
         mask = (k[:, None] < K) & (z[None, :] < Z)
         return offs, mask
 
     @triton.jit
-    def _s2_silu_fwd(x_ptr, t_ptr, f_ptr, y_ptr, Z, G, K: tl.constexpr, C: tl.constexpr, KP: tl.constexpr,
-                     BG: tl.constexpr, BN: tl.constexpr):
-        offs, mask = _columns(tl.program_id(0), Z, K, C, KP, BN)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)  # [KP, BN]
-        k = tl.arange(0, KP)
-        acc = tl.zeros((KP, BN), dtype=tl.float32)
+    def _grid_rows(ptr, g, G, K: tl.constexpr, K0: tl.constexpr, KR: tl.constexpr):
+        """Columns K0 .. K0+KR-1 of rows g of a [G, K] grid matrix: [BG, KR], zero outside."""
+        k = K0 + tl.arange(0, KR)
+        return tl.load(ptr + g[:, None] * K + k[None, :], mask=(g[:, None] < G) & (k[None, :] < K), other=0.0)
+
+    # The K coefficients are covered by one row block of KA >= K rows (KB = 0), or by two of power-of-two
+    # sizes KA + KB >= K: K = 37 (L_max 6, M_max 3 edge features) as 32 + 16 rows instead of 64, a
+    # quarter less tensor-core work, but in smaller products.  One block is the default until the two
+    # are measured against each other on a GPU (`_launch(..., two_blocks=True)`).
+    @triton.jit
+    def _s2_silu_fwd(x_ptr, t_ptr, f_ptr, y_ptr, Z, G, K: tl.constexpr, C: tl.constexpr, KA: tl.constexpr,
+                     KB: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr):
+        pid = tl.program_id(0)
+        offs_a, mask_a = _rows(pid, Z, K, C, 0, KA, BN)
+        x_a = tl.load(x_ptr + offs_a, mask=mask_a, other=0.0)  # [KA, BN]
+        acc_a = tl.zeros((KA, BN), dtype=tl.float32)
+        if KB > 0:
+            offs_b, mask_b = _rows(pid, Z, K, C, KA, KB, BN)
+            x_b = tl.load(x_ptr + offs_b, mask=mask_b, other=0.0)  # [KB, BN]
+            acc_b = tl.zeros((KB, BN), dtype=tl.float32)
         for g0 in range(0, G, BG):
             g = g0 + tl.arange(0, BG)
-            gmask = (g[:, None] < G) & (k[None, :] < K)
-            t = tl.load(t_ptr + g[:, None] * K + k[None, :], mask=gmask, other=0.0)  # [BG, KP]
-            f = tl.load(f_ptr + g[:, None] * K + k[None, :], mask=gmask, other=0.0)  # [BG, KP]
-            pre = tl.dot(t, x)  # [BG, BN] grid values, float32
-            act = pre * tl.sigmoid(pre)
-            acc += tl.dot(tl.trans(f), act.to(f.dtype))  # [KP, BN]
-        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+            t_a, f_a = _grid_rows(t_ptr, g, G, K, 0, KA), _grid_rows(f_ptr, g, G, K, 0, KA)  # [BG, KA]
+            pre = tl.dot(t_a, x_a)  # [BG, BN] grid values, float32
+            if KB > 0:
+                t_b, f_b = _grid_rows(t_ptr, g, G, K, KA, KB), _grid_rows(f_ptr, g, G, K, KA, KB)  # [BG, KB]
+                pre += tl.dot(t_b, x_b)
+            act = (pre * tl.sigmoid(pre)).to(t_a.dtype)
+            acc_a += tl.dot(tl.trans(f_a), act)  # [KA, BN]
+            if KB > 0:
+                acc_b += tl.dot(tl.trans(f_b), act)  # [KB, BN]
+        tl.store(y_ptr + offs_a, acc_a.to(y_ptr.dtype.element_ty), mask=mask_a)
+        if KB > 0:
+            tl.store(y_ptr + offs_b, acc_b.to(y_ptr.dtype.element_ty), mask=mask_b)
 
     @triton.jit
     def _s2_silu_bwd(x_ptr, dy_ptr, t_ptr, f_ptr, dx_ptr, Z, G, K: tl.constexpr, C: tl.constexpr,
-                     KP: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr):
-        offs, mask = _columns(tl.program_id(0), Z, K, C, KP, BN)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0)
-        k = tl.arange(0, KP)
-        acc = tl.zeros((KP, BN), dtype=tl.float32)
+                     KA: tl.constexpr, KB: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr):
+        pid = tl.program_id(0)
+        offs_a, mask_a = _rows(pid, Z, K, C, 0, KA, BN)
+        x_a = tl.load(x_ptr + offs_a, mask=mask_a, other=0.0)
+        dy_a = tl.load(dy_ptr + offs_a, mask=mask_a, other=0.0)
+        acc_a = tl.zeros((KA, BN), dtype=tl.float32)
+        if KB > 0:
+            offs_b, mask_b = _rows(pid, Z, K, C, KA, KB, BN)
+            x_b = tl.load(x_ptr + offs_b, mask=mask_b, other=0.0)
+            dy_b = tl.load(dy_ptr + offs_b, mask=mask_b, other=0.0)
+            acc_b = tl.zeros((KB, BN), dtype=tl.float32)
         for g0 in range(0, G, BG):
             g = g0 + tl.arange(0, BG)
-            gmask = (g[:, None] < G) & (k[None, :] < K)
-            t = tl.load(t_ptr + g[:, None] * K + k[None, :], mask=gmask, other=0.0)
-            f = tl.load(f_ptr + g[:, None] * K + k[None, :], mask=gmask, other=0.0)
-            pre = tl.dot(t, x)  # recomputed grid values
-            d_act = tl.dot(f, dy)  # [BG, BN] gradient on the grid
+            t_a, f_a = _grid_rows(t_ptr, g, G, K, 0, KA), _grid_rows(f_ptr, g, G, K, 0, KA)
+            pre = tl.dot(t_a, x_a)  # recomputed grid values [BG, BN]
+            d_act = tl.dot(f_a, dy_a)  # gradient on the grid [BG, BN]
+            if KB > 0:
+                t_b, f_b = _grid_rows(t_ptr, g, G, K, KA, KB), _grid_rows(f_ptr, g, G, K, KA, KB)
+                pre += tl.dot(t_b, x_b)
+                d_act += tl.dot(f_b, dy_b)
             s = tl.sigmoid(pre)
-            d_pre = d_act * s * (1.0 + pre * (1.0 - s))
-            acc += tl.dot(tl.trans(t), d_pre.to(t.dtype))
-        tl.store(dx_ptr + offs, acc.to(dx_ptr.dtype.element_ty), mask=mask)
+            d_pre = (d_act * s * (1.0 + pre * (1.0 - s))).to(t_a.dtype)
+            acc_a += tl.dot(tl.trans(t_a), d_pre)
+            if KB > 0:
+                acc_b += tl.dot(tl.trans(t_b), d_pre)
+        tl.store(dx_ptr + offs_a, acc_a.to(dx_ptr.dtype.element_ty), mask=mask_a)
+        if KB > 0:
+            tl.store(dx_ptr + offs_b, acc_b.to(dx_ptr.dtype.element_ty), mask=mask_b)
+
+
+def row_blocks(k: int, two_blocks: bool) -> tuple[int, int]:
+    """(KA, KB) covering k coefficients: one power-of-two block (KB = 0), or with `two_blocks` two of them
+    (each >= 16, the tensor-core minimum) where they need fewer rows than one."""
+    one = max(16, triton.next_power_of_2(k))
+    ka = max(16, triton.next_power_of_2(k) // 2)
+    if not two_blocks or ka >= k:
+        return one, 0
+    kb = max(16, triton.next_power_of_2(k - ka))
+    return (ka, kb) if ka + kb < one else (one, 0)
 
 
 # tile shapes and launch settings the autotuner tries on the GPU, per (K, C) (the first is the
@@ -105,24 +146,24 @@ def _autotuned(kernel):
     (the feature count Z varies per batch and does not change the best tile); built on first use."""
     if kernel not in _tuned:
         configs = [triton.Config({"BN": t["BN"], "BG": t["BG"]}, num_warps=t["num_warps"], num_stages=3) for t in TUNING]
-        _tuned[kernel] = triton.autotune(configs=configs, key=["K", "C"])(kernel)
+        _tuned[kernel] = triton.autotune(configs=configs, key=["K", "C", "KA"])(kernel)
     return _tuned[kernel]
 
 
 def _launch(kernel, tensors: list[torch.Tensor], out: torch.Tensor, to_grid: torch.Tensor,
-            config: dict | None = None) -> torch.Tensor:
+            config: dict | None = None, two_blocks: bool = False) -> torch.Tensor:
     """Run `kernel` into `out` [Z, K, C]: autotuned on a GPU, or with one `config` of TUNING (the
-    interpreter uses the first unless told)."""
+    interpreter uses the first unless told); the coefficients in one row block or two (`row_blocks`)."""
     z, k, c = out.shape
     if z == 0:
         return out
     g = to_grid.shape[0]
-    kp = max(16, triton.next_power_of_2(k))
+    ka, kb = row_blocks(k, two_blocks)
     if config is None and not _interpreted():
-        _autotuned(kernel)[lambda meta: (triton.cdiv(z * c, meta["BN"]),)](*tensors, out, z, g, K=k, C=c, KP=kp)
+        _autotuned(kernel)[lambda meta: (triton.cdiv(z * c, meta["BN"]),)](*tensors, out, z, g, K=k, C=c, KA=ka, KB=kb)
         return out
     t = config or TUNING[0]
-    kernel[(triton.cdiv(z * c, t["BN"]),)](*tensors, out, z, g, K=k, C=c, KP=kp, BG=t["BG"], BN=t["BN"],
+    kernel[(triton.cdiv(z * c, t["BN"]),)](*tensors, out, z, g, K=k, C=c, KA=ka, KB=kb, BG=t["BG"], BN=t["BN"],
                                            num_warps=t["num_warps"])
     return out
 
