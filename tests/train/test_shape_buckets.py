@@ -1,0 +1,39 @@
+"""tools/shape_buckets.py predicts the new padded shapes a run meets; the trainer logs them (2 CPU ranks)."""
+import json
+import subprocess
+import sys
+
+from tests.train.conftest import HERE, REPO, data_args, records, run_train
+
+
+def test_the_tool_predicts_the_shapes_the_trainer_logs(tmp_path, demo_data):
+    ds = json.loads((HERE / "ds_zero2_cpu.json").read_text())
+    ds["gradient_accumulation_steps"] = 1  # one micro-batch per step, as the tool assumes
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    sets = [*data_args(demo_data), "--set", "model.pad_atoms_multiple=16", "--set", "model.pad_edges_multiple=64"]
+    run_dir = tmp_path / "run"
+    rc, out = run_train(["--ds_config", str(tmp_path / "ds.json"), "--config", str(HERE / "tiny_run.yaml"), *sets,
+                         "--set", f"run_dir={run_dir}", "--set", "optim.max_steps=10",
+                         "--set", "checkpoint.every_steps=1000"], nproc=2, timeout=600)
+    assert rc == [0, 0], out[-3000:]
+    train, _ = records(run_dir)  # logged every step (tiny_run.yaml)
+    logged = [train[s]["new_shape_buckets"] for s in range(1, 11)]
+
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "shape_buckets.py"), "--config",
+                           str(HERE / "tiny_run.yaml"), "--micro-batch", "2", "--ranks", "2", "--steps", "10",
+                           "--log-every", "2", *sets, "--out", str(tmp_path / "buckets.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "buckets.json").read_text())
+    predicted = [sum(s in r["new_at_steps"] for r in result["ranks"]) for s in range(1, 11)]
+    assert logged == predicted, (logged, predicted)
+    assert predicted[0] == 2 and sum(predicted) > 2  # both ranks' first batch, and more shapes later
+    quiet = [end for end in range(2, 11, 2) if predicted[end - 2] == predicted[end - 1] == 0]
+    assert result["quiet_intervals"] == quiet
+
+
+def test_a_config_without_shape_buckets_is_refused(demo_data):
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "shape_buckets.py"), "--config",
+                           str(HERE / "tiny_run.yaml"), "--micro-batch", "2", "--steps", "4", *data_args(demo_data)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "model.pad_atoms_multiple" in proc.stderr
