@@ -64,6 +64,9 @@ class ModelConfig:
     # the attention's and edge-degree embedding's rotations fused with their gather and scatter (Triton,
     # fused_rotation.py; CUDA bf16/fp16 only, elsewhere the stock operations)
     fused_rotation: bool = False
+    # the fused S2 activation kernels cover the coefficients in two power-of-two row blocks where that is
+    # fewer rows than one (K = 37 as 32 + 16, not 64; fused_s2_activation.py; CUDA bf16/fp16 only)
+    s2_two_row_blocks: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.mmax <= self.lmax:

@@ -58,7 +58,7 @@ if triton is not None:
     # The K coefficients are covered by one row block of KA >= K rows (KB = 0), or by two of power-of-two
     # sizes KA + KB >= K: K = 37 (L_max 6, M_max 3 edge features) as 32 + 16 rows instead of 64, a
     # quarter less tensor-core work, but in smaller products.  One block is the default until the two
-    # are measured against each other on a GPU (`_launch(..., two_blocks=True)`).
+    # are measured against each other on a GPU (`model.s2_two_row_blocks`).
     @triton.jit
     def _s2_silu_fwd(x_ptr, t_ptr, f_ptr, y_ptr, Z, G, K: tl.constexpr, C: tl.constexpr, KA: tl.constexpr,
                      KB: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr):
@@ -179,41 +179,44 @@ def _check(x: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor) -> N
 
 
 @torch.library.custom_op("eqv2::s2_silu", mutates_args=())
-def s2_silu(x: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor) -> torch.Tensor:
-    """x [Z, K, C], to_grid and from_grid [G, K] (same dtype) -> F^T SiLU(T x) [Z, K, C]."""
+def s2_silu(x: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor, two_row_blocks: bool = False) -> torch.Tensor:
+    """x [Z, K, C], to_grid and from_grid [G, K] (same dtype) -> F^T SiLU(T x) [Z, K, C]; the
+    coefficients in one row block or two (`row_blocks`)."""
     _check(x, to_grid, from_grid)
     x, to_grid, from_grid = x.contiguous(), to_grid.contiguous(), from_grid.contiguous()
-    return _launch(_s2_silu_fwd, [x, to_grid, from_grid], torch.empty_like(x), to_grid)
+    return _launch(_s2_silu_fwd, [x, to_grid, from_grid], torch.empty_like(x), to_grid, None, two_row_blocks)
 
 
 @s2_silu.register_fake
-def _(x, to_grid, from_grid):
+def _(x, to_grid, from_grid, two_row_blocks=False):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("eqv2::s2_silu_backward", mutates_args=())
 def s2_silu_backward(grad: torch.Tensor, x: torch.Tensor, to_grid: torch.Tensor,
-                     from_grid: torch.Tensor) -> torch.Tensor:
+                     from_grid: torch.Tensor, two_row_blocks: bool = False) -> torch.Tensor:
     """Gradient of `s2_silu` with respect to x."""
     _check(x, to_grid, from_grid)
     grad, x = grad.contiguous().to(x.dtype), x.contiguous()
     to_grid, from_grid = to_grid.contiguous(), from_grid.contiguous()
-    return _launch(_s2_silu_bwd, [x, grad, to_grid, from_grid], torch.empty_like(x), to_grid)
+    return _launch(_s2_silu_bwd, [x, grad, to_grid, from_grid], torch.empty_like(x), to_grid, None, two_row_blocks)
 
 
 @s2_silu_backward.register_fake
-def _(grad, x, to_grid, from_grid):
+def _(grad, x, to_grid, from_grid, two_row_blocks=False):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    x, to_grid, from_grid = inputs
+    x, to_grid, from_grid, two_row_blocks = inputs
     ctx.save_for_backward(x, to_grid, from_grid)
+    ctx.two_row_blocks = two_row_blocks
 
 
 def _backward(ctx, grad):
     x, to_grid, from_grid = ctx.saved_tensors
-    return s2_silu_backward(grad, x, to_grid, from_grid), None, None  # the grid matrices are constants
+    # the grid matrices are constants
+    return s2_silu_backward(grad, x, to_grid, from_grid, ctx.two_row_blocks), None, None, None
 
 
 s2_silu.register_autograd(_backward, setup_context=_setup_context)

@@ -37,9 +37,9 @@ INTERPRETED = textwrap.dedent("""
     for grid in grids:
         to_mat, from_mat = grid.to_grid_mat.double(), grid.from_grid_mat.double()
         # Z*C below, at and above the 64-column tile; C not a power of two
-        for z, c in [(1, 8), (5, 24), (3, 64), (7, 20)]:
+        for (z, c), two in zip([(1, 8), (5, 24), (3, 64), (7, 20)], [False, True, False, True]):
             x = torch.randn(z, to_mat.shape[1], c, dtype=torch.float64, requires_grad=True)
-            y = s2_silu(x, to_mat, from_mat)
+            y = s2_silu(x, to_mat, from_mat, two)
             ref = torch.einsum("gk,zgc->zkc", from_mat, torch.nn.functional.silu(torch.einsum("gk,zkc->zgc", to_mat, x)))
             dy = torch.randn_like(y)
             (g,) = torch.autograd.grad(y, x, dy)
@@ -200,8 +200,11 @@ def test_fused_s2_op_flops_are_counted_like_the_einsum_path():
         with FlopCounterMode(display=False) as reference:
             pre = torch.einsum("gk,zkc->zgc", to_grid, x)
             torch.einsum("gk,zgc->zkc", from_grid, torch.nn.functional.silu(pre)).sum().backward()
+        with FlopCounterMode(display=False) as two_blocks:  # the same model work in two row blocks
+            s2_silu(x, to_grid, from_grid, True).sum().backward()
     # model FLOPs: 2 products forward, 2 backward (the kernel's recomputation is not counted)
     assert fused.get_total_flops() == reference.get_total_flops() == 4 * 2 * z * g * k * c
+    assert two_blocks.get_total_flops() == fused.get_total_flops()
 
 
 def _loss(out):

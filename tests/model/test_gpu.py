@@ -152,10 +152,12 @@ def _grads(model) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
-@pytest.mark.parametrize("fused_input_grad, rotation_align, fused_rotation, indexed_radial",
-                         [(False, 1, False, False), (True, 8, False, False), (True, 8, True, False), (True, 8, True, True)])
+@pytest.mark.parametrize("fused_input_grad, rotation_align, fused_rotation, indexed_radial, two_row_blocks",
+                         [(False, 1, False, False, False), (True, 8, False, False, False), (True, 8, True, False, False),
+                          (True, 8, True, True, False), (True, 8, True, True, True)])
 def test_compiled_bf16_fast_path_matches_eager_reference_and_is_equivariant(fused_input_grad, rotation_align,
-                                                                              fused_rotation, indexed_radial):
+                                                                              fused_rotation, indexed_radial,
+                                                                              two_row_blocks):
     """Same weights: the fast path (compiled, fused S2 kernel, bf16; with and without the SO(2) input
     gradient op, row-aligned Wigner matrices and the fused rotation kernels) is as close to the float32 eager reference as bf16
     eager autocast is, for energies, forces and every gradient; and its rotation error is no larger
@@ -169,7 +171,8 @@ def test_compiled_bf16_fast_path_matches_eager_reference_and_is_equivariant(fuse
                                              "so2_fused_input_grad": fused_input_grad,
                                              "rotation_align": rotation_align,
                                              "fused_rotation": fused_rotation,
-                                             "so2_indexed_radial": indexed_radial})).cuda().train()
+                                             "so2_indexed_radial": indexed_radial,
+                                             "s2_two_row_blocks": two_row_blocks})).cuda().train()
     fast_model.load_state_dict(ref_model.state_dict())
     apply_compile(fast_model, CompileConfig(enabled=True))
     results = {}
