@@ -51,7 +51,7 @@ INTERPRETED = textwrap.dedent("""
     from eqv2.model.fused_s2_activation import TUNING, _launch, _s2_silu_bwd, _s2_silu_fwd, row_blocks
     assert row_blocks(37, False) == (64, 0) and row_blocks(37, True) == (32, 16) and row_blocks(29, True) == (32, 0)
     to_mat, from_mat = grids[0].to_grid_mat.double(), grids[0].from_grid_mat.double()
-    for config, two_blocks in [(t, False) for t in TUNING] + [(t, True) for t in TUNING]:
+    for config, two_blocks in [(tune, False) for tune in TUNING] + [(tune, True) for tune in TUNING]:
         for z, c in [(3, 24), (5, 64)]:
             x, dy = torch.randn(2, z, to_mat.shape[1], c, dtype=torch.float64)
             pre = torch.einsum("gk,zkc->zgc", to_mat, x)

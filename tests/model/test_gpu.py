@@ -93,7 +93,7 @@ def test_fused_s2_kernel_bf16_matches_einsum():
 @pytest.mark.parametrize("lmax,mmax,full", [(6, 2, False), (6, 3, False), (6, 6, True), (4, 2, False)])
 def test_every_s2_kernel_tile_setting_matches_einsum(lmax, mmax, full):
     """Each setting the autotuner may pick, launched explicitly at the models' coefficient counts
-    (K 29, 37, 49, 19) and channel widths 64 and 128, forward and backward, in one row block and in two.
+    (K 29, 37, 49, 19) and channel widths 64 and 128, forward and backward, in one row block and in two."""
     from eqv2.model.activation import edge_grid, node_grid
     from eqv2.model.fused_s2_activation import TUNING, _launch, _s2_silu_bwd, _s2_silu_fwd
     from eqv2.model.so3 import CoefficientLayout
@@ -107,7 +107,7 @@ def test_every_s2_kernel_tile_setting_matches_einsum(lmax, mmax, full):
         ref = torch.einsum("gk,zgc->zkc", f, torch.nn.functional.silu(torch.einsum("gk,zkc->zgc", t, ref_x)))
         (ref_grad,) = torch.autograd.grad(ref, ref_x, dy)
         xb, tb, fb = x.bfloat16(), t.bfloat16(), f.bfloat16()
-        for config, two_blocks in [(t, False) for t in TUNING] + [(t, True) for t in TUNING]:
+        for config, two_blocks in [(tune, False) for tune in TUNING] + [(tune, True) for tune in TUNING]:
             out = _launch(_s2_silu_fwd, [xb, tb, fb], torch.empty_like(xb), tb, config, two_blocks)
             grad = _launch(_s2_silu_bwd, [xb, dy.bfloat16(), tb, fb], torch.empty_like(xb), tb, config, two_blocks)
             torch.cuda.synchronize()
