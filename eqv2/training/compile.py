@@ -159,7 +159,8 @@ def compiled_graph_count() -> int:
 
 class ShapeBuckets:
     """The padded shapes (model.pad_atoms_multiple / pad_edges_multiple) this rank's training batches
-    have had.  Under CUDA graphs each new shape is recorded once, a stall of seconds; the trainer logs
+    have had.  Under CUDA graphs each new shape is recorded once (~0.4 s for the 153M model on an
+    H200, measured between log intervals) and the other ranks wait for it; the trainer logs
     how many new ones each interval met (`new_shape_buckets`, summed over ranks), so that throughput
     with recordings in it can be told from steady state.
 
