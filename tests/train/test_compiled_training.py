@@ -6,12 +6,16 @@ from tests.train.conftest import HERE, data_args, records, run_train
 
 
 @pytest.mark.slow
-def test_compiled_training_does_not_recompile_as_batches_vary(demo_data, tmp_path):
+@pytest.mark.parametrize("buckets", [False, True])
+def test_compiled_training_does_not_recompile_as_batches_vary(demo_data, tmp_path, buckets):
+    """Also with shape buckets: a new padded shape must not recompile (under CUDA graphs it is recorded,
+    which is cheap; a recompilation is not)."""
     run_dir = tmp_path / "run"
+    pads = ["--set", "model.pad_atoms_multiple=16", "--set", "model.pad_edges_multiple=64"] if buckets else []
     rc, out = run_train(["--ds_config", str(HERE / "ds_zero2_cpu.json"), "--config", str(HERE / "tiny_run.yaml"),
                          *data_args(demo_data), "--set", f"run_dir={run_dir}", "--set", "optim.max_steps=14",
                          "--set", "compile.enabled=true", "--set", "checkpoint.every_steps=1000",
-                         "--set", "data.max_atoms=80"], timeout=900)  # batches by atoms: 2-4 structures each
+                         "--set", "data.max_atoms=80", *pads], timeout=900)  # batches by atoms: 2-4 structures each
     assert rc == [0], out[-3000:]
     assert "compiled: 6 parts" in out  # 2 blocks, the edge-degree embedding, 2 heads, the edge frames
     train, _ = records(run_dir)
@@ -22,6 +26,8 @@ def test_compiled_training_does_not_recompile_as_batches_vary(demo_data, tmp_pat
     # 5 code objects (block, edge-degree embedding, energy head, force head, edge frames), each compiled
     # static and then symbolic within the first steps (2 micro-batches each); nothing after that
     assert set(graphs[s] for s in graphs if s >= 2) == {10}, graphs
+    if buckets:  # the batches did fall into several buckets after the compilations
+        assert sum(rec["new_shape_buckets"] for s, rec in train.items() if s > 2) > 0, train
 
 
 @pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
