@@ -143,7 +143,7 @@ def profile_steps(step, batches, path: Path, title: str) -> None:
 def eqv2_step_fn(cfg: ModelConfig, device, dtype, compiled: bool, ac_every: int = 0, mode: str = "default",
                  memory_budget: float = 1.0, cpp_wrapper: bool = False, fused_input_grad: bool | None = None,
                  rotation_align: int | None = None, weigh_custom_ops: bool = True, indexed_radial: bool | None = None,
-                 s2_two_row_blocks: bool | None = None):
+                 s2_kernel_form: str | None = None):
     if fused_input_grad is not None:
         cfg = dataclasses.replace(cfg, so2_fused_input_grad=fused_input_grad,
                                   so2_indexed_radial=cfg.so2_indexed_radial and fused_input_grad)
@@ -151,8 +151,8 @@ def eqv2_step_fn(cfg: ModelConfig, device, dtype, compiled: bool, ac_every: int 
         cfg = dataclasses.replace(cfg, so2_indexed_radial=indexed_radial)
     if rotation_align is not None:
         cfg = dataclasses.replace(cfg, rotation_align=rotation_align)
-    if s2_two_row_blocks is not None:
-        cfg = dataclasses.replace(cfg, s2_two_row_blocks=s2_two_row_blocks)
+    if s2_kernel_form is not None:
+        cfg = dataclasses.replace(cfg, s2_kernel_form=s2_kernel_form)
     model = EquiformerV2(cfg).to(device).train()
     if compiled:
         apply_compile(model, CompileConfig(enabled=True, mode=mode, activation_memory_budget=memory_budget,
@@ -246,8 +246,8 @@ def main(argv=None) -> int:
                              "fused input grad; default: the config's)")
     parser.add_argument("--fused-rotation", choices=["on", "off"], default=None,
                         help="model.fused_rotation: the rotations fused with their gather and scatter (default: the config's)")
-    parser.add_argument("--s2-two-row-blocks", choices=["on", "off"], default=None,
-                        help="model.s2_two_row_blocks: the fused S2 kernels' coefficients in two row blocks (default: the config's)")
+    parser.add_argument("--s2-kernel-form", choices=["rows", "rows-split", "columns", "columns-split"], default=None,
+                        help="model.s2_kernel_form: the fused S2 kernels' tiles and coefficient blocks (default: the config's)")
     parser.add_argument("--rotation-align", type=int, default=None,
                         help="model.rotation_align: Wigner matrix rows padded to this many elements (default: the config's)")
     parser.add_argument("--cpp-wrapper", action="store_true", help="compile.cpp_wrapper: kernels launched from C++")
@@ -294,14 +294,14 @@ def main(argv=None) -> int:
             indexed = None if args.indexed_radial is None else args.indexed_radial == "on"
             fused += "-idxrad" if indexed or (indexed is None and cfg.so2_indexed_radial) else ""
             fused += "-fusedrot" if cfg.fused_rotation else ""
-            two_rows = None if args.s2_two_row_blocks is None else args.s2_two_row_blocks == "on"
-            fused += "-s2rows2" if two_rows or (two_rows is None and cfg.s2_two_row_blocks) else ""
+            s2_form = args.s2_kernel_form or cfg.s2_kernel_form
+            fused += f"-s2{s2_form}" if s2_form != "rows" else ""
             fused += "-graphinmodel" if args.graphs == "model" else ""
             runs = [(f"eqv2-{impl}" + (f"-ac{k}" if k else "") + (extra if impl == "compiled" else "") + fused,
                      lambda impl=impl, k=k: eqv2_step_fn(cfg, device, dtype, impl == "compiled", k, args.mode,
                                                          args.memory_budget, args.cpp_wrapper, fused_input_grad,
                                                          args.rotation_align, not args.no_weigh_custom_ops,
-                                                         indexed, two_rows))
+                                                         indexed, args.s2_kernel_form))
                     for impl in args.impls for k in args.ac_every]
             if args.reference:
                 runs.append(("fairchem-1.10.0", lambda: reference_step_fn(cfg, device)))

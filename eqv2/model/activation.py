@@ -54,9 +54,9 @@ class S2Grid(nn.Module):
     """
 
     def __init__(self, lmax: int, mmax: int, resolution: int | None, coefficients: torch.Tensor,
-                 two_row_blocks: bool = False):
+                 kernel_form: str = "rows"):
         super().__init__()
-        self.two_row_blocks = two_row_blocks  # the fused kernel's coefficient blocks (model.s2_two_row_blocks)
+        self.kernel_form = kernel_form  # the fused kernels' form (model.s2_kernel_form)
         to_mat, from_mat = _grid_matrices(lmax, mmax, resolution)
         g = to_mat.shape[0] * to_mat.shape[1]
         # kept in float64 so float64 models are exact; cast to the feature dtype on use
@@ -78,18 +78,18 @@ class S2Grid(nn.Module):
         """[Z, K, C] -> from_grid(SiLU(to_grid(x))) [Z, K, C].  On CUDA in bf16/fp16 the fused kernel
         (fused_s2_activation.py) computes it without writing the [Z, G, C] grid; else two einsums."""
         if kernel_available(x):
-            return s2_silu(x, self.to_grid_mat.to(x.dtype), self.from_grid_mat.to(x.dtype), self.two_row_blocks)
+            return s2_silu(x, self.to_grid_mat.to(x.dtype), self.from_grid_mat.to(x.dtype), self.kernel_form)
         return self.from_grid(nn.functional.silu(self.to_grid(x)))
 
 
-def node_grid(lmax: int, resolution: int | None, two_row_blocks: bool = False) -> S2Grid:
+def node_grid(lmax: int, resolution: int | None, kernel_form: str = "rows") -> S2Grid:
     """Grid for full node features in l-primary order."""
-    return S2Grid(lmax, lmax, resolution, torch.arange((lmax + 1) ** 2), two_row_blocks)
+    return S2Grid(lmax, lmax, resolution, torch.arange((lmax + 1) ** 2), kernel_form)
 
 
-def edge_grid(layout: CoefficientLayout, resolution: int | None, two_row_blocks: bool = False) -> S2Grid:
+def edge_grid(layout: CoefficientLayout, resolution: int | None, kernel_form: str = "rows") -> S2Grid:
     """Grid for rotated edge features in the layout's m-primary order."""
-    return S2Grid(layout.lmax, layout.mmax, resolution, layout.reduced_to_full, two_row_blocks)
+    return S2Grid(layout.lmax, layout.mmax, resolution, layout.reduced_to_full, kernel_form)
 
 
 class S2Activation(nn.Module):

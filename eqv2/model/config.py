@@ -64,9 +64,10 @@ class ModelConfig:
     # the attention's and edge-degree embedding's rotations fused with their gather and scatter (Triton,
     # fused_rotation.py; CUDA bf16/fp16 only, elsewhere the stock operations)
     fused_rotation: bool = False
-    # the fused S2 activation kernels cover the coefficients in two power-of-two row blocks where that is
-    # fewer rows than one (K = 37 as 32 + 16, not 64; fused_s2_activation.py; CUDA bf16/fp16 only)
-    s2_two_row_blocks: bool = False
+    # the fused S2 activation kernels' form (fused_s2_activation.py; CUDA bf16/fp16 only): tiles with a
+    # coefficient per row ("rows") or a (structure, channel) column per row ("columns"), the coefficients
+    # in one power-of-two block or "-split" in two where that is fewer (K = 37 as 32 + 16, not 64)
+    s2_kernel_form: Literal["rows", "rows-split", "columns", "columns-split"] = "rows"
 
     def __post_init__(self) -> None:
         if not 0 <= self.mmax <= self.lmax:

@@ -11,7 +11,9 @@ memory.  The backward kernel recomputes pre and forms dx = T^T (SiLU'(pre) * (F 
 on tensor cores with bf16/fp16 inputs and float32 accumulation (float32 inputs: float32 products);
 SiLU and its derivative are evaluated in float32.  The tile sizes and warp count are autotuned on the
 GPU per (K, C) at the first call (TUNING); on the H200 the untuned 64 x 64 tiles ran the 153M
-attention's activation at about 94 TFLOP/s, a tenth of the chip's bf16 rate.
+attention's activation at about 94 TFLOP/s, a tenth of the chip's bf16 rate.  Four forms
+(`model.s2_kernel_form`) compute the same: tiles with a coefficient per row or a column per row, and
+the coefficients in one power-of-two block or split in two; "rows" is the default until measured.
 
 Registered as the custom ops `eqv2::s2_silu` / `eqv2::s2_silu_backward`, so torch.compile treats
 them as opaque calls and autograd sees one node.  The einsum path in activation.py is the reference
@@ -50,15 +52,26 @@ if triton is not None:
         return offs, mask
 
     @triton.jit
+    def _cols(pid, Z, K: tl.constexpr, C: tl.constexpr, K0: tl.constexpr, KR: tl.constexpr, BN: tl.constexpr):
+        """`_rows` transposed: offsets [BN, KR] and mask, a (z, c) column per row."""
+        col = pid.to(tl.int64) * BN + tl.arange(0, BN)
+        z = col // C
+        c = col % C
+        k = K0 + tl.arange(0, KR)
+        offs = z[:, None] * (K * C) + k[None, :] * C + c[:, None]
+        mask = (k[None, :] < K) & (z[:, None] < Z)
+        return offs, mask
+
+    @triton.jit
     def _grid_rows(ptr, g, G, K: tl.constexpr, K0: tl.constexpr, KR: tl.constexpr):
         """Columns K0 .. K0+KR-1 of rows g of a [G, K] grid matrix: [BG, KR], zero outside."""
         k = K0 + tl.arange(0, KR)
         return tl.load(ptr + g[:, None] * K + k[None, :], mask=(g[:, None] < G) & (k[None, :] < K), other=0.0)
 
-    # The K coefficients are covered by one row block of KA >= K rows (KB = 0), or by two of power-of-two
+    # The K coefficients are covered by one block of KA >= K rows (KB = 0), or split in two of power-of-two
     # sizes KA + KB >= K: K = 37 (L_max 6, M_max 3 edge features) as 32 + 16 rows instead of 64, a
-    # quarter less tensor-core work, but in smaller products.  One block is the default until the two
-    # are measured against each other on a GPU (`model.s2_two_row_blocks`).
+    # quarter less tensor-core work, but in smaller products.  One block of row tiles is the default
+    # until the forms are measured against each other on a GPU (`model.s2_kernel_form`).
     @triton.jit
     def _s2_silu_fwd(x_ptr, t_ptr, f_ptr, y_ptr, Z, G, K: tl.constexpr, C: tl.constexpr, KA: tl.constexpr,
                      KB: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr):
@@ -116,13 +129,85 @@ if triton is not None:
         if KB > 0:
             tl.store(dx_ptr + offs_b, acc_b.to(dx_ptr.dtype.element_ty), mask=mask_b)
 
+    # Column tiles: the same computation on transposed tiles [BN, K*] (a (z, c) column per row), so that
+    # every product has the BN columns as its M dimension (64 or 128: Hopper's warp-group products need
+    # M >= 64) and the coefficient blocks only as K or N (>= 16 suffices), where the row tiles above give
+    # the output product M = KA, and M = 16 or 32 with split coefficients.
+    @triton.jit
+    def _s2_silu_fwd_cols(x_ptr, t_ptr, f_ptr, y_ptr, Z, G, K: tl.constexpr, C: tl.constexpr, KA: tl.constexpr,
+                          KB: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr):
+        pid = tl.program_id(0)
+        offs_a, mask_a = _cols(pid, Z, K, C, 0, KA, BN)  # [BN, KA]
+        x_a = tl.load(x_ptr + offs_a, mask=mask_a, other=0.0)
+        acc_a = tl.zeros((BN, KA), dtype=tl.float32)
+        if KB > 0:
+            offs_b, mask_b = _cols(pid, Z, K, C, KA, KB, BN)  # [BN, KB]
+            x_b = tl.load(x_ptr + offs_b, mask=mask_b, other=0.0)
+            acc_b = tl.zeros((BN, KB), dtype=tl.float32)
+        for g0 in range(0, G, BG):
+            g = g0 + tl.arange(0, BG)
+            t_a, f_a = _grid_rows(t_ptr, g, G, K, 0, KA), _grid_rows(f_ptr, g, G, K, 0, KA)  # [BG, KA]
+            pre = tl.dot(x_a, tl.trans(t_a))  # [BN, BG] grid values, float32
+            if KB > 0:
+                t_b, f_b = _grid_rows(t_ptr, g, G, K, KA, KB), _grid_rows(f_ptr, g, G, K, KA, KB)  # [BG, KB]
+                pre += tl.dot(x_b, tl.trans(t_b))
+            act = (pre * tl.sigmoid(pre)).to(t_a.dtype)
+            acc_a += tl.dot(act, f_a)  # [BN, KA]
+            if KB > 0:
+                acc_b += tl.dot(act, f_b)  # [BN, KB]
+        tl.store(y_ptr + offs_a, acc_a.to(y_ptr.dtype.element_ty), mask=mask_a)
+        if KB > 0:
+            tl.store(y_ptr + offs_b, acc_b.to(y_ptr.dtype.element_ty), mask=mask_b)
 
-def row_blocks(k: int, two_blocks: bool) -> tuple[int, int]:
-    """(KA, KB) covering k coefficients: one power-of-two block (KB = 0), or with `two_blocks` two of them
+    @triton.jit
+    def _s2_silu_bwd_cols(x_ptr, dy_ptr, t_ptr, f_ptr, dx_ptr, Z, G, K: tl.constexpr, C: tl.constexpr,
+                          KA: tl.constexpr, KB: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr):
+        pid = tl.program_id(0)
+        offs_a, mask_a = _cols(pid, Z, K, C, 0, KA, BN)  # [BN, KA]
+        x_a = tl.load(x_ptr + offs_a, mask=mask_a, other=0.0)
+        dy_a = tl.load(dy_ptr + offs_a, mask=mask_a, other=0.0)
+        acc_a = tl.zeros((BN, KA), dtype=tl.float32)
+        if KB > 0:
+            offs_b, mask_b = _cols(pid, Z, K, C, KA, KB, BN)  # [BN, KB]
+            x_b = tl.load(x_ptr + offs_b, mask=mask_b, other=0.0)
+            dy_b = tl.load(dy_ptr + offs_b, mask=mask_b, other=0.0)
+            acc_b = tl.zeros((BN, KB), dtype=tl.float32)
+        for g0 in range(0, G, BG):
+            g = g0 + tl.arange(0, BG)
+            t_a, f_a = _grid_rows(t_ptr, g, G, K, 0, KA), _grid_rows(f_ptr, g, G, K, 0, KA)  # [BG, KA]
+            pre = tl.dot(x_a, tl.trans(t_a))  # recomputed grid values [BN, BG]
+            d_act = tl.dot(dy_a, tl.trans(f_a))  # gradient on the grid [BN, BG]
+            if KB > 0:
+                t_b, f_b = _grid_rows(t_ptr, g, G, K, KA, KB), _grid_rows(f_ptr, g, G, K, KA, KB)
+                pre += tl.dot(x_b, tl.trans(t_b))
+                d_act += tl.dot(dy_b, tl.trans(f_b))
+            s = tl.sigmoid(pre)
+            d_pre = (d_act * s * (1.0 + pre * (1.0 - s))).to(t_a.dtype)
+            acc_a += tl.dot(d_pre, t_a)  # [BN, KA]
+            if KB > 0:
+                acc_b += tl.dot(d_pre, t_b)
+        tl.store(dx_ptr + offs_a, acc_a.to(dx_ptr.dtype.element_ty), mask=mask_a)
+        if KB > 0:
+            tl.store(dx_ptr + offs_b, acc_b.to(dx_ptr.dtype.element_ty), mask=mask_b)
+
+
+# kernel forms (model.s2_kernel_form): tile orientation, and the coefficients in one block or split in two
+FORMS = ("rows", "rows-split", "columns", "columns-split")
+
+
+def kernels(form: str):
+    """(forward, backward) kernels of `form`."""
+    if form not in FORMS:
+        raise ValueError(f"s2 kernel form {form!r}: expected one of {FORMS}")
+    return (_s2_silu_fwd, _s2_silu_bwd) if form.startswith("rows") else (_s2_silu_fwd_cols, _s2_silu_bwd_cols)
+
+
+def coefficient_blocks(k: int, split: bool) -> tuple[int, int]:
+    """(KA, KB) covering k coefficients: one power-of-two block (KB = 0), or with `split` two of them
     (each >= 16, the tensor-core minimum) where they need fewer rows than one."""
     one = max(16, triton.next_power_of_2(k))
     ka = max(16, triton.next_power_of_2(k) // 2)
-    if not two_blocks or ka >= k:
+    if not split or ka >= k:
         return one, 0
     kb = max(16, triton.next_power_of_2(k - ka))
     return (ka, kb) if ka + kb < one else (one, 0)
@@ -151,14 +236,14 @@ def _autotuned(kernel):
 
 
 def _launch(kernel, tensors: list[torch.Tensor], out: torch.Tensor, to_grid: torch.Tensor,
-            config: dict | None = None, two_blocks: bool = False) -> torch.Tensor:
+            config: dict | None = None, split: bool = False) -> torch.Tensor:
     """Run `kernel` into `out` [Z, K, C]: autotuned on a GPU, or with one `config` of TUNING (the
-    interpreter uses the first unless told); the coefficients in one row block or two (`row_blocks`)."""
+    interpreter uses the first unless told); the coefficients in one block or two (`coefficient_blocks`)."""
     z, k, c = out.shape
     if z == 0:
         return out
     g = to_grid.shape[0]
-    ka, kb = row_blocks(k, two_blocks)
+    ka, kb = coefficient_blocks(k, split)
     if config is None and not _interpreted():
         _autotuned(kernel)[lambda meta: (triton.cdiv(z * c, meta["BN"]),)](*tensors, out, z, g, K=k, C=c, KA=ka, KB=kb)
         return out
@@ -179,44 +264,46 @@ def _check(x: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor) -> N
 
 
 @torch.library.custom_op("eqv2::s2_silu", mutates_args=())
-def s2_silu(x: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor, two_row_blocks: bool = False) -> torch.Tensor:
-    """x [Z, K, C], to_grid and from_grid [G, K] (same dtype) -> F^T SiLU(T x) [Z, K, C]; the
-    coefficients in one row block or two (`row_blocks`)."""
+def s2_silu(x: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor, form: str = "rows") -> torch.Tensor:
+    """x [Z, K, C], to_grid and from_grid [G, K] (same dtype) -> F^T SiLU(T x) [Z, K, C], by the kernels
+    of `form` (FORMS)."""
     _check(x, to_grid, from_grid)
     x, to_grid, from_grid = x.contiguous(), to_grid.contiguous(), from_grid.contiguous()
-    return _launch(_s2_silu_fwd, [x, to_grid, from_grid], torch.empty_like(x), to_grid, None, two_row_blocks)
+    forward, _ = kernels(form)
+    return _launch(forward, [x, to_grid, from_grid], torch.empty_like(x), to_grid, None, form.endswith("split"))
 
 
 @s2_silu.register_fake
-def _(x, to_grid, from_grid, two_row_blocks=False):
+def _(x, to_grid, from_grid, form="rows"):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("eqv2::s2_silu_backward", mutates_args=())
 def s2_silu_backward(grad: torch.Tensor, x: torch.Tensor, to_grid: torch.Tensor,
-                     from_grid: torch.Tensor, two_row_blocks: bool = False) -> torch.Tensor:
+                     from_grid: torch.Tensor, form: str = "rows") -> torch.Tensor:
     """Gradient of `s2_silu` with respect to x."""
     _check(x, to_grid, from_grid)
     grad, x = grad.contiguous().to(x.dtype), x.contiguous()
     to_grid, from_grid = to_grid.contiguous(), from_grid.contiguous()
-    return _launch(_s2_silu_bwd, [x, grad, to_grid, from_grid], torch.empty_like(x), to_grid, None, two_row_blocks)
+    _, backward = kernels(form)
+    return _launch(backward, [x, grad, to_grid, from_grid], torch.empty_like(x), to_grid, None, form.endswith("split"))
 
 
 @s2_silu_backward.register_fake
-def _(grad, x, to_grid, from_grid, two_row_blocks=False):
+def _(grad, x, to_grid, from_grid, form="rows"):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    x, to_grid, from_grid, two_row_blocks = inputs
+    x, to_grid, from_grid, form = inputs
     ctx.save_for_backward(x, to_grid, from_grid)
-    ctx.two_row_blocks = two_row_blocks
+    ctx.form = form
 
 
 def _backward(ctx, grad):
     x, to_grid, from_grid = ctx.saved_tensors
     # the grid matrices are constants
-    return s2_silu_backward(grad, x, to_grid, from_grid, ctx.two_row_blocks), None, None, None
+    return s2_silu_backward(grad, x, to_grid, from_grid, ctx.form), None, None, None
 
 
 s2_silu.register_autograd(_backward, setup_context=_setup_context)

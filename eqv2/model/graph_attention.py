@@ -100,7 +100,7 @@ class EquivariantGraphAttention(nn.Module):
             self.act = SeparableS2Activation()
         else:
             self.act = S2Activation()
-        self.grid = edge_grid(self.layout, cfg.grid_resolution, cfg.s2_two_row_blocks) if cfg.activation != "gate" else None
+        self.grid = edge_grid(self.layout, cfg.grid_resolution, cfg.s2_kernel_form) if cfg.activation != "gate" else None
         self.so2_conv_2 = SO2Convolution(hidden, self.num_heads * self.value_channels, self.layout, None)
         self.proj = SO3Linear(self.num_heads * self.value_channels, output_channels, cfg.lmax)
 

@@ -37,9 +37,9 @@ INTERPRETED = textwrap.dedent("""
     for grid in grids:
         to_mat, from_mat = grid.to_grid_mat.double(), grid.from_grid_mat.double()
         # Z*C below, at and above the 64-column tile; C not a power of two
-        for (z, c), two in zip([(1, 8), (5, 24), (3, 64), (7, 20)], [False, True, False, True]):
+        for (z, c), form in zip([(1, 8), (5, 24), (3, 64), (7, 20)], ["rows", "rows-split", "columns", "columns-split"]):
             x = torch.randn(z, to_mat.shape[1], c, dtype=torch.float64, requires_grad=True)
-            y = s2_silu(x, to_mat, from_mat, two)
+            y = s2_silu(x, to_mat, from_mat, form)
             ref = torch.einsum("gk,zgc->zkc", from_mat, torch.nn.functional.silu(torch.einsum("gk,zkc->zgc", to_mat, x)))
             dy = torch.randn_like(y)
             (g,) = torch.autograd.grad(y, x, dy)
@@ -48,10 +48,13 @@ INTERPRETED = textwrap.dedent("""
                         float((g - g_ref).abs().max() / g_ref.abs().max()))
     # every tile setting the GPU autotuner may pick, forward and backward kernels; K = 37 in one row
     # block of 64 and in two of 32 + 16
-    from eqv2.model.fused_s2_activation import TUNING, _launch, _s2_silu_bwd, _s2_silu_fwd, row_blocks
-    assert row_blocks(37, False) == (64, 0) and row_blocks(37, True) == (32, 16) and row_blocks(29, True) == (32, 0)
+    from eqv2.model.fused_s2_activation import FORMS, TUNING, _launch, coefficient_blocks, kernels
+    assert coefficient_blocks(37, False) == (64, 0) and coefficient_blocks(37, True) == (32, 16)
+    assert coefficient_blocks(29, True) == (32, 0)
     to_mat, from_mat = grids[0].to_grid_mat.double(), grids[0].from_grid_mat.double()
-    for config, two_blocks in [(tune, False) for tune in TUNING] + [(tune, True) for tune in TUNING]:
+    for config, form in [(tune, form) for tune in TUNING for form in FORMS]:
+        forward, backward = kernels(form)
+        split = form.endswith("split")
         for z, c in [(3, 24), (5, 64)]:
             x, dy = torch.randn(2, z, to_mat.shape[1], c, dtype=torch.float64)
             pre = torch.einsum("gk,zkc->zgc", to_mat, x)
@@ -59,8 +62,8 @@ INTERPRETED = textwrap.dedent("""
             s = torch.sigmoid(pre)
             d_pre = torch.einsum("gk,zkc->zgc", from_mat, dy) * s * (1 + pre * (1 - s))
             g_ref = torch.einsum("gk,zgc->zkc", to_mat, d_pre)
-            y = _launch(_s2_silu_fwd, [x, to_mat, from_mat], torch.empty_like(x), to_mat, config, two_blocks)
-            g = _launch(_s2_silu_bwd, [x, dy, to_mat, from_mat], torch.empty_like(x), to_mat, config, two_blocks)
+            y = _launch(forward, [x, to_mat, from_mat], torch.empty_like(x), to_mat, config, split)
+            g = _launch(backward, [x, dy, to_mat, from_mat], torch.empty_like(x), to_mat, config, split)
             worst = max(worst, float((y - ref).abs().max() / ref.abs().max()),
                         float((g - g_ref).abs().max() / g_ref.abs().max()))
     empty = s2_silu(torch.zeros(0, to_mat.shape[1], 4, dtype=torch.float64), to_mat, from_mat)
@@ -200,11 +203,11 @@ def test_fused_s2_op_flops_are_counted_like_the_einsum_path():
         with FlopCounterMode(display=False) as reference:
             pre = torch.einsum("gk,zkc->zgc", to_grid, x)
             torch.einsum("gk,zgc->zkc", from_grid, torch.nn.functional.silu(pre)).sum().backward()
-        with FlopCounterMode(display=False) as two_blocks:  # the same model work in two row blocks
-            s2_silu(x, to_grid, from_grid, True).sum().backward()
+        with FlopCounterMode(display=False) as other_form:  # the same model work in another kernel form
+            s2_silu(x, to_grid, from_grid, "columns-split").sum().backward()
     # model FLOPs: 2 products forward, 2 backward (the kernel's recomputation is not counted)
     assert fused.get_total_flops() == reference.get_total_flops() == 4 * 2 * z * g * k * c
-    assert two_blocks.get_total_flops() == fused.get_total_flops()
+    assert other_form.get_total_flops() == fused.get_total_flops()
 
 
 def _loss(out):

@@ -93,9 +93,9 @@ def test_fused_s2_kernel_bf16_matches_einsum():
 @pytest.mark.parametrize("lmax,mmax,full", [(6, 2, False), (6, 3, False), (6, 6, True), (4, 2, False)])
 def test_every_s2_kernel_tile_setting_matches_einsum(lmax, mmax, full):
     """Each setting the autotuner may pick, launched explicitly at the models' coefficient counts
-    (K 29, 37, 49, 19) and channel widths 64 and 128, forward and backward, in one row block and in two."""
+    (K 29, 37, 49, 19) and channel widths 64 and 128, forward and backward, in every kernel form."""
     from eqv2.model.activation import edge_grid, node_grid
-    from eqv2.model.fused_s2_activation import TUNING, _launch, _s2_silu_bwd, _s2_silu_fwd
+    from eqv2.model.fused_s2_activation import FORMS, TUNING, _launch, kernels
     from eqv2.model.so3 import CoefficientLayout
 
     grid = (node_grid(lmax, 18) if full else edge_grid(CoefficientLayout(lmax, mmax), 18)).cuda()
@@ -107,11 +107,13 @@ def test_every_s2_kernel_tile_setting_matches_einsum(lmax, mmax, full):
         ref = torch.einsum("gk,zgc->zkc", f, torch.nn.functional.silu(torch.einsum("gk,zkc->zgc", t, ref_x)))
         (ref_grad,) = torch.autograd.grad(ref, ref_x, dy)
         xb, tb, fb = x.bfloat16(), t.bfloat16(), f.bfloat16()
-        for config, two_blocks in [(tune, False) for tune in TUNING] + [(tune, True) for tune in TUNING]:
-            out = _launch(_s2_silu_fwd, [xb, tb, fb], torch.empty_like(xb), tb, config, two_blocks)
-            grad = _launch(_s2_silu_bwd, [xb, dy.bfloat16(), tb, fb], torch.empty_like(xb), tb, config, two_blocks)
+        for config, form in [(tune, form) for tune in TUNING for form in FORMS]:
+            forward, backward = kernels(form)
+            split = form.endswith("split")
+            out = _launch(forward, [xb, tb, fb], torch.empty_like(xb), tb, config, split)
+            grad = _launch(backward, [xb, dy.bfloat16(), tb, fb], torch.empty_like(xb), tb, config, split)
             torch.cuda.synchronize()
-            assert _rel(out, ref) < 1e-2 and _rel(grad, ref_grad) < 1e-2, (config, two_blocks, channels, _rel(out, ref))
+            assert _rel(out, ref) < 1e-2 and _rel(grad, ref_grad) < 1e-2, (config, form, channels, _rel(out, ref))
 
 
 def test_fused_rotation_kernels_bf16_match_the_stock_operations():
@@ -152,12 +154,13 @@ def _grads(model) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
-@pytest.mark.parametrize("fused_input_grad, rotation_align, fused_rotation, indexed_radial, two_row_blocks",
-                         [(False, 1, False, False, False), (True, 8, False, False, False), (True, 8, True, False, False),
-                          (True, 8, True, True, False), (True, 8, True, True, True)])
+@pytest.mark.parametrize("fused_input_grad, rotation_align, fused_rotation, indexed_radial, s2_form",
+                         [(False, 1, False, False, "rows"), (True, 8, False, False, "rows"), (True, 8, True, False, "rows"),
+                          (True, 8, True, True, "rows"), (True, 8, True, True, "rows-split"),
+                          (True, 8, True, True, "columns"), (True, 8, True, True, "columns-split")])
 def test_compiled_bf16_fast_path_matches_eager_reference_and_is_equivariant(fused_input_grad, rotation_align,
                                                                               fused_rotation, indexed_radial,
-                                                                              two_row_blocks):
+                                                                              s2_form):
     """Same weights: the fast path (compiled, fused S2 kernel, bf16; with and without the SO(2) input
     gradient op, row-aligned Wigner matrices and the fused rotation kernels) is as close to the float32 eager reference as bf16
     eager autocast is, for energies, forces and every gradient; and its rotation error is no larger
@@ -172,7 +175,7 @@ def test_compiled_bf16_fast_path_matches_eager_reference_and_is_equivariant(fuse
                                              "rotation_align": rotation_align,
                                              "fused_rotation": fused_rotation,
                                              "so2_indexed_radial": indexed_radial,
-                                             "s2_two_row_blocks": two_row_blocks})).cuda().train()
+                                             "s2_kernel_form": s2_form})).cuda().train()
     fast_model.load_state_dict(ref_model.state_dict())
     apply_compile(fast_model, CompileConfig(enabled=True))
     results = {}
