@@ -40,26 +40,20 @@ def kernel_available(x: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _rows(pid, Z, K: tl.constexpr, C: tl.constexpr, K0: tl.constexpr, KR: tl.constexpr, BN: tl.constexpr):
-        """Offsets [KR, BN] and mask of a tile: rows are the coefficients K0 .. K0+KR-1 (those < K),
-        columns the (z, c) pairs pid*BN .. pid*BN+BN-1 of the [Z, K, C] tensor."""
+    def _tile(pid, Z, K: tl.constexpr, C: tl.constexpr, K0: tl.constexpr, KR: tl.constexpr, BN: tl.constexpr,
+              COLS: tl.constexpr):
+        """Offsets and mask of a tile of the [Z, K, C] tensor: the coefficients K0 .. K0+KR-1 (those < K)
+        by the (z, c) pairs pid*BN .. pid*BN+BN-1; [KR, BN] (a coefficient per row), or [BN, KR] with COLS."""
         col = pid.to(tl.int64) * BN + tl.arange(0, BN)
         z = col // C
         c = col % C
         k = K0 + tl.arange(0, KR)
-        offs = z[None, :] * (K * C) + k[:, None] * C + c[None, :]
-        mask = (k[:, None] < K) & (z[None, :] < Z)
-        return offs, mask
-
-    @triton.jit
-    def _cols(pid, Z, K: tl.constexpr, C: tl.constexpr, K0: tl.constexpr, KR: tl.constexpr, BN: tl.constexpr):
-        """`_rows` transposed: offsets [BN, KR] and mask, a (z, c) column per row."""
-        col = pid.to(tl.int64) * BN + tl.arange(0, BN)
-        z = col // C
-        c = col % C
-        k = K0 + tl.arange(0, KR)
-        offs = z[:, None] * (K * C) + k[None, :] * C + c[:, None]
-        mask = (k[None, :] < K) & (z[:, None] < Z)
+        if COLS:
+            offs = z[:, None] * (K * C) + k[None, :] * C + c[:, None]
+            mask = (k[None, :] < K) & (z[:, None] < Z)
+        else:
+            offs = z[None, :] * (K * C) + k[:, None] * C + c[None, :]
+            mask = (k[:, None] < K) & (z[None, :] < Z)
         return offs, mask
 
     @triton.jit
@@ -68,124 +62,84 @@ if triton is not None:
         k = K0 + tl.arange(0, KR)
         return tl.load(ptr + g[:, None] * K + k[None, :], mask=(g[:, None] < G) & (k[None, :] < K), other=0.0)
 
+    @triton.jit
+    def _on_grid(m, v, COLS: tl.constexpr):
+        """m [BG, KR] applied to a coefficient tile v: [BG, BN] from v [KR, BN], or [BN, BG] from [BN, KR]."""
+        if COLS:
+            out = tl.dot(v, tl.trans(m))
+        else:
+            out = tl.dot(m, v)
+        return out
+
+    @triton.jit
+    def _off_grid(m, a, COLS: tl.constexpr):
+        """m^T [KR, BG] applied to a grid tile a: [KR, BN] from a [BG, BN], or [BN, KR] from [BN, BG]."""
+        if COLS:
+            out = tl.dot(a, m)
+        else:
+            out = tl.dot(tl.trans(m), a)
+        return out
+
     # The K coefficients are covered by one block of KA >= K rows (KB = 0), or split in two of power-of-two
     # sizes KA + KB >= K: K = 37 (L_max 6, M_max 3 edge features) as 32 + 16 rows instead of 64, a
-    # quarter less tensor-core work, but in smaller products.  One block of row tiles is the default
-    # until the forms are measured against each other on a GPU (`model.s2_kernel_form`).
+    # quarter less tensor-core work, but in smaller products.  COLS: the same computation on transposed
+    # tiles [BN, K*] (a (z, c) column per row), so that every product has the BN columns as its M
+    # dimension (64 or 128: Hopper's warp-group products need M >= 64) and the coefficient blocks only as
+    # K or N (>= 16 suffices); the row tiles give the output product M = KA (16 or 32 when split).  One
+    # block of row tiles is the default until the forms are measured on a GPU (`model.s2_kernel_form`).
     @triton.jit
     def _s2_silu_fwd(x_ptr, t_ptr, f_ptr, y_ptr, Z, G, K: tl.constexpr, C: tl.constexpr, KA: tl.constexpr,
-                     KB: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr):
+                     KB: tl.constexpr, COLS: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr):
         pid = tl.program_id(0)
-        offs_a, mask_a = _rows(pid, Z, K, C, 0, KA, BN)
-        x_a = tl.load(x_ptr + offs_a, mask=mask_a, other=0.0)  # [KA, BN]
-        acc_a = tl.zeros((KA, BN), dtype=tl.float32)
+        offs_a, mask_a = _tile(pid, Z, K, C, 0, KA, BN, COLS)
+        x_a = tl.load(x_ptr + offs_a, mask=mask_a, other=0.0)  # [KA, BN] ([BN, KA] with COLS)
+        acc_a = tl.zeros(x_a.shape, dtype=tl.float32)
         if KB > 0:
-            offs_b, mask_b = _rows(pid, Z, K, C, KA, KB, BN)
+            offs_b, mask_b = _tile(pid, Z, K, C, KA, KB, BN, COLS)
             x_b = tl.load(x_ptr + offs_b, mask=mask_b, other=0.0)  # [KB, BN]
-            acc_b = tl.zeros((KB, BN), dtype=tl.float32)
+            acc_b = tl.zeros(x_b.shape, dtype=tl.float32)
         for g0 in range(0, G, BG):
             g = g0 + tl.arange(0, BG)
             t_a, f_a = _grid_rows(t_ptr, g, G, K, 0, KA), _grid_rows(f_ptr, g, G, K, 0, KA)  # [BG, KA]
-            pre = tl.dot(t_a, x_a)  # [BG, BN] grid values, float32
+            pre = _on_grid(t_a, x_a, COLS)  # grid values, float32
             if KB > 0:
                 t_b, f_b = _grid_rows(t_ptr, g, G, K, KA, KB), _grid_rows(f_ptr, g, G, K, KA, KB)  # [BG, KB]
-                pre += tl.dot(t_b, x_b)
+                pre += _on_grid(t_b, x_b, COLS)
             act = (pre * tl.sigmoid(pre)).to(t_a.dtype)
-            acc_a += tl.dot(tl.trans(f_a), act)  # [KA, BN]
+            acc_a += _off_grid(f_a, act, COLS)
             if KB > 0:
-                acc_b += tl.dot(tl.trans(f_b), act)  # [KB, BN]
+                acc_b += _off_grid(f_b, act, COLS)
         tl.store(y_ptr + offs_a, acc_a.to(y_ptr.dtype.element_ty), mask=mask_a)
         if KB > 0:
             tl.store(y_ptr + offs_b, acc_b.to(y_ptr.dtype.element_ty), mask=mask_b)
 
     @triton.jit
     def _s2_silu_bwd(x_ptr, dy_ptr, t_ptr, f_ptr, dx_ptr, Z, G, K: tl.constexpr, C: tl.constexpr,
-                     KA: tl.constexpr, KB: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr):
+                     KA: tl.constexpr, KB: tl.constexpr, COLS: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr):
         pid = tl.program_id(0)
-        offs_a, mask_a = _rows(pid, Z, K, C, 0, KA, BN)
+        offs_a, mask_a = _tile(pid, Z, K, C, 0, KA, BN, COLS)
         x_a = tl.load(x_ptr + offs_a, mask=mask_a, other=0.0)
         dy_a = tl.load(dy_ptr + offs_a, mask=mask_a, other=0.0)
-        acc_a = tl.zeros((KA, BN), dtype=tl.float32)
+        acc_a = tl.zeros(x_a.shape, dtype=tl.float32)
         if KB > 0:
-            offs_b, mask_b = _rows(pid, Z, K, C, KA, KB, BN)
+            offs_b, mask_b = _tile(pid, Z, K, C, KA, KB, BN, COLS)
             x_b = tl.load(x_ptr + offs_b, mask=mask_b, other=0.0)
             dy_b = tl.load(dy_ptr + offs_b, mask=mask_b, other=0.0)
-            acc_b = tl.zeros((KB, BN), dtype=tl.float32)
+            acc_b = tl.zeros(x_b.shape, dtype=tl.float32)
         for g0 in range(0, G, BG):
             g = g0 + tl.arange(0, BG)
             t_a, f_a = _grid_rows(t_ptr, g, G, K, 0, KA), _grid_rows(f_ptr, g, G, K, 0, KA)
-            pre = tl.dot(t_a, x_a)  # recomputed grid values [BG, BN]
-            d_act = tl.dot(f_a, dy_a)  # gradient on the grid [BG, BN]
+            pre = _on_grid(t_a, x_a, COLS)  # recomputed grid values
+            d_act = _on_grid(f_a, dy_a, COLS)  # gradient on the grid
             if KB > 0:
                 t_b, f_b = _grid_rows(t_ptr, g, G, K, KA, KB), _grid_rows(f_ptr, g, G, K, KA, KB)
-                pre += tl.dot(t_b, x_b)
-                d_act += tl.dot(f_b, dy_b)
+                pre += _on_grid(t_b, x_b, COLS)
+                d_act += _on_grid(f_b, dy_b, COLS)
             s = tl.sigmoid(pre)
             d_pre = (d_act * s * (1.0 + pre * (1.0 - s))).to(t_a.dtype)
-            acc_a += tl.dot(tl.trans(t_a), d_pre)
+            acc_a += _off_grid(t_a, d_pre, COLS)
             if KB > 0:
-                acc_b += tl.dot(tl.trans(t_b), d_pre)
-        tl.store(dx_ptr + offs_a, acc_a.to(dx_ptr.dtype.element_ty), mask=mask_a)
-        if KB > 0:
-            tl.store(dx_ptr + offs_b, acc_b.to(dx_ptr.dtype.element_ty), mask=mask_b)
-
-    # Column tiles: the same computation on transposed tiles [BN, K*] (a (z, c) column per row), so that
-    # every product has the BN columns as its M dimension (64 or 128: Hopper's warp-group products need
-    # M >= 64) and the coefficient blocks only as K or N (>= 16 suffices), where the row tiles above give
-    # the output product M = KA, and M = 16 or 32 with split coefficients.
-    @triton.jit
-    def _s2_silu_fwd_cols(x_ptr, t_ptr, f_ptr, y_ptr, Z, G, K: tl.constexpr, C: tl.constexpr, KA: tl.constexpr,
-                          KB: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr):
-        pid = tl.program_id(0)
-        offs_a, mask_a = _cols(pid, Z, K, C, 0, KA, BN)  # [BN, KA]
-        x_a = tl.load(x_ptr + offs_a, mask=mask_a, other=0.0)
-        acc_a = tl.zeros((BN, KA), dtype=tl.float32)
-        if KB > 0:
-            offs_b, mask_b = _cols(pid, Z, K, C, KA, KB, BN)  # [BN, KB]
-            x_b = tl.load(x_ptr + offs_b, mask=mask_b, other=0.0)
-            acc_b = tl.zeros((BN, KB), dtype=tl.float32)
-        for g0 in range(0, G, BG):
-            g = g0 + tl.arange(0, BG)
-            t_a, f_a = _grid_rows(t_ptr, g, G, K, 0, KA), _grid_rows(f_ptr, g, G, K, 0, KA)  # [BG, KA]
-            pre = tl.dot(x_a, tl.trans(t_a))  # [BN, BG] grid values, float32
-            if KB > 0:
-                t_b, f_b = _grid_rows(t_ptr, g, G, K, KA, KB), _grid_rows(f_ptr, g, G, K, KA, KB)  # [BG, KB]
-                pre += tl.dot(x_b, tl.trans(t_b))
-            act = (pre * tl.sigmoid(pre)).to(t_a.dtype)
-            acc_a += tl.dot(act, f_a)  # [BN, KA]
-            if KB > 0:
-                acc_b += tl.dot(act, f_b)  # [BN, KB]
-        tl.store(y_ptr + offs_a, acc_a.to(y_ptr.dtype.element_ty), mask=mask_a)
-        if KB > 0:
-            tl.store(y_ptr + offs_b, acc_b.to(y_ptr.dtype.element_ty), mask=mask_b)
-
-    @triton.jit
-    def _s2_silu_bwd_cols(x_ptr, dy_ptr, t_ptr, f_ptr, dx_ptr, Z, G, K: tl.constexpr, C: tl.constexpr,
-                          KA: tl.constexpr, KB: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr):
-        pid = tl.program_id(0)
-        offs_a, mask_a = _cols(pid, Z, K, C, 0, KA, BN)  # [BN, KA]
-        x_a = tl.load(x_ptr + offs_a, mask=mask_a, other=0.0)
-        dy_a = tl.load(dy_ptr + offs_a, mask=mask_a, other=0.0)
-        acc_a = tl.zeros((BN, KA), dtype=tl.float32)
-        if KB > 0:
-            offs_b, mask_b = _cols(pid, Z, K, C, KA, KB, BN)  # [BN, KB]
-            x_b = tl.load(x_ptr + offs_b, mask=mask_b, other=0.0)
-            dy_b = tl.load(dy_ptr + offs_b, mask=mask_b, other=0.0)
-            acc_b = tl.zeros((BN, KB), dtype=tl.float32)
-        for g0 in range(0, G, BG):
-            g = g0 + tl.arange(0, BG)
-            t_a, f_a = _grid_rows(t_ptr, g, G, K, 0, KA), _grid_rows(f_ptr, g, G, K, 0, KA)  # [BG, KA]
-            pre = tl.dot(x_a, tl.trans(t_a))  # recomputed grid values [BN, BG]
-            d_act = tl.dot(dy_a, tl.trans(f_a))  # gradient on the grid [BN, BG]
-            if KB > 0:
-                t_b, f_b = _grid_rows(t_ptr, g, G, K, KA, KB), _grid_rows(f_ptr, g, G, K, KA, KB)
-                pre += tl.dot(x_b, tl.trans(t_b))
-                d_act += tl.dot(dy_b, tl.trans(f_b))
-            s = tl.sigmoid(pre)
-            d_pre = (d_act * s * (1.0 + pre * (1.0 - s))).to(t_a.dtype)
-            acc_a += tl.dot(d_pre, t_a)  # [BN, KA]
-            if KB > 0:
-                acc_b += tl.dot(d_pre, t_b)
+                acc_b += _off_grid(t_b, d_pre, COLS)
         tl.store(dx_ptr + offs_a, acc_a.to(dx_ptr.dtype.element_ty), mask=mask_a)
         if KB > 0:
             tl.store(dx_ptr + offs_b, acc_b.to(dx_ptr.dtype.element_ty), mask=mask_b)
@@ -193,13 +147,6 @@ if triton is not None:
 
 # kernel forms (model.s2_kernel_form): tile orientation, and the coefficients in one block or split in two
 FORMS = ("rows", "rows-split", "columns", "columns-split")
-
-
-def kernels(form: str):
-    """(forward, backward) kernels of `form`."""
-    if form not in FORMS:
-        raise ValueError(f"s2 kernel form {form!r}: expected one of {FORMS}")
-    return (_s2_silu_fwd, _s2_silu_bwd) if form.startswith("rows") else (_s2_silu_fwd_cols, _s2_silu_bwd_cols)
 
 
 def coefficient_blocks(k: int, split: bool) -> tuple[int, int]:
@@ -231,24 +178,27 @@ def _autotuned(kernel):
     (the feature count Z varies per batch and does not change the best tile); built on first use."""
     if kernel not in _tuned:
         configs = [triton.Config({"BN": t["BN"], "BG": t["BG"]}, num_warps=t["num_warps"], num_stages=3) for t in TUNING]
-        _tuned[kernel] = triton.autotune(configs=configs, key=["K", "C", "KA"])(kernel)
+        _tuned[kernel] = triton.autotune(configs=configs, key=["K", "C", "KA", "COLS"])(kernel)
     return _tuned[kernel]
 
 
 def _launch(kernel, tensors: list[torch.Tensor], out: torch.Tensor, to_grid: torch.Tensor,
-            config: dict | None = None, split: bool = False) -> torch.Tensor:
-    """Run `kernel` into `out` [Z, K, C]: autotuned on a GPU, or with one `config` of TUNING (the
-    interpreter uses the first unless told); the coefficients in one block or two (`coefficient_blocks`)."""
+            config: dict | None = None, form: str = "rows") -> torch.Tensor:
+    """Run `kernel` into `out` [Z, K, C] in `form` (FORMS): autotuned on a GPU, or with one `config` of
+    TUNING (the interpreter uses the first unless told)."""
+    if form not in FORMS:
+        raise ValueError(f"s2 kernel form {form!r}: expected one of {FORMS}")
     z, k, c = out.shape
     if z == 0:
         return out
     g = to_grid.shape[0]
-    ka, kb = coefficient_blocks(k, split)
+    ka, kb = coefficient_blocks(k, form.endswith("split"))
+    shape = dict(K=k, C=c, KA=ka, KB=kb, COLS=form.startswith("columns"))
     if config is None and not _interpreted():
-        _autotuned(kernel)[lambda meta: (triton.cdiv(z * c, meta["BN"]),)](*tensors, out, z, g, K=k, C=c, KA=ka, KB=kb)
+        _autotuned(kernel)[lambda meta: (triton.cdiv(z * c, meta["BN"]),)](*tensors, out, z, g, **shape)
         return out
     t = config or TUNING[0]
-    kernel[(triton.cdiv(z * c, t["BN"]),)](*tensors, out, z, g, K=k, C=c, KA=ka, KB=kb, BG=t["BG"], BN=t["BN"],
+    kernel[(triton.cdiv(z * c, t["BN"]),)](*tensors, out, z, g, **shape, BG=t["BG"], BN=t["BN"],
                                            num_warps=t["num_warps"])
     return out
 
@@ -269,8 +219,7 @@ def s2_silu(x: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor, for
     of `form` (FORMS)."""
     _check(x, to_grid, from_grid)
     x, to_grid, from_grid = x.contiguous(), to_grid.contiguous(), from_grid.contiguous()
-    forward, _ = kernels(form)
-    return _launch(forward, [x, to_grid, from_grid], torch.empty_like(x), to_grid, None, form.endswith("split"))
+    return _launch(_s2_silu_fwd, [x, to_grid, from_grid], torch.empty_like(x), to_grid, None, form)
 
 
 @s2_silu.register_fake
@@ -285,8 +234,7 @@ def s2_silu_backward(grad: torch.Tensor, x: torch.Tensor, to_grid: torch.Tensor,
     _check(x, to_grid, from_grid)
     grad, x = grad.contiguous().to(x.dtype), x.contiguous()
     to_grid, from_grid = to_grid.contiguous(), from_grid.contiguous()
-    _, backward = kernels(form)
-    return _launch(backward, [x, grad, to_grid, from_grid], torch.empty_like(x), to_grid, None, form.endswith("split"))
+    return _launch(_s2_silu_bwd, [x, grad, to_grid, from_grid], torch.empty_like(x), to_grid, None, form)
 
 
 @s2_silu_backward.register_fake

@@ -48,13 +48,11 @@ INTERPRETED = textwrap.dedent("""
                         float((g - g_ref).abs().max() / g_ref.abs().max()))
     # every tile setting the GPU autotuner may pick, forward and backward kernels; K = 37 in one row
     # block of 64 and in two of 32 + 16
-    from eqv2.model.fused_s2_activation import FORMS, TUNING, _launch, coefficient_blocks, kernels
+    from eqv2.model.fused_s2_activation import FORMS, TUNING, _launch, _s2_silu_bwd, _s2_silu_fwd, coefficient_blocks
     assert coefficient_blocks(37, False) == (64, 0) and coefficient_blocks(37, True) == (32, 16)
     assert coefficient_blocks(29, True) == (32, 0)
     to_mat, from_mat = grids[0].to_grid_mat.double(), grids[0].from_grid_mat.double()
     for config, form in [(tune, form) for tune in TUNING for form in FORMS]:
-        forward, backward = kernels(form)
-        split = form.endswith("split")
         for z, c in [(3, 24), (5, 64)]:
             x, dy = torch.randn(2, z, to_mat.shape[1], c, dtype=torch.float64)
             pre = torch.einsum("gk,zkc->zgc", to_mat, x)
@@ -62,8 +60,8 @@ INTERPRETED = textwrap.dedent("""
             s = torch.sigmoid(pre)
             d_pre = torch.einsum("gk,zkc->zgc", from_mat, dy) * s * (1 + pre * (1 - s))
             g_ref = torch.einsum("gk,zgc->zkc", to_mat, d_pre)
-            y = _launch(forward, [x, to_mat, from_mat], torch.empty_like(x), to_mat, config, split)
-            g = _launch(backward, [x, dy, to_mat, from_mat], torch.empty_like(x), to_mat, config, split)
+            y = _launch(_s2_silu_fwd, [x, to_mat, from_mat], torch.empty_like(x), to_mat, config, form)
+            g = _launch(_s2_silu_bwd, [x, dy, to_mat, from_mat], torch.empty_like(x), to_mat, config, form)
             worst = max(worst, float((y - ref).abs().max() / ref.abs().max()),
                         float((g - g_ref).abs().max() / g_ref.abs().max()))
     empty = s2_silu(torch.zeros(0, to_mat.shape[1], 4, dtype=torch.float64), to_mat, from_mat)

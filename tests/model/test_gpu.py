@@ -95,7 +95,7 @@ def test_every_s2_kernel_tile_setting_matches_einsum(lmax, mmax, full):
     """Each setting the autotuner may pick, launched explicitly at the models' coefficient counts
     (K 29, 37, 49, 19) and channel widths 64 and 128, forward and backward, in every kernel form."""
     from eqv2.model.activation import edge_grid, node_grid
-    from eqv2.model.fused_s2_activation import FORMS, TUNING, _launch, kernels
+    from eqv2.model.fused_s2_activation import FORMS, TUNING, _launch, _s2_silu_bwd, _s2_silu_fwd
     from eqv2.model.so3 import CoefficientLayout
 
     grid = (node_grid(lmax, 18) if full else edge_grid(CoefficientLayout(lmax, mmax), 18)).cuda()
@@ -108,10 +108,8 @@ def test_every_s2_kernel_tile_setting_matches_einsum(lmax, mmax, full):
         (ref_grad,) = torch.autograd.grad(ref, ref_x, dy)
         xb, tb, fb = x.bfloat16(), t.bfloat16(), f.bfloat16()
         for config, form in [(tune, form) for tune in TUNING for form in FORMS]:
-            forward, backward = kernels(form)
-            split = form.endswith("split")
-            out = _launch(forward, [xb, tb, fb], torch.empty_like(xb), tb, config, split)
-            grad = _launch(backward, [xb, dy.bfloat16(), tb, fb], torch.empty_like(xb), tb, config, split)
+            out = _launch(_s2_silu_fwd, [xb, tb, fb], torch.empty_like(xb), tb, config, form)
+            grad = _launch(_s2_silu_bwd, [xb, dy.bfloat16(), tb, fb], torch.empty_like(xb), tb, config, form)
             torch.cuda.synchronize()
             assert _rel(out, ref) < 1e-2 and _rel(grad, ref_grad) < 1e-2, (config, form, channels, _rel(out, ref))
 
