@@ -246,7 +246,7 @@ def main(argv=None) -> int:
                              "fused input grad; default: the config's)")
     parser.add_argument("--fused-rotation", choices=["on", "off"], default=None,
                         help="model.fused_rotation: the rotations fused with their gather and scatter (default: the config's)")
-    parser.add_argument("--s2-kernel-form", choices=["rows", "rows-split", "columns", "columns-split"], default=None,
+    parser.add_argument("--s2-kernel-form", choices=["rows", "columns"], default=None,
                         help="model.s2_kernel_form: the fused S2 kernels' tiles and coefficient blocks (default: the config's)")
     parser.add_argument("--rotation-align", type=int, default=None,
                         help="model.rotation_align: Wigner matrix rows padded to this many elements (default: the config's)")

@@ -65,9 +65,8 @@ class ModelConfig:
     # fused_rotation.py; CUDA bf16/fp16 only, elsewhere the stock operations)
     fused_rotation: bool = False
     # the fused S2 activation kernels' form (fused_s2_activation.py; CUDA bf16/fp16 only): tiles with a
-    # coefficient per row ("rows") or a (structure, channel) column per row ("columns"), the coefficients
-    # in one power-of-two block or "-split" in two where that is fewer (K = 37 as 32 + 16, not 64)
-    s2_kernel_form: Literal["rows", "rows-split", "columns", "columns-split"] = "rows"
+    # coefficient per row ("rows") or a (structure, channel) column per row ("columns", faster on the H200)
+    s2_kernel_form: Literal["rows", "columns"] = "columns"
 
     def __post_init__(self) -> None:
         if not 0 <= self.mmax <= self.lmax:

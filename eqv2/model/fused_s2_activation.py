@@ -11,9 +11,10 @@ memory.  The backward kernel recomputes pre and forms dx = T^T (SiLU'(pre) * (F 
 on tensor cores with bf16/fp16 inputs and float32 accumulation (float32 inputs: float32 products);
 SiLU and its derivative are evaluated in float32.  The tile sizes and warp count are autotuned on the
 GPU per (K, C) at the first call (TUNING); on the H200 the untuned 64 x 64 tiles ran the 153M
-attention's activation at about 94 TFLOP/s, a tenth of the chip's bf16 rate.  Four forms
-(`model.s2_kernel_form`) compute the same: tiles with a coefficient per row or a column per row, and
-the coefficients in one power-of-two block or split in two; "rows" is the default until measured.
+attention's activation at about 94 TFLOP/s, a tenth of the chip's bf16 rate.  Two forms
+(`model.s2_kernel_form`) compute the same: tiles with a coefficient per row ("rows") or a (structure,
+channel) column per row ("columns", the default: on the H200 its forward + backward took 766 us where
+the rows took 865 us, at the 153M attention's K = 37, C = 64, Z = 12288; BENCHMARKS.md, session 10).
 
 Registered as the custom ops `eqv2::s2_silu` / `eqv2::s2_silu_backward`, so torch.compile treats
 them as opaque calls and autograd sees one node.  The einsum path in activation.py is the reference
@@ -80,84 +81,49 @@ if triton is not None:
             out = tl.dot(tl.trans(m), a)
         return out
 
-    # The K coefficients are covered by one block of KA >= K rows (KB = 0), or split in two of power-of-two
-    # sizes KA + KB >= K: K = 37 (L_max 6, M_max 3 edge features) as 32 + 16 rows instead of 64, a
-    # quarter less tensor-core work, but in smaller products.  COLS: the same computation on transposed
-    # tiles [BN, K*] (a (z, c) column per row), so that every product has the BN columns as its M
-    # dimension (64 or 128: Hopper's warp-group products need M >= 64) and the coefficient blocks only as
-    # K or N (>= 16 suffices); the row tiles give the output product M = KA (16 or 32 when split).  One
-    # block of row tiles is the default until the forms are measured on a GPU (`model.s2_kernel_form`).
+    # The K coefficients are covered by one power-of-two block of KA >= K (at least 16, the tensor-core
+    # minimum).  COLS: the computation on transposed tiles [BN, KA] (a (z, c) column per row), so that
+    # every product has the BN columns as its M dimension (64 or 128: Hopper's warp-group products want
+    # M >= 64) and KA only as K or N; the row tiles give the output product M = KA.
     @triton.jit
     def _s2_silu_fwd(x_ptr, t_ptr, f_ptr, y_ptr, Z, G, K: tl.constexpr, C: tl.constexpr, KA: tl.constexpr,
-                     KB: tl.constexpr, COLS: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr):
+                     COLS: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr):
         pid = tl.program_id(0)
         offs_a, mask_a = _tile(pid, Z, K, C, 0, KA, BN, COLS)
         x_a = tl.load(x_ptr + offs_a, mask=mask_a, other=0.0)  # [KA, BN] ([BN, KA] with COLS)
         acc_a = tl.zeros(x_a.shape, dtype=tl.float32)
-        if KB > 0:
-            offs_b, mask_b = _tile(pid, Z, K, C, KA, KB, BN, COLS)
-            x_b = tl.load(x_ptr + offs_b, mask=mask_b, other=0.0)  # [KB, BN]
-            acc_b = tl.zeros(x_b.shape, dtype=tl.float32)
         for g0 in range(0, G, BG):
             g = g0 + tl.arange(0, BG)
             t_a, f_a = _grid_rows(t_ptr, g, G, K, 0, KA), _grid_rows(f_ptr, g, G, K, 0, KA)  # [BG, KA]
             pre = _on_grid(t_a, x_a, COLS)  # grid values, float32
-            if KB > 0:
-                t_b, f_b = _grid_rows(t_ptr, g, G, K, KA, KB), _grid_rows(f_ptr, g, G, K, KA, KB)  # [BG, KB]
-                pre += _on_grid(t_b, x_b, COLS)
             act = (pre * tl.sigmoid(pre)).to(t_a.dtype)
             acc_a += _off_grid(f_a, act, COLS)
-            if KB > 0:
-                acc_b += _off_grid(f_b, act, COLS)
         tl.store(y_ptr + offs_a, acc_a.to(y_ptr.dtype.element_ty), mask=mask_a)
-        if KB > 0:
-            tl.store(y_ptr + offs_b, acc_b.to(y_ptr.dtype.element_ty), mask=mask_b)
 
     @triton.jit
     def _s2_silu_bwd(x_ptr, dy_ptr, t_ptr, f_ptr, dx_ptr, Z, G, K: tl.constexpr, C: tl.constexpr,
-                     KA: tl.constexpr, KB: tl.constexpr, COLS: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr):
+                     KA: tl.constexpr, COLS: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr):
         pid = tl.program_id(0)
         offs_a, mask_a = _tile(pid, Z, K, C, 0, KA, BN, COLS)
         x_a = tl.load(x_ptr + offs_a, mask=mask_a, other=0.0)
         dy_a = tl.load(dy_ptr + offs_a, mask=mask_a, other=0.0)
         acc_a = tl.zeros(x_a.shape, dtype=tl.float32)
-        if KB > 0:
-            offs_b, mask_b = _tile(pid, Z, K, C, KA, KB, BN, COLS)
-            x_b = tl.load(x_ptr + offs_b, mask=mask_b, other=0.0)
-            dy_b = tl.load(dy_ptr + offs_b, mask=mask_b, other=0.0)
-            acc_b = tl.zeros(x_b.shape, dtype=tl.float32)
         for g0 in range(0, G, BG):
             g = g0 + tl.arange(0, BG)
             t_a, f_a = _grid_rows(t_ptr, g, G, K, 0, KA), _grid_rows(f_ptr, g, G, K, 0, KA)
             pre = _on_grid(t_a, x_a, COLS)  # recomputed grid values
             d_act = _on_grid(f_a, dy_a, COLS)  # gradient on the grid
-            if KB > 0:
-                t_b, f_b = _grid_rows(t_ptr, g, G, K, KA, KB), _grid_rows(f_ptr, g, G, K, KA, KB)
-                pre += _on_grid(t_b, x_b, COLS)
-                d_act += _on_grid(f_b, dy_b, COLS)
             s = tl.sigmoid(pre)
             d_pre = (d_act * s * (1.0 + pre * (1.0 - s))).to(t_a.dtype)
             acc_a += _off_grid(t_a, d_pre, COLS)
-            if KB > 0:
-                acc_b += _off_grid(t_b, d_pre, COLS)
         tl.store(dx_ptr + offs_a, acc_a.to(dx_ptr.dtype.element_ty), mask=mask_a)
-        if KB > 0:
-            tl.store(dx_ptr + offs_b, acc_b.to(dx_ptr.dtype.element_ty), mask=mask_b)
 
 
-# kernel forms (model.s2_kernel_form): tile orientation, and the coefficients in one block or split in two
-FORMS = ("rows", "rows-split", "columns", "columns-split")
-
-
-def coefficient_blocks(k: int, split: bool) -> tuple[int, int]:
-    """(KA, KB) covering k coefficients: one power-of-two block (KB = 0), or with `split` two of them
-    (each >= 16, the tensor-core minimum) where they need fewer rows than one."""
-    one = max(16, triton.next_power_of_2(k))
-    ka = max(16, triton.next_power_of_2(k) // 2)
-    if not split or ka >= k:
-        return one, 0
-    kb = max(16, triton.next_power_of_2(k - ka))
-    return (ka, kb) if ka + kb < one else (one, 0)
+# kernel forms (model.s2_kernel_form): the tiles' orientation.  Session 9 also had the 153M attention's
+# K = 37 coefficients split in two blocks (32 + 16 instead of 64): with row tiles slower on the H200
+# (881 against 865 us forward + backward), with column tiles an illegal memory access in torch 2.11's
+# Triton; removed (BENCHMARKS.md, session 10).
+FORMS = ("rows", "columns")
 
 
 # tile shapes and launch settings the autotuner tries on the GPU, per (K, C) (the first is the
@@ -183,7 +149,7 @@ def _autotuned(kernel):
 
 
 def _launch(kernel, tensors: list[torch.Tensor], out: torch.Tensor, to_grid: torch.Tensor,
-            config: dict | None = None, form: str = "rows") -> torch.Tensor:
+            config: dict | None = None, form: str = "columns") -> torch.Tensor:
     """Run `kernel` into `out` [Z, K, C] in `form` (FORMS): autotuned on a GPU, or with one `config` of
     TUNING (the interpreter uses the first unless told)."""
     if form not in FORMS:
@@ -192,8 +158,7 @@ def _launch(kernel, tensors: list[torch.Tensor], out: torch.Tensor, to_grid: tor
     if z == 0:
         return out
     g = to_grid.shape[0]
-    ka, kb = coefficient_blocks(k, form.endswith("split"))
-    shape = dict(K=k, C=c, KA=ka, KB=kb, COLS=form.startswith("columns"))
+    shape = dict(K=k, C=c, KA=max(16, triton.next_power_of_2(k)), COLS=form == "columns")
     if config is None and not _interpreted():
         _autotuned(kernel)[lambda meta: (triton.cdiv(z * c, meta["BN"]),)](*tensors, out, z, g, **shape)
         return out
@@ -214,7 +179,7 @@ def _check(x: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor) -> N
 
 
 @torch.library.custom_op("eqv2::s2_silu", mutates_args=())
-def s2_silu(x: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor, form: str = "rows") -> torch.Tensor:
+def s2_silu(x: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor, form: str = "columns") -> torch.Tensor:
     """x [Z, K, C], to_grid and from_grid [G, K] (same dtype) -> F^T SiLU(T x) [Z, K, C], by the kernels
     of `form` (FORMS)."""
     _check(x, to_grid, from_grid)
@@ -223,13 +188,13 @@ def s2_silu(x: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor, for
 
 
 @s2_silu.register_fake
-def _(x, to_grid, from_grid, form="rows"):
+def _(x, to_grid, from_grid, form="columns"):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("eqv2::s2_silu_backward", mutates_args=())
 def s2_silu_backward(grad: torch.Tensor, x: torch.Tensor, to_grid: torch.Tensor,
-                     from_grid: torch.Tensor, form: str = "rows") -> torch.Tensor:
+                     from_grid: torch.Tensor, form: str = "columns") -> torch.Tensor:
     """Gradient of `s2_silu` with respect to x."""
     _check(x, to_grid, from_grid)
     grad, x = grad.contiguous().to(x.dtype), x.contiguous()
@@ -238,7 +203,7 @@ def s2_silu_backward(grad: torch.Tensor, x: torch.Tensor, to_grid: torch.Tensor,
 
 
 @s2_silu_backward.register_fake
-def _(grad, x, to_grid, from_grid, form="rows"):
+def _(grad, x, to_grid, from_grid, form="columns"):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 

@@ -154,8 +154,7 @@ def _grads(model) -> torch.Tensor:
 
 @pytest.mark.parametrize("fused_input_grad, rotation_align, fused_rotation, indexed_radial, s2_form",
                          [(False, 1, False, False, "rows"), (True, 8, False, False, "rows"), (True, 8, True, False, "rows"),
-                          (True, 8, True, True, "rows"), (True, 8, True, True, "rows-split"),
-                          (True, 8, True, True, "columns"), (True, 8, True, True, "columns-split")])
+                          (True, 8, True, True, "rows"), (True, 8, True, True, "columns")])
 def test_compiled_bf16_fast_path_matches_eager_reference_and_is_equivariant(fused_input_grad, rotation_align,
                                                                               fused_rotation, indexed_radial,
                                                                               s2_form):
