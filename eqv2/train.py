@@ -143,6 +143,10 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
         model = EquiformerV2(cfg.model)
     if zero_stage == 3:
         model.init_partitioned(lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
+        # the engine does not move a partitioned model, so the host-built tables go to the device here
+        for module in model.modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                setattr(module, name, buffer.to(dist.device))
     num_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ds_numel: ZeRO-3 full size
     compiled = apply_compile(model, cfg.compile) if cfg.compile.resolve(dist.device, zero_stage) else []
     wrapped = apply_activation_checkpointing(model, cfg.activation_checkpointing)  # wraps the compiled forwards

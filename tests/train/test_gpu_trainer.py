@@ -46,3 +46,18 @@ def test_trainer_on_cuda_graphs_evaluates_its_ema_weights(demo_data, tmp_path):
     assert got["num_structures"] == final["num_structures"]
     assert got["forces_mae"] == pytest.approx(final["forces_mae"], rel=2e-2)
     assert got["energy_mae"] == pytest.approx(final["energy_mae"], rel=5e-2)
+
+
+def test_zero3_trainer_runs_on_cuda(demo_data, tmp_path):
+    """ZeRO-3 builds the model partitioned and the engine leaves it where it is: the model's host-built
+    constant tables (Wigner swap matrices, sphere grids) must still reach the GPU (session 10's 5.4B
+    run failed with the swap matrices on the host)."""
+    run_dir = tmp_path / "run"
+    rc, out = run_train(["--ds_config", "ds_configs/zero3_bf16.json", "--config", "configs/train/demo.yaml",
+                         *data_args(demo_data), "--set", f"run_dir={run_dir}", "--set", "optim.max_steps=6",
+                         "--set", "eval.every_steps=6", "--set", "log.every_steps=2",
+                         "--set", "activation_checkpointing.enabled=true"], timeout=600)
+    assert rc == [0], out[-5000:]
+    assert "ZeRO-3" in out and "on cuda/nccl" in out, out[-3000:]
+    train, evals = records(run_dir)
+    assert [e["step"] for e in evals] == [6] and all(torch.isfinite(torch.tensor(r["loss"])) for r in train.values())
