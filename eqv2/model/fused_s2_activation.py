@@ -41,14 +41,13 @@ def kernel_available(x: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _tile(pid, Z, K: tl.constexpr, C: tl.constexpr, K0: tl.constexpr, KR: tl.constexpr, BN: tl.constexpr,
-              COLS: tl.constexpr):
-        """Offsets and mask of a tile of the [Z, K, C] tensor: the coefficients K0 .. K0+KR-1 (those < K)
-        by the (z, c) pairs pid*BN .. pid*BN+BN-1; [KR, BN] (a coefficient per row), or [BN, KR] with COLS."""
+    def _tile(pid, Z, K: tl.constexpr, C: tl.constexpr, KA: tl.constexpr, BN: tl.constexpr, COLS: tl.constexpr):
+        """Offsets and mask of a tile of the [Z, K, C] tensor: the coefficients 0 .. KA-1 (those < K) by the
+        (z, c) pairs pid*BN .. pid*BN+BN-1; [KA, BN] (a coefficient per row), or [BN, KA] with COLS."""
         col = pid.to(tl.int64) * BN + tl.arange(0, BN)
         z = col // C
         c = col % C
-        k = K0 + tl.arange(0, KR)
+        k = tl.arange(0, KA)
         if COLS:
             offs = z[:, None] * (K * C) + k[None, :] * C + c[:, None]
             mask = (k[None, :] < K) & (z[:, None] < Z)
@@ -58,14 +57,14 @@ if triton is not None:
         return offs, mask
 
     @triton.jit
-    def _grid_rows(ptr, g, G, K: tl.constexpr, K0: tl.constexpr, KR: tl.constexpr):
-        """Columns K0 .. K0+KR-1 of rows g of a [G, K] grid matrix: [BG, KR], zero outside."""
-        k = K0 + tl.arange(0, KR)
+    def _grid_rows(ptr, g, G, K: tl.constexpr, KA: tl.constexpr):
+        """Columns 0 .. KA-1 of rows g of a [G, K] grid matrix: [BG, KA], zero outside."""
+        k = tl.arange(0, KA)
         return tl.load(ptr + g[:, None] * K + k[None, :], mask=(g[:, None] < G) & (k[None, :] < K), other=0.0)
 
     @triton.jit
     def _on_grid(m, v, COLS: tl.constexpr):
-        """m [BG, KR] applied to a coefficient tile v: [BG, BN] from v [KR, BN], or [BN, BG] from [BN, KR]."""
+        """m [BG, KA] applied to a coefficient tile v: [BG, BN] from v [KA, BN], or [BN, BG] from [BN, KA]."""
         if COLS:
             out = tl.dot(v, tl.trans(m))
         else:
@@ -74,7 +73,7 @@ if triton is not None:
 
     @triton.jit
     def _off_grid(m, a, COLS: tl.constexpr):
-        """m^T [KR, BG] applied to a grid tile a: [KR, BN] from a [BG, BN], or [BN, KR] from [BN, BG]."""
+        """m^T [KA, BG] applied to a grid tile a: [KA, BN] from a [BG, BN], or [BN, KA] from [BN, BG]."""
         if COLS:
             out = tl.dot(a, m)
         else:
@@ -89,34 +88,34 @@ if triton is not None:
     def _s2_silu_fwd(x_ptr, t_ptr, f_ptr, y_ptr, Z, G, K: tl.constexpr, C: tl.constexpr, KA: tl.constexpr,
                      COLS: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr):
         pid = tl.program_id(0)
-        offs_a, mask_a = _tile(pid, Z, K, C, 0, KA, BN, COLS)
-        x_a = tl.load(x_ptr + offs_a, mask=mask_a, other=0.0)  # [KA, BN] ([BN, KA] with COLS)
-        acc_a = tl.zeros(x_a.shape, dtype=tl.float32)
+        offs, mask = _tile(pid, Z, K, C, KA, BN, COLS)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)  # [KA, BN] ([BN, KA] with COLS)
+        acc = tl.zeros(x.shape, dtype=tl.float32)
         for g0 in range(0, G, BG):
             g = g0 + tl.arange(0, BG)
-            t_a, f_a = _grid_rows(t_ptr, g, G, K, 0, KA), _grid_rows(f_ptr, g, G, K, 0, KA)  # [BG, KA]
-            pre = _on_grid(t_a, x_a, COLS)  # grid values, float32
-            act = (pre * tl.sigmoid(pre)).to(t_a.dtype)
-            acc_a += _off_grid(f_a, act, COLS)
-        tl.store(y_ptr + offs_a, acc_a.to(y_ptr.dtype.element_ty), mask=mask_a)
+            t, f = _grid_rows(t_ptr, g, G, K, KA), _grid_rows(f_ptr, g, G, K, KA)  # [BG, KA]
+            pre = _on_grid(t, x, COLS)  # grid values, float32
+            act = (pre * tl.sigmoid(pre)).to(t.dtype)
+            acc += _off_grid(f, act, COLS)
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _s2_silu_bwd(x_ptr, dy_ptr, t_ptr, f_ptr, dx_ptr, Z, G, K: tl.constexpr, C: tl.constexpr,
                      KA: tl.constexpr, COLS: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr):
         pid = tl.program_id(0)
-        offs_a, mask_a = _tile(pid, Z, K, C, 0, KA, BN, COLS)
-        x_a = tl.load(x_ptr + offs_a, mask=mask_a, other=0.0)
-        dy_a = tl.load(dy_ptr + offs_a, mask=mask_a, other=0.0)
-        acc_a = tl.zeros(x_a.shape, dtype=tl.float32)
+        offs, mask = _tile(pid, Z, K, C, KA, BN, COLS)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0)
+        acc = tl.zeros(x.shape, dtype=tl.float32)
         for g0 in range(0, G, BG):
             g = g0 + tl.arange(0, BG)
-            t_a, f_a = _grid_rows(t_ptr, g, G, K, 0, KA), _grid_rows(f_ptr, g, G, K, 0, KA)
-            pre = _on_grid(t_a, x_a, COLS)  # recomputed grid values
-            d_act = _on_grid(f_a, dy_a, COLS)  # gradient on the grid
+            t, f = _grid_rows(t_ptr, g, G, K, KA), _grid_rows(f_ptr, g, G, K, KA)
+            pre = _on_grid(t, x, COLS)  # recomputed grid values
+            d_act = _on_grid(f, dy, COLS)  # gradient on the grid
             s = tl.sigmoid(pre)
-            d_pre = (d_act * s * (1.0 + pre * (1.0 - s))).to(t_a.dtype)
-            acc_a += _off_grid(t_a, d_pre, COLS)
-        tl.store(dx_ptr + offs_a, acc_a.to(dx_ptr.dtype.element_ty), mask=mask_a)
+            d_pre = (d_act * s * (1.0 + pre * (1.0 - s))).to(t.dtype)
+            acc += _off_grid(t, d_pre, COLS)
+        tl.store(dx_ptr + offs, acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 # kernel forms (model.s2_kernel_form): the tiles' orientation.  Session 9 also had the 153M attention's
