@@ -8,6 +8,7 @@ OC20 S2EF structures average ~78 atoms with up to 20 neighbours inside 12 Å; th
 them with the data pipeline's own writer, so the trainer reads them exactly like converted OC20.
 
     python tools/make_oc20_sized_data.py --out /tmp/oc20_sized --train 4000 --val 200 --workers 16
+    python tools/make_oc20_sized_data.py --out /tmp/oc20_x8 --train 24000 --val 200 --shards 128 --workers 64
 """
 from __future__ import annotations
 
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val", type=int, default=200, help="validation structures")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--shards", type=int, default=16,
+                   help="about this many training shards (at least ranks x data.num_workers for a multi-GPU run)")
     args = p.parse_args(argv)
     t0 = time.time()
     out = Path(args.out)
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             frames = pool.starmap(_structure, [(args.seed * 10**8 + base + i, base + i) for i in range(count)])
             _write_raw([[f] for f in frames], out / "raw" / split, split, per_file=100, xz=False)
             m = shard_sources([str(f) for f in find_inputs(out / "raw" / split)], functools.partial(read_source, True),
-                              out / split, split, max(1, min(250, count // 16)), 0, args.workers, 20, "total_minus_ref",
+                              out / split, split, max(1, min(250, count // args.shards)), 0, args.workers, 20, "total_minus_ref",
                               f"make_oc20_sized_data seed={args.seed}", progress=False)
             print(f"{out / split}: {len(m.shards)} shards, {m.num_samples} samples, {m.num_atoms} atoms")
     print(f"built in {time.time() - t0:.1f} s")
