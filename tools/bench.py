@@ -247,7 +247,7 @@ def main(argv=None) -> int:
     parser.add_argument("--fused-rotation", choices=["on", "off"], default=None,
                         help="model.fused_rotation: the rotations fused with their gather and scatter (default: the config's)")
     parser.add_argument("--s2-kernel-form", choices=["rows", "columns"], default=None,
-                        help="model.s2_kernel_form: the fused S2 kernels' tiles and coefficient blocks (default: the config's)")
+                        help="model.s2_kernel_form: the fused S2 kernels' tile orientation (default: the config's)")
     parser.add_argument("--rotation-align", type=int, default=None,
                         help="model.rotation_align: Wigner matrix rows padded to this many elements (default: the config's)")
     parser.add_argument("--cpp-wrapper", action="store_true", help="compile.cpp_wrapper: kernels launched from C++")
@@ -294,8 +294,7 @@ def main(argv=None) -> int:
             indexed = None if args.indexed_radial is None else args.indexed_radial == "on"
             fused += "-idxrad" if indexed or (indexed is None and cfg.so2_indexed_radial) else ""
             fused += "-fusedrot" if cfg.fused_rotation else ""
-            s2_form = args.s2_kernel_form or cfg.s2_kernel_form
-            fused += f"-s2{s2_form}" if s2_form != "rows" else ""
+            fused += f"-s2{args.s2_kernel_form or cfg.s2_kernel_form}"
             fused += "-graphinmodel" if args.graphs == "model" else ""
             runs = [(f"eqv2-{impl}" + (f"-ac{k}" if k else "") + (extra if impl == "compiled" else "") + fused,
                      lambda impl=impl, k=k: eqv2_step_fn(cfg, device, dtype, impl == "compiled", k, args.mode,

@@ -54,7 +54,7 @@ class S2Grid(nn.Module):
     """
 
     def __init__(self, lmax: int, mmax: int, resolution: int | None, coefficients: torch.Tensor,
-                 kernel_form: str = "rows"):
+                 kernel_form: str = "columns"):
         super().__init__()
         self.kernel_form = kernel_form  # the fused kernels' form (model.s2_kernel_form)
         to_mat, from_mat = _grid_matrices(lmax, mmax, resolution)
@@ -82,12 +82,12 @@ class S2Grid(nn.Module):
         return self.from_grid(nn.functional.silu(self.to_grid(x)))
 
 
-def node_grid(lmax: int, resolution: int | None, kernel_form: str = "rows") -> S2Grid:
+def node_grid(lmax: int, resolution: int | None, kernel_form: str = "columns") -> S2Grid:
     """Grid for full node features in l-primary order."""
     return S2Grid(lmax, lmax, resolution, torch.arange((lmax + 1) ** 2), kernel_form)
 
 
-def edge_grid(layout: CoefficientLayout, resolution: int | None, kernel_form: str = "rows") -> S2Grid:
+def edge_grid(layout: CoefficientLayout, resolution: int | None, kernel_form: str = "columns") -> S2Grid:
     """Grid for rotated edge features in the layout's m-primary order."""
     return S2Grid(layout.lmax, layout.mmax, resolution, layout.reduced_to_full, kernel_form)
 
