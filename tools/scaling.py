@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -41,9 +42,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def launch(nproc: int, args: list[str], log: Path, timeout: float) -> float:
     """Run `nproc` trainer ranks to completion; returns wall seconds.  Raises with the log's tail if a
-    rank fails or the run outlasts `timeout` (every rank is then killed: no hang)."""
+    rank fails or the run outlasts `timeout`.  Every rank still running is killed when this returns or
+    raises, also when the tool itself is stopped by SIGTERM (`timeout`, `scancel`) or Ctrl-C: ranks
+    left behind would hold their GPUs and ports and hang or fail the next launch."""
     port = _free_port()
     procs = []
     start = time.perf_counter()
@@ -197,6 +204,7 @@ def main(argv=None) -> int:
     if any(item.partition("=")[0] == "log.every_steps" for item in args.set):
         p.error("set the logging interval with --log-every (the timed intervals are counted in it), "
                 "not --set log.every_steps")
+    signal.signal(signal.SIGTERM, _terminated)  # SIGTERM unwinds through launch(), which kills the ranks
     work = Path(args.work)
     result = {"weak_scaling": weak_scaling(args, work)}
     print("| ranks | samples/s | per rank | efficiency | steady per rank (intervals) | steady efficiency | "

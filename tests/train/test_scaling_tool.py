@@ -1,8 +1,10 @@
 """tools/scaling.py: real multi-process trainer runs (CPU ranks here, one GPU per rank on a GPU node)."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -78,3 +80,42 @@ def test_profiled_steps_and_warm_up_are_not_timed():
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "scaling.py"), "--ranks", "1", "--ds_config", "x",
                            "--config", "y", "--set", "log.every_steps=20"], capture_output=True, text=True)
     assert proc.returncode != 0 and "--log-every" in proc.stderr
+
+
+def _ranks_of(run_dir: Path) -> list[int]:
+    """PIDs of trainer processes whose command line names `run_dir`."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if proc.name.isdigit() and f"run_dir={run_dir}".encode() in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_sigterm_to_the_tool_kills_its_ranks(tmp_path, demo_data):
+    # `timeout` or scancel stop the tool with SIGTERM; ranks it left behind would keep their GPUs and
+    # ports and hang or fail the next launch on that machine
+    run_dir = tmp_path / "work" / "weak_1"
+    cmd = [sys.executable, str(REPO / "tools" / "scaling.py"), "--ranks", "1", "2",
+           "--ds_config", str(HERE / "ds_zero2_cpu.json"), "--config", str(HERE / "tiny_run.yaml"),
+           "--data", str(demo_data), "--micro-batch", "2", "--steps", "100000", "--skip", "2",
+           "--work", str(tmp_path / "work"), "--timeout", "240"]
+    tool = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / "metrics.jsonl").exists():  # the rank is training
+            assert tool.poll() is None and time.time() < deadline, tool.stdout.read().decode()[-2000:]
+            time.sleep(0.5)
+        assert _ranks_of(run_dir)
+        tool.send_signal(signal.SIGTERM)
+        assert tool.wait(timeout=60) == 128 + signal.SIGTERM
+        assert _ranks_of(run_dir) == []
+        assert not (tmp_path / "work" / "weak_2").exists()  # and started no further launch
+    finally:
+        tool.kill()
+        for pid in _ranks_of(run_dir):
+            os.kill(pid, signal.SIGKILL)
