@@ -34,10 +34,11 @@ from eqv2.data import PlanError, SampleError, ShardError
 from eqv2.model.graph import GraphBuilder, GraphInputError
 from eqv2.training import checkpointing as ckpt
 from eqv2.training.activation_checkpointing import apply_activation_checkpointing
-from eqv2.training.compile import ShapeBuckets, apply_compile, compiled_graph_count
+from eqv2.training.compile import CompileEvents, ShapeBuckets, apply_compile, compiled_graph_count
 from eqv2.training.config import RunConfig, load_ds_config, load_run_config, resolve_ds_config
 from eqv2.training.dist import DistInfo, all_gather_object, all_reduce_max, barrier, init_distributed, shutdown
 from eqv2.training.ema import EMA
+from eqv2.training.garbage import GarbageCollection
 from eqv2.training.loss import EnergyForceLoss, Normalizers, global_counts
 from eqv2.training.metrics import S2EFMetrics
 from eqv2.training.monitor import StepLogger
@@ -191,8 +192,10 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     # --- loop
     padded = bool(cfg.model.pad_atoms_multiple or cfg.model.pad_edges_multiple)
     buckets = ShapeBuckets(cfg.model.pad_atoms_multiple, cfg.model.pad_edges_multiple) if padded else None
+    collector = GarbageCollection(cfg.gc)
     logger = StepLogger(run_dir, dist.device, dist.is_main, total_steps, step, cfg.log.every_steps,
-                        cfg.log.progress_bar, engine.monitor, count_shape_buckets=padded)
+                        cfg.log.progress_bar, engine.monitor, count_shape_buckets=padded,
+                        compile_events=CompileEvents() if compiled else None, collector=collector)
     profiler = StepProfiler(cfg.log.profile_steps, run_dir, dist.rank, dist.device)
     scale = float(dist.world_size * gas)  # undoes DeepSpeed's mean over ranks and micro-batches
     zero_loss = _zero_loss_fn(engine)
@@ -226,6 +229,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
                 ckpt.mark_best(ckpt_dir, best["tag"], best["metric"], value)
 
     engine.train()
+    collector.start()
     try:
         while step < total_steps:
             for micro in _timed(_groups(stream.epoch_batches(epoch), gas), logger):
@@ -245,6 +249,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
                     grad_norm_needed=log_now, max_grad_norm=max_grad_norm)
                 step += 1
                 profiler.after(step)
+                collector.after_step(step)
                 nonfinite += skipped > 0  # steps with at least one non-finite micro-batch
                 if ema is not None and skipped < gas:
                     with phase("ema"):
@@ -278,6 +283,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
         save()
         return EXIT_OK
     finally:
+        collector.stop()
         profiler.close()
         logger.close()
         stream.close()

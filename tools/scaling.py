@@ -7,7 +7,8 @@ metrics.jsonl (global samples/s of each logging interval, after `--skip` steps o
 compilation, leaving out an interval with profiled steps) and reported per rank, with the efficiency
 against the smallest N.  With shape buckets (CUDA graphs) each batch of a shape not seen before costs a
 graph recording on its rank, and every rank waits for it at the next all-reduce; the trainer logs
-these per interval, and the steady-state columns average only the intervals in which no rank met one.
+these per interval, with the compilations and CUDA-graph recordings torch reports, and the steady-state
+columns average only the intervals in which no rank met any of them.
 
 The 1-vs-N equivalence is not measured here: ranks read disjoint shards, so N ranks and one rank
 with accumulation see different samples.  tests/train/test_engine_equivalence.py feeds both layouts
@@ -155,7 +156,7 @@ def weak_scaling(args, work: Path) -> list[dict]:
             steady = (f"; steady state {row['steady_samples_per_s_per_rank']:.2f} per rank over "
                       f"{row['steady_intervals']} of {row['intervals']} intervals")
         elif "steady_intervals" in row:
-            steady = "; every interval met a new shape bucket"
+            steady = "; every interval met a new shape bucket, a compilation or a CUDA-graph recording"
         print(f"{n} rank(s): {row['samples_per_s']:.2f} samples/s, {row['samples_per_s_per_rank']:.2f} per rank, "
               f"peak {row['peak_mem_gib_rank0']:.1f} GiB on rank 0, data wait {100 * row['data_wait_frac']:.1f} %"
               f"{steady} ({wall:.0f} s)", flush=True)
@@ -166,9 +167,14 @@ def weak_scaling(args, work: Path) -> list[dict]:
     return rows
 
 
+# per-interval counts the trainer logs (summed over ranks) that make an interval not steady state: a
+# batch of a new padded shape, a Dynamo or backward compilation, a CUDA-graph recording
+STEADY_KEYS = ("new_shape_buckets", "compiles", "cudagraph_records")
+
+
 def summarise(timed: list[dict], ranks: int) -> dict:
-    """Means over the timed intervals; where the run logs shape buckets, also over the steady ones (no
-    rank met a new shape in them)."""
+    """Means over the timed intervals; where the run logs STEADY_KEYS, also over the steady ones (no
+    rank met a new shape, compiled or recorded a CUDA graph in them)."""
     def mean(key, recs):
         return sum(r[key] for r in recs) / len(recs)
 
@@ -176,9 +182,11 @@ def summarise(timed: list[dict], ranks: int) -> dict:
     out = {"samples_per_s": sps, "samples_per_s_per_rank": sps / ranks, "atoms_per_s": mean("atoms_per_s", timed),
            "peak_mem_gib_rank0": max(r["peak_mem_gib"] for r in timed),
            "data_wait_frac": mean("data_wait_frac", timed), "intervals": len(timed)}
-    if all("new_shape_buckets" in r for r in timed):
-        steady = [r for r in timed if r["new_shape_buckets"] == 0]
-        out["new_shape_buckets"] = sum(r["new_shape_buckets"] for r in timed)
+    counted = [k for k in STEADY_KEYS if all(k in r for r in timed)]
+    if counted:
+        steady = [r for r in timed if not any(r[k] for k in counted)]
+        for k in counted:
+            out[k] = sum(r[k] for r in timed)
         out["steady_intervals"] = len(steady)
         out["steady_samples_per_s_per_rank"] = mean("samples_per_s", steady) / ranks if steady else None
     return out

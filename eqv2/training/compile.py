@@ -23,6 +23,7 @@ path: tests check that the compiled model computes the same function.
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -183,6 +184,57 @@ class ShapeBuckets:
                 self.seen.add(key)
                 new += 1
         return new
+
+
+class CompileEvents:
+    """What the compiler did in this process since the last `take()`: Dynamo compilations (a new frame,
+    or a guard that failed on new shapes), deferred backward compilations, and CUDA-graph recordings
+    (reduce-overhead: one per new shape, and whenever torch's graph tree meets a new sequence of graphs),
+    with the wall seconds they took.  Read from torch's compile callbacks (`torch._dynamo.callback`),
+    which bracket the outermost such event; the trainer logs them per interval, summed over ranks, so
+    that a slow interval can be told to be compilation or not.  `available` is False on a torch without
+    those callbacks; nothing is then counted."""
+
+    def __init__(self) -> None:
+        try:
+            from torch._dynamo.callback import callback_handler
+        except ImportError:
+            callback_handler = None
+        self._handler = callback_handler
+        self.available = callback_handler is not None
+        self.compiles, self.cudagraph_records, self.seconds = 0, 0, 0.0
+        self._started: tuple[float, str] | None = None
+        if self.available:
+            callback_handler.register_start_callback(self._start)
+            callback_handler.register_end_callback(self._end)
+
+    def _start(self, args=None) -> None:  # args: CallbackArgs (absent on older torch)
+        trigger = getattr(getattr(args, "callback_trigger", None), "name", "DYNAMO")
+        self._started = (time.perf_counter(), trigger)
+
+    def _end(self, args=None) -> None:
+        if self._started is None:
+            return
+        t0, trigger = self._started
+        self._started = None
+        self.seconds += time.perf_counter() - t0
+        if trigger == "CUDAGRAPH_RECORDING":
+            self.cudagraph_records += 1
+        else:
+            self.compiles += 1
+
+    def take(self) -> tuple[int, int, float]:
+        """(compilations, CUDA-graph recordings, seconds) since the last call; resets them."""
+        out = (self.compiles, self.cudagraph_records, self.seconds)
+        self.compiles, self.cudagraph_records, self.seconds = 0, 0, 0.0
+        return out
+
+    def close(self) -> None:
+        if self.available:
+            for register, callback in ((self._handler.start_callbacks, self._start),
+                                       (self._handler.end_callbacks, self._end)):
+                if callback in register:
+                    register.remove(callback)
 
 
 def saved_for_backward_bytes(model: nn.Module, *args) -> tuple[int, object]:

@@ -22,6 +22,7 @@ from eqv2.model.config import ModelConfig
 from eqv2.training.activation_checkpointing import ActivationCheckpointConfig
 from eqv2.training.checkpointing import CheckpointConfig
 from eqv2.training.compile import CompileConfig
+from eqv2.training.garbage import GCConfig
 from eqv2.training.loss import LossConfig, Normalizers
 from eqv2.training.optim import OptimConfig
 from eqv2.training.profiling import check_profile_steps
@@ -64,6 +65,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    gc: GCConfig = field(default_factory=GCConfig)  # Python's garbage collector: automatic or every N steps
     seed: int = 0  # model init; dropout masks are re-seeded from (seed, step, rank) every step
     normalizers: Normalizers | None = None  # null: energy mean/std and force rms from the data stats JSON
     model_graph_stats_from_data: bool = False  # true: model.avg_num_nodes/avg_degree from the data stats

@@ -16,6 +16,7 @@ import torch
 from eqv2.training.dist import all_reduce_sum
 
 TERMS = ("loss", "energy_mae_norm", "force_l2mae_norm")
+HOST = ("data_wait_s", "new_shape_buckets", "compiles", "cudagraph_records", "compile_s", "gc_full", "gc_s")
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -30,17 +31,20 @@ def peak_memory_gib(device: torch.device) -> float:
 
 class StepLogger:
     def __init__(self, run_dir: Path, device: torch.device, is_main: bool, total_steps: int, start_step: int,
-                 every: int, progress_bar: bool | None, engine_monitor=None, count_shape_buckets: bool = False):
+                 every: int, progress_bar: bool | None, engine_monitor=None, count_shape_buckets: bool = False,
+                 compile_events=None, collector=None):
         self.device, self.is_main, self.every = device, is_main, every
         self.total_steps = total_steps
         self.monitor = engine_monitor if (engine_monitor is not None and engine_monitor.enabled) else None
         self.jsonl = open(run_dir / "metrics.jsonl", "a") if is_main else None
-        # running sums since the last log line: loss terms (3), structures, free atoms, atoms, steps,
-        # seconds the loop waited for the data loader, new shape buckets
-        self.acc = torch.zeros(len(TERMS) + 6, dtype=torch.float64, device=device)
-        self.data_wait_s = 0.0  # host-side; joins acc at the log's reduction
-        self.new_shape_buckets = 0  # host-side, added by the trainer (ShapeBuckets); summed over ranks
+        # running sums since the last log line: loss terms (3), structures, free atoms, atoms, steps, then
+        # the host-side HOST counters (joined at the log's reduction)
+        self.acc = torch.zeros(len(TERMS) + 4 + len(HOST), dtype=torch.float64, device=device)
+        self.data_wait_s = 0.0  # seconds the loop waited for the data loader
+        self.new_shape_buckets = 0  # added by the trainer (ShapeBuckets); summed over ranks
         self.count_shape_buckets = count_shape_buckets
+        self.compile_events = compile_events  # eqv2.training.compile.CompileEvents, for compiled models
+        self.collector = collector  # eqv2.training.garbage.GarbageCollection
         self.t_last, self.step_last = time.perf_counter(), start_step
         self.t_start, self.step_start = self.t_last, start_step
         show = progress_bar if progress_bar is not None else sys.stderr.isatty()
@@ -53,7 +57,7 @@ class StepLogger:
         """terms: [3] this rank's share of the step's loss terms; counts: [3] *global* step counts."""
         self.acc[: len(TERMS)] += terms.double()
         self.acc[len(TERMS): len(TERMS) + 3] += counts  # identical on all ranks: divided by world in log()
-        self.acc[-3] += 1
+        self.acc[len(TERMS) + 3] += 1
         if self.bar is not None:
             self.bar.update(1)
 
@@ -62,13 +66,18 @@ class StepLogger:
 
     def log(self, step: int, epoch: int, lr: float, grad_norm, extra: dict) -> dict:
         """Collective: reduce the interval's sums, write the record on rank 0, reset."""
-        self.acc[-2], self.acc[-1] = self.data_wait_s, self.new_shape_buckets
+        compiles, records, compile_s = self.compile_events.take() if self.compile_events is not None else (0, 0, 0.)
+        h = len(TERMS) + 4
+        gc_full, gc_s = self.collector.take() if self.collector is not None else (0, 0.0)
+        self.acc[h:] = torch.tensor([self.data_wait_s, self.new_shape_buckets, compiles, records, compile_s,
+                                     gc_full, gc_s], dtype=torch.float64)
         self.data_wait_s, self.new_shape_buckets = 0.0, 0
         sums = all_reduce_sum(self.acc.clone()).tolist()  # the interval's single host sync
         self.acc.zero_()
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        sums[len(TERMS):-1] = [v / world for v in sums[len(TERMS):-1]]  # counts: the same on every rank
-        n_steps = max(sums[-3], 1.0)
+        sums[len(TERMS):h] = [v / world for v in sums[len(TERMS):h]]  # counts: the same on every rank
+        host = dict(zip(HOST, sums[h:]))  # summed over ranks
+        n_steps = max(sums[len(TERMS) + 3], 1.0)
         now = time.perf_counter()
         dt = max(now - self.t_last, 1e-9)
         steps_done = step - self.step_last
@@ -81,10 +90,16 @@ class StepLogger:
                   "steps_per_s": rate, "peak_mem_gib": peak_memory_gib(self.device),
                   # share of the interval the training loop waited for batches (mean over ranks):
                   # near 0 when the loader keeps up with the device
-                  "data_wait_frac": sums[-2] / dt,
+                  "data_wait_frac": host["data_wait_s"] / world / dt,
                   "eta_s": remaining / rate if rate > 0 else None, **extra}
         if self.count_shape_buckets:  # batches of a shape no earlier batch had, over all ranks
-            record["new_shape_buckets"] = int(round(sums[-1]))
+            record["new_shape_buckets"] = int(round(host["new_shape_buckets"]))
+        if self.collector is not None:  # Python's garbage collections in the interval, over all ranks
+            record.update(gc_full=int(round(host["gc_full"])), gc_s=host["gc_s"])
+        if self.compile_events is not None and self.compile_events.available:
+            # what the compiler did in the interval, over all ranks; its seconds are not training speed
+            record.update(compiles=int(round(host["compiles"])), cudagraph_records=int(round(host["cudagraph_records"])),
+                          compile_s=host["compile_s"])
         self.t_last, self.step_last = now, step
         if self.is_main:
             self.write(record)
@@ -93,7 +108,9 @@ class StepLogger:
                    f"gnorm {record['grad_norm'] if record['grad_norm'] is None else round(record['grad_norm'], 3)} "
                    f"{record['samples_per_s']:.1f} samples/s {record['atoms_per_s']:.0f} atoms/s "
                    f"mem {record['peak_mem_gib']:.2f} GiB eta {_fmt_eta(record['eta_s'])}"
-                   + (f" new shape buckets {record['new_shape_buckets']}" if record.get("new_shape_buckets") else ""))
+                   + (f" new shape buckets {record['new_shape_buckets']}" if record.get("new_shape_buckets") else "")
+                   + (f" compiled {record['compiles']}+{record['cudagraph_records']} ({record['compile_s']:.1f} s)"
+                      if record.get("compiles") or record.get("cudagraph_records") else ""))
             self.print(msg)
             if self.monitor is not None:
                 events = [(f"Train/{k}", v, step) for k, v in record.items()
@@ -122,6 +139,8 @@ class StepLogger:
             print(msg, flush=True)
 
     def close(self) -> None:
+        if self.compile_events is not None:
+            self.compile_events.close()
         if self.bar is not None:
             self.bar.close()
         if self.jsonl is not None:

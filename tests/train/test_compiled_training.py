@@ -26,6 +26,12 @@ def test_compiled_training_does_not_recompile_as_batches_vary(demo_data, tmp_pat
     # 5 code objects (block, edge-degree embedding, energy head, force head, edge frames), each compiled
     # static and then symbolic within the first steps (2 micro-batches each); nothing after that
     assert set(graphs[s] for s in graphs if s >= 2) == {10}, graphs
+    # torch's compile callbacks tell the same story per interval: the 10 Dynamo compilations and the
+    # deferred backward ones in the first two steps, none later; no CUDA graphs on a CPU
+    compiles = {step: rec["compiles"] for step, rec in train.items()}
+    assert compiles[1] + compiles[2] >= 10 and all(compiles[s] == 0 for s in compiles if s > 2), compiles
+    assert train[1]["compile_s"] > 0 and all(train[s]["compile_s"] == 0 for s in train if s > 2)
+    assert all(rec["cudagraph_records"] == 0 for rec in train.values())
     if buckets:  # the batches did fall into several buckets after the compilations
         assert sum(rec["new_shape_buckets"] for s, rec in train.items() if s > 2) > 0, train
 

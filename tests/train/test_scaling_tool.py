@@ -52,6 +52,13 @@ def test_steady_state_leaves_out_intervals_with_new_shape_buckets():
     out = scaling.summarise([{k: v for k, v in r.items() if k != "new_shape_buckets"} for r in recs], 1)
     assert "steady_intervals" not in out  # a run without shape buckets has no such column
     assert scaling.summarise(recs[1:2], 1)["steady_samples_per_s_per_rank"] is None
+    # a compilation or CUDA-graph recording (torch's callbacks) also makes an interval not steady
+    logged = [dict(r, compiles=c, cudagraph_records=g) for r, c, g in zip(recs, [0, 0, 2], [1, 0, 0])]
+    out = scaling.summarise(logged, 1)
+    assert out["steady_intervals"] == 0 and out["steady_samples_per_s_per_rank"] is None
+    assert (out["compiles"], out["cudagraph_records"]) == (2, 1)
+    logged[0]["cudagraph_records"] = 0
+    assert scaling.summarise(logged, 1)["steady_samples_per_s_per_rank"] == 40.0
 
 
 def test_a_failing_run_is_reported_with_its_log(tmp_path, demo_data):
