@@ -174,8 +174,10 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
         st = resume.state
         step, epoch, nonfinite, best = st["step"], st["data"]["epoch"], st["nonfinite_steps"], st["best"]
         if ema is not None:
-            ema_state = ckpt.load_ema(resume.tag_dir)
-            if ema_state is not None:
+            shards = ckpt.load_ema_shards(resume.tag_dir) if ema.partitioned else None
+            if shards is not None:  # ZeRO-3 to ZeRO-3: no rank loads the whole average
+                ema.load_partitions(shards)
+            elif (ema_state := ckpt.load_ema(resume.tag_dir)) is not None:
                 ema.load_full_state_dict(ema_state)
         if st["world_size"] == dist.world_size:
             # each rank continues its own part of the epoch exactly where the checkpoint was taken
@@ -209,7 +211,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
                 "total_steps": total_steps, "config": to_dict(cfg)}
 
     def save() -> str:
-        return ckpt.save(engine, ckpt_dir, step, trainer_state(), ema.full_state_dict() if ema else None,
+        return ckpt.save(engine, ckpt_dir, step, trainer_state(), ema.checkpoint_state(dist.rank) if ema else None,
                          cfg.checkpoint, best["tag"] if best else None, dist.rank)
 
     def evaluate_and_track() -> None:

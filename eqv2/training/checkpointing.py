@@ -3,7 +3,8 @@
 Layout under ``<run_dir>/checkpoints``::
 
     latest                 one line: the tag of the newest *complete* checkpoint (atomically replaced)
-    step_00001000/         DeepSpeed files (model, ZeRO shards) + ema.pt + trainer_state.json + COMPLETE
+    step_00001000/         DeepSpeed files (model, ZeRO shards) + ema.pt (ZeRO-3: ema_shard_<rank>.pt)
+                           + trainer_state.json + COMPLETE
     step_00001000_universal/  written on demand when resuming on a different number of ranks
 
 Why it is safe: a checkpoint is written into its own tag directory; only after every rank has finished
@@ -29,11 +30,13 @@ from pathlib import Path
 import torch
 
 from eqv2.training.dist import barrier
+from eqv2.training.ema import assemble_partitions
 
 TAG_RE = re.compile(r"^step_(\d{8,})$")
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "ema.pt"
+EMA_SHARD = "ema_shard_{:05d}.pt"  # under ZeRO-3: each rank's partitions of the average
 # ds_to_universal refuses checkpoints without this client-state entry; our models have no tensor or
 # pipeline parallelism, so no parameter-merge patterns are needed.
 UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
@@ -149,12 +152,13 @@ def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, ema_state: dict
     barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**UNIVERSAL_INFO, "trainer": trainer_state},
                            save_latest=False)
+    sharded = ema_state is not None and "partition" in ema_state  # ZeRO-3: every rank writes its part
+    if sharded:
+        _atomic_save(ema_state, tag_dir / EMA_SHARD.format(rank))
     barrier()  # every rank's shards are on disk before the checkpoint is declared complete
     if rank == 0:
-        if ema_state is not None:
-            tmp = tag_dir / f".{EMA_FILE}.tmp"
-            torch.save(ema_state, tmp)
-            os.replace(tmp, tag_dir / EMA_FILE)
+        if ema_state is not None and not sharded:
+            _atomic_save(ema_state, tag_dir / EMA_FILE)
         _atomic_write(tag_dir / STATE_FILE, json.dumps(trainer_state, indent=1))
         _atomic_write(tag_dir / COMPLETE, f"{tag}\n")
         _atomic_write(ckpt_dir / "latest", f"{tag}\n")
@@ -181,6 +185,33 @@ def mark_best(ckpt_dir: Path, tag: str, metric: str, value: float) -> None:
     _atomic_write(ckpt_dir / "best.json", json.dumps({"tag": tag, "metric": metric, "value": value}))
 
 
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.parent / f".{path.name}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_ema_shards(tag_dir: Path) -> list[dict] | None:
+    """The ZeRO-3 EMA shards of a checkpoint, indexed by rank and memory-mapped (nothing is read
+    until used); None when the checkpoint has a full ema.pt or no EMA."""
+    first = tag_dir / EMA_SHARD.format(0)
+    if not first.is_file():
+        return None
+    shards = [torch.load(first, map_location="cpu", weights_only=True, mmap=True)]
+    for r in range(1, shards[0]["world_size"]):
+        path = tag_dir / EMA_SHARD.format(r)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the checkpoint's EMA was written by "
+                                    f"{shards[0]['world_size']} ranks")
+        shards.append(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+    return shards
+
+
 def load_ema(tag_dir: Path) -> dict | None:
+    """The full EMA state dict ({decay, updates, shadow: {name: tensor}}), from ema.pt or reassembled
+    from the ZeRO-3 shards; None when the run kept no EMA."""
     path = tag_dir / EMA_FILE
-    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    shards = load_ema_shards(tag_dir)
+    return assemble_partitions(shards) if shards is not None else None

@@ -4,7 +4,10 @@ The average is kept in fp32 on the parameters' device, one tensor per *local* pa
 full parameter under ZeRO 0-2, the rank's flat partition (`ds_tensor`) under ZeRO-3, so ZeRO-3 never has
 to gather the model to update it.  `swapped_in` exchanges the live weights with the averages for
 evaluation; under ZeRO-3 swapping the partitions is enough because the forward pass gathers from them.
-For checkpoints the average is converted to a full, rank-count-independent state dict.
+For checkpoints, ZeRO 0-2 write the full average from rank 0 (`ema.pt`); under ZeRO-3 every rank writes
+its own partitions (`ema_shard_<rank>.pt`), so no rank ever holds the whole average (a 10B model's is
+40 GB, once per rank on the host before this).  The shards are reassembled per tensor when loaded on
+another rank count or exported.
 """
 from __future__ import annotations
 
@@ -73,7 +76,53 @@ class EMA:
         torch.distributed.all_gather(parts, part.contiguous())
         return torch.cat(parts)[: param.ds_numel].view(param.ds_shape)
 
-    # --- checkpointing: full tensors, independent of the number of ranks -------------------------
+    # --- checkpointing -------------------------------------------------------------------------
+    @property
+    def partitioned(self) -> bool:
+        """True under ZeRO-3 (the parameters are DeepSpeed-partitioned)."""
+        return any(hasattr(p, "ds_tensor") for p in self.params)
+
+    def checkpoint_state(self, rank: int) -> dict | None:
+        """What `rank` writes to a checkpoint: under ZeRO-3 its own partitions (every rank), otherwise
+        the full tensors (rank 0; None on the other ranks).  Not a collective call."""
+        if not self.partitioned:
+            return self.full_state_dict() if rank == 0 else None
+        shadow, numel, shape, split = {}, {}, {}, {}
+        for name, p, s in zip(self.names, self.params, self.shadow):
+            split[name] = hasattr(p, "ds_tensor")
+            shadow[name] = s.detach().cpu().clone()
+            numel[name] = int(p.ds_numel) if split[name] else s.numel()
+            shape[name] = list(p.ds_shape if split[name] else s.shape)
+        return {"decay": self.decay, "updates": self.updates, "partition": rank,
+                "world_size": torch.distributed.get_world_size(), "shadow": shadow, "numel": numel,
+                "shape": shape, "split": split}
+
+    def load_partitions(self, shards: list[dict]) -> None:
+        """Load the partitions that `checkpoint_state` wrote on every rank (list indexed by rank, e.g.
+        memory-mapped).  On the same rank count each rank copies its own; otherwise each tensor is
+        reassembled from all shards and this rank's part cut from it."""
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        same = len(shards) == world
+        for i, (name, p) in enumerate(zip(self.names, self.params)):
+            if name not in shards[0]["shadow"]:
+                raise KeyError(f"EMA shards lack parameter {name} (model changed since the checkpoint?)")
+            if hasattr(p, "ds_tensor") and same and shards[0]["split"][name]:
+                part = shards[rank]["shadow"][name]
+            else:
+                full = _assemble(shards, name)
+                if tuple(full.shape) != tuple(p.ds_shape if hasattr(p, "ds_tensor") else p.shape):
+                    raise ValueError(f"EMA tensor {name}: checkpoint shape {tuple(full.shape)} does not match the model")
+                part = full.reshape(-1) if hasattr(p, "ds_tensor") else full
+                if hasattr(p, "ds_tensor"):
+                    n = p.ds_tensor.numel()
+                    flat = torch.zeros(n * world, dtype=part.dtype)
+                    flat[: part.numel()] = part
+                    part = flat[rank * n: (rank + 1) * n]
+            self.shadow[i].copy_(part.to(self.shadow[i].device, torch.float32).view_as(self.shadow[i]))
+        self.updates = int(shards[0]["updates"])
+        barrier()
+
+    # --- full tensors, independent of the number of ranks ---------------------------------------
     def full_state_dict(self) -> dict:
         """{name: full fp32 tensor} on CPU; under ZeRO-3 gathers the partitions (collective call)."""
         tensors = {}
@@ -102,3 +151,19 @@ class EMA:
             self.shadow[i].copy_(full.view_as(self.shadow[i]))
         self.updates = int(state.get("updates", 0))
         barrier()
+
+
+def _assemble(shards: list[dict], name: str) -> torch.Tensor:
+    """The full tensor `name` from the partitions of every rank's shard."""
+    first = shards[0]
+    if not first["split"][name]:
+        return first["shadow"][name]
+    flat = torch.cat([shard["shadow"][name].reshape(-1) for shard in shards])
+    return flat[: first["numel"][name]].view(first["shape"][name])
+
+
+def assemble_partitions(shards: list[dict]) -> dict:
+    """The full, rank-count-independent EMA state dict from the ZeRO-3 shards of every rank."""
+    names = list(shards[0]["shadow"])
+    return {"decay": shards[0]["decay"], "updates": shards[0]["updates"],
+            "shadow": {name: _assemble(shards, name).clone() for name in names}}

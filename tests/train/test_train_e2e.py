@@ -123,6 +123,13 @@ def test_zero3_ema_evaluation_export_and_resume_on_one_rank(demo_data, tmp_path)
     rc, out = run_train(args(two), nproc=2)
     assert rc == [0, 0], out
     final = records(two)[1][-1]
+    # each rank wrote its own part of the average (no rank held all of it), about half each
+    tag_dir = two / "checkpoints" / "step_00000006"
+    assert not (tag_dir / "ema.pt").exists()
+    shards = [torch.load(tag_dir / f"ema_shard_{r:05d}.pt", weights_only=True) for r in range(2)]
+    sizes = [sum(t.numel() for t in shard["shadow"].values()) for shard in shards]
+    total = sum(shards[0]["numel"].values())
+    assert sizes[0] == sizes[1] and total <= sum(sizes) < total + 2 * len(shards[0]["numel"]), (sizes, total)
     model_file = tmp_path / "z3.pt"
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "export_model.py"), str(two / "checkpoints"),
                            "-o", str(model_file)], capture_output=True, text=True)
@@ -145,6 +152,15 @@ def test_zero3_ema_evaluation_export_and_resume_on_one_rank(demo_data, tmp_path)
     resumed = records(one)[1][-1]
     for key in ("forces_mae", "energy_mae", "forces_cos"):
         assert resumed[key] == pytest.approx(final[key], rel=1e-5), key
+
+    # on the same rank count each rank loads its own EMA shard
+    again = tmp_path / "z3_again"
+    rc, out = run_train(args(again, ["--resume", str(two / "checkpoints")]), nproc=2)
+    assert rc == [0, 0], out
+    assert "universal" not in out
+    resumed = records(again)[1][-1]
+    for key in ("forces_mae", "energy_mae", "forces_cos"):
+        assert resumed[key] == pytest.approx(final[key], rel=1e-6), key
 
 
 def test_mpirun_launch_matches_torch_env_launch(demo_data, reference_run, tmp_path):
