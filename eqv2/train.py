@@ -282,7 +282,10 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
             else:
                 epoch += 1  # the epoch's batches ran out (a remainder < grad accumulation is dropped)
         evaluate_and_track()
-        save()
+        if cfg.checkpoint.save_at_end:
+            save()
+        elif dist.is_main:
+            print(f"eqv2.train: checkpoint.save_at_end=false: step {step} is not saved", flush=True)
         return EXIT_OK
     finally:
         collector.stop()

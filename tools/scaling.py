@@ -103,7 +103,8 @@ def run_args(args, run_dir: Path, ds_config: Path) -> list[str]:
     sets = [f"run_dir={run_dir}", f"optim.max_steps={args.steps}", "optim.max_epochs=null",
             f"optim.warmup_steps={max(1, args.steps // 10)}", "optim.warmup_epochs=null",
             f"log.every_steps={args.log_every}", "log.progress_bar=false", "eval.every_steps=0",
-            "eval.max_batches=1", f"checkpoint.every_steps={10 ** 9}"]
+            "eval.max_batches=1", f"checkpoint.every_steps={10 ** 9}", "checkpoint.save_at_end=false",
+            "checkpoint.save_best=false"]
     if args.data:
         data = Path(args.data)
         sets += [f"data.train_manifest={data / 'train' / 'manifest.json'}",

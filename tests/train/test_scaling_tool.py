@@ -37,8 +37,10 @@ def test_weak_scaling_runs_one_and_two_ranks(tmp_path, demo_data):
         recs = [json.loads(line) for line in (tmp_path / "work" / f"weak_{row['ranks']}" / "metrics.jsonl")
                 .read_text().splitlines()]
         assert [r["new_shape_buckets"] for r in recs if "split" not in r] == [row["ranks"], 0, 0, 0], recs
-    # each rank count trained its own run directory
+    # each rank count trained its own run directory, and wrote no checkpoint (not timed, minutes for a large model)
     assert (tmp_path / "work" / "weak_2" / "metrics.jsonl").exists()
+    assert not [p for n in (1, 2) for p in (tmp_path / "work" / f"weak_{n}" / "checkpoints").glob("step_*")]
+    assert "checkpoint.save_at_end=false: step 8 is not saved" in (tmp_path / "work" / "weak_2" / "log.txt").read_text()
 
 
 def test_steady_state_leaves_out_intervals_with_new_shape_buckets():
