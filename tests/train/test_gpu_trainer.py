@@ -30,6 +30,11 @@ def test_trainer_on_cuda_graphs_evaluates_its_ema_weights(demo_data, tmp_path):
     assert "on cuda/nccl" in out and "compiled:" in out, out[-3000:]
     train, evals = records(run_dir)
     assert [e["step"] for e in evals] == [30, 60] and all(torch.isfinite(torch.tensor(r["loss"])) for r in train.values())
+    # torch's compile callbacks: the compilations happen, and are logged, in the first interval, and the
+    # shape buckets are recorded as CUDA graphs (a shape's first run is an eager warm-up, so its
+    # recording may fall in a later interval than the bucket's first batch)
+    assert train[10]["compiles"] > 0 and train[10]["compile_s"] > 0, train[10]
+    assert sum(r["cudagraph_records"] for r in train.values()) > 0, train
 
     exported = tmp_path / "demo.pt"
     export([str(run_dir / "checkpoints"), "-o", str(exported)])
