@@ -158,9 +158,11 @@ def weak_scaling(args, work: Path) -> list[dict]:
                       f"{row['steady_intervals']} of {row['intervals']} intervals")
         elif "steady_intervals" in row:
             steady = "; every interval met a new shape bucket, a compilation or a CUDA-graph recording"
+        worst = (f" (worst rank and interval {100 * row['data_wait_max_frac']:.1f} %)"
+                 if "data_wait_max_frac" in row else "")
         print(f"{n} rank(s): {row['samples_per_s']:.2f} samples/s, {row['samples_per_s_per_rank']:.2f} per rank, "
               f"peak {row['peak_mem_gib_rank0']:.1f} GiB on rank 0, data wait {100 * row['data_wait_frac']:.1f} %"
-              f"{steady} ({wall:.0f} s)", flush=True)
+              f"{worst}{steady} ({wall:.0f} s)", flush=True)
     for row in rows:
         row["efficiency"] = row["samples_per_s_per_rank"] / rows[0]["samples_per_s_per_rank"]
         if row.get("steady_samples_per_s_per_rank") and rows[0].get("steady_samples_per_s_per_rank"):
@@ -183,6 +185,8 @@ def summarise(timed: list[dict], ranks: int) -> dict:
     out = {"samples_per_s": sps, "samples_per_s_per_rank": sps / ranks, "atoms_per_s": mean("atoms_per_s", timed),
            "peak_mem_gib_rank0": max(r["peak_mem_gib"] for r in timed),
            "data_wait_frac": mean("data_wait_frac", timed), "intervals": len(timed)}
+    if all("data_wait_max_frac" in r for r in timed):  # the slowest rank's loader
+        out["data_wait_max_frac"] = max(r["data_wait_max_frac"] for r in timed)
     counted = [k for k in STEADY_KEYS if all(k in r for r in timed)]
     if counted:
         steady = [r for r in timed if not any(r[k] for k in counted)]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from eqv2.training.dist import all_reduce_sum
+from eqv2.training.dist import all_reduce_max, all_reduce_sum
 
 TERMS = ("loss", "energy_mae_norm", "force_l2mae_norm")
 HOST = ("data_wait_s", "new_shape_buckets", "compiles", "cudagraph_records", "compile_s", "gc_full", "gc_s")
@@ -71,8 +71,9 @@ class StepLogger:
         gc_full, gc_s = self.collector.take() if self.collector is not None else (0, 0.0)
         self.acc[h:] = torch.tensor([self.data_wait_s, self.new_shape_buckets, compiles, records, compile_s,
                                      gc_full, gc_s], dtype=torch.float64)
+        wait_max = all_reduce_max(torch.tensor([self.data_wait_s], dtype=torch.float64, device=self.device))
         self.data_wait_s, self.new_shape_buckets = 0.0, 0
-        sums = all_reduce_sum(self.acc.clone()).tolist()  # the interval's single host sync
+        sums = all_reduce_sum(self.acc.clone()).tolist()  # the interval's host sync (with wait_max's)
         self.acc.zero_()
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         sums[len(TERMS):h] = [v / world for v in sums[len(TERMS):h]]  # counts: the same on every rank
@@ -91,6 +92,8 @@ class StepLogger:
                   # share of the interval the training loop waited for batches (mean over ranks):
                   # near 0 when the loader keeps up with the device
                   "data_wait_frac": host["data_wait_s"] / world / dt,
+                  # the same on the rank that waited longest: one slow loader holds every rank back
+                  "data_wait_max_frac": float(wait_max) / dt,
                   "eta_s": remaining / rate if rate > 0 else None, **extra}
         if self.count_shape_buckets:  # batches of a shape no earlier batch had, over all ranks
             record["new_shape_buckets"] = int(round(host["new_shape_buckets"]))
