@@ -66,8 +66,8 @@ class StepLogger:
 
     def log(self, step: int, epoch: int, lr: float, grad_norm, extra: dict) -> dict:
         """Collective: reduce the interval's sums, write the record on rank 0, reset."""
+        h = len(TERMS) + 4  # acc[h:] are the HOST counters
         compiles, records, compile_s = self.compile_events.take() if self.compile_events is not None else (0, 0, 0.)
-        h = len(TERMS) + 4
         gc_full, gc_s = self.collector.take() if self.collector is not None else (0, 0.0)
         self.acc[h:] = torch.tensor([self.data_wait_s, self.new_shape_buckets, compiles, records, compile_s,
                                      gc_full, gc_s], dtype=torch.float64)
