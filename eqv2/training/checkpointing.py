@@ -26,6 +26,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import torch
 
@@ -69,9 +70,18 @@ def tag_for(step: int) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    _atomic(path, lambda fh: fh.write(text.encode()))
+
+
+def _atomic_save(obj, path: Path) -> None:
+    _atomic(path, lambda fh: torch.save(obj, fh))
+
+
+def _atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """`write` into a temporary file, on disk before it replaces `path` (rename: all or nothing)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
+    with open(tmp, "wb") as fh:
+        write(fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -186,12 +196,6 @@ def _prune(ckpt_dir: Path, keep_last: int, keep: set) -> None:
 
 def mark_best(ckpt_dir: Path, tag: str, metric: str, value: float) -> None:
     _atomic_write(ckpt_dir / "best.json", json.dumps({"tag": tag, "metric": metric, "value": value}))
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.parent / f".{path.name}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def load_ema_shards(tag_dir: Path) -> list[dict] | None:
