@@ -67,10 +67,11 @@ class StepLogger:
     def log(self, step: int, epoch: int, lr: float, grad_norm, extra: dict) -> dict:
         """Collective: reduce the interval's sums, write the record on rank 0, reset."""
         h = len(TERMS) + 4  # acc[h:] are the HOST counters
-        compiles, records, compile_s = self.compile_events.take() if self.compile_events is not None else (0, 0, 0.)
-        gc_full, gc_s = self.collector.take() if self.collector is not None else (0, 0.0)
-        self.acc[h:] = torch.tensor([self.data_wait_s, self.new_shape_buckets, compiles, records, compile_s,
-                                     gc_full, gc_s], dtype=torch.float64)
+        counters = {"data_wait_s": self.data_wait_s, "new_shape_buckets": self.new_shape_buckets}
+        counters.update(zip(("compiles", "cudagraph_records", "compile_s"),
+                            self.compile_events.take() if self.compile_events is not None else (0, 0, 0.0)))
+        counters.update(zip(("gc_full", "gc_s"), self.collector.take() if self.collector is not None else (0, 0.0)))
+        self.acc[h:] = torch.tensor([counters[k] for k in HOST], dtype=torch.float64)
         wait_max = all_reduce_max(torch.tensor([self.data_wait_s], dtype=torch.float64, device=self.device))
         self.data_wait_s, self.new_shape_buckets = 0.0, 0
         sums = all_reduce_sum(self.acc.clone()).tolist()  # the interval's host sync (with wait_max's)
