@@ -17,6 +17,7 @@ group holding its next sample.  The state is tiny and resume costs one group rea
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 from pathlib import Path
@@ -131,6 +132,10 @@ class _EpochDataset(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         local = 0 if info is None else (info.id + self.rotation) % len(self.reader.slots)
+        if info is not None:
+            # a worker forked from a trainer that collects garbage on its own schedule
+            # (gc.manual_every_steps) inherits automatic collection off; a worker collects automatically
+            gc.enable()
         torch.set_num_threads(1)
         return self.reader.batches(local, self.starts[local], self.positions[local])
 

@@ -5,6 +5,7 @@ other ranks); workers are real processes.  Shards are deliberately uneven (1..14
 """
 from __future__ import annotations
 
+import gc
 from collections import Counter
 
 import pytest
@@ -133,3 +134,20 @@ def test_config_from_yaml_mapping(uneven_dir):
         from_dict(DataConfig, {"train_manifest": "m.json", "batch_size": 4, "max_atoms": 100}, "data")
     with pytest.raises(ConfigError, match="on_error"):
         from_dict(DataConfig, {"train_manifest": "m.json", "batch_size": 4, "on_error": "ignore"}, "data")
+
+
+def _needs_automatic_gc(batch):
+    if not gc.isenabled():
+        raise RuntimeError("a loader worker runs with automatic garbage collection off")
+    return batch
+
+
+def test_workers_collect_garbage_when_the_trainer_does_not(uneven_dir):
+    """gc.manual_every_steps turns automatic collection off in the trainer; forked workers inherit that
+    and, living for a whole epoch, would never collect their cyclic garbage."""
+    stream = TrainStream(_cfg(uneven_dir, num_workers=2), 0, 1, prepare=_needs_automatic_gc)
+    gc.disable()
+    try:
+        assert sum(1 for _ in stream.epoch_batches(0)) == stream.steps_in_epoch(0)
+    finally:
+        gc.enable()
