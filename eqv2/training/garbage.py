@@ -8,8 +8,9 @@ next gradient all-reduce.  Synchronous training loops at scale therefore commonl
 collection off and collect on every rank at the same step.
 
 `gc.manual_every_steps: N` does that: automatic collection is off while the loop runs and every rank
-runs a full collection after each N-th optimizer step.  0 (the default) leaves Python's automatic
-collection on.  Either way the trainer logs, per interval and summed over ranks, how many full
+runs a full collection after each N-th optimizer step (the data loader's worker processes, forked
+from the trainer, turn automatic collection back on for themselves).  0 (the default) leaves Python's
+automatic collection on.  Either way the trainer logs, per interval and summed over ranks, how many full
 collections ran and how long all collections took (`gc_full`, `gc_s` in metrics.jsonl).
 """
 from __future__ import annotations
