@@ -7,7 +7,9 @@ over an interval that contains one is not steady state.  This tool replays the r
 CPU (the same shards, plan, shuffle and radius graphs as `eqv2/train.py` with that config and rank
 count, no model) and prints, per rank, the steps at which a new shape appears, and the logging
 intervals in which no rank meets one.  The trainer logs the same count per interval
-(`new_shape_buckets` in metrics.jsonl); tests check that the two agree.
+(`new_shape_buckets` in metrics.jsonl); tests check that the two agree.  It also reports how unequal the
+ranks' padded batches are step by step (`imbalance`): every rank waits for the largest at each step, so
+with many ranks, batching by atoms (`data.max_atoms`) instead of by structures may balance them.
 
     python tools/shape_buckets.py --config configs/train/oc20_all_md_153M.yaml --micro-batch 8 \
         --ranks 2 --steps 200 --log-every 20 [--set data.train_manifest=...] [--out buckets.json]
@@ -24,8 +26,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def new_shape_steps(cfg, rank: int, ranks: int, steps: int) -> tuple[list[int], int]:
-    """(steps 1..`steps` at which rank `rank` of `ranks` meets a new padded shape, shapes seen)."""
+def new_shape_steps(cfg, rank: int, ranks: int, steps: int) -> tuple[list[int], int, list[tuple[int, int]]]:
+    """(steps 1..`steps` at which rank `rank` of `ranks` meets a new padded shape, shapes seen, the padded
+    (atoms, edges) of its batch at every step; edges 0 when the loader builds no graphs)."""
+    from eqv2.model.graph import bucket_shape
     from eqv2.data import TrainStream
     from eqv2.model.graph import GraphBuilder
     from eqv2.training.compile import ShapeBuckets
@@ -34,19 +38,41 @@ def new_shape_steps(cfg, rank: int, ranks: int, steps: int) -> tuple[list[int], 
         if cfg.data.build_graphs else None
     buckets = ShapeBuckets(cfg.model.pad_atoms_multiple, cfg.model.pad_edges_multiple)
     stream = TrainStream(cfg.data, rank, ranks, graphs)
-    new, step, epoch = [], 0, 0
+    new, padded, step, epoch = [], [], 0, 0
     try:
         while step < steps:
             for batch in stream.epoch_batches(epoch):
                 step += 1
                 if buckets.count_new([batch]):
                     new.append(step)
+                edges = batch.edge_index.shape[1] if batch.edge_index is not None else 0
+                atoms_p, edges_p = bucket_shape(batch.pos.shape[0], edges, cfg.model.pad_atoms_multiple,
+                                                cfg.model.pad_edges_multiple)
+                padded.append((atoms_p, edges_p if batch.edge_index is not None else 0))
                 if step == steps:
                     break
             epoch += 1
     finally:
         stream.close()
-    return new, len(buckets.seen)
+    return new, len(buckets.seen), padded
+
+
+def imbalance(padded_per_rank: list[list[tuple[int, int]]]) -> dict:
+    """Per step, the largest padded atom and edge count of any rank over the mean of the ranks, averaged
+    over the steps.  In a synchronous step every rank waits for the slowest, so if a step's time grows
+    with its padded size, the mean over ranks / the largest is what the ranks' work allows of weak-scaling
+    efficiency (a property of the data and batching, not a throughput measurement)."""
+    out = {}
+    for i, name in enumerate(("atoms", "edges")):
+        ratios = []
+        for step in zip(*padded_per_rank):
+            sizes = [shape[i] for shape in step]
+            mean = sum(sizes) / len(sizes)
+            if mean > 0:
+                ratios.append(max(sizes) / mean)
+        if ratios:
+            out[f"max_over_mean_{name}"] = sum(ratios) / len(ratios)
+    return out
 
 
 def quiet_intervals(new_per_rank: list[list[int]], steps: int, log_every: int) -> list[int]:
@@ -78,16 +104,20 @@ def main(argv=None) -> int:
         print("shape_buckets: the config has no shape buckets (model.pad_atoms_multiple / pad_edges_multiple)",
               file=sys.stderr)
         return 2
-    per_rank = []
+    per_rank, padded = [], []
     for rank in range(args.ranks):
-        steps, seen = new_shape_steps(cfg, rank, args.ranks, args.steps)
+        steps, seen, shapes = new_shape_steps(cfg, rank, args.ranks, args.steps)
         per_rank.append({"rank": rank, "new_at_steps": steps, "shapes": seen})
+        padded.append(shapes)
         print(f"rank {rank}: {seen} shapes in {args.steps} steps; new at steps {steps}", flush=True)
     quiet = quiet_intervals([r["new_at_steps"] for r in per_rank], args.steps, args.log_every)
     print(f"intervals of {args.log_every} steps without a new shape on any rank (last step): {quiet}")
+    balance = imbalance(padded)
+    print("slowest rank's padded batch over the ranks' mean, per step (mean over steps): "
+          + ", ".join(f"{k.rsplit('_', 1)[1]} {v:.3f}" for k, v in balance.items()))
     if args.out:
-        args.out.write_text(json.dumps({"ranks": per_rank, "log_every": args.log_every, "quiet_intervals": quiet},
-                                       indent=1))
+        args.out.write_text(json.dumps({"ranks": per_rank, "log_every": args.log_every, "quiet_intervals": quiet,
+                                        "imbalance": balance, "padded": padded}, indent=1))
     return 0
 
 

@@ -16,6 +16,9 @@ class DataConfig:
     stats: str = ""  # dataset stats JSON; "" = stats.json beside train_manifest
     batch_size: int = 0  # structures per batch; set exactly one of batch_size / max_atoms
     max_atoms: int = 0  # atom budget per batch (no batch ever holds more atoms)
+    # with max_atoms: order each shuffle group so that training batches end within a few atoms of their
+    # share of the slot's atoms, so the ranks' batches (and step times) are alike (eqv2.data.plan, 4.)
+    pack_batches: bool = True
     shuffle_buffer: int = 2000  # samples permuted together: consecutive shards of a slot, fully shuffled
     seed: int = 0  # with the epoch, seeds shard order and the sample shuffle
     num_workers: int = 2  # DataLoader worker processes per rank; 0 reads in the calling process

@@ -20,6 +20,12 @@ Policy (also in docs/data.md):
    `shuffle_buffer` samples; each group is loaded whole and permuted by (seed, epoch, slot, group).
    Memory stays at one group per worker.  A slot's position (next sample p, atoms before it c) is
    all that is needed to resume it; resuming reloads one group.
+4. Packing (`max_atoms` with `pack_batches`).  Taken in random order, a batch overshoots its (b+1)/K
+   mark by part of one structure, so batches differ by up to a structure's atoms and in a synchronous
+   step every rank waits for the largest.  `pack_order` reorders each loaded group so that the sample
+   that crosses a mark is the one that crosses it least (the smallest that reaches it), leaving
+   the other samples in their random order.  It depends only on the group's samples and the atoms of
+   the slot's earlier groups (from the manifest), so resuming reloads the group into the same order.
 """
 from __future__ import annotations
 
@@ -125,3 +131,55 @@ def group_permutation(seed: int, epoch: int, slot: int, group: int, n: int, shuf
     if not shuffle:
         return np.arange(n)
     return np.random.default_rng([seed, epoch, slot, group, 0x5348]).permutation(n)
+
+
+def pack_order(order: list[int], sizes: list[int], cum0: int, slot_atoms: int, k: int) -> list[int]:
+    """`order` (a permutation of a group's samples, `sizes` their atom counts indexed by sample) rearranged
+    so that each batch of the even schedule ends close to its mark c_b = (b+1)*slot_atoms/K.  Walking
+    the samples from `cum0` atoms (those of the slot's earlier groups), with g atoms left to the next
+    mark:
+    - g within one structure (g <= the largest size): the smallest remaining sample of at least g atoms
+      closes the batch (the largest remaining if none has g);
+    - otherwise the next sample in random order, unless the gap it leaves cannot be made of the sizes
+      present (e.g. 0 < gap < the smallest): then the first size, largest first, that leaves a gap
+      that can.
+    So batches end within a few atoms of their marks instead of anywhere within a structure's size;
+    the other samples keep their random order.  Samples of size 0 (unreadable, skipped later) are
+    taken where they are."""
+    present = sorted({sz for sz in sizes if sz})
+    if not present:
+        return list(order)
+    n_max = present[-1]
+    horizon = 3 * n_max  # gaps beyond it are taken as fillable
+    fillable = [True] + [False] * horizon  # a gap of r atoms is a sum of sizes present
+    for r in range(1, horizon + 1):
+        fillable[r] = any(sz <= r and fillable[r - sz] for sz in present)
+    by_size: list[list[int]] = [[] for _ in range(n_max + 1)]  # positions in `order` per size, earliest last
+    for pos in reversed(range(len(order))):
+        by_size[sizes[order[pos]]].append(pos)
+    taken = [False] * len(order)
+
+    def first_free(sizes_to_try) -> int | None:
+        for size in sizes_to_try:
+            stack = by_size[size]
+            while stack and taken[stack[-1]]:
+                stack.pop()
+            if stack:
+                return stack[-1]
+        return None
+
+    out, cum, nxt = [], cum0, 0
+    while len(out) < len(order):
+        while taken[nxt]:
+            nxt += 1
+        pick, size = nxt, sizes[order[nxt]]
+        gap = math.ceil((cum * k // slot_atoms + 1) * slot_atoms / k - cum)  # atoms to the next mark
+        if size and gap <= n_max:  # close the batch at its mark
+            pick = first_free([*range(max(gap, 1), n_max + 1), *range(gap - 1, 0, -1)])
+        elif size and gap - size <= horizon and not fillable[gap - size]:  # keep the gap fillable
+            found = first_free([sz for sz in reversed(present) if gap - sz > horizon or fillable[gap - sz]])
+            pick = nxt if found is None else found
+        taken[pick] = True
+        out.append(order[pick])
+        cum += sizes[order[pick]]
+    return out

@@ -30,7 +30,7 @@ from eqv2.batch import AtomsBatch
 from eqv2.data.config import DataConfig
 from eqv2.data.format import SampleError, sample_key
 from eqv2.data.manifest import ShardInfo
-from eqv2.data.plan import EpochPlan, SlotPlan, group_permutation, plan_epoch, starts_new_batch
+from eqv2.data.plan import EpochPlan, SlotPlan, group_permutation, pack_order, plan_epoch, starts_new_batch
 from eqv2.data.reader import read_shard, resolve_shards
 
 log = logging.getLogger("eqv2.data")
@@ -47,6 +47,7 @@ class _SlotReader:
         self.seed, self.shuffle = cfg.seed, shuffle
         self.verify, self.on_error = cfg.verify_checksums, cfg.on_error
         self.batch_size, self.max_atoms = cfg.batch_size, cfg.max_atoms
+        self.pack = shuffle and cfg.max_atoms > 0 and cfg.pack_batches  # training batches by atoms
 
     def batches(self, local: int, start: int, pos: tuple[int, int]) -> Iterator[tuple]:
         """Batches start..K-1 of local slot `local`, whose next sample is at position pos = (p, c).
@@ -54,10 +55,12 @@ class _SlotReader:
         Yields (batch, local, next position, samples skipped since the previous batch, messages).
         """
         slot, k = self.slots[local], self.plan.num_batches
-        offsets, i0 = [], 0  # first sample position of each shuffle group, from the manifest
+        offsets, atom_offsets, i0, a0 = [], [], 0, 0  # first sample position and atoms before each group
         for g0, g1 in slot.groups:
             offsets.append(i0)
+            atom_offsets.append(a0)
             i0 += sum(self.infos[slot.shards[q]].count for q in range(g0, g1))
+            a0 += sum(self.infos[slot.shards[q]].atoms for q in range(g0, g1))
         b, members, atoms, skipped, messages = start, [], 0, 0, []
         first = max(g for g, i in enumerate(offsets) if i <= pos[0]) if pos[0] < slot.samples else len(offsets)
         cum = pos[1]
@@ -69,8 +72,11 @@ class _SlotReader:
                                              self.verify, self.on_error)
                 group.extend(samples)
                 messages.extend(errors[:_MAX_LOGGED])
-            order = group_permutation(self.seed, self.plan.epoch, slot.slot, g, len(group), self.shuffle)
-            for position, j in enumerate(order.tolist(), start=offsets[g]):
+            order = group_permutation(self.seed, self.plan.epoch, slot.slot, g, len(group), self.shuffle).tolist()
+            if self.pack:  # batches end near their atom marks: ranks' batches alike (eqv2.data.plan, 4.)
+                sizes = [len(sample["numbers"]) if sample is not None else 0 for sample in group]
+                order = pack_order(order, sizes, atom_offsets[g], slot.atoms, k)
+            for position, j in enumerate(order, start=offsets[g]):
                 if position < pos[0]:
                     continue
                 sample = group[j]
@@ -177,6 +183,8 @@ class TrainStream:
             "world_size": world_size, "num_workers": cfg.num_workers, "seed": cfg.seed,
             "batch_size": cfg.batch_size, "max_atoms": cfg.max_atoms, "shuffle_buffer": cfg.shuffle_buffer,
         }
+        if cfg.max_atoms:  # packing reorders batches by atoms only (checkpoints by structures are unaffected)
+            self._fingerprint["pack_batches"] = cfg.pack_batches
         self._plans: dict[int, EpochPlan] = {}
         self._epoch, self._step = 0, 0
         self._positions = [(0, 0)] * self._slots  # next (sample position, atoms before it) of each local slot

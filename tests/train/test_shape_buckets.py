@@ -30,6 +30,26 @@ def test_the_tool_predicts_the_shapes_the_trainer_logs(tmp_path, demo_data):
     assert predicted[0] == 2 and sum(predicted) > 2  # both ranks' first batch, and more shapes later
     quiet = [end for end in range(2, 11, 2) if predicted[end - 2] == predicted[end - 1] == 0]
     assert result["quiet_intervals"] == quiet
+    # the replayed batches are the trainer's: per step, the ranks' padded atom counts are their atoms
+    # plus 1..16 (pad_atoms_multiple=16), against the atoms the trainer logged over both ranks
+    for s in range(1, 11):
+        logged_atoms = round(train[s]["atoms_per_s"] / train[s]["steps_per_s"])
+        padded = sum(result["padded"][r][s - 1][0] for r in range(2))
+        assert logged_atoms + 2 <= padded <= logged_atoms + 32, (s, logged_atoms, padded)
+    assert result["imbalance"]["max_over_mean_atoms"] >= 1.0 and result["imbalance"]["max_over_mean_edges"] >= 1.0
+
+
+def test_imbalance_is_the_slowest_rank_over_the_mean():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("shape_buckets", REPO / "tools" / "shape_buckets.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    # two ranks, two steps: (atoms, edges) per step
+    out = tool.imbalance([[(32, 512), (32, 1024)], [(64, 512), (32, 512)]])
+    assert out["max_over_mean_atoms"] == (64 / 48 + 1.0) / 2
+    assert out["max_over_mean_edges"] == (1.0 + 1024 / 768) / 2
+    assert "max_over_mean_edges" not in tool.imbalance([[(32, 0)], [(48, 0)]])  # no graphs in the loader
 
 
 def test_a_config_without_shape_buckets_is_refused(demo_data):
