@@ -15,7 +15,8 @@ def test_compiled_training_does_not_recompile_as_batches_vary(demo_data, tmp_pat
     rc, out = run_train(["--ds_config", str(HERE / "ds_zero2_cpu.json"), "--config", str(HERE / "tiny_run.yaml"),
                          *data_args(demo_data), "--set", f"run_dir={run_dir}", "--set", "optim.max_steps=14",
                          "--set", "compile.enabled=true", "--set", "checkpoint.every_steps=1000",
-                         "--set", "data.max_atoms=80", *pads], timeout=900)  # batches by atoms: 2-4 structures each
+                         "--set", "data.max_atoms=80", "--set", "data.pack_batches=false", *pads],
+                        timeout=900)  # batches by atoms, unpacked so that their sizes vary: 2-4 structures each
     assert rc == [0], out[-3000:]
     assert "compiled: 6 parts" in out  # 2 blocks, the edge-degree embedding, 2 heads, the edge frames
     train, _ = records(run_dir)
