@@ -112,12 +112,7 @@ class EMA:
                 full = _assemble(shards, name)
                 if tuple(full.shape) != tuple(p.ds_shape if hasattr(p, "ds_tensor") else p.shape):
                     raise ValueError(f"EMA tensor {name}: checkpoint shape {tuple(full.shape)} does not match the model")
-                part = full.reshape(-1) if hasattr(p, "ds_tensor") else full
-                if hasattr(p, "ds_tensor"):
-                    n = p.ds_tensor.numel()
-                    flat = torch.zeros(n * world, dtype=part.dtype)
-                    flat[: part.numel()] = part
-                    part = flat[rank * n: (rank + 1) * n]
+                part = _own_partition(p, full) if hasattr(p, "ds_tensor") else full
             self.shadow[i].copy_(part.to(self.shadow[i].device, torch.float32).view_as(self.shadow[i]))
         self.updates = int(shards[0]["updates"])
         barrier()
@@ -140,17 +135,23 @@ class EMA:
         for i, (name, p) in enumerate(zip(self.names, self.params)):
             full = shadow[name].to(self.shadow[i].device, torch.float32)
             if hasattr(p, "ds_tensor"):
-                rank = torch.distributed.get_rank()
-                n = p.ds_tensor.numel()
-                flat = torch.zeros(n * torch.distributed.get_world_size(), device=full.device)
-                flat[: full.numel()] = full.reshape(-1)
-                full = flat[rank * n: (rank + 1) * n]
+                full = _own_partition(p, full)
             elif full.shape != self.shadow[i].shape:
                 raise ValueError(f"EMA tensor {name}: checkpoint shape {tuple(full.shape)} "
                                  f"!= model shape {tuple(self.shadow[i].shape)}")
             self.shadow[i].copy_(full.view_as(self.shadow[i]))
         self.updates = int(state.get("updates", 0))
         barrier()
+
+
+def _own_partition(param: nn.Parameter, full: torch.Tensor) -> torch.Tensor:
+    """This rank's ZeRO-3 partition of a full tensor of `param`: its flat values, zero-padded to the
+    ranks' equal parts, cut at this rank's part."""
+    n = param.ds_tensor.numel()
+    flat = torch.zeros(n * torch.distributed.get_world_size(), dtype=full.dtype, device=full.device)
+    flat[: full.numel()] = full.reshape(-1)
+    rank = torch.distributed.get_rank()
+    return flat[rank * n: (rank + 1) * n]
 
 
 def _assemble(shards: list[dict], name: str) -> torch.Tensor:
