@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def new_shape_steps(cfg, rank: int, ranks: int, steps: int) -> tuple[list[int], int, list[tuple[int, int]]]:
     """(steps 1..`steps` at which rank `rank` of `ranks` meets a new padded shape, shapes seen, the padded
     (atoms, edges) of its batch at every step; edges 0 when the loader builds no graphs)."""
-    from eqv2.model.graph import bucket_shape
     from eqv2.data import TrainStream
     from eqv2.model.graph import GraphBuilder
     from eqv2.training.compile import ShapeBuckets
@@ -45,10 +44,8 @@ def new_shape_steps(cfg, rank: int, ranks: int, steps: int) -> tuple[list[int], 
                 step += 1
                 if buckets.count_new([batch]):
                     new.append(step)
-                edges = batch.edge_index.shape[1] if batch.edge_index is not None else 0
-                atoms_p, edges_p = bucket_shape(batch.pos.shape[0], edges, cfg.model.pad_atoms_multiple,
-                                                cfg.model.pad_edges_multiple)
-                padded.append((atoms_p, edges_p if batch.edge_index is not None else 0))
+                atoms, _, edges = buckets.shape(batch)
+                padded.append((atoms, edges or 0))
                 if step == steps:
                     break
             epoch += 1

@@ -23,8 +23,8 @@ Policy (also in docs/data.md):
 4. Packing (`max_atoms` with `pack_batches`).  Taken in random order, a batch overshoots its (b+1)/K
    mark by part of one structure, so batches differ by up to a structure's atoms and in a synchronous
    step every rank waits for the largest.  `pack_order` reorders each loaded group so that the sample
-   that crosses a mark is the one that crosses it least (the smallest that reaches it), leaving
-   the other samples in their random order.  It depends only on the group's samples and the atoms of
+   that closes a batch lands near its mark (and the gap before it stays one the sizes present can
+   fill), leaving the other samples in their random order.  It depends only on the group's samples and the atoms of
    the slot's earlier groups (from the manifest), so resuming reloads the group into the same order.
 """
 from __future__ import annotations

@@ -173,13 +173,17 @@ class ShapeBuckets:
         self.atoms_multiple, self.edges_multiple = atoms_multiple, edges_multiple
         self.seen: set[tuple] = set()
 
+    def shape(self, batch) -> tuple[int, int, int | None]:
+        """(padded atoms, structures + 1, padded edges or None when the host batch has no graph)."""
+        edges = batch.edge_index.shape[1] if batch.edge_index is not None else 0
+        atoms, padded_edges = bucket_shape(batch.pos.shape[0], edges, self.atoms_multiple, self.edges_multiple)
+        return atoms, batch.num_graphs + 1, padded_edges if batch.edge_index is not None else None
+
     def count_new(self, batches) -> int:
         """How many of `batches` (host AtomsBatch) have a shape not seen before; remembers them."""
         new = 0
         for batch in batches:
-            edges = batch.edge_index.shape[1] if batch.edge_index is not None else 0
-            atoms, padded_edges = bucket_shape(batch.pos.shape[0], edges, self.atoms_multiple, self.edges_multiple)
-            key = (atoms, batch.num_graphs + 1, padded_edges if batch.edge_index is not None else None)
+            key = self.shape(batch)
             if key not in self.seen:
                 self.seen.add(key)
                 new += 1
