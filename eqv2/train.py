@@ -195,9 +195,10 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     padded = bool(cfg.model.pad_atoms_multiple or cfg.model.pad_edges_multiple)
     buckets = ShapeBuckets(cfg.model.pad_atoms_multiple, cfg.model.pad_edges_multiple) if padded else None
     collector = GarbageCollection(cfg.gc)
+    compile_events = CompileEvents() if compiled else None
     logger = StepLogger(run_dir, dist.device, dist.is_main, total_steps, step, cfg.log.every_steps,
                         cfg.log.progress_bar, engine.monitor, count_shape_buckets=padded,
-                        compile_events=CompileEvents() if compiled else None, collector=collector)
+                        compile_events=compile_events, collector=collector)
     profiler = StepProfiler(cfg.log.profile_steps, run_dir, dist.rank, dist.device)
     scale = float(dist.world_size * gas)  # undoes DeepSpeed's mean over ranks and micro-batches
     zero_loss = _zero_loss_fn(engine)
@@ -251,7 +252,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
                     grad_norm_needed=log_now, max_grad_norm=max_grad_norm)
                 step += 1
                 profiler.after(step)
-                collector.after_step(step)
+                collector.after_step(step, compile_events.total if compile_events is not None else 0)
                 nonfinite += skipped > 0  # steps with at least one non-finite micro-batch
                 if ema is not None and skipped < gas:
                     with phase("ema"):

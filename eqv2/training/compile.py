@@ -207,6 +207,7 @@ class CompileEvents:
         self._handler = callback_handler
         self.available = callback_handler is not None
         self.compiles, self.cudagraph_records, self.seconds = 0, 0, 0.0
+        self.total = 0  # all compilations and recordings of this process, never reset
         self._started: tuple[float, str] | None = None
         if self.available:
             callback_handler.register_start_callback(self._start)
@@ -222,6 +223,7 @@ class CompileEvents:
         t0, trigger = self._started
         self._started = None
         self.seconds += time.perf_counter() - t0
+        self.total += 1
         if trigger == "CUDAGRAPH_RECORDING":
             self.cudagraph_records += 1
         else:

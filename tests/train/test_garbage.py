@@ -1,5 +1,6 @@
 """eqv2/training/garbage.py: Python's garbage collections timed per interval, and the manual schedule."""
 import gc
+import weakref
 
 import pytest
 
@@ -35,8 +36,52 @@ def test_collections_are_timed_and_counted():
     assert collector.take() == (0, 0.0)  # stopped: no longer timed
 
 
+class _Node:
+    pass
+
+
+def _cycle() -> weakref.ref:
+    node = _Node()
+    node.self = node  # only a collection frees it
+    return weakref.ref(node)
+
+
+def test_freeze_after_the_first_step_and_after_graphs_are_built():
+    assert gc.get_freeze_count() == 0
+    collector = GarbageCollection(GCConfig())
+    keep = [[i] for i in range(50000)]  # long-lived objects, like a model's and its compiled graphs'
+    collector.start()
+    try:
+        dead = _cycle()
+        collector.after_step(1, graph_events=0)  # the first step: collect, then freeze the survivors
+        assert dead() is None  # garbage is collected before the freeze, not frozen with the rest
+        first = gc.get_freeze_count()
+        assert first >= len(keep) and collector.take()[0] == 1
+        more = [[i] for i in range(20000)]
+        collector.after_step(2, graph_events=0)  # nothing compiled: no collection, nothing frozen
+        assert gc.get_freeze_count() == first and collector.take()[0] == 0
+        collector.after_step(3, graph_events=7)  # a compilation or recording: freeze what is new
+        assert gc.get_freeze_count() >= first + len(more) and collector.take()[0] == 1
+        gc.collect()  # a full collection now walks only what came after the freeze
+        assert collector.take()[0] == 1
+    finally:
+        collector.stop()
+    assert gc.get_freeze_count() == 0  # stop() puts the objects back into the collected generations
+
+
+def test_no_freeze_when_switched_off():
+    collector = GarbageCollection(GCConfig(freeze=False))
+    collector.start()
+    try:
+        collector.after_step(1, graph_events=0)
+        collector.after_step(2, graph_events=3)
+        assert gc.get_freeze_count() == 0 and collector.take() == (0, 0.0)
+    finally:
+        collector.stop()
+
+
 def test_manual_mode_collects_on_schedule_only():
-    collector = GarbageCollection(GCConfig(manual_every_steps=3))
+    collector = GarbageCollection(GCConfig(manual_every_steps=3, freeze=False))
     collector.start()
     try:
         assert not gc.isenabled()  # no collection at a moment Python picks
@@ -68,5 +113,6 @@ def test_the_trainer_logs_collections_and_collects_on_schedule(demo_data, tmp_pa
     train, _ = records(run_dir)  # logged every step
     full = {step: rec["gc_full"] for step, rec in train.items()}
     # automatic collection off: exactly the scheduled full collections, logged in their step's interval
-    assert full == {s: int(s % 3 == 0) for s in range(1, 9)}, full
+    # and the collection before the freeze after step 1
+    assert full == {s: int(s % 3 == 0 or s == 1) for s in range(1, 9)}, full
     assert all(train[s]["gc_s"] > 0 for s in (3, 6))
