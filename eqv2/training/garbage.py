@@ -15,10 +15,11 @@ Each freeze costs one collection of what is new since the last one; later object
 Python wrappers and their cycles) are collected as usual.  On an H200, 153M compiled, a full collection
 took about 1 s without it (BENCHMARKS.md, session 12).  `stop()` unfreezes.
 
-`gc.manual_every_steps: N` schedules collections instead: automatic collection is off while the loop runs and every rank
-runs a full collection after each N-th optimizer step (the data loader's worker processes, forked
-from the trainer, turn automatic collection back on for themselves).  0 (the default) leaves Python's
-automatic collection on.  Either way the trainer logs, per interval and summed over ranks, how many full
+`gc.manual_every_steps: N` schedules collections instead: automatic collection is off while the loop
+runs and every rank runs a full collection after each N-th optimizer step (the data loader's worker
+processes, forked from the trainer, turn automatic collection back on for themselves).  0 (the
+default) leaves Python's automatic collection on.  Without the freeze, on two H200s at N = 50, each
+scheduled collection still took 0.5-0.85 s, more than the automatic ones cost (session 12).  Either way the trainer logs, per interval and summed over ranks, how many full
 collections ran and how long all collections took (`gc_full`, `gc_s` in metrics.jsonl).
 """
 from __future__ import annotations
