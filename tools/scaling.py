@@ -8,7 +8,9 @@ compilation, leaving out an interval with profiled steps) and reported per rank,
 against the smallest N.  With shape buckets (CUDA graphs) each batch of a shape not seen before costs a
 graph recording on its rank, and every rank waits for it at the next all-reduce; the trainer logs
 these per interval, with the compilations and CUDA-graph recordings torch reports, and the steady-state
-columns average only the intervals in which no rank met any of them.
+columns average only the intervals in which no rank met any of them.  The quiet columns also leave out
+intervals in which some rank ran a full Python garbage collection (a real cost, which the steady
+columns keep: without `gc.freeze` about 1 s each on an H200, and every rank waits for it).
 
 The 1-vs-N equivalence is not measured here: ranks read disjoint shards, so N ranks and one rank
 with accumulation see different samples.  tests/train/test_engine_equivalence.py feeds both layouts
@@ -158,6 +160,9 @@ def weak_scaling(args, work: Path) -> list[dict]:
                       f"{row['steady_intervals']} of {row['intervals']} intervals")
         elif "steady_intervals" in row:
             steady = "; every interval met a new shape bucket, a compilation or a CUDA-graph recording"
+        if row.get("quiet_intervals"):
+            steady += (f"; quiet {row['quiet_samples_per_s_per_rank']:.2f} per rank over {row['quiet_intervals']} "
+                       f"(full collections: {row['gc_full']}, {row['gc_s']:.1f} s in all collections)")
         worst = (f" (worst rank and interval {100 * row['data_wait_max_frac']:.1f} %)"
                  if "data_wait_max_frac" in row else "")
         print(f"{n} rank(s): {row['samples_per_s']:.2f} samples/s, {row['samples_per_s_per_rank']:.2f} per rank, "
@@ -167,6 +172,8 @@ def weak_scaling(args, work: Path) -> list[dict]:
         row["efficiency"] = row["samples_per_s_per_rank"] / rows[0]["samples_per_s_per_rank"]
         if row.get("steady_samples_per_s_per_rank") and rows[0].get("steady_samples_per_s_per_rank"):
             row["steady_efficiency"] = row["steady_samples_per_s_per_rank"] / rows[0]["steady_samples_per_s_per_rank"]
+        if row.get("quiet_samples_per_s_per_rank") and rows[0].get("quiet_samples_per_s_per_rank"):
+            row["quiet_efficiency"] = row["quiet_samples_per_s_per_rank"] / rows[0]["quiet_samples_per_s_per_rank"]
     return rows
 
 
@@ -177,7 +184,9 @@ STEADY_KEYS = ("new_shape_buckets", "compiles", "cudagraph_records")
 
 def summarise(timed: list[dict], ranks: int) -> dict:
     """Means over the timed intervals; where the run logs STEADY_KEYS, also over the steady ones (no
-    rank met a new shape, compiled or recorded a CUDA graph in them)."""
+    rank met a new shape, compiled or recorded a CUDA graph in them), and where it logs `gc_full`, over
+    the quiet ones (steady, and no rank ran a full garbage collection): steady includes what collections
+    cost, quiet shows what the ranks' work and communication alone allow."""
     def mean(key, recs):
         return sum(r[key] for r in recs) / len(recs)
 
@@ -194,6 +203,11 @@ def summarise(timed: list[dict], ranks: int) -> dict:
             out[k] = sum(r[k] for r in timed)
         out["steady_intervals"] = len(steady)
         out["steady_samples_per_s_per_rank"] = mean("samples_per_s", steady) / ranks if steady else None
+        if all("gc_full" in r for r in timed):  # quiet: steady, and no rank ran a full garbage collection
+            quiet = [r for r in steady if not r["gc_full"]]
+            out["gc_full"], out["gc_s"] = sum(r["gc_full"] for r in timed), sum(r["gc_s"] for r in timed)
+            out["quiet_intervals"] = len(quiet)
+            out["quiet_samples_per_s_per_rank"] = mean("samples_per_s", quiet) / ranks if quiet else None
     return out
 
 
@@ -221,15 +235,15 @@ def main(argv=None) -> int:
     work = Path(args.work)
     result = {"weak_scaling": weak_scaling(args, work)}
     print("| ranks | samples/s | per rank | efficiency | steady per rank (intervals) | steady efficiency | "
-          "peak GiB | data wait |")
+          "quiet per rank (intervals) | quiet efficiency | peak GiB | data wait |")
     for row in result["weak_scaling"]:
-        steady, eff = "–", "–"
-        if row.get("steady_samples_per_s_per_rank"):
-            steady = f"{row['steady_samples_per_s_per_rank']:.2f} ({row['steady_intervals']}/{row['intervals']})"
-        if row.get("steady_efficiency"):
-            eff = f"{100 * row['steady_efficiency']:.1f} %"
+        cells = []
+        for kind in ("steady", "quiet"):
+            per_rank, eff = row.get(f"{kind}_samples_per_s_per_rank"), row.get(f"{kind}_efficiency")
+            cells.append(f"{per_rank:.2f} ({row[f'{kind}_intervals']}/{row['intervals']})" if per_rank else "–")
+            cells.append(f"{100 * eff:.1f} %" if eff else "–")
         print(f"| {row['ranks']} | {row['samples_per_s']:.2f} | {row['samples_per_s_per_rank']:.2f} | "
-              f"{100 * row['efficiency']:.1f} % | {steady} | {eff} | {row['peak_mem_gib_rank0']:.1f} | "
+              f"{100 * row['efficiency']:.1f} % | {' | '.join(cells)} | {row['peak_mem_gib_rank0']:.1f} | "
               f"{100 * row['data_wait_frac']:.1f} % |")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

@@ -27,12 +27,14 @@ def test_weak_scaling_runs_one_and_two_ranks(tmp_path, demo_data):
     rows = json.loads((tmp_path / "scaling.json").read_text())["weak_scaling"]
     assert [r["ranks"] for r in rows] == [1, 2]
     assert rows[0]["efficiency"] == 1.0 and rows[0]["steady_efficiency"] == 1.0
+    assert "| quiet per rank (intervals) | quiet efficiency |" in proc.stdout
     for row in rows:
         assert row["samples_per_s"] > 0 and row["intervals"] == 3  # logged steps 4, 6, 8 are timed
         assert abs(row["samples_per_s_per_rank"] * row["ranks"] - row["samples_per_s"]) < 1e-9
         assert 0.0 <= row["data_wait_frac"] < 1.0  # the loop's share of time blocked on the loader
         assert row["steady_intervals"] == 3 and row["new_shape_buckets"] == 0
         assert abs(row["steady_samples_per_s_per_rank"] - row["samples_per_s_per_rank"]) < 1e-9
+        assert row["quiet_intervals"] <= row["steady_intervals"] and row["gc_full"] >= 0  # collections are logged
         # the trainer's record: the new shapes of all ranks, summed, in the interval they were met
         recs = [json.loads(line) for line in (tmp_path / "work" / f"weak_{row['ranks']}" / "metrics.jsonl")
                 .read_text().splitlines()]
@@ -64,6 +66,20 @@ def test_steady_state_leaves_out_intervals_with_new_shape_buckets():
     assert (out["compiles"], out["cudagraph_records"]) == (2, 1)
     logged[0]["cudagraph_records"] = 0
     assert scaling.summarise(logged, 1)["steady_samples_per_s_per_rank"] == 40.0
+    assert "quiet_intervals" not in scaling.summarise(logged, 1)  # no collections logged: no quiet column
+
+
+def test_quiet_intervals_also_leave_out_full_garbage_collections():
+    scaling = _module()
+    recs = [dict(step=s, samples_per_s=v, atoms_per_s=10 * v, peak_mem_gib=1.0, data_wait_frac=0.0,
+                 new_shape_buckets=n, compiles=0, cudagraph_records=0, gc_full=g, gc_s=t)
+            for s, v, n, g, t in [(20, 40.0, 0, 0, 0.01), (40, 10.0, 3, 1, 1.2), (60, 30.0, 0, 1, 1.1),
+                                  (80, 44.0, 0, 0, 0.02)]]
+    out = scaling.summarise(recs, 2)
+    assert out["steady_intervals"] == 3 and out["steady_samples_per_s_per_rank"] == 114.0 / 3 / 2
+    assert out["quiet_intervals"] == 2 and out["quiet_samples_per_s_per_rank"] == 21.0  # (40 + 44) / 2 / 2
+    assert out["gc_full"] == 2 and abs(out["gc_s"] - 2.33) < 1e-9
+    assert scaling.summarise(recs[2:3], 1)["quiet_samples_per_s_per_rank"] is None
 
 
 def test_a_failing_run_is_reported_with_its_log(tmp_path, demo_data):
