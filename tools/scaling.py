@@ -146,6 +146,9 @@ def weak_scaling(args, work: Path) -> list[dict]:
     for n in args.ranks:
         run_dir = work / f"weak_{n}"
         run_dir.mkdir(parents=True, exist_ok=True)
+        # the trainer appends to metrics.jsonl: records of an earlier run in the same --work directory
+        # (more steps, another interval) would be read as this run's
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         ds = write_ds_config(run_dir / "ds_in.json", Path(args.ds_config), args.micro_batch)
         wall = launch(n, run_args(args, run_dir, ds), run_dir / "log.txt", args.timeout)
         timed = timed_intervals(train_records(run_dir), args.skip, args.log_every, profiled_steps(args.set))

@@ -46,6 +46,14 @@ def test_weak_scaling_runs_one_and_two_ranks(tmp_path, demo_data):
     assert (tmp_path / "work" / "weak_2" / "metrics.jsonl").exists()
     assert not [p for n in (1, 2) for p in (tmp_path / "work" / f"weak_{n}" / "checkpoints").glob("step_*")]
     assert "checkpoint.save_at_end=false: step 8 is not saved" in (tmp_path / "work" / "weak_2" / "log.txt").read_text()
+    # a shorter run into the same --work directory times its own steps only (the trainer appends to
+    # metrics.jsonl, so step 8 of the run above would otherwise be read as a third interval)
+    proc = _scaling(tmp_path, demo_data, "--ranks", "1", "--steps", "6")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    row, = json.loads((tmp_path / "scaling.json").read_text())["weak_scaling"]
+    assert row["intervals"] == 2, row  # steps 4 and 6
+    recs = [json.loads(line) for line in (tmp_path / "work" / "weak_1" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "split" not in r] == [2, 4, 6], recs
 
 
 def test_steady_state_leaves_out_intervals_with_new_shape_buckets():
