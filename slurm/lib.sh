@@ -46,6 +46,18 @@ eqv2_nccl_env() {
   export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 }
 
+# torch.compile's on-disk caches (Inductor's compiled FX graphs and AOTAutograd artifacts, Triton
+# kernels, autotuning results) in the run directory instead of each node's /tmp, unless the user set
+# TORCHINDUCTOR_CACHE_DIR: a requeued or resubmitted job, which may land on other nodes, then loads its
+# compiled graphs instead of compiling them again (on one H200 a warm cache cut the 153M trainer's first
+# 20 steps from ~250 s to ~80 s; BENCHMARKS.md, session 12).  Entries are keyed by graph, torch version
+# and device, and written by rename, so ranks and nodes can share the directory; on a file system that
+# is slow with many small files, point TORCHINDUCTOR_CACHE_DIR at node-local disk instead.
+eqv2_compile_cache() {
+  export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$1/compile_cache}
+  mkdir -p "$TORCHINDUCTOR_CACHE_DIR"
+}
+
 # The launcher for one task per rank.  LAUNCHER=srun (default) maps SLURM's variables to torch's in
 # slurm/task.sh; LAUNCHER=pmix|pmi2 runs the same step through SLURM's MPI plugin and lets the trainer
 # discover ranks through mpi4py; LAUNCHER=mpirun hands the allocation to the MPI library's own launcher.
@@ -160,7 +172,7 @@ eqv2_stamp_dir() {
     echo "git: $(git -C "$EQV2_ROOT" rev-parse HEAD 2>/dev/null || echo unknown)"
     echo "started: $(date --iso-8601=seconds)"
   } >"$dir/job.txt"
-  env | grep -E '^(SLURM_|NCCL_|TORCH_|OMP_|MASTER_|CUDA_)' | sort >"$dir/env.txt" || true
+  env | grep -E '^(SLURM_|NCCL_|TORCH_|TORCHINDUCTOR_|OMP_|MASTER_|CUDA_)' | sort >"$dir/env.txt" || true
   echo "$dir"
 }
 
@@ -181,6 +193,7 @@ eqv2_train() {
   mkdir -p "$run_dir"
   eqv2_rendezvous
   eqv2_nccl_env
+  eqv2_compile_cache "$run_dir"
   eqv2_launcher
   stamp=$(eqv2_stamp_dir "$run_dir")
   local train=(eqv2/train.py --ds_config "$DS_CONFIG" --config "$config" --set "run_dir=$run_dir"
