@@ -201,11 +201,15 @@ def test_signal_during_startup_requeues_and_matches(reference, demo_raw, tmp_pat
 
 def test_bad_config_fails_fast_without_launching(slurm_cluster, tmp_path, jobs):
     """The shipped All+MD config without its data: the pre-launch check names the missing manifest,
-    exits 2 (never requeued) and no rank is started."""
-    job = submit("slurm/train_all_md.sh", tmp_path, SBATCH, {"RUN_DIR": str(tmp_path / "run")})
+    exits 2 (never requeued) and no rank is started.  A compile-cache directory the user set is kept."""
+    cache = tmp_path / "my_cache"
+    job = submit("slurm/train_all_md.sh", tmp_path, SBATCH,
+                 {"RUN_DIR": str(tmp_path / "run"), "TORCHINDUCTOR_CACHE_DIR": str(cache)})
     jobs.append(job)
     state = job.wait(timeout=60)
     logs = job.logs()
     assert state in ("FAILED", "GONE"), f"job with a missing data manifest ended {state}\n{logs}"
     assert "data.train_manifest: file not found" in logs and "nothing was launched" in logs, logs
     assert "eqv2.train:" not in logs and "requeueing" not in logs, logs
+    env_txt, = (tmp_path / "run" / "jobs").glob("*/env.txt")
+    assert f"TORCHINDUCTOR_CACHE_DIR={cache}\n" in env_txt.read_text() and cache.is_dir()
