@@ -173,10 +173,10 @@ def weak_scaling(args, work: Path) -> list[dict]:
               f"{worst}{steady} ({wall:.0f} s)", flush=True)
     for row in rows:
         row["efficiency"] = row["samples_per_s_per_rank"] / rows[0]["samples_per_s_per_rank"]
-        if row.get("steady_samples_per_s_per_rank") and rows[0].get("steady_samples_per_s_per_rank"):
-            row["steady_efficiency"] = row["steady_samples_per_s_per_rank"] / rows[0]["steady_samples_per_s_per_rank"]
-        if row.get("quiet_samples_per_s_per_rank") and rows[0].get("quiet_samples_per_s_per_rank"):
-            row["quiet_efficiency"] = row["quiet_samples_per_s_per_rank"] / rows[0]["quiet_samples_per_s_per_rank"]
+        for kind in ("steady", "quiet"):
+            key = f"{kind}_samples_per_s_per_rank"
+            if row.get(key) and rows[0].get(key):
+                row[f"{kind}_efficiency"] = row[key] / rows[0][key]
     return rows
 
 

@@ -51,8 +51,7 @@ class GarbageCollection:
     def __init__(self, cfg: GCConfig) -> None:
         self.every = cfg.manual_every_steps
         self.freeze = cfg.freeze
-        self.freezes = 0  # collect-and-freeze rounds so far
-        self._graph_events = -1  # compile events seen at the last freeze (-1: none yet)
+        self._graph_events = -1  # compile events seen at the last freeze (-1: nothing frozen yet)
         self.seconds, self.full = 0.0, 0
         self._t0: float | None = None
         self._was_enabled = True
@@ -66,7 +65,7 @@ class GarbageCollection:
     def stop(self) -> None:
         if self._callback in gc.callbacks:
             gc.callbacks.remove(self._callback)
-        if self.freezes:
+        if self._graph_events >= 0:
             gc.unfreeze()
         if self._was_enabled:
             gc.enable()
@@ -85,7 +84,6 @@ class GarbageCollection:
         if self.freeze and graph_events != self._graph_events:  # step 1, or graphs were built
             gc.collect()
             gc.freeze()
-            self.freezes += 1
             self._graph_events = graph_events
         elif self.every and step % self.every == 0:
             gc.collect()
