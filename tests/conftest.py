@@ -1,15 +1,13 @@
-"""Shared fixtures: the real OC20 structure from ../shared, seeded RNG."""
+"""Shared fixtures: the real OC20 structure kept in tests/assets (OC20, CC-BY 4.0), seeded RNG."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-# EQV2_OC20_JSON points elsewhere where ../shared is absent (e.g. on the GPU machine)
-OC20_JSON = Path(os.environ.get("EQV2_OC20_JSON", REPO.parent / "shared" / "data" / "oc20_adslab.json"))
+OC20_JSON = REPO / "tests" / "assets" / "oc20_adslab.json"  # provenance: tests/assets/README.md
 
 
 @pytest.fixture(scope="session")
@@ -18,7 +16,7 @@ def oc20_atoms():
     import ase.io
 
     if not OC20_JSON.is_file():
-        pytest.fail(f"missing shared test structure {OC20_JSON} (shared/ must sit beside the checkout)")
+        pytest.fail(f"missing test structure {OC20_JSON}")
     return ase.io.read(OC20_JSON)
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Data-loading throughput: eqv2 shards vs a fairchem-format LMDB holding the same samples.
 
-Builds N OC20-sized structures (the real OC20 adslab from shared/data, tiled to 68 and 102 atoms
+Builds N OC20-sized structures (the real OC20 adslab from tests/assets, tiled to 68 and 102 atoms
 and rattled; OC20 S2EF averages ~73-78 atoms), writes them as shards and as an OCP LMDB of pickled
 torch_geometric Data, then times read + decode + batch in ONE process (= one worker / core):
   shards        TrainStream(num_workers=0): tar read, sha256 check, decode, shuffle, AtomsBatch
@@ -28,14 +28,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "oc20_adslab.json"
+OC20_JSON = Path(__file__).resolve().parents[1] / "tests" / "assets" / "oc20_adslab.json"  # OC20, CC-BY 4.0
 
 
 def make_samples(n: int, seed: int) -> list[dict]:
     import ase.io
 
-    path = SHARED if SHARED.exists() else Path("/work/shared/data/oc20_adslab.json")
-    base = ase.io.read(path)
+    base = ase.io.read(OC20_JSON)
     fixed = np.zeros(len(base), bool)
     fixed[base.constraints[0].get_indices()] = True
     rng = np.random.default_rng(seed)

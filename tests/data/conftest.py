@@ -1,4 +1,4 @@
-"""Fixtures: small OC20-layout datasets derived from the real OC20 structure in shared/data."""
+"""Fixtures: small OC20-layout datasets derived from the real OC20 structure in tests/assets."""
 from __future__ import annotations
 
 import functools
@@ -13,7 +13,7 @@ from eqv2.data.format import encode_sample, sample_key
 from eqv2.data.sharding import shard_sources
 from eqv2.data.stats import summarize
 from eqv2.data.writer import ShardWriter
-from tests.conftest import OC20_JSON as OC20  # ../shared, or EQV2_OC20_JSON on the GPU machine
+from tests.conftest import OC20_JSON as OC20
 
 
 def oc20_frames(n: int, seed: int, sid0: int = 2181546) -> list[dict]:

@@ -15,6 +15,7 @@ from eqv2.checkpoint import Normalizers, save_model
 from eqv2.model.config import ModelConfig
 from eqv2.model.equiformer_v2 import EquiformerV2
 from eqv2.predict import main as predict_main
+from tests.conftest import OC20_JSON
 from tests.model.fairchem_reference import slab_structures
 
 CFG = ModelConfig(num_layers=1, lmax=2, mmax=1, sphere_channels=8, attn_hidden_channels=8, attn_alpha_channels=4,
@@ -69,12 +70,9 @@ def test_predict_cli_all_frames(checkpoint, oc20_atoms, tmp_path):
 
 
 def test_predict_reads_ase_json_db_and_reports_bad_input(checkpoint, tmp_path):
-    from pathlib import Path
-
-    shared = Path(__file__).resolve().parents[3] / "shared" / "data" / "oc20_adslab.json"
     out = tmp_path / "p.npz"
     proc = subprocess.run([sys.executable, "-m", "eqv2.predict", "--checkpoint", str(checkpoint), "--input",
-                           str(shared), "--output", str(out), "--device", "cpu"], capture_output=True, text=True)
+                           str(OC20_JSON), "--output", str(out), "--device", "cpu"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert np.load(out)["energy"].shape == (1,)
     assert predict_main(["--checkpoint", str(checkpoint), "--input", str(tmp_path / "missing.xyz"),
