@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = train(cfg, ds_cfg, args.resume, dist, stop)
         return code
-    except (ConfigError, FileNotFoundError, PlanError, SampleError, ShardError, GraphInputError) as err:  # bad input
+    except (ConfigError, FileNotFoundError, PlanError, SampleError, ShardError, GraphInputError,
+            ckpt.CheckpointError) as err:  # bad input
         print(f"eqv2.train (rank {dist.rank}): {err}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     except NonFiniteError as err:
@@ -94,13 +95,10 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     from eqv2.model.equiformer_v2 import EquiformerV2
 
     run_dir, ckpt_dir = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    barrier()
 
-    # --- resume point: decided before the engine exists (universal loading is an engine setting)
-    resume_dir = ckpt.find_resume(resume_arg, run_dir)
-    resume = ckpt.prepare_resume(resume_dir, dist.world_size, dist.rank) if resume_dir else None
+    # --- resume point, decided before anything of the run directory is written and before the engine
+    # exists (universal loading is an engine setting)
+    resume = _open_run_dir(cfg, resume_arg, run_dir, dist)
     ds = resolve_ds_config(ds_cfg, run_dir, load_universal=bool(resume and resume.universal))
     gas = ds["gradient_accumulation_steps"]
 
@@ -113,12 +111,9 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
         normalizers = Normalizers(**resume.state["normalizers"])
     else:
         normalizers = cfg.normalizers or Normalizers(stats.energy_mean, stats.energy_std, stats.force_rms)
-    if cfg.model_graph_stats_from_data:
+    if cfg.model_graph_stats_from_data and not resume:
         cfg.model.avg_num_nodes, cfg.model.avg_degree = stats.avg_num_nodes, stats.avg_degree
     cfg.normalizers = normalizers
-    if dist.is_main:  # resolved, self-contained configs of this launch
-        save_yaml(cfg, run_dir / "config.yaml")
-        (run_dir / "ds_config.json").write_text(json.dumps(ds, indent=1))
 
     # --- data
     # radius graphs built on the CPU in the loader workers, with the model's cutoff (data.build_graphs)
@@ -166,11 +161,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     # --- resume
     step, epoch, nonfinite, best = 0, 0, 0, None
     if resume:
-        load_path, _ = engine.load_checkpoint(str(resume.tag_dir.parent), tag=resume.load_tag,
-                                              load_module_strict=True, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
-        if load_path is None:
-            raise FileNotFoundError(f"DeepSpeed found no checkpoint under {resume.tag_dir.parent}/{resume.load_tag}")
+        ckpt.load_engine(engine, resume)
         st = resume.state
         step, epoch, nonfinite, best = st["step"], st["data"]["epoch"], st["nonfinite_steps"], st["best"]
         if ema is not None:
@@ -190,6 +181,10 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
         if dist.is_main:
             print(f"eqv2.train: resumed from {resume.tag_dir} (step {step}, epoch {epoch}"
                   f"{', universal' if resume.universal else ''})", flush=True)
+
+    if dist.is_main:  # resolved, self-contained configs of this launch, once every check has passed
+        save_yaml(cfg, run_dir / "config.yaml")
+        (run_dir / "ds_config.json").write_text(json.dumps(ds, indent=1))
 
     # --- loop
     padded = bool(cfg.model.pad_atoms_multiple or cfg.model.pad_edges_multiple)
@@ -211,9 +206,15 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
                 "bf16": bool(engine.bfloat16_enabled()), "nonfinite_steps": nonfinite, "best": best,
                 "total_steps": total_steps, "config": to_dict(cfg)}
 
-    def save() -> str:
-        return ckpt.save(engine, ckpt_dir, step, trainer_state(), ema.checkpoint_state(dist.rank) if ema else None,
-                         cfg.checkpoint, best["tag"] if best else None, dist.rank)
+    # the step whose checkpoint this run directory holds already: the one resumed from, if it is here
+    saved_step = step if resume and resume.tag_dir.parent.resolve() == ckpt_dir.resolve() else -1
+
+    def save() -> None:  # once per step: a best, periodic and final save of one step are one checkpoint
+        nonlocal saved_step
+        if saved_step != step:
+            ckpt.save(engine, ckpt_dir, step, trainer_state(), ema.checkpoint_state(dist.rank) if ema else None,
+                      cfg.checkpoint, best["tag"] if best else None, dist.rank)
+            saved_step = step
 
     def evaluate_and_track() -> None:
         nonlocal best
@@ -293,6 +294,44 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
         profiler.close()
         logger.close()
         stream.close()
+
+
+def _open_run_dir(cfg: RunConfig, resume_arg: str | None, run_dir: Path, dist: DistInfo) -> ckpt.ResumePoint | None:
+    """The checkpoint to resume from (None: a fresh start), after the checks that keep runs apart: a
+    fresh run never writes into a directory holding a run, a resume never continues another model, and
+    the checkpoint directory is writable before step 1 rather than at the first save."""
+    resume_dir, damaged = ckpt.find_resume(resume_arg, run_dir)
+    if resume_arg is None:
+        _on_main(dist, lambda: ckpt.refuse_existing_run(run_dir))
+    state = ckpt.read_state(resume_dir) if resume_dir else None
+    if state is not None:
+        if cfg.model_graph_stats_from_data:  # the resumed model keeps the statistics it was built with
+            cfg.model.avg_num_nodes = state["config"]["model"]["avg_num_nodes"]
+            cfg.model.avg_degree = state["config"]["model"]["avg_degree"]
+        ckpt.check_same_model(state, to_dict(cfg.model), resume_dir)
+    if dist.is_main:
+        for warning in damaged:
+            print(f"eqv2.train: warning: {warning}", file=sys.stderr, flush=True)
+    _on_main(dist, lambda: ckpt.check_writable(run_dir / "checkpoints"))
+    if state is None:
+        if resume_arg == "auto" and dist.is_main:
+            ckpt.set_aside_unsaved_attempt(run_dir)
+        return None
+    return ckpt.prepare_resume(resume_dir, state, dist.world_size, dist.rank)
+
+
+def _on_main(dist: DistInfo, check) -> None:
+    """Run `check` on rank 0 and raise its error on every rank: a check failing on one rank alone would
+    leave the others waiting in the next collective."""
+    error = None
+    if dist.is_main:
+        try:
+            check()
+        except (ConfigError, ckpt.CheckpointError) as err:
+            error = (type(err), str(err))
+    error = all_gather_object(error)[0]
+    if error is not None:
+        raise error[0](error[1])
 
 
 def _timed(groups, logger):

@@ -33,9 +33,12 @@ def resolve_tag_dir(path: Path, best: bool) -> Path:
         if not info.is_file():
             raise SystemExit(f"export_model: {info} not found (no validation ran, or checkpoint.save_best was off)")
         return path / json.loads(info.read_text())["tag"]
-    found = ckpt.find_resume(str(path), path)
-    if found is None:
-        raise SystemExit(f"export_model: no complete checkpoint under {path}")
+    try:
+        found, warnings = ckpt.find_resume(str(path), path)
+    except (FileNotFoundError, ckpt.CheckpointError) as err:
+        raise SystemExit(f"export_model: {err}") from None
+    for warning in warnings:
+        print(f"export_model: warning: {warning}", file=sys.stderr)
     return found
 
 

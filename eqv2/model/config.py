@@ -91,3 +91,9 @@ class ModelConfig:
             raise ValueError(f"max_radius must be positive, got {self.max_radius}")
         if self.grid_resolution is not None and self.grid_resolution < 2 * (self.lmax + 1) - 2:
             raise ValueError(f"grid_resolution {self.grid_resolution} is too coarse for lmax {self.lmax}")
+
+
+# How the model is executed, not which function it computes: may differ between a checkpoint and the
+# run that resumes it.
+EXECUTION_KEYS = frozenset({"validate_inputs", "pad_atoms_multiple", "pad_edges_multiple", "so2_fused_input_grad",
+                            "so2_indexed_radial", "rotation_align", "fused_rotation", "s2_kernel_form"})

@@ -4,13 +4,16 @@ Layout under ``<run_dir>/checkpoints``::
 
     latest                 one line: the tag of the newest *complete* checkpoint (atomically replaced)
     step_00001000/         DeepSpeed files (model, ZeRO shards) + ema.pt (ZeRO-3: ema_shard_<rank>.pt)
-                           + trainer_state.json + COMPLETE
+                           + trainer_state.json + COMPLETE (JSON: every file of the tag and its size)
     step_00001000_universal/  written on demand when resuming on a different number of ranks
 
 Why it is safe: a checkpoint is written into its own tag directory; only after every rank has finished
 writing does rank 0 write the COMPLETE marker and then swap `latest` by rename, which is atomic on POSIX
 file systems.  A save killed half-way therefore leaves `latest` pointing at the previous complete
-checkpoint, and pruning of old checkpoints happens only after the swap.
+checkpoint, and pruning of old checkpoints happens only after the swap.  COMPLETE lists every file of
+the checkpoint with its size, so a file truncated or replaced after the save (a full disk during a copy,
+a partial rsync) is found before loading: `--resume auto` then names the file and falls back to the
+previous complete checkpoint.
 
 Resume on another world size: ZeRO-1/2/3 and the bf16 optimizer store optimizer state partitioned per
 rank.  When the saved world size differs, rank 0 converts the checkpoint once into DeepSpeed's universal
@@ -30,7 +33,8 @@ from typing import BinaryIO, Callable
 
 import torch
 
-from eqv2.training.dist import barrier
+from eqv2.model.config import EXECUTION_KEYS
+from eqv2.training.dist import all_gather_object, barrier
 from eqv2.training.ema import assemble_partitions
 
 TAG_RE = re.compile(r"^step_(\d{8,})$")
@@ -55,6 +59,10 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         if self.every_steps < 1 or self.keep_last < 1:
             raise ValueError("checkpoint.every_steps and checkpoint.keep_last must be >= 1")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (damaged, unreadable, of another run); the message names it."""
 
 
 @dataclass
@@ -100,39 +108,75 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
     return sorted(tags, key=lambda t: int(TAG_RE.match(t).group(1)))
 
 
-def latest_tag(ckpt_dir: Path) -> str | None:
-    """The tag `latest` names if it is complete, else the newest complete tag found by scanning."""
+def _candidates(ckpt_dir: Path) -> list[str]:
+    """Complete tags, the one `latest` names first, then the others newest first."""
+    tags = complete_tags(ckpt_dir)[::-1]
     pointer = ckpt_dir / "latest"
     if pointer.is_file():
-        tag = pointer.read_text().strip()
-        if (ckpt_dir / tag / COMPLETE).is_file():
-            return tag
-    tags = complete_tags(ckpt_dir)
-    return tags[-1] if tags else None
+        named = pointer.read_text().strip()
+        if named in tags:
+            tags.remove(named)
+            tags.insert(0, named)
+    return tags
 
 
-def find_resume(resume: str | None, run_dir: Path) -> Path | None:
-    """Resolve ``--resume``: None → fresh start, "auto" → latest in the run dir (fresh if none), or a path
-    to a checkpoints directory or to one tag directory (must be complete)."""
-    if resume is None:
+def latest_tag(ckpt_dir: Path) -> str | None:
+    """The tag `latest` names if it is complete, else the newest complete tag found by scanning."""
+    tags = _candidates(ckpt_dir)
+    return tags[0] if tags else None
+
+
+def _file_sizes(tag_dir: Path) -> dict[str, int]:
+    return {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
+            if p.is_file() and p.name != COMPLETE and not p.name.startswith(".")}
+
+
+def damage(tag_dir: Path) -> str | None:
+    """What is wrong with a complete checkpoint's files against the sizes its COMPLETE marker recorded
+    (None: intact, or a marker from before sizes were recorded)."""
+    try:
+        recorded = json.loads((tag_dir / COMPLETE).read_text())["files"]
+    except (ValueError, KeyError, TypeError):
         return None
+    for name, size in recorded.items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size} bytes, the save wrote {size} (truncated or replaced)"
+    return None
+
+
+def find_resume(resume: str | None, run_dir: Path) -> tuple[Path | None, list[str]]:
+    """Resolve ``--resume``: None → fresh start, "auto" → latest in the run dir (fresh if none), or a path
+    to a checkpoints directory or to one tag directory (must be complete and intact).
+
+    Returns (tag directory or None, warnings): where the newest complete checkpoint of a directory is
+    damaged, the next older intact one is taken and a warning names the damaged file."""
+    if resume is None:
+        return None, []
+    path = run_dir / "checkpoints" if resume == "auto" else Path(resume)
+    if resume != "auto" and (path / COMPLETE).is_file():  # one tag, asked for by name: no fallback
+        if problem := damage(path):
+            raise CheckpointError(f"--resume {resume}: checkpoint damaged: {problem}")
+        return path, []
+    warnings = []
+    for tag in _candidates(path):
+        if (problem := damage(path / tag)) is None:
+            return path / tag, warnings
+        warnings.append(f"checkpoint {path / tag} is damaged ({problem}); falling back to an older one")
+    if warnings:
+        raise CheckpointError(f"--resume {resume}: every complete checkpoint under {path} is damaged: "
+                              + "; ".join(warnings))
     if resume == "auto":
-        ckpt_dir = run_dir / "checkpoints"
-        tag = latest_tag(ckpt_dir)
-        return ckpt_dir / tag if tag else None
-    path = Path(resume)
-    if (path / COMPLETE).is_file():
-        return path
-    tag = latest_tag(path)
-    if tag is None:
-        raise FileNotFoundError(f"--resume {resume}: no complete checkpoint there (expected a tag "
-                                f"directory with a {COMPLETE} marker or a directory holding such tags)")
-    return path / tag
+        return None, []
+    raise FileNotFoundError(f"--resume {resume}: no complete checkpoint there (expected a tag "
+                            f"directory with a {COMPLETE} marker or a directory holding such tags)")
 
 
-def prepare_resume(tag_dir: Path, world_size: int, rank: int) -> ResumePoint:
-    """Read the trainer state and, if the rank count changed, make the universal copy (rank 0)."""
-    state = json.loads((tag_dir / STATE_FILE).read_text())
+def prepare_resume(tag_dir: Path, state: dict, world_size: int, rank: int) -> ResumePoint:
+    """If the rank count changed since `state` (the checkpoint's trainer state) was saved, make the
+    universal copy (rank 0)."""
     partitioned = state["zero_stage"] > 0 or state["bf16"]
     universal = partitioned and state["world_size"] != world_size
     load_tag = tag_dir.name
@@ -152,13 +196,80 @@ def prepare_resume(tag_dir: Path, world_size: int, rank: int) -> ResumePoint:
     return ResumePoint(tag_dir, state, load_tag, universal)
 
 
+def load_engine(engine, resume: ResumePoint) -> None:
+    """Collective: load the engine's model and optimizer state; a rank that fails makes every rank fail
+    with the same message naming the checkpoint, instead of the others waiting in a collective."""
+    error = None
+    try:
+        load_path, _ = engine.load_checkpoint(str(resume.tag_dir.parent), tag=resume.load_tag,
+                                              load_module_strict=True, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if load_path is None:
+            error = f"DeepSpeed found no checkpoint under {resume.tag_dir.parent / resume.load_tag}"
+    except Exception as err:  # noqa: BLE001  (torch's and DeepSpeed's readers raise many kinds)
+        error = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+    errors = [e for e in all_gather_object(error) if e]
+    if errors:
+        older = [t for t in complete_tags(resume.tag_dir.parent) if t < resume.tag_dir.name]
+        hint = f"--resume {resume.tag_dir.parent / older[-1]}" if older else "a new run_dir"
+        raise CheckpointError(f"checkpoint {resume.tag_dir} cannot be loaded ({errors[0]}); move it aside or "
+                              f"continue from an earlier one with {hint}")
+
+
+def check_same_model(state: dict, model: dict, tag_dir: Path) -> None:
+    """A resume continues the checkpoint's model: every architecture key must match (kernel and padding
+    choices may change); the differing keys are named."""
+    saved = state["config"]["model"]
+    differ = [f"model.{k}: checkpoint {saved.get(k)!r}, this config {v!r}" for k, v in model.items()
+              if k not in EXECUTION_KEYS and saved.get(k, v) != v]
+    if differ:
+        raise CheckpointError(f"cannot resume from {tag_dir}: it holds another model ({'; '.join(differ)}); "
+                              "use that run's config, or start a new run in another run_dir")
+
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def refuse_existing_run(run_dir: Path) -> None:
+    """A fresh start (no --resume) into a directory that holds a run would mix two runs' checkpoints,
+    best.json and metrics: refused, naming what is there."""
+    ckpt_dir = run_dir / "checkpoints"
+    found = []
+    if ckpt_dir.is_dir() and any(TAG_RE.match(p.name) for p in ckpt_dir.iterdir()):
+        found.append(f"checkpoints in {ckpt_dir}")
+    if (run_dir / METRICS_FILE).is_file() and (run_dir / METRICS_FILE).stat().st_size:
+        found.append(f"{run_dir / METRICS_FILE}")
+    if found:
+        raise CheckpointError(f"run_dir {run_dir} already holds a run ({', '.join(found)}): continue it with "
+                              "--resume auto, or give the new run another run_dir")
+
+
+def set_aside_unsaved_attempt(run_dir: Path) -> None:
+    """`--resume auto` found no checkpoint but an earlier attempt's metrics (it ended before its first
+    save): keep them under another name, so that the fresh start's records are its own."""
+    metrics = run_dir / METRICS_FILE
+    if metrics.is_file() and metrics.stat().st_size:
+        n = 1
+        while (kept := run_dir / f"metrics.attempt{n}.jsonl").exists():
+            n += 1
+        os.replace(metrics, kept)
+        print(f"eqv2.train: no checkpoint to resume from; the earlier attempt's records are kept as {kept}",
+              file=sys.stderr, flush=True)
+
+
+def read_state(tag_dir: Path) -> dict:
+    try:
+        return json.loads((tag_dir / STATE_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{tag_dir / STATE_FILE}: unreadable trainer state ({err})") from err
+
+
 def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, ema_state: dict | None,
          cfg: CheckpointConfig, best_tag: str | None, rank: int) -> str:
-    """Collective: every rank calls it.  Returns the tag written (or already present)."""
+    """Collective: every rank calls it.  Writes the checkpoint of `step` (replacing any earlier one of
+    that step) and returns its tag."""
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
-    if latest_tag(ckpt_dir) == tag:  # already saved at this step (e.g. periodic save == final save)
-        return tag
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tag_dir, ignore_errors=True)  # leftovers of a save killed half-way
@@ -173,11 +284,23 @@ def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, ema_state: dict
         if ema_state is not None and not sharded:
             _atomic_save(ema_state, tag_dir / EMA_FILE)
         _atomic_write(tag_dir / STATE_FILE, json.dumps(trainer_state, indent=1))
-        _atomic_write(tag_dir / COMPLETE, f"{tag}\n")
+        _atomic_write(tag_dir / COMPLETE, json.dumps({"tag": tag, "files": _file_sizes(tag_dir)}, indent=1))
         _atomic_write(ckpt_dir / "latest", f"{tag}\n")
         _prune(ckpt_dir, cfg.keep_last, keep={tag, best_tag})
     barrier()
     return tag
+
+
+def check_writable(ckpt_dir: Path) -> None:
+    """Before step 1: the checkpoint directory can be created and written (rank 0; a file is written,
+    synced and removed), so that a typo or a read-only mount is not found at the first save."""
+    probe = ckpt_dir / f".write_probe{os.getpid()}"
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(probe, "probe\n")
+        probe.unlink()
+    except OSError as err:
+        raise CheckpointError(f"checkpoint directory {ckpt_dir} is not writable: {err.strerror or err}") from err
 
 
 def _prune(ckpt_dir: Path, keep_last: int, keep: set) -> None:

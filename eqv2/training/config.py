@@ -10,8 +10,10 @@ resolved config is self-contained.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import re
+from collections.abc import KeysView
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -134,9 +136,21 @@ def load_ds_config(path: str | Path) -> dict:
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         if not isinstance(ds.get(key), int) or isinstance(ds.get(key), bool) or ds[key] < 1:
             raise ConfigError(f"{path}: {key} must be a positive integer, got {ds.get(key)!r}")
-    if ds.get("fp16", {}).get("enabled"):
-        raise ConfigError(f"{path}: fp16 is not supported (force training under-/overflows); use "
-                          "torch_autocast with dtype bfloat16")
+    _check_ds_keys(ds, path)
+    for key in ("fp16", "amp", "bf16"):  # DeepSpeed's own mixed precision casts the weights themselves
+        if not isinstance(ds.get(key, {}), dict):
+            raise ConfigError(f"{path}: {key} must be a mapping such as {{\"enabled\": false}}, got {ds[key]!r}")
+        if ds.get(key, {}).get("enabled"):
+            raise ConfigError(f"{path}: {key}.enabled is not supported: eqv2 keeps fp32 weights and runs "
+                              "bf16 under autocast, with geometry and norms in fp32; use "
+                              '"torch_autocast": {"enabled": true, "dtype": "bfloat16"}')
+    autocast = ds.get("torch_autocast", {})
+    if autocast.get("enabled") and str(autocast.get("dtype", "bfloat16")).removeprefix("torch.") != "bfloat16":
+        raise ConfigError(f"{path}: torch_autocast.dtype {autocast['dtype']!r} is not supported (float16 "
+                          "under-/overflows force training); use bfloat16")
+    clip = ds.get("gradient_clipping", 0.0)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
+        raise ConfigError(f"{path}: gradient_clipping must be a number >= 0 (0: off), got {clip!r}")
     if ds.get("tensorboard", {}).get("enabled"):
         try:
             import tensorboard  # noqa: F401  (DeepSpeed's monitor needs it)
@@ -144,6 +158,59 @@ def load_ds_config(path: str | Path) -> dict:
             raise ConfigError(f"{path}: tensorboard.enabled needs the tensorboard package "
                               "(pip install tensorboard) or set it to false") from err
     return ds
+
+
+def _check_ds_keys(ds: dict, path: Path) -> None:
+    """Every top-level key must be one DeepSpeed reads, and DeepSpeed's own parser must accept the
+    values: DeepSpeed ignores a key it does not know (`zero_optimizaton` would silently train with
+    ZeRO-0).  The known keys are the ones this DeepSpeed's config parser looks up, recorded while it
+    parses the file (so the list follows the installed version)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    probe = _KeyRecorder({**ds, "train_batch_size": ds["train_micro_batch_size_per_gpu"]
+                          * ds["gradient_accumulation_steps"]})
+    try:
+        DeepSpeedConfig(probe)
+    except Exception as err:  # DeepSpeed's assertions and pydantic errors: the value is the user's
+        reason = " ".join(str(err).split())[:400]
+        raise ConfigError(f"{path}: DeepSpeed rejects this config: {reason}") from err
+    unknown = sorted(set(ds) - probe.looked_up)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(probe.looked_up), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{path}: unknown DeepSpeed config key {unknown[0]!r}{hint}; DeepSpeed would "
+                          "ignore it")
+
+
+class _KeyRecorder(dict):
+    """A mapping that records which keys were looked up (by [], get, in, keys() membership)."""
+
+    def __init__(self, data: dict) -> None:
+        super().__init__(data)
+        self.looked_up: set = set()
+
+    def __getitem__(self, key):
+        self.looked_up.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.looked_up.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key) -> bool:
+        self.looked_up.add(key)
+        return super().__contains__(key)
+
+    def keys(self):
+        return _RecordingKeys(self)
+
+    def __copy__(self) -> "_KeyRecorder":  # DeepSpeed parses a shallow copy: keep recording
+        return self
+
+
+class _RecordingKeys(KeysView):
+    def __contains__(self, key) -> bool:
+        return key in self._mapping
 
 
 def resolve_ds_config(ds: dict, run_dir: Path, load_universal: bool) -> dict:

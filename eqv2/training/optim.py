@@ -35,6 +35,15 @@ class OptimConfig:
             raise ValueError("set at most one of optim.warmup_steps and optim.warmup_epochs")
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be positive, got {self.lr}")
+        for key in ("max_steps", "max_epochs"):  # a run of no steps would "succeed" having trained nothing
+            if (value := getattr(self, key)) is not None and not value > 0:
+                raise ValueError(f"optim.{key} must be positive, got {value}")
+        for key in ("warmup_steps", "warmup_epochs", "weight_decay"):
+            if (value := getattr(self, key)) is not None and value < 0:
+                raise ValueError(f"optim.{key} must be >= 0, got {value}")
+        if not 0.0 <= self.warmup_factor <= 1.0 or not 0.0 <= self.lr_min_factor <= 1.0:
+            raise ValueError(f"optim.warmup_factor and optim.lr_min_factor must be in [0, 1], got "
+                             f"{self.warmup_factor} and {self.lr_min_factor}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"optim.ema_decay must be in (0, 1), got {self.ema_decay}")
 

@@ -78,9 +78,9 @@ def test_interrupted_save_never_replaces_the_last_good_checkpoint(tmp_path):
     assert ckpt.latest_tag(d) == "step_00000008"
     (d / "latest").write_text("step_00000004\n")  # a valid pointer wins over the scan
     assert ckpt.latest_tag(d) == "step_00000004"
-    assert ckpt.find_resume("auto", tmp_path) == d / "step_00000004"
-    assert ckpt.find_resume(None, tmp_path) is None
-    assert ckpt.find_resume("auto", tmp_path / "fresh") is None  # first start of a requeueable job
+    assert ckpt.find_resume("auto", tmp_path) == (d / "step_00000004", [])
+    assert ckpt.find_resume(None, tmp_path) == (None, [])
+    assert ckpt.find_resume("auto", tmp_path / "fresh") == (None, [])  # first start of a requeueable job
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         ckpt.find_resume(str(d / "step_00000012"), tmp_path)
 
