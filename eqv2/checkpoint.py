@@ -89,8 +89,8 @@ def save_model(
     os.replace(tmp, path)
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> Potential:
-    """Load a model checkpoint into a `Potential` in eval mode on `device`."""
+def read_model_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], Normalizers, dict]:
+    """(model config mapping, state dict, normalisers, meta) of a model checkpoint, checked."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model checkpoint not found: {path}")
@@ -104,10 +104,16 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> P
         raise ValueError(f"{path}: not an eqv2 model checkpoint{hint}")
     if payload.get("version") != VERSION:
         raise ValueError(f"{path}: unsupported eqv2 checkpoint version {payload.get('version')} (expected {VERSION})")
-    cfg = from_dict(ModelConfig, payload["model_config"], prefix="model_config")
+    normalizers = from_dict(Normalizers, payload["normalizers"], prefix="normalizers")
+    return payload["model_config"], payload["state_dict"], normalizers, payload.get("meta") or {}
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> Potential:
+    """Load a model checkpoint into a `Potential` in eval mode on `device`."""
+    model_config, state_dict, normalizers, meta = read_model_file(path)
+    cfg = from_dict(ModelConfig, model_config, prefix="model_config")
     model = EquiformerV2(cfg)
-    missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the model config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    normalizers = from_dict(Normalizers, payload["normalizers"], prefix="normalizers")
-    return Potential(model, normalizers, payload.get("meta")).to(device).eval()
+    return Potential(model, normalizers, meta).to(device).eval()

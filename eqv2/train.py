@@ -38,6 +38,7 @@ from eqv2.training.compile import CompileEvents, ShapeBuckets, apply_compile, co
 from eqv2.training.config import RunConfig, load_ds_config, load_run_config, resolve_ds_config
 from eqv2.training.dist import DistInfo, all_gather_object, all_reduce_max, barrier, init_distributed, shutdown
 from eqv2.training.ema import EMA
+from eqv2.training.finetune import freeze, load_pretrained, read_pretrained
 from eqv2.training.garbage import GarbageCollection
 from eqv2.training.loss import EnergyForceLoss, Normalizers, global_counts
 from eqv2.training.metrics import S2EFMetrics
@@ -107,11 +108,16 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     if not stats_path.is_file():
         raise ConfigError(f"data.stats: dataset stats file not found: {stats_path}")
     stats = load_stats(stats_path)
+    # a fine-tuning run starts from pretrained weights, unless it resumes (then its own checkpoint wins)
+    pretrained = read_pretrained(cfg.init.from_checkpoint, cfg.init.weights) \
+        if cfg.init.from_checkpoint and not resume else None
     if resume:  # a resumed run keeps the units its weights were trained in
         normalizers = Normalizers(**resume.state["normalizers"])
+    elif pretrained:  # ... and a fine-tuning run those of its pretrained model, unless the config sets them
+        normalizers = cfg.normalizers or Normalizers(**pretrained.normalizers)
     else:
         normalizers = cfg.normalizers or Normalizers(stats.energy_mean, stats.energy_std, stats.force_rms)
-    if cfg.model_graph_stats_from_data and not resume:
+    if cfg.model_graph_stats_from_data and not resume and not cfg.init.from_checkpoint:
         cfg.model.avg_num_nodes, cfg.model.avg_degree = stats.avg_num_nodes, stats.avg_degree
     cfg.normalizers = normalizers
 
@@ -143,17 +149,26 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
         for module in model.modules():
             for name, buffer in module.named_buffers(recurse=False):
                 setattr(module, name, buffer.to(dist.device))
+    if pretrained:
+        gathered = (lambda ps: deepspeed.zero.GatheredParameters(ps, modifier_rank=0)) if zero_stage == 3 \
+            else (lambda ps: contextlib.nullcontext())
+        fresh = load_pretrained(model, pretrained, cfg.init, gathered)
+        if dist.is_main:
+            print(f"eqv2.train: initialised from {pretrained.source}"
+                  f"{f'; {len(fresh)} head tensors kept fresh' if fresh else ''}", flush=True)
+    frozen = freeze(model, cfg.init)  # resumed or not: frozen parts stay frozen
     num_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ds_numel: ZeRO-3 full size
     compiled = apply_compile(model, cfg.compile) if cfg.compile.resolve(dist.device, zero_stage) else []
     wrapped = apply_activation_checkpointing(model, cfg.activation_checkpointing)  # wraps the compiled forwards
-    optimizer = build_optimizer(model, cfg.optim, fused=dist.device.type == "cuda")
+    optimizer = build_optimizer(model, cfg.optim, fused=dist.device.type == "cuda",
+                                backbone_lr_factor=cfg.init.backbone_lr_factor)
     engine_ds, max_grad_norm = trainer_clipping(ds)  # ZeRO-0: the trainer clips, with multi-tensor kernels
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=engine_ds)
     ema = EMA(engine.module, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
     loss_fn = EnergyForceLoss(cfg.loss, normalizers)
     if dist.is_main:
         print(f"eqv2.train: {dist.launcher} launch, {dist.world_size} rank(s) on {dist.device.type}/{dist.backend}; "
-              f"{num_params / 1e6:.2f}M parameters; ZeRO-{engine.zero_optimization_stage()}; "
+              f"{num_params / 1e6:.2f}M parameters{f' ({frozen / 1e6:.2f}M frozen)' if frozen else ''}; ZeRO-{engine.zero_optimization_stage()}; "
               f"global batch {engine.train_batch_size()} = {ds['train_micro_batch_size_per_gpu']} x {gas} x "
               f"{dist.world_size}; {total_steps} steps ({steps_per_epoch}/epoch, warm-up {warmup_steps}); "
               f"activation checkpointing on blocks {wrapped}; compiled: {len(compiled)} parts", flush=True)
@@ -232,6 +247,8 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
             if dist.is_main:
                 ckpt.mark_best(ckpt_dir, best["tag"], best["metric"], value)
 
+    if cfg.eval.at_start and step == 0:
+        evaluate_and_track()
     engine.train()
     collector.start()
     try:
@@ -240,7 +257,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
                 lr = cfg.optim.lr * lr_factor(step, total_steps, warmup_steps, cfg.optim.warmup_factor,
                                               cfg.optim.lr_min_factor)
                 for group in engine.optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 torch.manual_seed(hash((cfg.seed, step, dist.rank)) % 2**62)  # dropout masks survive resume
                 if buckets is not None:  # a new shape is a CUDA-graph recording: logged per interval
                     logger.new_shape_buckets += buckets.count_new(micro)

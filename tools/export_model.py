@@ -16,7 +16,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -42,26 +41,13 @@ def resolve_tag_dir(path: Path, best: bool) -> Path:
     return found
 
 
-def live_weights(tag_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
-    if zero_stage == 0:
-        path = tag_dir / "mp_rank_00_model_states.pt"
-        return torch.load(path, map_location="cpu", weights_only=False)["module"]
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    # parameters from the fp32 masters in the optimizer shards, buffers from the model-state files
-    return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-
-
 def export(tag_dir: Path, out: Path, weights: str) -> dict:
-    state = json.loads((tag_dir / ckpt.STATE_FILE).read_text())
+    try:
+        state, sd = ckpt.run_weights(tag_dir, weights)
+    except ckpt.CheckpointError as err:
+        raise SystemExit(f"export_model: {err}") from None
     model_cfg = from_dict(ModelConfig, state["config"]["model"], prefix="model")
     model = EquiformerV2(model_cfg)
-    sd = live_weights(tag_dir, state["zero_stage"])
-    if weights == "ema":
-        ema = ckpt.load_ema(tag_dir)
-        if ema is None:
-            raise SystemExit(f"export_model: {tag_dir} has no EMA (optim.ema_decay was null); use --weights live")
-        sd = {**sd, **ema["shadow"]}
     model.load_state_dict(sd, strict=True)  # checks that names and shapes match the config
     n = state["normalizers"]
     normalizers = Normalizers(energy_mean=n["energy_mean"], energy_std=n["energy_std"], forces_std=n["force_rms"])

@@ -345,3 +345,26 @@ def load_ema(tag_dir: Path) -> dict | None:
         return torch.load(path, map_location="cpu", weights_only=True)
     shards = load_ema_shards(tag_dir)
     return assemble_partitions(shards) if shards is not None else None
+
+
+def run_weights(tag_dir: Path, weights: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(trainer state, model state dict) of a run checkpoint, on the CPU whatever the world size.
+
+    weights "ema": the averaged weights the trainer evaluates (over the live buffers and any frozen
+    parameters); "live": the fp32 master copy (ZeRO 1-3: gathered from the optimizer shards with
+    DeepSpeed's zero_to_fp32; ZeRO-0: the module state)."""
+    state = read_state(tag_dir)
+    if state["zero_stage"] == 0:
+        sd = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    if weights == "ema":
+        ema = load_ema(tag_dir)
+        if ema is None:
+            raise CheckpointError(f"{tag_dir} has no EMA (optim.ema_decay was null); use the live weights")
+        sd = {**sd, **ema["shadow"]}
+    elif weights != "live":
+        raise ValueError(f"weights must be 'ema' or 'live', got {weights!r}")
+    return state, sd

@@ -24,6 +24,7 @@ from eqv2.model.config import ModelConfig
 from eqv2.training.activation_checkpointing import ActivationCheckpointConfig
 from eqv2.training.checkpointing import CheckpointConfig
 from eqv2.training.compile import CompileConfig
+from eqv2.training.finetune import InitConfig, merge_model_config, model_config_of
 from eqv2.training.garbage import GCConfig
 from eqv2.training.loss import LossConfig, Normalizers
 from eqv2.training.optim import OptimConfig
@@ -38,6 +39,7 @@ _DS_FORBIDDEN = {"optimizer": "the optimizer is built from the run config's opti
 @dataclass
 class EvalConfig:
     every_steps: int = 1000  # periodic validation interval in optimizer steps (0: only at the end)
+    at_start: bool = False  # also validate before step 1 (fine-tuning: the pretrained model's metrics)
     max_batches: int = 0  # validate on the first k batches per rank only (0: the whole split)
     use_ema: bool = True  # evaluate the EMA weights (as the reference) when an EMA is kept
     primary_metric: Literal["forces_mae", "energy_mae"] = "forces_mae"  # lower is better; picks "best"
@@ -61,6 +63,7 @@ class RunConfig:
     model: ModelConfig
     data: DataConfig
     optim: OptimConfig
+    init: InitConfig = field(default_factory=InitConfig)  # weights from a pretrained model (fine-tuning)
     loss: LossConfig = field(default_factory=LossConfig)
     activation_checkpointing: ActivationCheckpointConfig = field(default_factory=ActivationCheckpointConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)  # torch.compile of the blocks (GPU default)
@@ -106,6 +109,10 @@ def load_run_config(path: str | Path, overrides: list[str], micro_batch: int) ->
     raw = load_yaml(path)
     raw["model"] = _inline_model(raw.get("model"))
     apply_overrides(raw, overrides)
+    init = raw.get("init")
+    if isinstance(init, dict) and init.get("from_checkpoint"):  # the architecture is the checkpoint's
+        path = str(init["from_checkpoint"])
+        raw["model"] = merge_model_config(raw.get("model"), model_config_of(path), path)
     data = raw.get("data")
     if isinstance(data, dict) and not data.get("batch_size") and not data.get("max_atoms"):
         data["batch_size"] = micro_batch  # the ds_config's micro-batch is the data batch

@@ -50,9 +50,11 @@ class EMA:
 
         ZeRO-3 keeps parameters below its persistence threshold gathered between forwards; their
         full tensor is swapped too (gathered from the EMA partitions), else the forward would use the
-        live weights for them.
+        live weights for them (once gathered: before the first forward they are still partitioned only,
+        and the forward will gather them from the swapped partitions).
         """
-        persistent = [i for i, p in enumerate(self.params) if getattr(p, "ds_persist", False)]
+        persistent = [i for i, p in enumerate(self.params)
+                      if getattr(p, "ds_persist", False) and p.data.numel() == p.ds_numel]
         saved = [_storage(p).detach().clone() for p in self.params]
         saved_full = {i: self.params[i].data.detach().clone() for i in persistent}
         with torch.no_grad():

@@ -89,9 +89,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> tuple[list[dict], lis
     return [g for g in groups if g["params"]], no_decay_names
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
-    """fused: one CUDA kernel for the whole update (the parameters the engine steps must be on a GPU)."""
-    groups, _ = param_groups(model, cfg.weight_decay)
+def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False,
+                    backbone_lr_factor: float = 1.0) -> torch.optim.Optimizer:
+    """fused: one CUDA kernel for the whole update (the parameters the engine steps must be on a GPU);
+    backbone_lr_factor: fine-tuning's lower learning rate for all but the heads (eqv2/training/finetune.py)."""
+    from eqv2.training.finetune import scale_backbone_lr
+
+    groups = scale_backbone_lr(param_groups(model, cfg.weight_decay)[0], model, backbone_lr_factor)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
 
 
