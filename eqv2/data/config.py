@@ -10,7 +10,7 @@ from typing import Literal
 class DataConfig:
     train_manifest: str  # manifest.json of the training shards
     train_shards: str = ""  # WebDataset URLs / brace pattern ("::"-separated); "" = shards beside the manifest
-    val_manifest: str = ""  # manifest.json of the validation shards; "" = no validation
+    val_manifest: str | None = ""  # manifest.json of the validation shards; "" or null (`--set data.val_manifest=`) = none
     val_shards: str = ""  # as train_shards, for validation
     extra_val_manifests: dict[str, str] = field(default_factory=dict)  # more validation splits: name -> manifest
     stats: str = ""  # dataset stats JSON; "" = stats.json beside train_manifest
