@@ -42,7 +42,7 @@ from eqv2.training.finetune import freeze, load_pretrained, read_pretrained
 from eqv2.training.garbage import GarbageCollection
 from eqv2.training.loss import EnergyForceLoss, Normalizers, global_counts
 from eqv2.training.metrics import S2EFMetrics
-from eqv2.training.monitor import StepLogger
+from eqv2.training.monitor import StepLogger, run_summary
 from eqv2.training.optim import build_optimizer, clip_gradients, lr_factor, trainer_clipping
 from eqv2.training.profiling import StepProfiler, phase
 from eqv2.training.signals import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_REQUEUE, StopFlag
@@ -96,6 +96,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     from eqv2.model.equiformer_v2 import EquiformerV2
 
     run_dir, ckpt_dir = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
+    launched = time.perf_counter()
 
     # --- resume point, decided before anything of the run directory is written and before the engine
     # exists (universal loading is an engine setting)
@@ -305,6 +306,9 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
             save()
         elif dist.is_main:
             print(f"eqv2.train: checkpoint.save_at_end=false: step {step} is not saved", flush=True)
+        if dist.is_main:
+            print(run_summary(run_dir, ckpt_dir, step, time.perf_counter() - launched, ckpt.latest_tag(ckpt_dir)),
+                  flush=True)
         return EXIT_OK
     finally:
         collector.stop()

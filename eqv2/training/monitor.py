@@ -156,3 +156,20 @@ def _fmt_eta(seconds) -> str:
         return "?"
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+
+def run_summary(run_dir: Path, ckpt_dir: Path, step: int, seconds: float, latest: str | None) -> str:
+    """The end-of-run lines: how long, where the checkpoints and metrics are, the best step, what next."""
+    hours, rest = divmod(int(seconds), 3600)
+    lines = [f"eqv2.train: finished at step {step} after {hours}:{rest // 60:02d}:{rest % 60:02d} in this launch",
+             f"  checkpoints: {ckpt_dir} (latest {latest or 'none'})"]
+    best = ckpt_dir / "best.json"
+    if best.is_file():
+        try:
+            rec = json.loads(best.read_text())
+            lines.append(f"  best validation: {rec['tag']} ({rec['metric']} {rec['value']:.5g})")
+        except (ValueError, KeyError, TypeError):
+            pass
+    lines += [f"  metrics: {run_dir / 'metrics.jsonl'}",
+              f"  next: python tools/export_model.py {ckpt_dir} -o model.pt [--best]; eqv2 plot {run_dir}"]
+    return "\n".join(lines)

@@ -33,3 +33,4 @@ def test_an_empty_val_manifest_turns_validation_off(demo_data, tmp_path):
     assert rc == [0], out
     train, evals = records(run_dir)
     assert sorted(train) == [1, 2] and evals == []
+
