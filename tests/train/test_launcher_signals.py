@@ -74,6 +74,7 @@ class Launch:
         self.log = log
         self.processes: dict[int, psutil.Process] = {}
         self.codes: dict[int, int] = {}  # exit codes of the orphans this process reaped
+        self.cmdlines: dict[int, list[str]] = {}
         with open(log, "w") as out:
             self.proc = subprocess.Popen(_command(launcher, args), cwd=REPO, env=_env(), stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=True)
@@ -87,7 +88,10 @@ class Launch:
     def look(self) -> None:
         with contextlib.suppress(psutil.Error):
             for child in psutil.Process(self.proc.pid).children(recursive=True):
-                self.processes.setdefault(child.pid, child)
+                if child.pid not in self.processes:
+                    with contextlib.suppress(psutil.Error):
+                        self.cmdlines[child.pid] = child.cmdline()
+                    self.processes[child.pid] = child
 
     def wait_for_step(self, run_dir: Path, step: int) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -134,17 +138,21 @@ class Launch:
 
 
 def _stop_under(launcher: str, sig: signal.Signals, demo_data: Path, run_dir: Path, tmp_path: Path,
-                extra: list[str] = ()) -> tuple[Launch, int]:
-    """Launch the tiny 2-rank run, send `sig` to the launcher's own process after step 3, and wait
-    until every process of the launch is gone.  Returns the launch and the stop step."""
+                to_rank: bool = False) -> tuple[Launch, int]:
+    """Launch the tiny 2-rank run, send `sig` to the launcher's own process (`to_rank`: to rank 1)
+    after step 3, and wait until every process of the launch is gone.  Returns the launch and the
+    stop step."""
     _subreaper(True)
-    launch = Launch(launcher, [*common_args(demo_data, run_dir), "--resume", "auto", *extra],
+    launch = Launch(launcher, [*common_args(demo_data, run_dir), "--resume", "auto"],
                     tmp_path / f"{launcher}_{sig.name}.log")
     try:
         launch.wait_for_step(run_dir, 3)
         ranks = launch.ranks()
         assert len(ranks) == 2, [p.cmdline() for p in launch.processes.values()]
-        launch.proc.send_signal(sig)
+        if to_rank:
+            next(r for r in ranks if "--local_rank=1" in r.cmdline() or r.environ().get("RANK") == "1").send_signal(sig)
+        else:
+            launch.proc.send_signal(sig)
         left = launch.wait_all_gone()
         assert not left, f"still running after {STOP_TIMEOUT_S}s: {[(p.pid, p.cmdline()[:4]) for p in left]}\n" \
                          f"{launch.output()[-4000:]}"
@@ -165,13 +173,20 @@ def _stop_under(launcher: str, sig: signal.Signals, demo_data: Path, run_dir: Pa
     return launch, stopped
 
 
+def _node_launcher_code(launch: Launch) -> int | None:
+    """Exit code of DeepSpeed's per-node launcher, if this process reaped it (its runner died first)."""
+    pids = [p.pid for p in launch.processes.values() if "deepspeed.launcher.launch" in launch.cmdlines[p.pid]]
+    assert len(pids) == 1, launch.cmdlines
+    return launch.codes.get(pids[0])
+
+
 def test_sigterm_to_deepspeed_stops_every_rank_and_resume_is_exact(demo_data, reference_run, tmp_path):
     run_dir = tmp_path / "run"
     launch, stopped = _stop_under("deepspeed", signal.SIGTERM, demo_data, run_dir, tmp_path)
     out = launch.output()
     assert launch.proc.returncode == -signal.SIGTERM  # the runner dies of it: 143 in a shell
     # the ranks' parent (DeepSpeed's per-node launcher) outlived the runner and passed their 75 on
-    assert EXIT_REQUEUE in launch.codes.values(), launch.codes
+    assert _node_launcher_code(launch) == EXIT_REQUEUE, launch.codes
     assert "deepspeed) exited: stopping as for SIGTERM" in out, out[-4000:]
     assert json.loads((run_dir / STOP_RECORD).read_text())["reason"].endswith("deepspeed) exited")
 
@@ -189,7 +204,7 @@ def test_sigterm_to_deepspeed_stops_every_rank_and_resume_is_exact(demo_data, re
 def test_sigusr1_to_deepspeed_stops_every_rank(demo_data, tmp_path):
     launch, _ = _stop_under("deepspeed", signal.SIGUSR1, demo_data, tmp_path / "run", tmp_path)
     assert launch.proc.returncode == -signal.SIGUSR1  # 138 in a shell
-    assert EXIT_REQUEUE in launch.codes.values(), launch.codes
+    assert _node_launcher_code(launch) == EXIT_REQUEUE, launch.codes
 
 
 def test_timeout_expiring_over_deepspeed_stops_every_rank(demo_data, tmp_path):
@@ -198,7 +213,7 @@ def test_timeout_expiring_over_deepspeed_stops_every_rank(demo_data, tmp_path):
     # the ranks again and kills them 30 s later)
     launch, _ = _stop_under("timeout", signal.SIGALRM, demo_data, tmp_path / "run", tmp_path)
     assert launch.proc.returncode == 124
-    assert "exiting with 75" in launch.output()
+    assert _node_launcher_code(launch) == 1, launch.codes  # it was signalled itself
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGUSR1, -signal.SIGUSR1), (signal.SIGTERM, 1)],
@@ -208,3 +223,12 @@ def test_torchrun_signalled_stops_every_rank(demo_data, tmp_path, sig, code):
     # workers exited 75 (the SLURM scripts requeue on the stop record, not on this code)
     launch, _ = _stop_under("torchrun", sig, demo_data, tmp_path / "run", tmp_path)
     assert launch.proc.returncode == code, launch.output()[-4000:]
+
+
+@pytest.mark.parametrize("launcher, code", [("deepspeed", EXIT_REQUEUE), ("torchrun", 1)])
+def test_signal_to_one_rank_under_a_launcher(demo_data, tmp_path, launcher, code):
+    """The row above the launcher rows: SIGUSR1 to rank 1 alone; both ranks stop at one step and exit
+    75, `deepspeed` passes the 75 on, torchrun turns it into 1."""
+    launch, _ = _stop_under(launcher, signal.SIGUSR1, demo_data, tmp_path / "run", tmp_path, to_rank=True)
+    assert launch.proc.returncode == code, launch.output()[-4000:]
+    assert "exited: stopping as for SIGTERM" not in launch.output()
