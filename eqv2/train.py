@@ -292,6 +292,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
                 if step % cfg.checkpoint.every_steps == 0 or stop_now:
                     save()
                 if stop_now:
+                    stop.write_record(run_dir, step, ckpt.tag_for(step), dist.is_main)  # for slurm/lib.sh
                     if dist.is_main:
                         why = signal.Signals(stop.signum).name if stop.requested else "signal on another rank"
                         print(f"eqv2.train: stop requested ({why}): checkpoint {ckpt.tag_for(step)} saved, "

@@ -125,10 +125,32 @@ _EQV2_STEP_PID=""
 trap '_eqv2_forward USR1' USR1
 trap '_eqv2_forward TERM' TERM
 
+# Whether the trainer's stop record $1 (<run_dir>/stopped.json, written by rank 0 once its stop
+# checkpoint is complete, see eqv2/training/signals.py) is complete and current: it names a tag that
+# has its COMPLETE marker and that checkpoints/latest still names.  Sets EQV2_STOP_TAG.
+eqv2_stop_recorded() {
+  local record=$1 ckpt_dir re='"tag": *"(step_[0-9]+)"' text
+  ckpt_dir=$(dirname "$record")/checkpoints
+  EQV2_STOP_TAG=""
+  [[ -f $record && -f $ckpt_dir/latest ]] || return 1
+  text=$(<"$record")
+  [[ $text =~ $re ]] || return 1
+  [[ -f $ckpt_dir/${BASH_REMATCH[1]}/COMPLETE && $(<"$ckpt_dir/latest") == "${BASH_REMATCH[1]}" ]] || return 1
+  EQV2_STOP_TAG=${BASH_REMATCH[1]}
+}
+
 # After eqv2_run_step: requeue on a USR1 stop, else pass the step's exit code on.
 #   $1  the run's checkpoints/latest file (read before the step), to tell progress from a loop
+#   $2  the run's stop record (removed before the step): when it is complete the trainer stopped
+#       cleanly after a checkpoint, and the step counts as exit 75 whatever the launcher returned
+#       (torchrun returns 1 when its workers exit 75; a signalled deepspeed runner 128 + signal)
 eqv2_finish_step() {
-  local latest_file=${1:-} latest_now=""
+  local latest_file=${1:-} record=${2:-} latest_now=""
+  if [[ -n $record ]] && (( STEP_RC != EQV2_EXIT_REQUEUE )) && eqv2_stop_recorded "$record"; then
+    eqv2_log "the launcher returned $STEP_RC, but the trainer stopped after checkpoint $EQV2_STOP_TAG" \
+             "($record): taking it as exit $EQV2_EXIT_REQUEUE"
+    STEP_RC=$EQV2_EXIT_REQUEUE
+  fi
   [[ -n $latest_file && -f $latest_file ]] && latest_now=$(<"$latest_file")
   if [[ $STEP_SIGNAL == USR1 ]] && (( STEP_RC > 128 )) && (( ${SLURM_RESTART_COUNT:-0} > 0 )) \
      && [[ $latest_now == "${EQV2_LATEST_AT_START:-}" ]]; then
@@ -204,9 +226,10 @@ eqv2_train() {
            "$SLURM_JOB_NODELIST, rendezvous $MASTER_ADDR:$MASTER_PORT, run dir $run_dir"
   EQV2_LATEST_AT_START=""
   [[ -f $run_dir/checkpoints/latest ]] && EQV2_LATEST_AT_START=$(<"$run_dir/checkpoints/latest")
+  rm -f "$run_dir/stopped.json"  # an earlier launch's: only this step's trainer may leave one
   eqv2_run_step "${LAUNCH[@]}" "$PYTHON" -u "${train[@]}"
   # The trainer's own resolved copies (normalisers filled in from the data) for this launch.
   cp -f "$run_dir/config.yaml" "$stamp/trained_config.yaml" 2>/dev/null || true
   cp -f "$run_dir/ds_config.json" "$stamp/trained_ds_config.json" 2>/dev/null || true
-  eqv2_finish_step "$run_dir/checkpoints/latest"
+  eqv2_finish_step "$run_dir/checkpoints/latest" "$run_dir/stopped.json"
 }
