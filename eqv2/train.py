@@ -209,7 +209,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     compile_events = CompileEvents() if compiled else None
     logger = StepLogger(run_dir, dist.device, dist.is_main, total_steps, step, cfg.log.every_steps,
                         cfg.log.progress_bar, engine.monitor, count_shape_buckets=padded,
-                        compile_events=compile_events, collector=collector)
+                        compile_events=compile_events, collector=collector, data_stream=stream)
     profiler = StepProfiler(cfg.log.profile_steps, run_dir, dist.rank, dist.device)
     scale = float(dist.world_size * gas)  # undoes DeepSpeed's mean over ranks and micro-batches
     zero_loss = _zero_loss_fn(engine)

@@ -63,6 +63,8 @@ def check_sample(sample: dict, where: str) -> int:
     if unknown:
         raise SampleError(f"{where}: unknown field(s) {sorted(unknown)}")
     n = int(np.shape(sample["numbers"])[0]) if np.ndim(sample["numbers"]) == 1 else -1
+    if n == 0:
+        raise SampleError(f"{where}: no atoms (an empty structure)")
     if n < 1:
         raise SampleError(f"{where}: 'numbers' must be a non-empty 1-d array, got shape {np.shape(sample['numbers'])}")
     for name, (_, _, per_atom, _) in _FIELDS.items():
