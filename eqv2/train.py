@@ -124,7 +124,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
 
     # --- data
     # radius graphs built on the CPU in the loader workers, with the model's cutoff (data.build_graphs)
-    graphs = GraphBuilder(cfg.model.max_radius, cfg.model.max_neighbors, cfg.model.max_num_elements) \
+    graphs = GraphBuilder.for_model(cfg.model) \
         if cfg.data.build_graphs else None
     stream = TrainStream(cfg.data, dist.rank, dist.world_size, graphs)
     steps_per_epoch = stream.steps_in_epoch(0) // gas

@@ -280,7 +280,7 @@ def main(argv=None) -> int:
         for bs in args.batch_sizes:
             batches = make_batches(bs, args.warmup + args.steps, args.seed)
             if args.graphs == "loader":  # fairchem builds its graphs in its forward pass (otf_graph), as it trains
-                builder = GraphBuilder(cfg.max_radius, cfg.max_neighbors, cfg.max_num_elements)
+                builder = GraphBuilder.for_model(cfg)
                 batches = [builder(b) for b in batches]
             batches = [b.to(device) for b in batches]
             atoms = sum(int(b.natoms.sum()) for b in batches[args.warmup:])
