@@ -27,6 +27,7 @@ class OptimConfig:
     warmup_factor: float = 0.2  # warm-up starts at lr × warmup_factor
     lr_min_factor: float = 0.01  # cosine decays to lr × lr_min_factor
     ema_decay: float | None = 0.999  # EMA of weights for evaluation and export; null disables
+    ema_warmup: bool = False  # true: decay min(d, (1+n)/(10+n)) at update n; false: constant (the reference)
 
     def __post_init__(self) -> None:
         if (self.max_steps is None) == (self.max_epochs is None):
