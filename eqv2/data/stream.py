@@ -142,7 +142,9 @@ class _EpochDataset(IterableDataset):
             # a worker forked from a trainer that collects garbage on its own schedule
             # (gc.manual_every_steps) inherits automatic collection off; a worker collects automatically
             gc.enable()
-        torch.set_num_threads(1)
+            # one intra-op thread per loader process; never in the trainer itself (num_workers 0), whose
+            # forward and backward would otherwise run on one core
+            torch.set_num_threads(1)
         return self.reader.batches(local, self.starts[local], self.positions[local])
 
 
