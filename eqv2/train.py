@@ -165,7 +165,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
                                 backbone_lr_factor=cfg.init.backbone_lr_factor)
     engine_ds, max_grad_norm = trainer_clipping(ds)  # ZeRO-0: the trainer clips, with multi-tensor kernels
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=engine_ds)
-    ema = EMA(engine.module, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
+    ema = EMA(engine.module, cfg.optim.ema_decay, cfg.optim.ema_warmup) if cfg.optim.ema_decay else None
     loss_fn = EnergyForceLoss(cfg.loss, normalizers)
     if dist.is_main:
         print(f"eqv2.train: {dist.launcher} launch, {dist.world_size} rank(s) on {dist.device.type}/{dist.backend}; "

@@ -144,6 +144,8 @@ class _EpochDataset(IterableDataset):
         # a worker forked from a trainer that collects garbage on its own schedule
         # (gc.manual_every_steps) inherits automatic collection off; a worker collects automatically
         gc.enable()
+        # one intra-op thread per loader process; never in the trainer itself (num_workers 0), whose
+        # forward and backward would otherwise run on one core
         torch.set_num_threads(1)
         return _reporting(batches)
 
