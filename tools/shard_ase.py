@@ -25,7 +25,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eqv2.data.ase_source import AseKeys, Split, find_ase_inputs, read_ase  # noqa: E402
-from eqv2.data.format import SampleError  # noqa: E402
 from eqv2.data.sharding import add_sharding_arguments, run_sharding_cli  # noqa: E402
 
 
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sources, root = find_ase_inputs(args.inputs)
     except FileNotFoundError as err:
-        print(f"shard_ase: {err}", file=sys.stderr)
+        print(f"{p.prog}: {err}", file=sys.stderr)
         return 2
     keys = AseKeys(args.energy_key, args.forces_key, None if args.stress_key == "none" else args.stress_key,
                    args.system_key, args.tags)
@@ -58,13 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         split = Split(side, args.val_fraction, args.split_by, args.split_seed)
         out = args.out if side == "all" else str(Path(args.out) / side)
         read = functools.partial(read_ase, root=str(root), keys=keys, split=split)
-        try:
-            code = run_sharding_cli(p, argparse.Namespace(**{**vars(args), "out": out}), sources, read, "total",
-                                    origin + (f" ({side} side of {args.val_fraction:g} by {args.split_by})"
-                                              if side != "all" else ""))
-        except (SampleError, ValueError) as err:  # bad input: one line naming the file and frame
-            print(f"shard_ase: {err}", file=sys.stderr)
-            return 2
+        code = run_sharding_cli(p, argparse.Namespace(**{**vars(args), "out": out}), lambda: sources, read, "total",
+                                origin + (f" ({side} side of {args.val_fraction:g} by {args.split_by})"
+                                          if side != "all" else ""))
         if code:
             return code
     return 0

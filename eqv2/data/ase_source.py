@@ -141,43 +141,48 @@ def _frames(source: str):
             yield atoms
 
 
-def read_ase(source: str, root: str, keys: AseKeys, split: Split) -> Iterator[dict]:
-    """The samples of one ASE-readable file, in frame order, that `split` keeps."""
-    path = Path(source)
+def _sample(atoms, index: int, file_system: str, keys: AseKeys, where: str) -> dict:
+    system = file_system
+    if keys.system is not None:
+        if keys.system not in atoms.info:
+            raise SampleError(f"{where}: no info key '{keys.system}' (--system-key)")
+        system = _UNSAFE.sub("-", str(atoms.info[keys.system])).strip("-") or "system"
+    sample = {"sid": system, "fid": str(index), "positions": atoms.get_positions(),
+              "numbers": atoms.get_atomic_numbers(), "cell": np.array(atoms.get_cell()), "pbc": atoms.get_pbc(),
+              "energy": float(_label(atoms, keys.energy, "energy", where, True)),
+              "forces": np.asarray(_label(atoms, keys.forces, "forces", where, True), dtype=np.float64)}
+    sample["total_energy"] = sample["energy"]
+    if keys.stress is not None:
+        stress = _label(atoms, keys.stress, "stress", where, keys.stress != "calc")
+        if stress is not None:
+            sample["stress"] = _stress_matrix(stress, where)
+    if keys.tags and "tags" in atoms.arrays:
+        sample["tags"] = atoms.arrays["tags"]
+    if atoms.constraints:
+        fixed = np.zeros(len(atoms), dtype=bool)
+        for constraint in atoms.constraints:
+            if type(constraint).__name__ == "FixAtoms":
+                fixed[constraint.get_indices()] = True
+        sample["fixed"] = fixed
+    return sample
+
+
+def read_ase(source: str, root: str, keys: AseKeys, split: Split) -> Iterator[tuple[str, "dict | SampleError"]]:
+    """(where, sample) for the frames of one ASE-readable file that `split` keeps, in frame order; a bad
+    frame is (where, SampleError) (the sharding driver raises it or counts a skip), and a file that
+    cannot be read further ends with one."""
     file_system = system_of_file(source, Path(root))
     index = 0
     try:
-        frames = _frames(source)
-        for index, atoms in enumerate(frames):
+        for index, atoms in enumerate(_frames(source)):
             where = f"{source} frame {index}"
-            system = file_system
-            if keys.system is not None:
-                if keys.system not in atoms.info:
-                    raise SampleError(f"{where}: no info key '{keys.system}' (--system-key)")
-                system = _UNSAFE.sub("-", str(atoms.info[keys.system])).strip("-") or "system"
-            key = f"{system}_{index}"
-            if not split.keeps(system, key):
+            try:
+                sample = _sample(atoms, index, file_system, keys, where)
+            except SampleError as err:
+                yield where, err
                 continue
-            sample = {"sid": system, "fid": str(index), "positions": atoms.get_positions(),
-                      "numbers": atoms.get_atomic_numbers(), "cell": np.array(atoms.get_cell()),
-                      "pbc": atoms.get_pbc(),
-                      "energy": float(_label(atoms, keys.energy, "energy", where, True)),
-                      "forces": np.asarray(_label(atoms, keys.forces, "forces", where, True), dtype=np.float64)}
-            sample["total_energy"] = sample["energy"]
-            if keys.stress is not None:
-                stress = _label(atoms, keys.stress, "stress", where, keys.stress != "calc")
-                if stress is not None:
-                    sample["stress"] = _stress_matrix(stress, where)
-            if keys.tags and "tags" in atoms.arrays:
-                sample["tags"] = atoms.arrays["tags"]
-            fixed = np.zeros(len(atoms), dtype=bool)
-            for constraint in atoms.constraints:
-                if type(constraint).__name__ == "FixAtoms":
-                    fixed[constraint.get_indices()] = True
-            if atoms.constraints:
-                sample["fixed"] = fixed
-            yield sample
-    except SampleError:
-        raise
+            if split.keeps(sample["sid"], f"{sample['sid']}_{index}"):
+                yield where, sample
     except (ValueError, KeyError, IndexError, StopIteration, OSError, AttributeError) as err:
-        raise SampleError(f"{path} frame {index}: cannot read it as an ASE file ({type(err).__name__}: {err})") from err
+        where = f"{source} frame {index}"
+        yield where, SampleError(f"{where}: cannot read it as an ASE file ({type(err).__name__}: {err})")
