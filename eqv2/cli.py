@@ -14,6 +14,8 @@ import sys
 VERBS: dict[str, tuple[str, str, str]] = {
     "predict": ("eqv2.predict", "energies and forces of every frame of an ASE-readable file",
                 "eqv2 predict --checkpoint model.pt --input structures.extxyz --output pred.npz"),
+    "evaluate": ("eqv2.evaluate", "S2EF metrics of a model or run checkpoint on sharded splits (any launcher)",
+                 "eqv2 evaluate --checkpoint model.pt --split val_id=data/val_id/manifest.json --json val.json"),
     "plot": ("eqv2.plot", "PNG curves of a run: loss terms, validation metrics, throughput, lr",
              "eqv2 plot runs/demo"),
 }

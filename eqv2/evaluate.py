@@ -1,0 +1,169 @@
+"""S2EF evaluation of a trained, exported or converted model on one or more sharded splits.
+
+    eqv2 evaluate --checkpoint model_153M.pt --split val_id=data/val_id/manifest.json \\
+        --split val_ood_ads=data/val_ood_ads/manifest.json --split val_ood_cat=... --split val_ood_both=... \\
+        --json val.json
+    eqv2 evaluate --checkpoint runs/demo/checkpoints --weights live --split val=data/demo/val/manifest.json
+    eqv2 evaluate --checkpoint runs/demo/checkpoints/step_00000400 --split val=... --limit 20   # a quick look
+    torchrun --nproc_per_node 8 -m eqv2.evaluate --checkpoint model.pt --split ...           # on 8 GPUs
+
+The checkpoint is a model file (tools/export_model.py, tools/convert_fairchem_checkpoint.py), a run's
+`checkpoints/` directory (its newest complete checkpoint) or one `step_*` directory (EMA weights by
+default). Metrics are the trainer's (energy MAE, force MAE over free-atom components, force cosine,
+EwT, the baselines): each split's every structure is counted exactly once over all ranks (any
+launcher the trainer accepts), and with several splits their plain mean is reported as `average`,
+as the paper averages the four OC20 validation splits. Results: a printed table and, with --json, a
+file. --limit N evaluates only the first N batches of every rank (the result says so).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from eqv2.config import ConfigError
+
+METRICS = ("energy_mae", "forces_mae", "forces_cos", "energy_forces_within_threshold")
+
+
+def load_potential(path: str, weights: str):
+    """A `Potential` (the model with its normalisers, eV and eV/Å out) from a model file or a run checkpoint."""
+    from eqv2.checkpoint import Normalizers, Potential, load_model
+    from eqv2.config import from_dict
+    from eqv2.model.config import ModelConfig
+    from eqv2.model.equiformer_v2 import EquiformerV2
+    from eqv2.training.finetune import read_pretrained
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"--checkpoint: not found: {p}")
+    if p.is_file():
+        return load_model(p)
+    pretrained = read_pretrained(str(p), weights)
+    model = EquiformerV2(from_dict(ModelConfig, pretrained.model_config, prefix="model"))
+    model.load_state_dict(pretrained.state_dict)
+    n = pretrained.normalizers
+    norms = Normalizers(n["energy_mean"], n["energy_std"], n.get("forces_std", n.get("force_rms")))
+    return Potential(model, norms, {"source": pretrained.source})
+
+
+def parse_splits(items: list[str]) -> dict[str, str]:
+    splits = {}
+    for item in items:
+        name, sep, manifest = item.partition("=")
+        if not sep or not name or not manifest:
+            raise ConfigError(f"--split {item!r}: expected NAME=MANIFEST (e.g. val_id=data/val_id/manifest.json)")
+        if name in splits:
+            raise ConfigError(f"--split {name}: given twice")
+        if not Path(manifest).is_file():
+            raise ConfigError(f"--split {name}: manifest not found: {manifest}")
+        splits[name] = manifest
+    return splits
+
+
+@torch.no_grad()
+def evaluate_split(potential, manifest: str, args, dist, graphs) -> dict:
+    from tqdm import tqdm
+
+    from eqv2.data import DataConfig, num_val_batches, val_batches
+    from eqv2.training.metrics import S2EFMetrics
+
+    batch_size = 0 if args.max_atoms else args.batch_size
+    cfg = DataConfig(train_manifest=manifest, val_manifest=manifest, batch_size=batch_size, max_atoms=args.max_atoms,
+                     num_workers=0)
+    total = num_val_batches(cfg, dist.world_size)
+    if args.limit:
+        total = min(total, args.limit)
+    metrics = S2EFMetrics(dist.device, not args.all_atoms)
+    bar = tqdm(total=total, unit="batch", disable=not dist.is_main or args.no_progress, desc=Path(manifest).parent.name)
+    autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    for i, batch in enumerate(val_batches(cfg, dist.rank, dist.world_size, graphs)):
+        if i >= total:
+            break
+        batch = batch.to(dist.device, non_blocking=True)
+        with autocast:
+            pred = potential(batch)
+        metrics.update({k: v.float() for k, v in pred.items()}, batch)
+        bar.update(1)
+    bar.close()
+    out = metrics.compute()
+    out["batches_per_rank"] = total
+    out["complete"] = not args.limit or total == num_val_batches(cfg, dist.world_size)
+    return out
+
+
+def table(results: dict[str, dict]) -> str:
+    keys = [k for k in METRICS if all(k in r for r in results.values())]
+    base = [k for k in ("energy_mae_mean_baseline", "energy_mae_zero_baseline", "forces_mae_zero_baseline")
+            if all(k in r for r in results.values())]
+    head = ["split", *keys, *base, "structures"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in results.items():
+        cells = [f"{r[k]:.5g}" for k in keys + base]
+        count = f"{int(r['num_structures'])}" + ("" if r.get("complete", True) else " (--limit)")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {count} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="eqv2 evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="model file, run checkpoints/ directory or step_* directory")
+    parser.add_argument("--weights", choices=("ema", "live"), default="ema", help="for run checkpoints")
+    parser.add_argument("--split", action="append", required=True, metavar="NAME=MANIFEST",
+                        help="a split to evaluate (repeat for several)")
+    parser.add_argument("--batch-size", type=int, default=8, help="structures per batch")
+    parser.add_argument("--max-atoms", type=int, default=0, help="atom budget per batch instead of --batch-size")
+    parser.add_argument("--limit", type=int, default=0, help="only the first N batches of every rank")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast on the GPU")
+    parser.add_argument("--all-atoms", action="store_true", help="force metrics over all atoms, not only free ones")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.max_atoms < 0 or args.limit < 0:
+        parser.error("--batch-size must be >= 1, --max-atoms and --limit >= 0")
+    from eqv2.data.format import SampleError
+    from eqv2.model.graph import GraphBuilder, GraphInputError
+    from eqv2.training.checkpointing import CheckpointError
+    from eqv2.training.dist import init_distributed, shutdown
+
+    try:
+        splits = parse_splits(args.split)
+        potential = load_potential(args.checkpoint, args.weights)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
+        print(f"eqv2 evaluate: {err}", file=sys.stderr)
+        return 2
+    dist = init_distributed()
+    code = 1
+    try:
+        potential = potential.to(dist.device).eval()
+        graphs = GraphBuilder.for_model(potential.config)
+        results = {name: evaluate_split(potential, manifest, args, dist, graphs) for name, manifest in splits.items()}
+        if len(results) > 1:
+            parts = list(results.values())
+            average = {k: sum(r[k] for r in parts) / len(parts) for k in parts[0]
+                       if k not in ("complete", "batches_per_rank", "num_structures")}
+            average.update(num_structures=sum(r["num_structures"] for r in parts),
+                           complete=all(r["complete"] for r in parts))
+            results["average"] = average
+        if dist.is_main:
+            print(table(results))
+            if args.json:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps({"checkpoint": str(args.checkpoint), "weights": args.weights,
+                                                 "world_size": dist.world_size, "splits": splits,
+                                                 "results": results}, indent=2))
+        code = 0
+    except (SampleError, GraphInputError, ValueError) as err:
+        print(f"eqv2 evaluate (rank {dist.rank}): {err}", file=sys.stderr)
+        code = 2
+    finally:
+        shutdown(clean=code == 0)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

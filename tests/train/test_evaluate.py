@@ -1,0 +1,94 @@
+"""`eqv2 evaluate`: the trainer's validation metrics from a model file or a run checkpoint, exact over
+ranks (torchrun, 2 CPU processes), several splits and their average, one-line errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eqv2.training import checkpointing as ckpt
+from tests.train.conftest import REPO, free_port, records
+
+
+def _evaluate(*args: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])}
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "eqv2.evaluate"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(free_port()), "-m", "eqv2.evaluate"]
+    return subprocess.run([*cmd, *args, "--no-progress"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def exported(demo_run, tmp_path_factory) -> Path:
+    from tools.export_model import main as export
+
+    out = tmp_path_factory.mktemp("evaluate") / "demo.pt"
+    assert export([str(demo_run / "checkpoints"), "-o", str(out)]) == 0
+    return out
+
+
+def _results(path: Path) -> dict:
+    return json.loads(path.read_text())["results"]
+
+
+def test_the_trainers_last_validation_from_a_model_file_and_a_run_checkpoint(demo_run, demo_data, exported, tmp_path):
+    val = f"val={demo_data / 'val' / 'manifest.json'}"
+    proc = _evaluate("--checkpoint", str(exported), "--split", val, "--json", str(tmp_path / "a.json"))
+    assert proc.returncode == 0, proc.stderr
+    _, evals = records(demo_run)
+    last = max(evals, key=lambda e: e["step"])
+    got = _results(tmp_path / "a.json")["val"]
+    assert got["num_structures"] == last["num_structures"] == 80
+    for key in ("energy_mae", "forces_mae", "forces_cos"):
+        assert got[key] == pytest.approx(last[key], rel=1e-5), key
+    assert "| val |" in proc.stdout
+    tag = demo_run / "checkpoints" / ckpt.latest_tag(demo_run / "checkpoints")
+    proc = _evaluate("--checkpoint", str(tag), "--split", val, "--json", str(tmp_path / "b.json"))
+    assert proc.returncode == 0, proc.stderr
+    assert _results(tmp_path / "b.json")["val"]["forces_mae"] == pytest.approx(got["forces_mae"], rel=1e-6)
+
+
+def test_two_ranks_count_every_structure_once_and_agree(demo_data, exported, tmp_path):
+    val = f"val={demo_data / 'val' / 'manifest.json'}"
+    train = f"train={demo_data / 'train' / 'manifest.json'}"
+    one = _evaluate("--checkpoint", str(exported), "--split", val, "--split", train, "--json", str(tmp_path / "1.json"))
+    two = _evaluate("--checkpoint", str(exported), "--split", val, "--split", train, "--json", str(tmp_path / "2.json"),
+                    nproc=2)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr[-3000:]
+    r1, r2 = _results(tmp_path / "1.json"), _results(tmp_path / "2.json")
+    assert r2["val"]["num_structures"] == 80 and r2["train"]["num_structures"] == 400
+    for split in ("val", "train", "average"):
+        for key in ("energy_mae", "forces_mae", "forces_cos", "energy_forces_within_threshold"):
+            assert r2[split][key] == pytest.approx(r1[split][key], rel=1e-6, abs=1e-9), (split, key)
+    assert r1["average"]["forces_mae"] == pytest.approx((r1["val"]["forces_mae"] + r1["train"]["forces_mae"]) / 2)
+    assert r1["average"]["num_structures"] == 480
+
+
+def test_limit_is_marked_partial(demo_data, exported, tmp_path):
+    proc = _evaluate("--checkpoint", str(exported), "--split", f"val={demo_data / 'val' / 'manifest.json'}",
+                     "--limit", "2", "--json", str(tmp_path / "l.json"))
+    assert proc.returncode == 0, proc.stderr
+    got = _results(tmp_path / "l.json")["val"]
+    assert got["num_structures"] == 16 and got["complete"] is False and "(--limit)" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--split", "val"], "--split 'val': expected NAME=MANIFEST"),
+    (["--split", "val=/nope/manifest.json"], "--split val: manifest not found: /nope/manifest.json"),
+])
+def test_bad_arguments_are_one_line(exported, args, message):
+    proc = _evaluate("--checkpoint", str(exported), *args)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_missing_checkpoint_is_named(tmp_path, demo_data):
+    proc = _evaluate("--checkpoint", str(tmp_path / "none.pt"), "--split", f"val={demo_data / 'val' / 'manifest.json'}")
+    assert proc.returncode == 2 and f"--checkpoint: not found: {tmp_path / 'none.pt'}" in proc.stderr
