@@ -25,7 +25,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from eqv2.training.signals import EXIT_REQUEUE, STOP_RECORD
+from eqv2.training.signals import EXIT_REQUEUE, STOP_RECORD, launcher_processes, process_alive
 from tests.train.conftest import MAX_STEPS, REPO, TRAIN, common_args, free_port, last_step, records
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the launcher watch needs /proc")
@@ -234,3 +234,35 @@ def test_signal_to_one_rank_under_a_launcher(demo_data, tmp_path, launcher, code
     launch, _ = _stop_under(launcher, signal.SIGUSR1, demo_data, tmp_path / "run", tmp_path, to_rank=True)
     assert launch.proc.returncode == code, launch.output()[-4000:]
     assert "exited: stopping as for SIGTERM" not in launch.output()
+
+
+def _start_time(pid: int) -> int:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return int(text[text.rindex(")") + 2:].split()[19])
+
+
+def test_a_process_is_known_by_pid_and_start_time():
+    """A pid alone could name a new process after reuse; an exited child not yet reaped (a zombie,
+    as a killed launcher is until its parent waits) has exited."""
+    me = os.getpid()
+    assert process_alive(me, _start_time(me)) and not process_alive(me, _start_time(me) + 1)
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        start = _start_time(child.pid)
+        assert process_alive(child.pid, start)
+        child.kill()
+        deadline = time.monotonic() + 30
+        while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE:  # killed, not reaped
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not process_alive(child.pid, start)
+    finally:
+        child.kill()
+        child.wait()
+    assert not process_alive(child.pid, start)  # reaped
+
+
+def test_no_launcher_above_a_plain_process():
+    """pytest's own ancestors are no launcher: a plain `python` trainer watches nothing (its parent may
+    exit on purpose, e.g. under nohup)."""
+    assert launcher_processes() == []
