@@ -7,14 +7,19 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: env demo test clean
 
+# what a user needs: the package and its dependencies (no test tools, no reference implementation)
 $(VENV)/.installed: setup.cfg
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# the test extra, then the reference implementation for the parity tests, last and without its
+# dependencies (its torch~=2.4 / numpy<2 pins are not wanted; what it imports is in the test extra)
+$(VENV)/.test-installed: $(VENV)/.installed setup.cfg
 	$(PY) -m pip install -q -e ".[test]"
-	# the reference implementation, for the parity tests (its pinned torch is not wanted: --no-deps)
 	$(PY) -m pip install -q --no-deps fairchem-core==1.10.0
-	$(PY) -m pip install -q huggingface_hub
 	touch $@
 
 env: $(VENV)/.installed
@@ -27,7 +32,7 @@ demo: env data/demo/train/manifest.json
 data/demo/train/manifest.json: | env
 	$(PY) tools/make_demo_data.py --out data/demo
 
-test: env
+test: $(VENV)/.test-installed
 	$(PY) -m pytest -q -m "not gpu" tests
 
 clean:

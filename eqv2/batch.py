@@ -30,8 +30,9 @@ class AtomsBatch:
     # None: the model builds it from the positions
     edge_index: torch.Tensor | None = None  # [2, E] int64 (source j, target i)
     cell_offset: torch.Tensor | None = None  # [E, 3] int64 periodic image of each edge's source
-    # (max_radius, max_neighbors, max_num_elements) the graph was built and the atoms checked with
-    graph_spec: tuple[float, int, int] | None = None
+    # (max_radius, max_neighbors, max_num_elements, enforce_max_neighbors_strictly) the graph was built and
+    # the atoms checked with
+    graph_spec: tuple[float, int, int, bool] | None = None
 
     @property
     def num_graphs(self) -> int:

@@ -25,7 +25,7 @@ _BUFFER_NAMES = {
 # hyperparameters that do not change the function eqv2 computes
 _IGNORED_HPARAMS = {
     "name", "use_pbc", "use_pbc_single", "otf_graph", "num_sphere_samples", "num_distance_basis",
-    "attn_activation", "ffn_activation", "enforce_max_neighbors_strictly", "activation_checkpoint",
+    "attn_activation", "ffn_activation", "activation_checkpoint",
     "use_energy_lin_ref", "regress_forces",
 }
 
@@ -88,6 +88,8 @@ def model_config_from_fairchem(hparams: dict[str, Any]) -> ModelConfig:
         "drop_path_rate": hp.get("drop_path_rate", 0.05),
         "max_neighbors": hp.get("max_neighbors", 500),
         "max_radius": hp.get("max_radius", 5.0),
+        # which neighbours the reference's graph keeps among equidistant ones (eqv2.model.graph)
+        "enforce_max_neighbors_strictly": bool(hp.get("enforce_max_neighbors_strictly", True)),
         "weight_init": hp.get("weight_init", "normal"),
     }
     for key in ("sphere_channels", "num_heads", "attn_value_channels", "edge_channels", "max_num_elements",

@@ -52,7 +52,7 @@ def predict(potential, frames, device, max_atoms: int = 2000):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eqv2.predict", description=__doc__,
+    parser = argparse.ArgumentParser(prog="eqv2 predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, type=Path, help="eqv2 model checkpoint")
     parser.add_argument("--input", required=True, type=Path, help="any ASE-readable file (all frames)")

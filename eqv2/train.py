@@ -42,7 +42,7 @@ from eqv2.training.finetune import freeze, load_pretrained, read_pretrained
 from eqv2.training.garbage import GarbageCollection
 from eqv2.training.loss import EnergyForceLoss, Normalizers, global_counts
 from eqv2.training.metrics import S2EFMetrics
-from eqv2.training.monitor import StepLogger
+from eqv2.training.monitor import StepLogger, run_summary
 from eqv2.training.optim import build_optimizer, clip_gradients, lr_factor, trainer_clipping
 from eqv2.training.profiling import StepProfiler, phase
 from eqv2.training.signals import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_REQUEUE, StopFlag
@@ -96,6 +96,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     from eqv2.model.equiformer_v2 import EquiformerV2
 
     run_dir, ckpt_dir = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
+    launched = time.perf_counter()
 
     # --- resume point, decided before anything of the run directory is written and before the engine
     # exists (universal loading is an engine setting)
@@ -123,7 +124,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
 
     # --- data
     # radius graphs built on the CPU in the loader workers, with the model's cutoff (data.build_graphs)
-    graphs = GraphBuilder(cfg.model.max_radius, cfg.model.max_neighbors, cfg.model.max_num_elements) \
+    graphs = GraphBuilder.for_model(cfg.model) \
         if cfg.data.build_graphs else None
     stream = TrainStream(cfg.data, dist.rank, dist.world_size, graphs)
     steps_per_epoch = stream.steps_in_epoch(0) // gas
@@ -164,7 +165,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
                                 backbone_lr_factor=cfg.init.backbone_lr_factor)
     engine_ds, max_grad_norm = trainer_clipping(ds)  # ZeRO-0: the trainer clips, with multi-tensor kernels
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=engine_ds)
-    ema = EMA(engine.module, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
+    ema = EMA(engine.module, cfg.optim.ema_decay, cfg.optim.ema_warmup) if cfg.optim.ema_decay else None
     loss_fn = EnergyForceLoss(cfg.loss, normalizers)
     if dist.is_main:
         print(f"eqv2.train: {dist.launcher} launch, {dist.world_size} rank(s) on {dist.device.type}/{dist.backend}; "
@@ -208,7 +209,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     compile_events = CompileEvents() if compiled else None
     logger = StepLogger(run_dir, dist.device, dist.is_main, total_steps, step, cfg.log.every_steps,
                         cfg.log.progress_bar, engine.monitor, count_shape_buckets=padded,
-                        compile_events=compile_events, collector=collector)
+                        compile_events=compile_events, collector=collector, data_stream=stream)
     profiler = StepProfiler(cfg.log.profile_steps, run_dir, dist.rank, dist.device)
     scale = float(dist.world_size * gas)  # undoes DeepSpeed's mean over ranks and micro-batches
     zero_loss = _zero_loss_fn(engine)
@@ -306,6 +307,9 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
             save()
         elif dist.is_main:
             print(f"eqv2.train: checkpoint.save_at_end=false: step {step} is not saved", flush=True)
+        if dist.is_main:
+            print(run_summary(run_dir, ckpt_dir, step, time.perf_counter() - launched, ckpt.latest_tag(ckpt_dir)),
+                  flush=True)
         return EXIT_OK
     finally:
         collector.stop()

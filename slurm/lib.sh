@@ -50,7 +50,7 @@ eqv2_nccl_env() {
 # kernels, autotuning results) in the run directory instead of each node's /tmp, unless the user set
 # TORCHINDUCTOR_CACHE_DIR: a requeued or resubmitted job, which may land on other nodes, then loads its
 # compiled graphs instead of compiling them again (on one H200 a warm cache cut the 153M trainer's first
-# 20 steps from ~250 s to ~80 s; BENCHMARKS.md, session 12).  Entries are keyed by graph, torch version
+# 20 steps from ~250 s to ~80 s; docs/perf-notes.md, session 12).  Entries are keyed by graph, torch version
 # and device, and written by rename, so ranks and nodes can share the directory; on a file system that
 # is slow with many small files, point TORCHINDUCTOR_CACHE_DIR at node-local disk instead.
 eqv2_compile_cache() {

@@ -228,7 +228,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    parser.add_argument("--impls", nargs="+", choices=["eager", "compiled"], default=["compiled"],
+    parser.add_argument("--impls", nargs="*", choices=["eager", "compiled"], default=["compiled"],
                         help="eqv2 paths to time: eager (the reference path) and/or compiled (the training default on GPU)")
     parser.add_argument("--ac-every", nargs="+", type=int, default=[0],
                         help="activation checkpointing on every k-th block (0: off); several values: one run each")
@@ -280,7 +280,7 @@ def main(argv=None) -> int:
         for bs in args.batch_sizes:
             batches = make_batches(bs, args.warmup + args.steps, args.seed)
             if args.graphs == "loader":  # fairchem builds its graphs in its forward pass (otf_graph), as it trains
-                builder = GraphBuilder(cfg.max_radius, cfg.max_neighbors, cfg.max_num_elements)
+                builder = GraphBuilder.for_model(cfg)
                 batches = [builder(b) for b in batches]
             batches = [b.to(device) for b in batches]
             atoms = sum(int(b.natoms.sum()) for b in batches[args.warmup:])

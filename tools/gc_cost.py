@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = from_dict(ModelConfig, {**load_yaml(ROOT / "configs" / "model" / f"eqv2_{args.config}.yaml"),
                                   "pad_atoms_multiple": args.pad[0], "pad_edges_multiple": args.pad[1]})
-    builder = GraphBuilder(cfg.max_radius, cfg.max_neighbors, cfg.max_num_elements)
+    builder = GraphBuilder.for_model(cfg)
     batches = [builder(b).to(device) for b in make_batches(args.batch_size, args.steps, seed=0)]
     gc.collect()
     before = len(gc.get_objects())

@@ -33,7 +33,7 @@ def new_shape_steps(cfg, rank: int, ranks: int, steps: int) -> tuple[list[int], 
     from eqv2.model.graph import GraphBuilder
     from eqv2.training.compile import ShapeBuckets
 
-    graphs = GraphBuilder(cfg.model.max_radius, cfg.model.max_neighbors, cfg.model.max_num_elements) \
+    graphs = GraphBuilder.for_model(cfg.model) \
         if cfg.data.build_graphs else None
     buckets = ShapeBuckets(cfg.model.pad_atoms_multiple, cfg.model.pad_edges_multiple)
     stream = TrainStream(cfg.data, rank, ranks, graphs)

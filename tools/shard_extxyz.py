@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="energy target = total - reference energy from the *.txt (adsorption-style)")
     add_sharding_arguments(p)
     args = p.parse_args(argv)
-    sources = [str(f) for f in find_inputs(args.input)]
-    return run_sharding_cli(p, args, sources, functools.partial(read_source, args.subtract_reference),
+    return run_sharding_cli(p, args, lambda: [str(f) for f in find_inputs(args.input)],
+                            functools.partial(read_source, args.subtract_reference),
                             "total_minus_ref" if args.subtract_reference else "total",
                             f"extxyz:{Path(args.input).resolve()}")
 

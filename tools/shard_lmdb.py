@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="output directory for shards, manifest.json, stats.json")
     add_sharding_arguments(p)
     args = p.parse_args(argv)
-    sources = [str(f) for f in find_lmdbs(args.input)]
-    return run_sharding_cli(p, args, sources, read_lmdb, "as_stored", f"lmdb:{Path(args.input).resolve()}")
+    return run_sharding_cli(p, args, lambda: [str(f) for f in find_lmdbs(args.input)], read_lmdb, "as_stored",
+                            f"lmdb:{Path(args.input).resolve()}")
 
 
 if __name__ == "__main__":

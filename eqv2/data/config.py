@@ -5,12 +5,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from eqv2.data.validate import LabelBounds
+
 
 @dataclass
 class DataConfig:
     train_manifest: str  # manifest.json of the training shards
     train_shards: str = ""  # WebDataset URLs / brace pattern ("::"-separated); "" = shards beside the manifest
-    val_manifest: str = ""  # manifest.json of the validation shards; "" = no validation
+    val_manifest: str | None = ""  # manifest.json of the validation shards; "" or null (`--set data.val_manifest=`) = none
     val_shards: str = ""  # as train_shards, for validation
     extra_val_manifests: dict[str, str] = field(default_factory=dict)  # more validation splits: name -> manifest
     stats: str = ""  # dataset stats JSON; "" = stats.json beside train_manifest
@@ -28,6 +30,9 @@ class DataConfig:
     # build each batch's radius graph in the loader workers (CPU), with the model's cutoff; the model
     # then only computes edge vectors (no neighbour search, no host sync); false: the model builds it
     build_graphs: bool = True
+    # label bounds checked as each sample is decoded (as when sharding): a sample above them is bad input
+    max_energy_per_atom: float = 100.0  # eV: |energy| / atoms
+    max_force: float = 100.0  # eV/Å: |force component|
 
     def __post_init__(self) -> None:
         if (self.batch_size > 0) == (self.max_atoms > 0):
@@ -44,6 +49,9 @@ class DataConfig:
             raise ValueError('data.extra_val_manifests: the name "val" is taken by data.val_manifest')
         if self.extra_val_manifests and not self.val_manifest:
             raise ValueError("data.extra_val_manifests needs data.val_manifest (the split that picks the best checkpoint)")
+        for name in ("max_energy_per_atom", "max_force"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"data.{name} must be > 0, got {getattr(self, name)}")
         if self.prefetch_factor < 1:
             raise ValueError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
 
@@ -54,6 +62,10 @@ class DataConfig:
         for name, manifest in self.extra_val_manifests.items():
             splits.append((name, replace(self, val_manifest=manifest, val_shards="", extra_val_manifests={})))
         return splits
+
+    @property
+    def label_bounds(self) -> LabelBounds:
+        return LabelBounds(float(self.max_energy_per_atom), float(self.max_force))
 
     @property
     def stats_path(self) -> Path:

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from ase.data import atomic_numbers as _Z
 from ase.io.extxyz import key_val_str_to_dict
 
-from eqv2.data.format import SampleError, check_sample
+from eqv2.data.format import SampleError
+from eqv2.data.validate import atomic_numbers
 
 _ID = re.compile(r"^[A-Za-z_-]*?(\d+)$")
 
@@ -84,51 +84,107 @@ def _columns(spec: str, where: str) -> dict[str, tuple[int, int, str]]:
     return cols
 
 
-def read_frames(path: Path, subtract_reference: bool) -> Iterator[dict]:
-    """Samples of one extxyz file in file order (see `eqv2.data.format` for the fields)."""
-    ids = read_ids(txt_for(path))
+def read_frames(path: Path, subtract_reference: bool) -> Iterator[tuple[str, dict | SampleError]]:
+    """(where, sample) for each frame of one extxyz file in file order (fields: `eqv2.data.format`).
+
+    A frame that is malformed but whose extent is known (no atoms, an unknown element, an unparsable
+    line, a file ending inside it) comes as (where, SampleError) so the caller can raise or skip it;
+    a file whose frames cannot be delimited any more (a count line that is not a number, more frames
+    than id lines) raises SampleError.  `where` is "<file> frame <k>".
+    """
+    txt = txt_for(path)
+    ids = read_ids(txt)
     with _open_text(path) as fh:
         frame = 0
         while True:
             head = fh.readline()
             if not head.strip():
+                if head and fh.read().strip():  # a blank line between frames: nothing may follow it
+                    raise SampleError(f"{path} frame {frame}: blank line where an atom count was expected")
                 break
             where = f"{path} frame {frame}"
             if frame >= len(ids):
-                raise SampleError(f"{where}: more frames than lines in {txt_for(path).name} ({len(ids)})")
-            natoms = int(head)
-            info = key_val_str_to_dict(fh.readline())
-            rows = [fh.readline().split() for _ in range(natoms)]
-            if len(rows[-1]) == 0:
-                raise SampleError(f"{where}: file ends inside the frame")
-            cols = _columns(info.get("Properties", "species:S:1:pos:R:3"), where)
-            table = np.array(rows, dtype=object)
-            get = lambda name: table[:, cols[name][0] : cols[name][1]] if name in cols else None
-            sid, fid, ref = ids[frame]
-            total = info.get("energy")
-            sample = {
-                "sid": sid,
-                "fid": fid,
-                "positions": get("pos").astype(np.float64).astype(np.float32),
-                "numbers": np.array([_Z[s] for s in get("species")[:, 0]], dtype=np.uint8),
-                # ASE returns Lattice column-major (vectors as columns); cells here have vectors as rows
-                "cell": np.asarray(info["Lattice"], dtype=np.float64).reshape(3, 3).T.astype(np.float32),
-                "pbc": np.asarray(info.get("pbc", [True, True, True]), dtype=bool),
-                "tags": get("tags")[:, 0].astype(np.int64).astype(np.int8) if "tags" in cols else None,
-                "fixed": ~(get("move_mask")[:, 0] == "T") if "move_mask" in cols else None,
-                "forces": get("forces").astype(np.float64).astype(np.float32) if "forces" in cols else None,
-                "total_energy": float(total) if total is not None else None,
-                "ref_energy": ref,
-            }
-            if subtract_reference and total is not None and ref is None:
-                raise SampleError(f"{where}: reference energy missing in {txt_for(path).name} but subtraction requested")
-            if total is not None:
-                sample["energy"] = float(total) - ref if subtract_reference else float(total)
-            check_sample(sample, where)
-            yield sample
+                raise SampleError(f"{where}: more frames than lines in {txt.name} ({len(ids)})")
+            try:
+                natoms = int(head)
+            except ValueError:
+                raise SampleError(f"{where}: first line {head.strip()[:40]!r} is not an atom count "
+                                  f"(the frames after it cannot be found)") from None
+            if natoms < 0:
+                raise SampleError(f"{where}: negative atom count {natoms}")
+            comment = fh.readline()
+            rows = [fh.readline() for _ in range(natoms)]
+            if not comment or (rows and not rows[-1].endswith("\n") and not rows[-1].strip()):
+                got = sum(1 for r in rows if r.strip())
+                yield where, SampleError(f"{where}: file ends inside the frame ({got} of {natoms} atom lines"
+                                         f"{_lost(len(ids) - frame - 1, txt)})")
+                return
+            try:
+                yield where, _parse_frame(comment, rows, ids[frame], txt, subtract_reference, where)
+            except _Truncated as err:
+                yield where, SampleError(f"{str(err)[:-1]}{_lost(len(ids) - frame - 1, txt)})")
+                return
+            except SampleError as err:
+                yield where, err
             frame += 1
         if frame != len(ids):
-            raise SampleError(f"{path}: {frame} frames but {len(ids)} lines in {txt_for(path).name}")
+            raise SampleError(f"{path}: {frame} frames but {len(ids)} lines in {txt.name}")
+
+
+class _Truncated(SampleError):
+    """The file ends inside this frame: nothing after it can be read."""
+
+
+def _lost(after: int, txt: Path) -> str:
+    return f"; {txt.name} lists {after} more frames after it" if after > 0 else ""
+
+
+def _parse_frame(comment: str, rows: list[str], ids: tuple[str, str, float | None], txt: Path,
+                 subtract_reference: bool, where: str) -> dict:
+    if not rows:
+        raise SampleError(f"{where}: no atoms (atom count 0)")
+    try:
+        info = key_val_str_to_dict(comment)
+    except Exception as err:  # noqa: BLE001 - ASE's parser raises several types for a malformed line
+        raise SampleError(f"{where}: cannot parse the comment line: {err}") from None
+    cols = _columns(info.get("Properties", "species:S:1:pos:R:3"), where)
+    width = max(stop for _, stop, _ in cols.values())
+    split = [r.split() for r in rows]
+    for k, fields in enumerate(split):
+        if len(fields) != width:
+            if not rows[k].endswith("\n"):
+                raise _Truncated(f"{where}: file ends inside the frame (atom line {k} of {len(rows)} is cut)")
+            raise SampleError(f"{where}: atom line {k} has {len(fields)} columns, Properties gives {width}")
+    if "Lattice" not in info:
+        raise SampleError(f"{where}: no Lattice= in the comment line")
+    table = np.array(split, dtype=object)
+    get = lambda name: table[:, cols[name][0] : cols[name][1]] if name in cols else None
+    sid, fid, ref = ids
+    total = info.get("energy")
+    try:
+        sample = {
+            "sid": sid,
+            "fid": fid,
+            "positions": get("pos").astype(np.float64).astype(np.float32),
+            "numbers": atomic_numbers(get("species")[:, 0].tolist(), where),
+            # ASE returns Lattice column-major (vectors as columns); cells here have vectors as rows
+            "cell": np.asarray(info["Lattice"], dtype=np.float64).reshape(3, 3).T.astype(np.float32),
+            "pbc": np.asarray(info.get("pbc", [True, True, True]), dtype=bool),
+            "tags": get("tags")[:, 0].astype(np.int64).astype(np.int8) if "tags" in cols else None,
+            "fixed": ~(get("move_mask")[:, 0] == "T") if "move_mask" in cols else None,
+            "forces": get("forces").astype(np.float64).astype(np.float32) if "forces" in cols else None,
+            "total_energy": float(total) if total is not None else None,
+            "ref_energy": ref,
+        }
+    except SampleError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise SampleError(f"{where}: unreadable value: {err}") from None
+    if subtract_reference and total is not None and ref is None:
+        raise SampleError(f"{where}: reference energy missing in {txt.name} but subtraction requested")
+    if total is not None:
+        sample["energy"] = float(total) - ref if subtract_reference else float(total)
+    return sample
 
 
 def format_frame(sample: dict) -> str:
@@ -151,6 +207,6 @@ def format_frame(sample: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def read_source(subtract_reference: bool, source: str) -> Iterator[dict]:
+def read_source(subtract_reference: bool, source: str) -> Iterator[tuple[str, dict | SampleError]]:
     """`read_frames` with picklable arguments, for the sharding process pool."""
     return read_frames(Path(source), subtract_reference)

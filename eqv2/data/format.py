@@ -15,6 +15,7 @@ Arrays (N atoms):
     energy        F64 []      training target, eV (optional): total_energy, or total - ref
     total_energy  F64 []      DFT total energy (optional)
     ref_energy    F64 []      OC20 reference energy (optional, only when known)
+    stress        F32 [3, 3]  eV/Å³, ASE's sign convention (optional; from ASE datasets that have it)
 Header metadata: {"format": "eqv2-sample-1", "sid": str, "fid": str}.
 """
 from __future__ import annotations
@@ -39,8 +40,9 @@ _FIELDS: dict[str, tuple[np.dtype, str, tuple[int, ...] | None, bool]] = {
     "energy": (np.dtype("<f8"), "F64", None, False),
     "total_energy": (np.dtype("<f8"), "F64", None, False),
     "ref_energy": (np.dtype("<f8"), "F64", None, False),
+    "stress": (np.dtype("<f4"), "F32", None, False),
 }
-_FIXED_SHAPES = {"cell": (3, 3), "pbc": (3,), "energy": (), "total_energy": (), "ref_energy": ()}
+_FIXED_SHAPES = {"cell": (3, 3), "pbc": (3,), "energy": (), "total_energy": (), "ref_energy": (), "stress": (3, 3)}
 _DTYPES = {code: dt for dt, code, _, _ in _FIELDS.values()}
 
 
@@ -61,6 +63,8 @@ def check_sample(sample: dict, where: str) -> int:
     if unknown:
         raise SampleError(f"{where}: unknown field(s) {sorted(unknown)}")
     n = int(np.shape(sample["numbers"])[0]) if np.ndim(sample["numbers"]) == 1 else -1
+    if n == 0:
+        raise SampleError(f"{where}: no atoms (an empty structure)")
     if n < 1:
         raise SampleError(f"{where}: 'numbers' must be a non-empty 1-d array, got shape {np.shape(sample['numbers'])}")
     for name, (_, _, per_atom, _) in _FIELDS.items():

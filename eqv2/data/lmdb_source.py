@@ -140,8 +140,9 @@ def find_lmdbs(root: str | Path) -> list[Path]:
     return files
 
 
-def read_lmdb(source: str) -> Iterator[dict]:
-    """Samples of one LMDB file in key order 0..length-1."""
+def read_lmdb(source: str) -> Iterator[tuple[str, dict | SampleError]]:
+    """(where, sample) for each record of one LMDB file in key order 0..length-1; a malformed record
+    comes as (where, SampleError) for the caller to raise or skip.  `where` is "<file> key <i>"."""
     import lmdb
 
     env = lmdb.open(str(source), subdir=False, readonly=True, lock=False, readahead=True, meminit=False)
@@ -158,8 +159,14 @@ def read_lmdb(source: str) -> Iterator[dict]:
                 value = txn.get(str(i).encode("ascii"))
                 where = f"{source} key {i}"
                 if value is None:
-                    raise SampleError(f"{where}: missing (length says {length})")
-                yield record_to_sample(value, where, i)
+                    yield where, SampleError(f"{where}: missing (length says {length})")
+                    continue
+                try:
+                    yield where, record_to_sample(value, where, i)
+                except SampleError as err:
+                    yield where, err
+                except (TypeError, KeyError, IndexError, RuntimeError) as err:  # a record of unexpected layout
+                    yield where, SampleError(f"{where}: unreadable record: {type(err).__name__}: {err}")
     finally:
         env.close()
 

@@ -30,6 +30,7 @@ class Manifest:
     energy_target: str  # "total" or "total_minus_ref"
     source: str = ""  # what was sharded (informational)
     path: Path | None = None
+    skipped_frames: int = 0  # bad input frames left out by `--on-error skip` when sharding
 
     @property
     def num_samples(self) -> int:
@@ -50,6 +51,7 @@ class Manifest:
             "source": self.source,
             "num_samples": self.num_samples,
             "num_atoms": self.num_atoms,
+            "skipped_frames": self.skipped_frames,
             "shards": [
                 {"name": s.name, "count": s.count, "atoms": s.atoms, "max_natoms": s.max_natoms,
                  "bytes": s.bytes, "sha256": s.sha256, "sums": s.sums}
@@ -83,4 +85,5 @@ def load_manifest(path: str | Path) -> Manifest:
             raise ValueError(f"{path}: shard entry {i} lacks {err}") from err
     if len({s.name for s in shards}) != len(shards):
         raise ValueError(f"{path}: duplicate shard names")
-    return Manifest(shards, data.get("energy_target", "total"), data.get("source", ""), path)
+    return Manifest(shards, data.get("energy_target", "total"), data.get("source", ""), path,
+                    int(data.get("skipped_frames", 0)))

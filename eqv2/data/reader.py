@@ -17,6 +17,7 @@ from webdataset.tariterators import tar_file_iterator
 
 from eqv2.data.format import EXTENSION, SampleError, decode_sample, sample_key
 from eqv2.data.manifest import Manifest, ShardInfo, load_manifest
+from eqv2.data.validate import LabelBounds, check_labels
 
 
 class ShardError(SampleError):
@@ -53,8 +54,12 @@ def _fail(msg: str, on_error: str, errors: list[str], cls=ShardError) -> None:
     errors.append(msg)
 
 
-def read_shard(url: str, info: ShardInfo, verify: bool, on_error: str) -> tuple[list[dict | None], list[str]]:
-    """Exactly `info.count` entries in tar order: a decoded sample, or None where one was skipped."""
+def read_shard(url: str, info: ShardInfo, verify: bool, on_error: str,
+               bounds: LabelBounds | None = LabelBounds()) -> tuple[list[dict | None], list[str]]:
+    """Exactly `info.count` entries in tar order: a decoded sample, or None where one was skipped.
+
+    Each sample is checked as `decode_sample` does and, unless `bounds` is None, its labels by
+    `check_labels` (present, finite, within bounds), as when the shard was written."""
     errors: list[str] = []
     try:
         with gopen(url, "rb") as stream:
@@ -84,6 +89,8 @@ def read_shard(url: str, info: ShardInfo, verify: bool, on_error: str) -> tuple[
                 sample = decode_sample(member["data"], where)
                 if sample_key(sample["sid"], sample["fid"]) != key:
                     raise SampleError(f"{where}: holds sid/fid {sample['sid']}/{sample['fid']}, not its key")
+                if bounds is not None:
+                    check_labels(sample, where, bounds)
                 samples.append(sample)
             except SampleError as err:
                 _fail(str(err), on_error, errors, SampleError)

@@ -45,7 +45,7 @@ class _SlotReader:
         self.urls, self.infos, self.plan, self.slots = urls, infos, plan, slots
         self.prepare = prepare  # e.g. the trainer's GraphBuilder; runs in the worker, after collation
         self.seed, self.shuffle = cfg.seed, shuffle
-        self.verify, self.on_error = cfg.verify_checksums, cfg.on_error
+        self.verify, self.on_error, self.bounds = cfg.verify_checksums, cfg.on_error, cfg.label_bounds
         self.batch_size, self.max_atoms = cfg.batch_size, cfg.max_atoms
         self.pack = shuffle and cfg.max_atoms > 0 and cfg.pack_batches  # training batches by atoms
 
@@ -69,7 +69,7 @@ class _SlotReader:
             group: list[dict | None] = []
             for q in range(g0, g1):
                 samples, errors = read_shard(self.urls[slot.shards[q]], self.infos[slot.shards[q]],
-                                             self.verify, self.on_error)
+                                             self.verify, self.on_error, self.bounds)
                 group.extend(samples)
                 messages.extend(errors[:_MAX_LOGGED])
             order = group_permutation(self.seed, self.plan.epoch, slot.slot, g, len(group), self.shuffle).tolist()
@@ -138,12 +138,39 @@ class _EpochDataset(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         local = 0 if info is None else (info.id + self.rotation) % len(self.reader.slots)
-        if info is not None:
-            # a worker forked from a trainer that collects garbage on its own schedule
-            # (gc.manual_every_steps) inherits automatic collection off; a worker collects automatically
-            gc.enable()
+        batches = self.reader.batches(local, self.starts[local], self.positions[local])
+        if info is None:
+            return batches
+        # a worker forked from a trainer that collects garbage on its own schedule
+        # (gc.manual_every_steps) inherits automatic collection off; a worker collects automatically
+        gc.enable()
+        # one intra-op thread per loader process; never in the trainer itself (num_workers 0), whose
+        # forward and backward would otherwise run on one core
         torch.set_num_threads(1)
-        return self.reader.batches(local, self.starts[local], self.positions[local])
+        return _reporting(batches)
+
+
+class _WorkerError:
+    """Bad input found in a DataLoader worker, sent to the trainer as an item: raised there with its
+    own one-line message (the DataLoader would re-raise it with the worker's traceback as the message)."""
+
+    def __init__(self, err: ValueError) -> None:
+        self.cls, self.message, self.structure = type(err), str(err), getattr(err, "structure", None)
+
+    def raise_(self):
+        err = self.cls(self.message)
+        if self.structure is not None:
+            err.structure = self.structure
+        raise err
+
+
+def _reporting(batches: Iterator[tuple]) -> Iterator:
+    try:
+        yield from batches
+    except ValueError as err:  # SampleError/ShardError, or a structure `prepare` rejected (GraphInputError)
+        if not isinstance(err, SampleError) and getattr(err, "structure", None) is None:
+            raise
+        yield _WorkerError(err)
 
 
 def _identity(x):
@@ -165,7 +192,14 @@ def _iterate(reader: _SlotReader, cfg: DataConfig, step: int, positions: list[tu
     loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, collate_fn=_identity,
                         prefetch_factor=cfg.prefetch_factor, persistent_workers=False,
                         pin_memory=torch.cuda.is_available())
-    return iter(loader)
+    return _raising(iter(loader))
+
+
+def _raising(items: Iterator) -> Iterator[tuple]:
+    for item in items:
+        if isinstance(item, _WorkerError):
+            item.raise_()
+        yield item
 
 
 class TrainStream:
@@ -189,6 +223,8 @@ class TrainStream:
         self._epoch, self._step = 0, 0
         self._positions = [(0, 0)] * self._slots  # next (sample position, atoms before it) of each local slot
         self.skipped = 0  # samples skipped (on_error=skip) in the last completed epoch
+        self.skipped_total = 0  # ... since the run began (kept in the state: a resumed run continues it)
+        self._untaken = 0  # ... since the last take_skipped()
         self.plan(0)  # configuration errors surface at construction, before any step
 
     def plan(self, epoch: int) -> EpochPlan:
@@ -210,6 +246,8 @@ class TrainStream:
         skipped = 0
         for batch, local, position, n_skipped, messages in _iterate(reader, self.cfg, start, list(self._positions)):
             skipped += n_skipped
+            self.skipped_total += n_skipped
+            self._untaken += n_skipped
             self._positions[local] = position
             for msg in messages:
                 log.warning("skipped bad input: %s", msg)
@@ -221,10 +259,17 @@ class TrainStream:
         (log.warning if skipped else log.info)("epoch %d rank %d: %d bad samples skipped", epoch, self.rank, skipped)
         self._epoch, self._step, self._positions = epoch + 1, 0, [(0, 0)] * self._slots
 
+    def take_skipped(self) -> int:
+        """Samples skipped (on_error=skip) in the batches handed out since the last call (the step logger's
+        per-interval count)."""
+        n, self._untaken = self._untaken, 0
+        return n
+
     def state_dict(self) -> dict:
-        """Data position: epoch, steps taken in it, and each local slot's next (sample, atoms) position."""
+        """Data position: epoch, steps taken in it, and each local slot's next (sample, atoms) position;
+        and the samples skipped so far."""
         return {"epoch": self._epoch, "step": self._step, "positions": [list(p) for p in self._positions],
-                "fingerprint": dict(self._fingerprint)}
+                "fingerprint": dict(self._fingerprint), "skipped_total": self.skipped_total}
 
     def load_state_dict(self, state: dict) -> None:
         theirs = state.get("fingerprint", {})
@@ -236,6 +281,7 @@ class TrainStream:
                 )
         self._epoch, self._step = int(state["epoch"]), int(state["step"])
         self._positions = [(int(p), int(c)) for p, c in state["positions"]]
+        self.skipped_total = int(state.get("skipped_total", 0))  # absent in checkpoints written before it
 
     def close(self) -> None:
         """Nothing persistent to stop: workers live only while an epoch is iterated."""

@@ -52,12 +52,13 @@ class ShardWriter:
         self.journal = self.out_dir / "progress.jsonl"
         self.shards: list[ShardInfo] = []
         self.position = None  # source position after the last completed shard
+        self.skipped = 0  # bad frames the caller skipped before `position`
         self._tar: tarfile.TarFile | None = None
         self._fh = None
         self._count = 0
         self._bytes = 0
         self._acc = Accumulator()
-        self._pending_position = None
+        self._pending_position, self._pending_skipped = None, 0
         self._resume()
 
     def _name(self, index: int) -> str:
@@ -77,13 +78,16 @@ class ShardWriter:
             path = self.out_dir / info.name
             if info.name != self._name(len(kept)) or not path.exists() or sha256_file(path) != info.sha256:
                 break
-            kept.append((info, rec["position"]))
-        self.shards = [info for info, _ in kept]
+            kept.append((info, rec["position"], int(rec.get("skipped", 0))))
+        self.shards = [info for info, _, _ in kept]
         self.position = kept[-1][1] if kept else None
-        self.journal.write_text("".join(json.dumps({"shard": vars(i), "position": p}) + "\n" for i, p in kept))
+        self.skipped = kept[-1][2] if kept else 0
+        self.journal.write_text("".join(json.dumps({"shard": vars(i), "position": p, "skipped": s}) + "\n"
+                                        for i, p, s in kept))
 
-    def add(self, key: str, payload: bytes, summary: Summary, position) -> None:
-        """Append one sample; `position` is the source position just after it."""
+    def add(self, key: str, payload: bytes, summary: Summary, position, skipped: int = 0) -> None:
+        """Append one sample; `position` is the source position just after it, `skipped` the number of bad
+        frames the caller left out before it (journalled, so a resumed run keeps the count)."""
         size = tar_member_size(len(payload))
         full = (self.max_samples and self._count >= self.max_samples) or (
             self.max_bytes and self._count > 0 and self._bytes + size > self.max_bytes
@@ -105,6 +109,7 @@ class ShardWriter:
         self._bytes += size
         self._acc.add(summary)
         self._pending_position = position
+        self._pending_skipped = skipped
 
     def _close_shard(self) -> None:
         assert self._tar is not None and self._fh is not None
@@ -118,14 +123,15 @@ class ShardWriter:
                          sha256_file(tmp), self._acc.to_json())
         tmp.replace(self.out_dir / name)
         with open(self.journal, "a") as jf:
-            jf.write(json.dumps({"shard": vars(info), "position": self._pending_position}) + "\n")
+            jf.write(json.dumps({"shard": vars(info), "position": self._pending_position,
+                                 "skipped": self._pending_skipped}) + "\n")
             jf.flush()
             os.fsync(jf.fileno())
         self.shards.append(info)
-        self.position = self._pending_position
+        self.position, self.skipped = self._pending_position, self._pending_skipped
         self._tar, self._fh, self._count, self._bytes, self._acc = None, None, 0, 0, Accumulator()
 
-    def finish(self, energy_target: str, source: str) -> Manifest:
+    def finish(self, energy_target: str, source: str, skipped_frames: int = 0) -> Manifest:
         """Close the last shard, remove stale files of an older longer run, write the manifest."""
         if self._tar is not None:
             self._close_shard()
@@ -133,6 +139,6 @@ class ShardWriter:
         for stale in self.out_dir.glob(f"{self.prefix}-*.tar*"):
             if stale.name not in names:
                 stale.unlink()
-        manifest = Manifest(list(self.shards), energy_target, source)
+        manifest = Manifest(list(self.shards), energy_target, source, skipped_frames=skipped_frames)
         manifest.save(self.out_dir / "manifest.json")
         return manifest

@@ -40,7 +40,11 @@ class ModelConfig:
     proj_drop: float = 0.0  # equivariant dropout after attention
     # graph
     max_radius: float = 12.0  # Å
-    max_neighbors: int = 20  # per target atom, nearest first, strictly enforced
+    max_neighbors: int = 20  # per target atom, nearest first
+    # true: exactly max_neighbors, ties at the cut broken by atom order (the published models); false:
+    # fairchem's degeneracy-tolerant selection, which keeps every neighbour within 0.01 Å^2 (squared
+    # distance) of the first one beyond the cap: invariant to rotations and atom order (graph.py)
+    enforce_max_neighbors_strictly: bool = True
     # normalisers of the published models (OC20 statistics); recompute for other data
     avg_num_nodes: float = OC20_AVG_NUM_NODES  # energy = sum of node energies / avg_num_nodes
     avg_degree: float = OC20_AVG_DEGREE  # edge-degree embedding sum / avg_degree

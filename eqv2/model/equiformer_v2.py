@@ -107,12 +107,14 @@ class EquiformerV2(nn.Module):
         which also checked the structures) when the batch has them, else searched and checked here."""
         cfg = self.cfg
         if batch.edge_index is not None:
-            spec = (float(cfg.max_radius), int(cfg.max_neighbors), int(cfg.max_num_elements))
+            spec = (float(cfg.max_radius), int(cfg.max_neighbors), int(cfg.max_num_elements),
+                    bool(cfg.enforce_max_neighbors_strictly))
             if batch.graph_spec != spec:
-                raise ValueError(f"the batch's graph was built for (max_radius, max_neighbors, max_num_elements) "
-                                 f"= {batch.graph_spec}, the model has {spec}")
+                raise ValueError(f"the batch's graph was built for (max_radius, max_neighbors, max_num_elements, "
+                                 f"enforce_max_neighbors_strictly) = {batch.graph_spec}, the model has {spec}")
             return graph_from_offsets(pos, batch.cell, batch.batch, batch.edge_index, batch.cell_offset)
-        return search_graph(batch, pos, cfg.max_radius, cfg.max_neighbors, cfg.max_num_elements, cfg.validate_inputs)
+        return search_graph(batch, pos, cfg.max_radius, cfg.max_neighbors, cfg.max_num_elements,
+                            cfg.enforce_max_neighbors_strictly, cfg.validate_inputs)
 
     def edge_frames(self, edge_vec: torch.Tensor, distance: torch.Tensor, dtype: torch.dtype):
         """Per-edge quantities every block shares (Sec. 3.3): the rotations to and from each edge's

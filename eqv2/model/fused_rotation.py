@@ -16,7 +16,7 @@ Two Triton kernels remove the intermediate tensors:
   (`EdgeOrder`: stable sorts by source and by target, once per forward pass); each program sums a run
   of consecutive edges of that order in registers and adds to the output once per atom it meets, so
   float32 atomics happen at group boundaries rather than per edge (one edge at a time, they were 3x
-  slower than the gather on the H200, BENCHMARKS.md session 8).
+  slower than the gather on the H200, docs/perf-notes.md session 8).
 
 The tiles and warp counts are autotuned on the GPU per shape (TUNING, SEGMENT_TUNING).
 

@@ -14,7 +14,7 @@ GPU per (K, C) at the first call (TUNING); on the H200 the untuned 64 x 64 tiles
 attention's activation at about 94 TFLOP/s, a tenth of the chip's bf16 rate.  Two forms
 (`model.s2_kernel_form`) compute the same: tiles with a coefficient per row ("rows") or a (structure,
 channel) column per row ("columns", the default: on the H200 its forward + backward took 766 us where
-the rows took 865 us, at the 153M attention's K = 37, C = 64, Z = 12288; BENCHMARKS.md, session 10).
+the rows took 865 us, at the 153M attention's K = 37, C = 64, Z = 12288; docs/perf-notes.md, session 10).
 
 Registered as the custom ops `eqv2::s2_silu` / `eqv2::s2_silu_backward`, so torch.compile treats
 them as opaque calls and autograd sees one node.  The einsum path in activation.py is the reference
@@ -121,7 +121,7 @@ if triton is not None:
 # kernel forms (model.s2_kernel_form): the tiles' orientation.  Session 9 also had the 153M attention's
 # K = 37 coefficients split in two blocks (32 + 16 instead of 64): with row tiles slower on the H200
 # (881 against 865 us forward + backward), with column tiles an illegal memory access in torch 2.11's
-# Triton; removed (BENCHMARKS.md, session 10).
+# Triton; removed (docs/perf-notes.md, session 10).
 FORMS = ("rows", "columns")
 
 

@@ -11,7 +11,7 @@ Input and output use the m-primary order of `CoefficientLayout`: [m=0 | +1 | -1 
 With radial weights, `fused_input_grad = True` computes the same function as one autograd node whose
 gradient with respect to x comes from the `eqv2::so2_input_grad` op: each order's matrix product writes
 into its rows of one gradient buffer, where autograd (and Inductor) otherwise concatenate per-order
-gradients (a masked pointwise kernel measured at ~1 ms per block on the H200, BENCHMARKS.md).
+gradients (a masked pointwise kernel measured at ~1 ms per block on the H200, docs/perf-notes.md).
 `indexed_radial = True` (with it) also takes the radial products of both passes, x_m * r_m and, in the
 backward pass, dL/d(x_m r_m) * r_m for x and dL/d(x_m r_m) * x_m for r (summed over +m and -m), as
 elementwise products over whole [E, K*C] rows with per-column index tables into the unsplit radial

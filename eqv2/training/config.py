@@ -21,6 +21,7 @@ from typing import Literal
 from eqv2.config import ConfigError, apply_overrides, from_dict, load_yaml
 from eqv2.data.config import DataConfig
 from eqv2.model.config import ModelConfig
+from eqv2.resources import find_config
 from eqv2.training.activation_checkpointing import ActivationCheckpointConfig
 from eqv2.training.checkpointing import CheckpointConfig
 from eqv2.training.compile import CompileConfig
@@ -97,16 +98,14 @@ def _inline_model(model):
     if not isinstance(model, dict) or "base" not in model:
         return model
     model = dict(model)
-    model_path = Path(str(model.pop("base")))
-    if not model_path.is_file():
-        raise ConfigError(f"model.base: model config file not found: {model_path}")
+    model_path = find_config(str(model.pop("base")), "model", "model.base: model config")
     return {**load_yaml(model_path), **model}
 
 
 def load_run_config(path: str | Path, overrides: list[str], micro_batch: int) -> tuple[RunConfig, dict]:
     """Parse and check the run YAML; returns the config and the resolved plain mapping."""
     overrides = _sci_floats(overrides)
-    raw = load_yaml(path)
+    raw = load_yaml(find_config(path, "train", "--config"))
     raw["model"] = _inline_model(raw.get("model"))
     apply_overrides(raw, overrides)
     init = raw.get("init")
@@ -130,9 +129,7 @@ def load_run_config(path: str | Path, overrides: list[str], micro_batch: int) ->
 
 def load_ds_config(path: str | Path) -> dict:
     """Read the engine config; micro-batch and accumulation are required, the global batch is derived."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--ds_config: file not found: {path}")
+    path = find_config(path, "ds", "--ds_config")
     try:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as err:

@@ -1,6 +1,9 @@
 """Exponential moving average of the weights, used for evaluation and export (reference decay 0.999).
 
-The average is kept in fp32 on the parameters' device, one tensor per *local* parameter storage: the
+As fairchem's trainer (its ExponentialMovingAverage built without `use_num_updates`), the decay is
+constant from the first update; `optim.ema_warmup: true` ramps it as min(d, (1+n)/(10+n)) instead
+(torch_ema's num_updates rule), so that early averages are not dominated by the initial weights.
+The average is kept in fp32 (fp64 for fp64 parameters) on the parameters' device, one tensor per *local* parameter storage: the
 full parameter under ZeRO 0-2, the rank's flat partition (`ds_tensor`) under ZeRO-3, so ZeRO-3 never has
 to gather the model to update it.  `swapped_in` exchanges the live weights with the averages for
 evaluation; under ZeRO-3 swapping the partitions is enough because the forward pass gathers from them.
@@ -25,23 +28,23 @@ def _storage(param: nn.Parameter) -> torch.Tensor:
 
 
 class EMA:
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
         self.decay = decay
+        self.warmup = warmup  # ramp the decay with the number of updates (not the reference's default)
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.shadow = [_storage(p).detach().float().clone() for p in self.params]
+        self.shadow = [_storage(p).detach().to(_shadow_dtype(p)).clone() for p in self.params]
         self.updates = 0
 
     @torch.no_grad()
     def update(self) -> None:
         """One EMA step after an optimizer step: shadow ← d·shadow + (1−d)·weight (fused, no host sync).
 
-        As the reference (torch_ema with num_updates), the decay ramps up as min(d, (1+n)/(10+n)) so that
-        the average is not dominated by the random initial weights early in training.
-        """
+        d is the configured decay (as fairchem's trainer), or min(d, (1+n)/(10+n)) at update n with
+        `warmup`."""
         self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        live = [_storage(p).float() for p in self.params]
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
+        live = [_storage(p).to(s.dtype) for p, s in zip(self.params, self.shadow)]
         torch._foreach_lerp_(self.shadow, live, 1.0 - decay)
 
     @contextlib.contextmanager
@@ -115,7 +118,7 @@ class EMA:
                 if tuple(full.shape) != tuple(p.ds_shape if hasattr(p, "ds_tensor") else p.shape):
                     raise ValueError(f"EMA tensor {name}: checkpoint shape {tuple(full.shape)} does not match the model")
                 part = _own_partition(p, full) if hasattr(p, "ds_tensor") else full
-            self.shadow[i].copy_(part.to(self.shadow[i].device, torch.float32).view_as(self.shadow[i]))
+            self.shadow[i].copy_(part.to(self.shadow[i].device, self.shadow[i].dtype).view_as(self.shadow[i]))
         self.updates = int(shards[0]["updates"])
         barrier()
 
@@ -135,7 +138,7 @@ class EMA:
         if missing:
             raise KeyError(f"EMA state lacks parameters {missing[:5]} (model changed since the checkpoint?)")
         for i, (name, p) in enumerate(zip(self.names, self.params)):
-            full = shadow[name].to(self.shadow[i].device, torch.float32)
+            full = shadow[name].to(self.shadow[i].device, self.shadow[i].dtype)
             if hasattr(p, "ds_tensor"):
                 full = _own_partition(p, full)
             elif full.shape != self.shadow[i].shape:
@@ -144,6 +147,11 @@ class EMA:
             self.shadow[i].copy_(full.view_as(self.shadow[i]))
         self.updates = int(state.get("updates", 0))
         barrier()
+
+
+def _shadow_dtype(param: nn.Parameter) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 parameters, fp64 for fp64 ones (the parity tests run in fp64)."""
+    return torch.promote_types(param.dtype, torch.float32)
 
 
 def _own_partition(param: nn.Parameter, full: torch.Tensor) -> torch.Tensor:

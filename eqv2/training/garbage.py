@@ -13,7 +13,7 @@ runs one full collection and then `gc.freeze()`s the survivors: the model, the o
 engine and the compiled graphs move to Python's permanent generation, which no later collection walks.
 Each freeze costs one collection of what is new since the last one; later objects (per-step tensors'
 Python wrappers and their cycles) are collected as usual.  On an H200, 153M compiled, a full collection
-took about 1 s without it (BENCHMARKS.md, session 12).  `stop()` unfreezes.
+took about 1 s without it (docs/perf-notes.md, session 12).  `stop()` unfreezes.
 
 `gc.manual_every_steps: N` schedules collections instead: automatic collection is off while the loop
 runs and every rank runs a full collection after each N-th optimizer step (the data loader's worker

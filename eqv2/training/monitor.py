@@ -16,7 +16,8 @@ import torch
 from eqv2.training.dist import all_reduce_max, all_reduce_sum
 
 TERMS = ("loss", "energy_mae_norm", "force_l2mae_norm")
-HOST = ("data_wait_s", "new_shape_buckets", "compiles", "cudagraph_records", "compile_s", "gc_full", "gc_s")
+HOST = ("data_wait_s", "new_shape_buckets", "compiles", "cudagraph_records", "compile_s", "gc_full", "gc_s",
+        "skipped_samples", "skipped_samples_total")
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -32,7 +33,7 @@ def peak_memory_gib(device: torch.device) -> float:
 class StepLogger:
     def __init__(self, run_dir: Path, device: torch.device, is_main: bool, total_steps: int, start_step: int,
                  every: int, progress_bar: bool | None, engine_monitor=None, count_shape_buckets: bool = False,
-                 compile_events=None, collector=None):
+                 compile_events=None, collector=None, data_stream=None):
         self.device, self.is_main, self.every = device, is_main, every
         self.total_steps = total_steps
         self.monitor = engine_monitor if (engine_monitor is not None and engine_monitor.enabled) else None
@@ -45,6 +46,7 @@ class StepLogger:
         self.count_shape_buckets = count_shape_buckets
         self.compile_events = compile_events  # eqv2.training.compile.CompileEvents, for compiled models
         self.collector = collector  # eqv2.training.garbage.GarbageCollection
+        self.data_stream = data_stream  # eqv2.data.TrainStream: bad samples skipped (data.on_error: skip)
         self.t_last, self.step_last = time.perf_counter(), start_step
         self.t_start, self.step_start = self.t_last, start_step
         show = progress_bar if progress_bar is not None else sys.stderr.isatty()
@@ -71,6 +73,9 @@ class StepLogger:
         counters.update(zip(("compiles", "cudagraph_records", "compile_s"),
                             self.compile_events.take() if self.compile_events is not None else (0, 0, 0.0)))
         counters.update(zip(("gc_full", "gc_s"), self.collector.take() if self.collector is not None else (0, 0.0)))
+        stream = self.data_stream
+        counters.update(skipped_samples=stream.take_skipped() if stream is not None else 0,
+                        skipped_samples_total=stream.skipped_total if stream is not None else 0)
         self.acc[h:] = torch.tensor([counters[k] for k in HOST], dtype=torch.float64)
         wait_max = all_reduce_max(torch.tensor([self.data_wait_s], dtype=torch.float64, device=self.device))
         self.data_wait_s, self.new_shape_buckets = 0.0, 0
@@ -98,6 +103,9 @@ class StepLogger:
                   "eta_s": remaining / rate if rate > 0 else None, **extra}
         if self.count_shape_buckets:  # batches of a shape no earlier batch had, over all ranks
             record["new_shape_buckets"] = int(round(host["new_shape_buckets"]))
+        if stream is not None:  # bad samples skipped over all ranks: in this interval, and since the run began
+            record.update(skipped_samples=int(round(host["skipped_samples"])),
+                          skipped_samples_total=int(round(host["skipped_samples_total"])))
         if self.collector is not None:  # Python's garbage collections in the interval, over all ranks
             record.update(gc_full=int(round(host["gc_full"])), gc_s=host["gc_s"])
         if self.compile_events is not None and self.compile_events.available:
@@ -119,6 +127,8 @@ class StepLogger:
             if self.monitor is not None:
                 events = [(f"Train/{k}", v, step) for k, v in record.items()
                           if isinstance(v, float) and k not in ("epoch",)]
+                events += [(f"Train/{k}", float(record[k]), step) for k in ("skipped_samples", "skipped_samples_total")
+                           if k in record]
                 self.monitor.write_events(events)
         return record
 
@@ -156,3 +166,20 @@ def _fmt_eta(seconds) -> str:
         return "?"
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+
+def run_summary(run_dir: Path, ckpt_dir: Path, step: int, seconds: float, latest: str | None) -> str:
+    """The end-of-run lines: how long, where the checkpoints and metrics are, the best step, what next."""
+    hours, rest = divmod(int(seconds), 3600)
+    lines = [f"eqv2.train: finished at step {step} after {hours}:{rest // 60:02d}:{rest % 60:02d} in this launch",
+             f"  checkpoints: {ckpt_dir} (latest {latest or 'none'})"]
+    best = ckpt_dir / "best.json"
+    if best.is_file():
+        try:
+            rec = json.loads(best.read_text())
+            lines.append(f"  best validation: {rec['tag']} ({rec['metric']} {rec['value']:.5g})")
+        except (ValueError, KeyError, TypeError):
+            pass
+    lines += [f"  metrics: {run_dir / 'metrics.jsonl'}",
+              f"  next: python tools/export_model.py {ckpt_dir} -o model.pt [--best]; eqv2 plot {run_dir}"]
+    return "\n".join(lines)

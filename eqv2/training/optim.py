@@ -1,9 +1,11 @@
 """AdamW with the reference's weight-decay exclusions, and the cosine learning-rate schedule.
 
-Weight decay pulls weights towards zero; on biases, normalisation gains and embedding tables that is a
-prior nobody wants (a LayerNorm gain of 0 switches the channel off), so — as fairchem does for
-EquiformerV2 — those parameters get no decay.  The schedule is a function of the optimizer step (not of
-epochs) so that it is identical however many ranks or micro-batches make up a step.
+Weight decay pulls weights towards zero.  The exemptions are exactly fairchem's EquiformerV2
+`no_weight_decay()`: the biases of linear layers (nn.Linear and the SO(3) linear layer) and every
+parameter of a normalisation layer; everything else is decayed, embedding tables and the attention's
+`alpha_dot` included.  The schedule is fairchem's EquiformerV2 cosine schedule as a function of the
+optimizer step (not of epochs), so that it is identical however many ranks or micro-batches make up
+a step.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ class OptimConfig:
     warmup_factor: float = 0.2  # warm-up starts at lr × warmup_factor
     lr_min_factor: float = 0.01  # cosine decays to lr × lr_min_factor
     ema_decay: float | None = 0.999  # EMA of weights for evaluation and export; null disables
+    ema_warmup: bool = False  # true: decay min(d, (1+n)/(10+n)) at update n; false: constant (the reference)
 
     def __post_init__(self) -> None:
         if (self.max_steps is None) == (self.max_epochs is None):
@@ -54,20 +57,25 @@ class OptimConfig:
                 raise ValueError("epoch-based optim settings need the training set size (manifest)")
             return steps_per_epoch
 
-        total = self.max_steps if self.max_steps is not None else max(1, round(self.max_epochs * need()))
+        # int(): fairchem's EquiformerV2 trainer truncates epochs × steps per epoch
+        total = self.max_steps if self.max_steps is not None else max(1, int(self.max_epochs * need()))
         if self.warmup_steps is not None:
             warmup = self.warmup_steps
         elif self.warmup_epochs is not None:
-            warmup = round(self.warmup_epochs * need())
+            warmup = int(self.warmup_epochs * need())
         else:
             warmup = 0
         return total, min(warmup, total)
 
 
 def _no_decay(module: nn.Module, param_name: str) -> bool:
-    # Class-name match so that our own norms (SeparableLayerNorm, ...) are covered without importing them.
-    return (param_name.endswith("bias") or isinstance(module, nn.Embedding)
-            or "Norm" in type(module).__name__)
+    """fairchem's rule: non-weight parameters of linear layers, all parameters of norms.  Class-name
+    match so that our own norms (SeparableLayerNorm, ...) and SO3Linear are covered without importing
+    the model; `param_name` is the parameter's name inside `module` (not recursive)."""
+    kind = type(module).__name__
+    if isinstance(module, nn.Linear) or kind == "SO3Linear":
+        return "weight" not in param_name
+    return "Norm" in kind
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> tuple[list[dict], list[str]]:
@@ -132,11 +140,12 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, warmup_factor: flo
     """Multiplier of the peak lr at optimizer step `step` (0-based).
 
     Linear from `warmup_factor` to 1 over the warm-up, then the cosine towards `lr_min_factor`.  As in
-    the reference, the cosine's phase is step / total_steps (counted from step 0, not from the end of the
-    warm-up), so with a short warm-up the hand-over is continuous to within cos(π·warmup/total).  Runs
-    extended past their plan keep lr × lr_min_factor.
+    the reference (fairchem's CosineLRLambda), step `warmup_steps` itself is the last warm-up step
+    (factor 1.0), and the cosine's phase is step / total_steps (counted from step 0, not from the end
+    of the warm-up), so with a short warm-up the hand-over is continuous to within
+    cos(π·warmup/total).  Runs extended past their plan keep lr × lr_min_factor.
     """
-    if step < warmup_steps:
+    if warmup_steps > 0 and step <= warmup_steps:
         alpha = step / warmup_steps
         return warmup_factor * (1.0 - alpha) + alpha
     progress = min(1.0, step / max(1, total_steps))

@@ -22,7 +22,7 @@ def _cfg(d, **kw) -> DataConfig:
 
 def _assert_graph_of(batch) -> None:
     graph = radius_graph_pbc(batch.pos, batch.cell, batch.pbc, batch.natoms, 6.0, 20)
-    assert batch.graph_spec == (6.0, 20, 90)
+    assert batch.graph_spec == (6.0, 20, 90, True)
     assert batch.edge_index is not None and batch.cell_offset is not None
     assert np.array_equal(batch.edge_index.numpy(), graph.edge_index.numpy())
     assert np.array_equal(batch.cell_offset.numpy(), graph.cell_offset.numpy())

@@ -151,3 +151,28 @@ def test_workers_collect_garbage_when_the_trainer_does_not(uneven_dir):
         assert sum(1 for _ in stream.epoch_batches(0)) == stream.steps_in_epoch(0)
     finally:
         gc.enable()
+
+
+def _one_thread(batch):
+    import torch
+
+    if torch.get_num_threads() != 1:
+        raise RuntimeError(f"a loader worker runs {torch.get_num_threads()} intra-op threads")
+    return batch
+
+
+def test_threads_limited_in_workers_only(uneven_dir):
+    """Loader workers run one intra-op thread each; with num_workers 0 the batches are read in the
+    trainer process, whose thread count must stay as it was (it was set to 1: training on one core)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        stream = TrainStream(_cfg(uneven_dir, num_workers=2), 0, 1, prepare=_one_thread)
+        assert sum(1 for _ in stream.epoch_batches(0)) == stream.steps_in_epoch(0)
+        inline = TrainStream(_cfg(uneven_dir, num_workers=0), 0, 1)
+        assert sum(1 for _ in inline.epoch_batches(0)) == inline.steps_in_epoch(0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

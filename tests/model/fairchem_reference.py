@@ -47,6 +47,50 @@ def deterministic_frames(*modules):
             m.init_edge_rot_mat = fn
 
 
+@contextlib.contextmanager
+def stable_sort():
+    """torch.sort made stable while the reference runs (tests only).
+
+    The reference picks among equidistant neighbours with an unstable `torch.sort` of each atom's
+    candidate distances.  On CUDA, where the published models were trained, that sort returns the
+    stable order for rows longer than 32 (every atom's row is as long as the batch's largest candidate
+    count: hundreds at 12 Å); the CPU's std::sort-based one does not, and keeps other neighbours
+    among ties.  eqv2 keeps the CUDA (stable) choice, so the CPU reference is compared with it here."""
+    unstable = torch.sort
+
+    def sort(input, dim=-1, descending=False, stable=False, out=None):
+        assert out is None
+        return unstable(input, dim=dim, descending=descending, stable=True)
+
+    torch.sort = sort
+    try:
+        yield
+    finally:
+        torch.sort = unstable
+
+
+def fairchem_graph(batch, max_radius: float, max_neighbors: int, strict: bool):
+    """The reference's own graph of an eqv2 batch, as its models build it (otf_graph, use_pbc):
+    `GraphModelMixin.generate_graph`, with the CUDA tie rule (`stable_sort`).  Returns its GraphData."""
+    from fairchem.core.models.base import GraphModelMixin
+
+    builder = GraphModelMixin()
+    builder.cutoff, builder.max_neighbors, builder.enforce_max_neighbors_strictly = max_radius, max_neighbors, strict
+    builder.use_pbc, builder.use_pbc_single, builder.otf_graph = True, False, True
+    with stable_sort():
+        return builder.generate_graph(otf_pyg_batch(batch))
+
+
+def otf_pyg_batch(batch):
+    """torch_geometric Batch of an eqv2 batch without a graph: the reference builds its own (otf_graph)."""
+    from torch_geometric.data import Data
+
+    data = Data(pos=batch.pos, atomic_numbers=batch.atomic_numbers.float(), cell=batch.cell, natoms=batch.natoms,
+                batch=batch.batch, pbc=batch.pbc)
+    data.num_graphs = batch.num_graphs
+    return data
+
+
 def pyg_batch(batch, graph):
     """torch_geometric Batch with eqv2's graph precomputed (fairchem then skips its own)."""
     from torch_geometric.data import Data

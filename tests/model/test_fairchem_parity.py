@@ -1,6 +1,6 @@
 """Parity with the reference implementation (fairchem-core 1.10.0) for the same weights.
 
-Needs `pip install --no-deps fairchem-core==1.10.0 huggingface_hub` (the Makefile's env does it).
+Needs `pip install --no-deps fairchem-core==1.10.0` and huggingface_hub (`make test` installs both; `make demo` neither).
 """
 from __future__ import annotations
 

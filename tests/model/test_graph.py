@@ -80,14 +80,15 @@ def test_non_periodic_structure_has_no_images():
 
 
 def _brute_force(pos, cell, reps, cutoff):
-    """Every (target, source, image) with |pos_j + n.cell - pos_i| <= cutoff, forming each vector in
-    full: the definition the neighbour search's candidate filter must reproduce exactly.  Also returns
-    every squared distance [i, j, S] and the images [S, 3]."""
+    """Every (target, source, image) with |pos_i - (pos_j + n.cell)|^2 <= cutoff^2, forming each vector
+    in full in the reference's arithmetic (image vectors by one product cell^T @ n, squares summed x, y,
+    z in turn): the definition the neighbour search's candidate filter must reproduce exactly.  Also
+    returns every squared distance [i, j, S] and the images [S, 3]."""
     rng = [torch.arange(-k, k + 1) for k in reps]
     shifts = torch.cartesian_prod(*rng).reshape(-1, 3)
-    image = torch.einsum("sk,mkd->msd", shifts.to(pos.dtype), cell[None])[0]  # [S, 3]
-    vec = (pos[None, :, None, :] - pos[:, None, None, :]) + image[None, None]  # [i, j, S, 3]
-    dist_sq = (vec * vec).sum(-1)
+    image = torch.bmm(cell.T[None], shifts.T.to(pos.dtype)[None])[0].T  # [S, 3]
+    vec = pos[:, None, None, :] - (pos[None, :, None, :] + image[None, None])  # [i, j, S, 3]
+    dist_sq = (vec[..., 0] * vec[..., 0] + vec[..., 1] * vec[..., 1]) + vec[..., 2] * vec[..., 2]
     keep = dist_sq <= cutoff * cutoff
     n = pos.shape[0]
     keep[torch.arange(n), torch.arange(n), (shifts == 0).all(1).nonzero()[0, 0]] = False
@@ -113,10 +114,10 @@ def test_neighbours_exactly_at_the_cutoff_are_found_like_the_definition(dtype):
         assert our_edges(g) == expected, cutoff
 
 
-def test_float32_neighbour_order_is_by_target_then_distance_then_candidate():
-    """float32 edges are ordered by one stable sort of an integer key (target, distance bits): the
+def test_neighbour_order_is_by_target_then_distance_then_candidate():
+    """Kept edges are ordered by one stable sort of an integer key (target, float32 distance bits): the
     same permutation as stable sorts by distance then target, also among exactly tied distances."""
-    from eqv2.model.graph import _target_distance_order
+    from eqv2.model.graph import _select_neighbors
 
     atoms = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 1)
     b = batch_from_atoms([atoms], torch.float32)
@@ -127,5 +128,4 @@ def test_float32_neighbour_order_is_by_target_then_distance_then_candidate():
     assert ties > 100  # the lattice's symmetric neighbours: many exact ties
     two_sorts = torch.sort(dist, stable=True).indices
     two_sorts = two_sorts[torch.sort(tgt[two_sorts], stable=True).indices]
-    assert torch.equal(_target_distance_order(tgt, dist), two_sorts)
-    assert torch.equal(_target_distance_order(tgt, dist.double()), two_sorts)
+    assert torch.equal(_select_neighbors(tgt, dist, len(atoms), 10**6, strict=True), two_sorts)

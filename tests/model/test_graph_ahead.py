@@ -42,7 +42,7 @@ def test_graph_built_ahead_gives_the_same_outputs_and_gradients(pad):
     model = EquiformerV2(cfg).double().train()
     batch = batch_from_atoms(slab_structures(3, 3), torch.float64)
     ahead = _builder(cfg)(batch)
-    assert ahead.edge_index.shape[1] > 0 and ahead.graph_spec == (5.0, 12, cfg.max_num_elements)
+    assert ahead.edge_index.shape[1] > 0 and ahead.graph_spec == (5.0, 12, cfg.max_num_elements, True)
     ref, ref_grads, ref_pos_grad = _outputs_and_grads(model, batch)
     out, grads, pos_grad = _outputs_and_grads(model, ahead)
     for key in ("energy", "forces"):
@@ -98,4 +98,4 @@ def test_builder_makes_the_model_checks_and_names_the_structure(structure, match
 def test_builder_survives_pickling_for_worker_processes():
     builder = pickle.loads(pickle.dumps(GraphBuilder(12.0, 20, 90)))
     batch = builder(batch_from_atoms(slab_structures(1, 1), torch.float32))
-    assert batch.graph_spec == (12.0, 20, 90) and batch.cell_offset.dtype == torch.int64
+    assert batch.graph_spec == (12.0, 20, 90, True) and batch.cell_offset.dtype == torch.int64

@@ -80,3 +80,24 @@ def test_predict_reads_ase_json_db_and_reports_bad_input(checkpoint, tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="garbage.pt"):
         eqv2.load_model(tmp_path / "garbage.pt")
+
+
+@pytest.mark.parametrize("threads, inside", [(1, 1), (None, 2)])
+def test_calculator_threads_apply_during_the_calculation_only(checkpoint, oc20_atoms, threads, inside):
+    seen = []
+    calc = EquiformerV2Calculator(checkpoint, device="cpu", threads=threads)
+    calc.potential.model.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        atoms = oc20_atoms.copy()
+        atoms.calc = calc
+        energy = atoms.get_potential_energy()
+        assert seen == [inside] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    reference = oc20_atoms.copy()
+    reference.calc = EquiformerV2Calculator(checkpoint, device="cpu", threads=2)
+    assert abs(reference.get_potential_energy() - energy) < 1e-5
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        EquiformerV2Calculator(checkpoint, device="cpu", threads=0)

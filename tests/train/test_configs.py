@@ -54,7 +54,7 @@ def test_model_base_errors_name_the_key(tmp_path, demo_data):
     run = (REPO / "configs" / "train" / "oc20_all_md_31M.yaml").read_text()
     bad = tmp_path / "run.yaml"
     bad.write_text(run.replace("base: configs/model/eqv2_31M.yaml", "base: configs/model/nope.yaml"))
-    with pytest.raises(ConfigError, match="model.base: model config file not found"):
+    with pytest.raises(ConfigError, match="model.base: model config: file not found: configs/model/nope.yaml"):
         load_run_config(bad, sets, micro_batch=4)
     bad.write_text(run.replace("  rotation_align: 8", "  rotation_alin: 8"))
     with pytest.raises(ConfigError, match="model.rotation_alin"):

@@ -1,4 +1,4 @@
-"""tools/ds_step_ops.py: what DeepSpeed adds to a step per parameter tensor (BENCHMARKS.md, session 7)."""
+"""tools/ds_step_ops.py: what DeepSpeed adds to a step per parameter tensor (docs/perf-notes.md, session 7)."""
 import json
 import subprocess
 import sys

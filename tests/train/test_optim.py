@@ -26,12 +26,14 @@ class Net(nn.Module):
         self.frozen = nn.Parameter(torch.zeros(2), requires_grad=False)
 
 
-def test_no_weight_decay_on_norms_biases_embeddings():
+def test_no_weight_decay_on_norms_and_linear_biases_as_fairchem():
+    """fairchem's EquiformerV2.no_weight_decay(): linear biases and norm parameters; embeddings decay.
+    (tests/train/test_recipe_parity.py compares the groups of the real model with fairchem's.)"""
     groups, no_decay = param_groups(Net(), weight_decay=1e-3)
-    assert sorted(no_decay) == ["emb.weight", "lin.bias", "ln.bias", "ln.weight", "sln.affine_weight"]
+    assert sorted(no_decay) == ["lin.bias", "ln.bias", "ln.weight", "sln.affine_weight"]
     decay = {g["name"]: g for g in groups}
     assert decay["decay"]["weight_decay"] == 1e-3 and decay["no_decay"]["weight_decay"] == 0.0
-    assert len(decay["decay"]["params"]) == 2  # lin.weight, out.weight; frozen excluded
+    assert len(decay["decay"]["params"]) == 3  # emb.weight, lin.weight, out.weight; frozen excluded
     opt = build_optimizer(Net(), OptimConfig(max_steps=10))
     assert isinstance(opt, torch.optim.AdamW)
 
@@ -41,8 +43,9 @@ def test_schedule_warmup_then_cosine():
     f = [lr_factor(s, total, warm, 0.2, 0.01) for s in range(total + 50)]
     assert f[0] == pytest.approx(0.2)
     assert f[50] == pytest.approx(0.6)
-    assert all(a < b for a, b in zip(f[:warm], f[1:warm]))  # linear rise
-    assert f[warm] == pytest.approx(0.01 + 0.495 * (1 + math.cos(math.pi * 0.1)))
+    assert all(a < b for a, b in zip(f[:warm + 1], f[1:warm + 1]))  # linear rise
+    assert f[warm] == 1.0  # the last warm-up step reaches the peak, as fairchem's CosineLRLambda (<=)
+    assert f[warm + 1] == pytest.approx(0.01 + 0.495 * (1 + math.cos(math.pi * 0.101)))
     assert all(a >= b for a, b in zip(f[warm:total], f[warm + 1:total]))  # cosine decay
     assert f[total] == pytest.approx(0.01) and f[-1] == pytest.approx(0.01)  # floor after the plan
 
@@ -50,6 +53,8 @@ def test_schedule_warmup_then_cosine():
 def test_steps_from_epochs_and_validation():
     cfg = OptimConfig(max_epochs=2.5, warmup_epochs=0.1)
     assert cfg.resolve_steps(40) == (100, 4)
+    # fairchem truncates epochs × steps per epoch (int), it does not round
+    assert OptimConfig(max_epochs=1.99, warmup_epochs=0.09).resolve_steps(10) == (19, 0)
     with pytest.raises(ValueError, match="training set size"):
         cfg.resolve_steps(None)
     with pytest.raises(ValueError, match="exactly one"):

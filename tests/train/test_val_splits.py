@@ -23,3 +23,14 @@ def test_missing_extra_validation_manifest_is_named(demo_data, tmp_path):
                          *data_args(demo_data), "--set", f"run_dir={tmp_path / 'run'}",
                          "--set", f"data.extra_val_manifests.ood={tmp_path / 'nope.json'}"])
     assert rc == [2] and "data.extra_val_manifests.ood" in out
+
+
+def test_an_empty_val_manifest_turns_validation_off(demo_data, tmp_path):
+    run_dir = tmp_path / "run"
+    rc, out = run_train(["--ds_config", str(HERE / "ds_zero2_cpu.json"), "--config", str(HERE / "tiny_run.yaml"),
+                         *data_args(demo_data), "--set", f"run_dir={run_dir}", "--set", "optim.max_steps=2",
+                         "--set", "data.val_manifest="])
+    assert rc == [0], out
+    train, evals = records(run_dir)
+    assert sorted(train) == [1, 2] and evals == []
+

@@ -1,0 +1,47 @@
+"""`eqv2 <verb>`: the product's commands, one console script.
+
+Each verb is a module of the package with a `main(argv) -> int`; `eqv2 <verb> --help` shows its
+options and examples. Training is launched by a launcher, not by this command:
+`deepspeed eqv2/train.py ...` or `deepspeed --module eqv2.train ...` (docs/training.md).
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import sys
+
+# verb -> (module, what it does, an example)
+VERBS: dict[str, tuple[str, str, str]] = {
+    "predict": ("eqv2.predict", "energies and forces of every frame of an ASE-readable file",
+                "eqv2 predict --checkpoint model.pt --input structures.extxyz --output pred.npz"),
+    "plot": ("eqv2.plot", "PNG curves of a run: loss terms, validation metrics, throughput, lr",
+             "eqv2 plot runs/demo"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, VERBS))
+    lines = ["usage: eqv2 <verb> [options]   (eqv2 <verb> --help for a verb's options)", "", "verbs:"]
+    lines += [f"  {verb:<{width}}  {what}\n  {'':<{width}}    e.g. {example}" for verb, (_, what, example) in VERBS.items()]
+    lines += ["", "training: deepspeed eqv2/train.py --ds_config DS.json --config RUN.yaml [--set key=value] "
+                  "[--resume auto]"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        close = difflib.get_close_matches(verb, VERBS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f"; verbs: {', '.join(VERBS)}"
+        print(f"eqv2: unknown verb '{verb}'{hint}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(VERBS[verb][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
