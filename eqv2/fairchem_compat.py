@@ -23,9 +23,9 @@ _BUFFER_NAMES = {
     "offset", "expand_index", "balance_degree_weight", "l_harmonic", "m_harmonic", "m_complex",
     "res_size", "to_m", "m_size", "to_grid_mat", "from_grid_mat", "mask_indices",
 }
-# hyperparameters that do not change the function eqv2 computes
+# hyperparameters that do not change the function eqv2 computes (docs/fairchem.md says why for each)
 _IGNORED_HPARAMS = {
-    "name", "use_pbc", "use_pbc_single", "otf_graph", "num_sphere_samples", "num_distance_basis",
+    "name", "use_pbc_single", "otf_graph", "num_sphere_samples", "num_distance_basis",
     "attn_activation", "ffn_activation", "activation_checkpoint", "regress_forces",
     # per-element energy references: read by `convert_checkpoint` (`Converted.energy_references`)
     "use_energy_lin_ref", "load_energy_lin_ref",
@@ -42,16 +42,76 @@ _RENAMES = [  # (pattern, replacement) applied in order to keys without layout p
 ]
 
 
+# hydra heads eqv2 converts: module -> (what it predicts, its options with the only values eqv2 supports)
+_HEADS = {
+    "equiformer_v2_energy_head": ("energy", {"reduce": "sum"}),
+    "equiformerV2_scalar_head": ("energy", {"reduce": "sum", "output_name": "energy"}),
+    "equiformer_v2_force_head": ("forces", {}),
+    "equiformerV2_vector_head": ("forces", {"output_name": "forces"}),
+}
+# fairchem EquiformerV2 models and heads eqv2 does not convert, and what they are
+_NOT_CONVERTED = {
+    "equiformer_v2_dens_backbone": "the DeNS backbone of the OMat24 / MPtrj / sAlex models",
+    "eqV2_DeNS_scalar_head": "the DeNS energy head", "eqV2_DeNS_vector_head": "the DeNS force head",
+    "dens_rank2_symmetric_head": "the DeNS stress head", "rank2_symmetric_head": "a stress (rank-2) head",
+}
+_HYDRA_KEYS = {"name", "backbone", "heads", "otf_graph", "pass_through_head_outputs", "freeze_backbone",
+               "finetune_config"}
+
+
+def _not_converted(module: str, what: str) -> ValueError:
+    return ValueError(f"fairchem {what} {module!r} ({_NOT_CONVERTED[module]}) is not converted by eqv2 "
+                      "(docs/fairchem.md lists what is)")
+
+
+def _hydra_regresses_forces(model: dict[str, Any]) -> bool:
+    """Check a hydra model's heads (one energy head, at most one force head, options eqv2 supports);
+    True when it has a force head."""
+    unknown = sorted(set(model) - _HYDRA_KEYS)
+    if unknown:
+        raise ValueError(f"unknown fairchem hydra option(s) {unknown}; refusing to guess their meaning")
+    heads = model.get("heads") or {}
+    if not heads or "backbone" not in model:
+        raise ValueError("the hydra model config lacks its backbone or heads (taken from a finetune_config "
+                         "starting checkpoint?); eqv2 needs both in the checkpoint's config")
+    roles: dict[str, list[str]] = {"energy": [], "forces": []}
+    for name, head in sorted(heads.items()):
+        module = head.get("module")
+        if module in _NOT_CONVERTED:
+            raise _not_converted(module, f"head {name!r}: module")
+        if module not in _HEADS:
+            raise ValueError(f"fairchem head {name!r}: module {module!r} is not an EquiformerV2 head eqv2 converts "
+                             f"({', '.join(_HEADS)})")
+        role, supported = _HEADS[module]
+        for key, value in head.items():
+            if key == "module":
+                continue
+            if key not in supported:
+                raise ValueError(f"fairchem head {name!r} ({module}): unknown option {key!r}")
+            if value != supported[key]:
+                raise ValueError(f"fairchem head {name!r} ({module}): option {key}={value!r} is not supported by "
+                                 f"eqv2 (only {supported[key]!r})")
+        roles[role].append(name)
+    if len(roles["energy"]) != 1 or len(roles["forces"]) > 1:
+        raise ValueError(f"eqv2 converts one energy head and at most one force head; the hydra model has energy "
+                         f"heads {roles['energy']} and force heads {roles['forces']}")
+    return bool(roles["forces"])
+
+
 def model_config_from_fairchem(hparams: dict[str, Any]) -> ModelConfig:
     """Map a fairchem EquiformerV2 model config (legacy or hydra backbone) to `ModelConfig`."""
     hp = dict(hparams)
     if hp.get("name") == "hydra" or "backbone" in hp:
-        heads = hp.get("heads") or {}
+        regress_forces = _hydra_regresses_forces(hp)
         hp = dict(hp["backbone"])
-        hp["regress_forces"] = any("force" in str(h.get("module", name)) for name, h in heads.items()) if heads else True
-    unsupported = {
+        if hp.get("model") in _NOT_CONVERTED:
+            raise _not_converted(hp["model"], "hydra backbone")
+        if hp.get("model") != "equiformer_v2_backbone":
+            raise ValueError(f"hydra backbone {hp.get('model')!r} is not equiformer_v2_backbone")
+        hp["regress_forces"] = regress_forces
+    unsupported = {  # options eqv2 converts only with these values
         "share_atom_edge_embedding": False, "use_m_share_rad": False, "use_s2_act_attn": False,
-        "distance_function": "gaussian",
+        "distance_function": "gaussian", "use_pbc": True,
     }
     for key, supported in unsupported.items():
         if key in hp and hp[key] != supported:
@@ -157,10 +217,10 @@ def _model_hparams(config: dict[str, Any]) -> dict[str, Any]:
         return dict(config.get("model_attributes") or {})
     if isinstance(model, dict):
         name = model.get("name")
+        if name in _NOT_CONVERTED:
+            raise _not_converted(name, "model")
         if name not in ("equiformer_v2", "hydra", None):
             raise ValueError(f"checkpoint model is {name!r}, not an EquiformerV2")
-        if name == "hydra" and "equiformer_v2" not in str(model.get("backbone", {}).get("model", "")):
-            raise ValueError(f"hydra backbone {model.get('backbone', {}).get('model')!r} is not equiformer_v2_backbone")
         return dict(model)
     raise ValueError("checkpoint config has no model section")
 

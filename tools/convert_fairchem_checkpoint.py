@@ -6,7 +6,8 @@ checkpoint readable by `eqv2.load_model`, the ASE calculator and `python -m eqv2
 
 Hyperparameters come from the checkpoint's own config; target normalisers from its `normalizers`
 or dataset config (or the --energy-* / --forces-std flags).  By default the EMA weights are used
-when present, as fairchem evaluates with them.
+when present, as fairchem evaluates with them.  docs/fairchem.md lists what converts; the rest is refused
+with an error naming the model, head or option.
 """
 from __future__ import annotations
 
