@@ -2,11 +2,15 @@
 
 A model checkpoint is a `torch.save`d dict (tensors and plain Python values only, so it loads with
 `weights_only=True`):
-    format: "eqv2-model", version: 1
+    format: "eqv2-model", version: 1, or 2 when it has energy references
     model_config: mapping of `ModelConfig` fields
     state_dict: the EquiformerV2 weights (for trained runs: the EMA weights)
     normalizers: {energy_mean, energy_std, forces_std} — the model predicts
-        (E - energy_mean) / energy_std and F / forces_std
+        (E - energy_mean - E_ref) / energy_std and F / forces_std
+    energy_references (version 2 only): per-element energies in eV, indexed by atomic number; a
+        structure's E_ref is the sum over its atoms (converted fairchem models trained on referenced
+        energies, e.g. OC22's).  Version 1 files have none; a file with them is version 2 so that an
+        eqv2 too old to add them refuses it instead of predicting energies without them.
     meta: free-form provenance (source checkpoint, step, energy target convention, ...)
 Training checkpoints (DeepSpeed) are different; `tools/export_model.py` turns one into this format,
 and `tools/convert_fairchem_checkpoint.py` turns a fairchem/OCP checkpoint into it.
@@ -27,7 +31,8 @@ from eqv2.model.config import ModelConfig
 from eqv2.model.equiformer_v2 import EquiformerV2
 
 FORMAT = "eqv2-model"
-VERSION = 1
+VERSION = 2  # the newest this eqv2 reads and writes
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass
@@ -42,13 +47,17 @@ class Normalizers:
 
 
 class Potential(nn.Module):
-    """An EquiformerV2 with its target normalisers: forward returns eV and eV/Å."""
+    """An EquiformerV2 with its target normalisers and, if it has them, per-element energy references
+    (eV, indexed by atomic number, added to each structure's energy): forward returns eV and eV/Å."""
 
-    def __init__(self, model: EquiformerV2, normalizers: Normalizers, meta: dict[str, Any] | None = None):
+    def __init__(self, model: EquiformerV2, normalizers: Normalizers, meta: dict[str, Any] | None = None,
+                 energy_references: list[float] | None = None):
         super().__init__()
         self.model = model
         self.normalizers = normalizers
         self.meta = dict(meta or {})
+        refs = None if energy_references is None else torch.tensor(energy_references, dtype=torch.float64)
+        self.register_buffer("energy_references", refs)  # [max_num_elements] or None
 
     @property
     def config(self) -> ModelConfig:
@@ -57,7 +66,11 @@ class Potential(nn.Module):
     def forward(self, batch: AtomsBatch) -> dict[str, torch.Tensor]:
         out = self.model(batch)
         n = self.normalizers
-        result = {"energy": out["energy"] * n.energy_std + n.energy_mean}
+        energy = out["energy"] * n.energy_std + n.energy_mean
+        if self.energy_references is not None:  # as fairchem: after denormalisation, summed per structure
+            per_atom = self.energy_references[batch.atomic_numbers]
+            energy = energy + torch.zeros_like(per_atom[: batch.num_graphs]).index_add(0, batch.batch, per_atom).to(energy.dtype)
+        result = {"energy": energy}
         if "forces" in out:
             result["forces"] = out["forces"] * n.forces_std
         return result
@@ -70,18 +83,25 @@ def save_model(
     normalizers: Normalizers,
     meta: dict[str, Any] | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    energy_references: list[float] | None = None,
 ) -> None:
-    """Write a model checkpoint atomically (temporary file, then rename)."""
+    """Write a model checkpoint atomically (temporary file, then rename); version 1 unless it has
+    energy references (one per entry of the model's element table)."""
     weights = state_dict if state_dict is not None else model.state_dict()
     payload = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": 1 if energy_references is None else 2,
         "model_config": to_dict(model_cfg),
         "state_dict": {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).clone()
                        for k, v in weights.items()},
         "normalizers": to_dict(normalizers),
         "meta": dict(meta or {}),
     }
+    if energy_references is not None:
+        if len(energy_references) != model_cfg.max_num_elements:
+            raise ValueError(f"{len(energy_references)} energy references for an element table of "
+                             f"{model_cfg.max_num_elements} (max_num_elements)")
+        payload["energy_references"] = [float(v) for v in energy_references]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -90,7 +110,17 @@ def save_model(
 
 
 def read_model_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], Normalizers, dict]:
-    """(model config mapping, state dict, normalisers, meta) of a model checkpoint, checked."""
+    """(model config mapping, state dict, normalisers, meta) of a model checkpoint, checked, for
+    training from it: a model with energy references is refused (training has no references)."""
+    payload = _read_payload(path)
+    if payload.get("energy_references") is not None:
+        raise ValueError(f"{path}: the model adds per-element energy references (a converted fairchem model); "
+                         "training from it is not supported (the trainer fits energies without references)")
+    normalizers = from_dict(Normalizers, payload["normalizers"], prefix="normalizers")
+    return payload["model_config"], payload["state_dict"], normalizers, payload.get("meta") or {}
+
+
+def _read_payload(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model checkpoint not found: {path}")
@@ -102,18 +132,25 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tens
         hint = " (a DeepSpeed training checkpoint? export it with tools/export_model.py; a fairchem one? " \
                "convert it with tools/convert_fairchem_checkpoint.py)"
         raise ValueError(f"{path}: not an eqv2 model checkpoint{hint}")
-    if payload.get("version") != VERSION:
-        raise ValueError(f"{path}: unsupported eqv2 checkpoint version {payload.get('version')} (expected {VERSION})")
-    normalizers = from_dict(Normalizers, payload["normalizers"], prefix="normalizers")
-    return payload["model_config"], payload["state_dict"], normalizers, payload.get("meta") or {}
+    if payload.get("version") not in READABLE_VERSIONS:
+        raise ValueError(f"{path}: unsupported eqv2 checkpoint version {payload.get('version')} (this eqv2 reads "
+                         f"versions {', '.join(map(str, READABLE_VERSIONS))}; a newer eqv2 wrote it?)")
+    if payload["version"] == 1 and "energy_references" in payload:
+        raise ValueError(f"{path}: a version 1 model checkpoint cannot have energy_references")
+    return payload
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> Potential:
     """Load a model checkpoint into a `Potential` in eval mode on `device`."""
-    model_config, state_dict, normalizers, meta = read_model_file(path)
+    payload = _read_payload(path)
+    model_config, state_dict, meta = payload["model_config"], payload["state_dict"], payload.get("meta") or {}
+    normalizers = from_dict(Normalizers, payload["normalizers"], prefix="normalizers")
     cfg = from_dict(ModelConfig, model_config, prefix="model_config")
+    references = payload.get("energy_references")
+    if references is not None and len(references) != cfg.max_num_elements:
+        raise ValueError(f"{path}: {len(references)} energy references for an element table of {cfg.max_num_elements}")
     model = EquiformerV2(cfg)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the model config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return Potential(model, normalizers, meta).to(device).eval()
+    return Potential(model, normalizers, meta, references).to(device).eval()

@@ -10,6 +10,7 @@ find its place and every eqv2 parameter must be filled, or conversion fails nami
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,11 +23,12 @@ _BUFFER_NAMES = {
     "offset", "expand_index", "balance_degree_weight", "l_harmonic", "m_harmonic", "m_complex",
     "res_size", "to_m", "m_size", "to_grid_mat", "from_grid_mat", "mask_indices",
 }
-# hyperparameters that do not change the function eqv2 computes
+# hyperparameters that do not change the function eqv2 computes (docs/fairchem.md says why for each)
 _IGNORED_HPARAMS = {
-    "name", "use_pbc", "use_pbc_single", "otf_graph", "num_sphere_samples", "num_distance_basis",
-    "attn_activation", "ffn_activation", "activation_checkpoint",
-    "use_energy_lin_ref", "regress_forces",
+    "name", "use_pbc_single", "otf_graph", "num_sphere_samples", "num_distance_basis",
+    "attn_activation", "ffn_activation", "activation_checkpoint", "regress_forces",
+    # per-element energy references: read by `convert_checkpoint` (`Converted.energy_references`)
+    "use_energy_lin_ref", "load_energy_lin_ref",
 }
 
 _RENAMES = [  # (pattern, replacement) applied in order to keys without layout prefixes
@@ -40,16 +42,76 @@ _RENAMES = [  # (pattern, replacement) applied in order to keys without layout p
 ]
 
 
+# hydra heads eqv2 converts: module -> (what it predicts, its options with the only values eqv2 supports)
+_HEADS = {
+    "equiformer_v2_energy_head": ("energy", {"reduce": "sum"}),
+    "equiformerV2_scalar_head": ("energy", {"reduce": "sum", "output_name": "energy"}),
+    "equiformer_v2_force_head": ("forces", {}),
+    "equiformerV2_vector_head": ("forces", {"output_name": "forces"}),
+}
+# fairchem EquiformerV2 models and heads eqv2 does not convert, and what they are
+_NOT_CONVERTED = {
+    "equiformer_v2_dens_backbone": "the DeNS backbone of the OMat24 / MPtrj / sAlex models",
+    "eqV2_DeNS_scalar_head": "the DeNS energy head", "eqV2_DeNS_vector_head": "the DeNS force head",
+    "dens_rank2_symmetric_head": "the DeNS stress head", "rank2_symmetric_head": "a stress (rank-2) head",
+}
+_HYDRA_KEYS = {"name", "backbone", "heads", "otf_graph", "pass_through_head_outputs", "freeze_backbone",
+               "finetune_config"}
+
+
+def _not_converted(module: str, what: str) -> ValueError:
+    return ValueError(f"fairchem {what} {module!r} ({_NOT_CONVERTED[module]}) is not converted by eqv2 "
+                      "(docs/fairchem.md lists what is)")
+
+
+def _hydra_regresses_forces(model: dict[str, Any]) -> bool:
+    """Check a hydra model's heads (one energy head, at most one force head, options eqv2 supports);
+    True when it has a force head."""
+    unknown = sorted(set(model) - _HYDRA_KEYS)
+    if unknown:
+        raise ValueError(f"unknown fairchem hydra option(s) {unknown}; refusing to guess their meaning")
+    heads = model.get("heads") or {}
+    if not heads or "backbone" not in model:
+        raise ValueError("the hydra model config lacks its backbone or heads (taken from a finetune_config "
+                         "starting checkpoint?); eqv2 needs both in the checkpoint's config")
+    roles: dict[str, list[str]] = {"energy": [], "forces": []}
+    for name, head in sorted(heads.items()):
+        module = head.get("module")
+        if module in _NOT_CONVERTED:
+            raise _not_converted(module, f"head {name!r}: module")
+        if module not in _HEADS:
+            raise ValueError(f"fairchem head {name!r}: module {module!r} is not an EquiformerV2 head eqv2 converts "
+                             f"({', '.join(_HEADS)})")
+        role, supported = _HEADS[module]
+        for key, value in head.items():
+            if key == "module":
+                continue
+            if key not in supported:
+                raise ValueError(f"fairchem head {name!r} ({module}): unknown option {key!r}")
+            if value != supported[key]:
+                raise ValueError(f"fairchem head {name!r} ({module}): option {key}={value!r} is not supported by "
+                                 f"eqv2 (only {supported[key]!r})")
+        roles[role].append(name)
+    if len(roles["energy"]) != 1 or len(roles["forces"]) > 1:
+        raise ValueError(f"eqv2 converts one energy head and at most one force head; the hydra model has energy "
+                         f"heads {roles['energy']} and force heads {roles['forces']}")
+    return bool(roles["forces"])
+
+
 def model_config_from_fairchem(hparams: dict[str, Any]) -> ModelConfig:
     """Map a fairchem EquiformerV2 model config (legacy or hydra backbone) to `ModelConfig`."""
     hp = dict(hparams)
     if hp.get("name") == "hydra" or "backbone" in hp:
-        heads = hp.get("heads") or {}
+        regress_forces = _hydra_regresses_forces(hp)
         hp = dict(hp["backbone"])
-        hp["regress_forces"] = any("force" in str(h.get("module", name)) for name, h in heads.items()) if heads else True
-    unsupported = {
+        if hp.get("model") in _NOT_CONVERTED:
+            raise _not_converted(hp["model"], "hydra backbone")
+        if hp.get("model") != "equiformer_v2_backbone":
+            raise ValueError(f"hydra backbone {hp.get('model')!r} is not equiformer_v2_backbone")
+        hp["regress_forces"] = regress_forces
+    unsupported = {  # options eqv2 converts only with these values
         "share_atom_edge_embedding": False, "use_m_share_rad": False, "use_s2_act_attn": False,
-        "load_energy_lin_ref": False, "distance_function": "gaussian",
+        "distance_function": "gaussian", "use_pbc": True,
     }
     for key, supported in unsupported.items():
         if key in hp and hp[key] != supported:
@@ -155,10 +217,10 @@ def _model_hparams(config: dict[str, Any]) -> dict[str, Any]:
         return dict(config.get("model_attributes") or {})
     if isinstance(model, dict):
         name = model.get("name")
+        if name in _NOT_CONVERTED:
+            raise _not_converted(name, "model")
         if name not in ("equiformer_v2", "hydra", None):
             raise ValueError(f"checkpoint model is {name!r}, not an EquiformerV2")
-        if name == "hydra" and "equiformer_v2" not in str(model.get("backbone", {}).get("model", "")):
-            raise ValueError(f"hydra backbone {model.get('backbone', {}).get('model')!r} is not equiformer_v2_backbone")
         return dict(model)
     raise ValueError("checkpoint config has no model section")
 
@@ -170,6 +232,16 @@ def _as_float(value: Any) -> float:
 def normalizers_from_checkpoint(checkpoint: dict[str, Any]) -> dict[str, float]:
     """energy_mean / energy_std / forces_std from wherever this fairchem version kept them."""
     norms = checkpoint.get("normalizers") or {}
+    if "energy" in norms:  # fairchem >= 1.0 trainers: Normalizer state dicts (mean, rmsd) per target
+        forces = norms.get("forces", norms["energy"])
+        if "forces" in norms and _as_float(forces.get("mean", 0.0)) != 0.0:
+            raise ValueError(f"the forces normalizer has a non-zero mean {_as_float(forces['mean'])}; eqv2 scales "
+                             "forces only")
+        def scale(state):  # older Normalizer state dicts call it std
+            return _as_float(state["rmsd"] if "rmsd" in state else state["std"])
+
+        return {"energy_mean": _as_float(norms["energy"]["mean"]), "energy_std": scale(norms["energy"]),
+                "forces_std": scale(forces)}
     if "target" in norms:
         forces = norms.get("grad_target", norms["target"])
         return {"energy_mean": _as_float(norms["target"]["mean"]), "energy_std": _as_float(norms["target"]["std"]),
@@ -192,8 +264,79 @@ def normalizers_from_checkpoint(checkpoint: dict[str, Any]) -> dict[str, float]:
                      "pass them explicitly (--energy-mean, --energy-std, --forces-std)")
 
 
-def convert_checkpoint(checkpoint: dict[str, Any], weights: str = "ema"):
-    """fairchem checkpoint dict -> (ModelConfig, eqv2 state dict, fairchem normalisers or None, notes).
+@dataclass
+class Converted:
+    """A fairchem checkpoint in eqv2's terms."""
+
+    config: ModelConfig
+    state_dict: dict[str, torch.Tensor]
+    normalizers: dict[str, float] | None  # energy_mean, energy_std, forces_std; None: not in the checkpoint
+    notes: dict[str, Any] = field(default_factory=dict)  # provenance for the model file's meta
+    # per-element energy references fairchem adds at prediction, indexed by atomic number:
+    model_references: list[float] | None = None  # the legacy model's energy_lin_ref, in normalised units
+    trainer_references: list[float] | None = None  # the trainer's elementrefs["energy"], in eV
+
+    def energy_references(self, energy_std: float) -> list[float] | None:
+        """The references in eV with the energy normaliser's std: fairchem's legacy model adds its
+        energy_lin_ref (E_ref / std) to the normalised energy, its trainer adds elementrefs after
+        denormalising; both are a per-atom sum added to the energy in eV."""
+        if self.model_references is None and self.trainer_references is None:
+            return None
+        refs = [0.0] * self.config.max_num_elements
+        for z, value in enumerate(self.model_references or []):
+            refs[z] += value * energy_std
+        for z, value in enumerate(self.trainer_references or []):
+            refs[z] += value
+        return refs
+
+
+def _reference_table(values: torch.Tensor, size: int, what: str) -> list[float]:
+    """A per-element table cut or padded to eqv2's element table (entries beyond it must be 0)."""
+    values = values.detach().reshape(-1).to(torch.float64)
+    if values.numel() > size and bool((values[size:] != 0).any()):
+        z = int((values[size:] != 0).nonzero()[0]) + size
+        raise ValueError(f"{what} has a non-zero reference for atomic number {z}, beyond the model's element "
+                         f"table (max_num_elements {size})")
+    table = values[:size].tolist()
+    return table + [0.0] * (size - len(table))
+
+
+def _energy_references(checkpoint: dict[str, Any], hparams: dict[str, Any], hydra: bool,
+                       state: dict[str, torch.Tensor], size: int,
+                       notes: dict[str, Any]) -> tuple[list[float] | None, list[float] | None]:
+    """(model references in normalised units, trainer references in eV), as fairchem 1.10 applies them
+    (hparams: the legacy model's or the hydra backbone's); energy_lin_ref is removed from `state`."""
+    lin_keys = [k for k in state if _strip_layout(k) == "energy_lin_ref"]
+    lin = state.pop(lin_keys[0]) if lin_keys else None
+    model_refs = None
+    if hparams.get("load_energy_lin_ref") and lin is None:
+        raise ValueError("load_energy_lin_ref is set but the checkpoint has no energy_lin_ref parameter")
+    if lin is not None and hparams.get("use_energy_lin_ref") and not hydra:
+        model_refs = _reference_table(lin, size, "energy_lin_ref")
+        notes["energy_lin_ref"] = "added at prediction (use_energy_lin_ref)"
+    elif lin is not None:  # fairchem does not add it: the legacy model without use_energy_lin_ref, any hydra head
+        notes["energy_lin_ref"] = "not added at prediction, as in fairchem " + (
+            "(hydra heads do not use it)" if hydra else "(use_energy_lin_ref false)")
+    trainer_refs = None
+    elementrefs = checkpoint.get("elementrefs") or {}
+    unknown = sorted(set(elementrefs) - {"energy"})
+    if unknown:
+        raise ValueError(f"element references for {unknown} are not supported by eqv2 (only for the energy)")
+    if "energy" in elementrefs:
+        trainer_refs = _reference_table(torch.as_tensor(elementrefs["energy"]["element_references"]), size,
+                                        "elementrefs['energy']")
+        notes["element_references"] = "added at prediction (trainer elementrefs)"
+    else:
+        dataset = (checkpoint.get("config") or {}).get("dataset") or {}
+        for entry in (dataset if isinstance(dataset, list) else [dataset, dataset.get("train", {})]):
+            if isinstance(entry, dict) and (entry.get("transforms") or {}).get("element_references"):
+                raise ValueError("the dataset config has transforms.element_references but the checkpoint "
+                                 "stores no elementrefs: the references the model needs are not in the file")
+    return model_refs, trainer_refs
+
+
+def convert_checkpoint(checkpoint: dict[str, Any], weights: str = "ema") -> Converted:
+    """fairchem checkpoint dict -> `Converted` (config, weights, normalisers, energy references).
 
     weights: "ema" uses the EMA shadow parameters when the checkpoint has them (what fairchem
     evaluates with), "raw" the plain state dict.
@@ -202,7 +345,8 @@ def convert_checkpoint(checkpoint: dict[str, Any], weights: str = "ema"):
 
     if "state_dict" not in checkpoint or "config" not in checkpoint:
         raise ValueError("not a fairchem checkpoint: needs 'state_dict' and 'config' entries")
-    cfg = model_config_from_fairchem(_model_hparams(checkpoint["config"]))
+    hparams = _model_hparams(checkpoint["config"])
+    cfg = model_config_from_fairchem(hparams)
     state = dict(checkpoint["state_dict"])
     notes = {"weights": "raw"}
     ema = checkpoint.get("ema")
@@ -218,10 +362,13 @@ def convert_checkpoint(checkpoint: dict[str, Any], weights: str = "ema"):
         notes["weights"] = "ema"
     elif weights not in ("ema", "raw"):
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    hydra = hparams.get("name") == "hydra" or "backbone" in hparams
+    model_refs, trainer_refs = _energy_references(checkpoint, hparams["backbone"] if hydra else hparams, hydra, state,
+                                                  cfg.max_num_elements, notes)
     expected = EquiformerV2(cfg).state_dict()
     converted = convert_state_dict(state, expected)
     try:
         norms = normalizers_from_checkpoint(checkpoint)
     except ValueError:
         norms = None
-    return cfg, converted, norms, notes
+    return Converted(cfg, converted, norms, notes, model_refs, trainer_refs)

@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     from eqv2.data.format import encode_sample, sample_key
     from eqv2.data.lmdb_source import write_lmdb
     from eqv2.data.stats import summarize
+    from eqv2.data.validate import LabelBounds, check_labels, validate_frame
     from eqv2.data.writer import ShardWriter
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     writer = ShardWriter(tmp / "shards", "bench", max_samples=args.shard_samples)
     for i, s in enumerate(samples):
         key = sample_key(s["sid"], s["fid"])
+        validate_frame(s, f"bench sample {key}")  # the checks every sharder applies
+        check_labels(s, f"bench sample {key}", LabelBounds())
         writer.add(key, encode_sample(s), summarize(s, key, 0), [0, i + 1])
     manifest = writer.finish("total", "bench")
     write_lmdb(tmp / "data.0000.lmdb", samples)

@@ -6,7 +6,8 @@ checkpoint readable by `eqv2.load_model`, the ASE calculator and `python -m eqv2
 
 Hyperparameters come from the checkpoint's own config; target normalisers from its `normalizers`
 or dataset config (or the --energy-* / --forces-std flags).  By default the EMA weights are used
-when present, as fairchem evaluates with them.
+when present, as fairchem evaluates with them.  docs/fairchem.md lists what converts; the rest is refused
+with an error naming the model, head or option.
 """
 from __future__ import annotations
 
@@ -43,10 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot read {args.input}: {err}{hint}", file=sys.stderr)
         return 2
     try:
-        cfg, state, norms, notes = convert_checkpoint(checkpoint, weights=args.weights)
+        converted = convert_checkpoint(checkpoint, weights=args.weights)
     except ValueError as err:
         print(f"error: {args.input}: {err}", file=sys.stderr)
         return 2
+    cfg, norms, notes = converted.config, converted.normalizers, converted.notes
     overrides = {"energy_mean": args.energy_mean, "energy_std": args.energy_std, "forces_std": args.forces_std}
     if norms is None and any(v is None for v in overrides.values()):
         print(f"error: {args.input}: no target normalisers in the checkpoint; pass --energy-mean, --energy-std "
@@ -54,12 +56,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     norms = {**(norms or {}), **{k: v for k, v in overrides.items() if v is not None}}
     model = EquiformerV2(cfg)
-    model.load_state_dict(state)
+    model.load_state_dict(converted.state_dict)
     meta = {"source": str(args.input), "converted_from": "fairchem", **notes,
             "step": int(checkpoint.get("step", -1) or -1)}
-    save_model(args.output, model, cfg, Normalizers(**norms), meta=meta)
+    # the legacy model's references are in units of the energy std fairchem denormalises with (--energy-std too)
+    references = converted.energy_references(norms["energy_std"])
+    save_model(args.output, model, cfg, Normalizers(**norms), meta=meta, energy_references=references)
+    refs = "" if references is None else f", energy references for {sum(v != 0 for v in references)} elements"
     print(f"wrote {args.output}: {cfg.num_layers} blocks, L{cfg.lmax} M{cfg.mmax}, "
-          f"{count_parameters(model):,} parameters, {notes['weights']} weights, normalisers {norms}")
+          f"{count_parameters(model):,} parameters, {notes['weights']} weights, normalisers {norms}{refs}")
     return 0
 
 

@@ -90,6 +90,10 @@ def check_labels(sample: dict, where: str, bounds: LabelBounds) -> None:
                               f"{bounds.max_force:g} eV/Å{_hint('max_force')}")
 
 
+_SUBSETS = np.array([[(m >> k) & 1 for k in range(3)] for m in range(1, 8)], dtype=np.float64)  # [7, 3]
+_DIRECTION = np.array([0.5773502691896258, 0.6172133998483676, 0.5345224838248488])  # along no lattice row
+
+
 def _hint(name: str) -> str:
     return f" (if real, raise --{name.replace('_', '-')} when sharding, data.{name} when training)"
 
@@ -113,29 +117,24 @@ def coincident_pair(positions, cell, pbc, min_distance: float = MIN_DISTANCE) ->
         frac[:, periodic] %= 1.0
         # distance between opposite faces of the cell along each axis: 1 / |column k of the inverse|
         eps = min_distance * np.sqrt((inverse * inverse).sum(axis=0))
-        shift = (frac < eps).astype(np.float64) - (frac > 1.0 - eps)  # +1: image past the far face, -1: the near
-        shift[:, ~periodic] = 0.0
+        shift = ((frac < eps).astype(np.float64) - (frac > 1.0 - eps)) * periodic  # +1: image past the far face
         near = np.flatnonzero(shift.any(axis=1))
-        images, owners = [frac], [origin]
-        for mask in range(1, 8) if len(near) else ():  # every non-empty subset of the axes an atom is near a face of
-            axes = np.array([(mask >> k) & 1 for k in range(3)], dtype=bool)
-            sel = near[np.all(shift[near][:, axes] != 0, axis=1)]
-            if len(sel):
-                images.append(frac[sel] + shift[sel] * axes)
-                owners.append(origin[sel])
-        points = np.concatenate(images) @ cell if len(images) > 1 else frac @ cell
-        origin = np.concatenate(owners) if len(owners) > 1 else origin
-    direction = np.array([0.5773502691896258, 0.6172133998483676, 0.5345224838248488])  # not along a lattice row
-    proj = points @ direction
+        if len(near):  # images over every non-empty subset of the faces an atom is near
+            s = shift[near][:, None, :] * _SUBSETS  # [M, 7, 3]
+            ok = ~np.any(_SUBSETS.astype(bool) & (shift[near][:, None, :] == 0), axis=2)  # [M, 7]
+            frac = np.concatenate([frac, (frac[near][:, None, :] + s)[ok]])
+            origin = np.concatenate([origin, np.repeat(near, ok.sum(axis=1))])
+        points = frac @ cell
+    proj = points @ _DIRECTION
     order = np.argsort(proj, kind="stable")
     proj, points, origin = proj[order], points[order], origin[order]
-    ends = np.searchsorted(proj, proj + min_distance, side="left")
-    counts = ends - np.arange(len(proj)) - 1
-    if not counts.any():
+    counts = np.searchsorted(proj, proj + min_distance, side="left") - np.arange(len(proj)) - 1
+    total = int(counts.sum())
+    if total == 0:
         return None
-    a = np.repeat(np.arange(len(proj)), np.maximum(counts, 0))
-    b = a + 1 + (np.arange(len(a)) - np.repeat(np.cumsum(counts) - counts, np.maximum(counts, 0)))
-    d = np.linalg.norm(points[a] - points[b], axis=1)
+    a = np.repeat(np.arange(len(proj)), counts)
+    b = a + 1 + np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+    d = np.sqrt(((points[a] - points[b]) ** 2).sum(axis=1))
     close = (d < min_distance) & (origin[a] != origin[b])
     if not close.any():
         return None

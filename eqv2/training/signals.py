@@ -63,13 +63,13 @@ class StopFlag:
         parent = os.getppid()
         while not self._watch_done.wait(WATCH_INTERVAL_S):
             for pid, start, name in watched:
-                if not _alive(pid, start) or (pid == parent and os.getppid() != parent):
-                    if self.signum is None:
+                if not process_alive(pid, start) or (pid == parent and os.getppid() != parent):
+                    if self.signum is None:  # else a signal came first (`timeout` signals the ranks too)
                         self.signum = signal.SIGTERM
                         self.reason = f"launcher (pid {pid}, {name}) exited"
-                    if os.environ.get("LOCAL_RANK", "0") == "0":  # one line per node
-                        print(f"eqv2.train (rank {os.environ.get('RANK', '0')}): launcher (pid {pid}, {name}) "
-                              f"exited: stopping as for SIGTERM", file=sys.stderr, flush=True)
+                        if os.environ.get("LOCAL_RANK", "0") == "0":  # one line per node
+                            print(f"eqv2.train (rank {os.environ.get('RANK', '0')}): {self.reason}: stopping as "
+                                  f"for SIGTERM", file=sys.stderr, flush=True)
                     return
 
     @property
@@ -103,13 +103,14 @@ def _stat(pid: int) -> tuple[str, int, int] | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             text = fh.read().decode(errors="replace")
-    except OSError:
+        fields = text[text.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
+        return fields[0], int(fields[1]), int(fields[19])
+    except (OSError, ValueError, IndexError):  # gone, or not the Linux layout
         return None
-    fields = text[text.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
-    return fields[0], int(fields[1]), int(fields[19])
 
 
-def _alive(pid: int, start: int) -> bool:
+def process_alive(pid: int, start: int) -> bool:
+    """Whether `pid` is still the process that started at `start` (ticks since boot) and has not exited."""
     st = _stat(pid)
     return st is not None and st[2] == start and st[0] not in ("Z", "X")  # a zombie has exited
 

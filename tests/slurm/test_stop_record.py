@@ -6,20 +6,22 @@ when its workers exit 75, a signalled deepspeed runner 143 or 138.  A complete s
 75; a stale one (its checkpoint no longer the newest) or one whose checkpoint is incomplete does not.
 
 These run lib.sh's own functions in bash (no SLURM needed: eqv2_finish_step reads only the step's
-exit code, the signal the batch shell got and the run directory).  The record is written by the
-trainer's own code, after a real signal.
+exit code, the signal the batch shell got and the run directory; eqv2_train runs with LAUNCHER=mpirun).
+The record is written by the trainer's own code, after a real signal.
 """
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from eqv2.training.signals import STOP_RECORD, StopFlag
 from tests.slurm.conftest import REPO
+from tests.train.conftest import free_port
 
 
 def _run_dir(tmp_path: Path, latest: int, stopped: int | None, complete: bool = True) -> Path:
@@ -83,3 +85,26 @@ def test_without_a_current_complete_record_the_launcher_code_stands(tmp_path, la
 def test_a_finished_step_still_finishes(tmp_path):
     proc = _finish(_run_dir(tmp_path, latest=8, stopped=None), 0)
     assert proc.returncode == 0 and "step finished" in proc.stderr and "finish_step returned" in proc.stdout
+
+
+def test_eqv2_train_removes_an_earlier_launch_s_record(tmp_path, demo_raw):
+    """The whole launch of train_all_md.sh outside SLURM (LAUNCHER=mpirun, one rank): an earlier
+    launch stopped at step 7 and left its record; this launch's trainer fails on the damaged step-7
+    checkpoint before it trains.  The old record must not turn that failure into a clean stop."""
+    run_dir = _run_dir(tmp_path, latest=7, stopped=7)  # checkpoint files missing: the trainer refuses it
+    args = [f"--set data.train_manifest={demo_raw}/train/manifest.json",
+            f"--set data.val_manifest={demo_raw}/val/manifest.json"]
+    env = {**os.environ, "EQV2_ROOT": str(REPO), "PYTHON": sys.executable, "LAUNCHER": "mpirun",
+           "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
+           "NNODES": "1", "GPUS_PER_NODE": "0", "SLURM_JOB_ID": "0", "SLURM_JOB_NODELIST": "localhost",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "compile_cache"),
+           "DS_CONFIG": "tests/slurm/ds_zero2_cpu.json", "TRAIN_ARGS": " ".join(args)}
+    script = f"""set -euo pipefail
+source {REPO / 'slurm' / 'lib.sh'}
+eqv2_train tests/slurm/tiny_run.yaml {run_dir} ds_configs/cpu_demo.json
+"""
+    proc = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "step_00000007/trainer_state.json" in out, out[-4000:]  # exit 2: not requeued
+    assert "taking it as exit 75" not in out and not (run_dir / STOP_RECORD).exists(), out[-4000:]

@@ -25,7 +25,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from eqv2.training.signals import EXIT_REQUEUE, STOP_RECORD
+from eqv2.training.signals import EXIT_REQUEUE, STOP_RECORD, launcher_processes, process_alive
 from tests.train.conftest import MAX_STEPS, REPO, TRAIN, common_args, free_port, last_step, records
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the launcher watch needs /proc")
@@ -88,10 +88,11 @@ class Launch:
     def look(self) -> None:
         with contextlib.suppress(psutil.Error):
             for child in psutil.Process(self.proc.pid).children(recursive=True):
-                if child.pid not in self.processes:
-                    with contextlib.suppress(psutil.Error):
-                        self.cmdlines[child.pid] = child.cmdline()
-                    self.processes[child.pid] = child
+                self.processes.setdefault(child.pid, child)
+        for pid, proc in self.processes.items():  # again each time: one seen between fork and exec changes
+            with contextlib.suppress(psutil.Error):
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:  # is_running: not a reused pid
+                    self.cmdlines[pid] = proc.cmdline()
 
     def wait_for_step(self, run_dir: Path, step: int) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -138,12 +139,13 @@ class Launch:
 
 
 def _stop_under(launcher: str, sig: signal.Signals, demo_data: Path, run_dir: Path, tmp_path: Path,
-                to_rank: bool = False) -> tuple[Launch, int]:
+                to_rank: bool = False, max_steps: int = 400) -> tuple[Launch, int]:
     """Launch the tiny 2-rank run, send `sig` to the launcher's own process (`to_rank`: to rank 1)
     after step 3, and wait until every process of the launch is gone.  Returns the launch and the
-    stop step."""
+    stop step.  `max_steps`: far beyond the stop, unless the run is to be compared with the reference."""
     _subreaper(True)
-    launch = Launch(launcher, [*common_args(demo_data, run_dir), "--resume", "auto"],
+    launch = Launch(launcher, [*common_args(demo_data, run_dir), "--set", f"optim.max_steps={max_steps}",
+                               "--resume", "auto"],
                     tmp_path / f"{launcher}_{sig.name}.log")
     try:
         launch.wait_for_step(run_dir, 3)
@@ -162,7 +164,7 @@ def _stop_under(launcher: str, sig: signal.Signals, demo_data: Path, run_dir: Pa
     out = launch.output()
     ckpt_dir = run_dir / "checkpoints"
     stopped = int((ckpt_dir / "latest").read_text().strip().split("_")[1])
-    assert 3 <= stopped < MAX_STEPS, f"stopped at {stopped}\n{out[-4000:]}"
+    assert 3 <= stopped < max_steps, f"stopped at {stopped}\n{out[-4000:]}"
     assert (ckpt_dir / f"step_{stopped:08d}" / "COMPLETE").is_file()
     assert f"checkpoint step_{stopped:08d} saved, exiting with {EXIT_REQUEUE}" in out, out[-4000:]
     record = json.loads((run_dir / STOP_RECORD).read_text())
@@ -175,14 +177,14 @@ def _stop_under(launcher: str, sig: signal.Signals, demo_data: Path, run_dir: Pa
 
 def _node_launcher_code(launch: Launch) -> int | None:
     """Exit code of DeepSpeed's per-node launcher, if this process reaped it (its runner died first)."""
-    pids = [p.pid for p in launch.processes.values() if "deepspeed.launcher.launch" in launch.cmdlines[p.pid]]
+    pids = [p.pid for p in launch.processes.values() if "deepspeed.launcher.launch" in launch.cmdlines.get(p.pid, [])]
     assert len(pids) == 1, launch.cmdlines
     return launch.codes.get(pids[0])
 
 
 def test_sigterm_to_deepspeed_stops_every_rank_and_resume_is_exact(demo_data, reference_run, tmp_path):
     run_dir = tmp_path / "run"
-    launch, stopped = _stop_under("deepspeed", signal.SIGTERM, demo_data, run_dir, tmp_path)
+    launch, stopped = _stop_under("deepspeed", signal.SIGTERM, demo_data, run_dir, tmp_path, max_steps=MAX_STEPS)
     out = launch.output()
     assert launch.proc.returncode == -signal.SIGTERM  # the runner dies of it: 143 in a shell
     # the ranks' parent (DeepSpeed's per-node launcher) outlived the runner and passed their 75 on
@@ -232,3 +234,35 @@ def test_signal_to_one_rank_under_a_launcher(demo_data, tmp_path, launcher, code
     launch, _ = _stop_under(launcher, signal.SIGUSR1, demo_data, tmp_path / "run", tmp_path, to_rank=True)
     assert launch.proc.returncode == code, launch.output()[-4000:]
     assert "exited: stopping as for SIGTERM" not in launch.output()
+
+
+def _start_time(pid: int) -> int:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return int(text[text.rindex(")") + 2:].split()[19])
+
+
+def test_a_process_is_known_by_pid_and_start_time():
+    """A pid alone could name a new process after reuse; an exited child not yet reaped (a zombie,
+    as a killed launcher is until its parent waits) has exited."""
+    me = os.getpid()
+    assert process_alive(me, _start_time(me)) and not process_alive(me, _start_time(me) + 1)
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        start = _start_time(child.pid)
+        assert process_alive(child.pid, start)
+        child.kill()
+        deadline = time.monotonic() + 30
+        while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE:  # killed, not reaped
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not process_alive(child.pid, start)
+    finally:
+        child.kill()
+        child.wait()
+    assert not process_alive(child.pid, start)  # reaped
+
+
+def test_no_launcher_above_a_plain_process():
+    """pytest's own ancestors are no launcher: a plain `python` trainer watches nothing (its parent may
+    exit on purpose, e.g. under nohup)."""
+    assert launcher_processes() == []
