@@ -35,17 +35,23 @@ def resolve_tag_dir(path: Path, best: bool) -> Path:
     try:
         found, warnings = ckpt.find_resume(str(path), path)
     except (FileNotFoundError, ckpt.CheckpointError) as err:
-        raise SystemExit(f"export_model: {err}") from None
+        _fail(str(err).removeprefix("--resume "))
     for warning in warnings:
         print(f"export_model: warning: {warning}", file=sys.stderr)
     return found
+
+
+def _fail(message: str):
+    """A bad checkpoint argument: one line and exit status 2, as every tool."""
+    print(f"export_model: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def export(tag_dir: Path, out: Path, weights: str) -> dict:
     try:
         state, sd = ckpt.run_weights(tag_dir, weights)
     except ckpt.CheckpointError as err:
-        raise SystemExit(f"export_model: {err}") from None
+        _fail(str(err))
     model_cfg = from_dict(ModelConfig, state["config"]["model"], prefix="model")
     model = EquiformerV2(model_cfg)
     model.load_state_dict(sd, strict=True)  # checks that names and shapes match the config

@@ -27,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--show", type=int, default=1, help="print this many samples")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    urls, infos, manifest = resolve_shards(args.manifest, args.shards)
+    try:
+        urls, infos, manifest = resolve_shards(args.manifest, args.shards)
+    except (FileNotFoundError, ValueError) as err:  # a missing or unreadable manifest: one line
+        print(f"inspect_shards: {err}", file=sys.stderr)
+        return 2
     problems, shown, samples, atoms = [], 0, 0, 0
     for url, info in tqdm(list(zip(urls, infos)), unit="shard", disable=args.no_progress):
         loaded, errors = read_shard(url, info, verify=True, on_error="skip")

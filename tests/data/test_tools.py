@@ -79,3 +79,14 @@ def test_inspect_and_stats_tools(demo, tmp_path):
                                   "bench_data.py", "bench.py", "scaling.py", "activation_memory.py"])
 def test_help(tool):
     assert "usage" in _run(ROOT / "tools" / tool, "--help").stdout
+
+
+@pytest.mark.parametrize("tool, args, message", [
+    ("inspect_shards.py", ["{tmp}/nope/manifest.json"], "inspect_shards: shard manifest not found: {tmp}/nope/manifest.json"),
+    ("export_model.py", ["{tmp}/nope", "-o", "{tmp}/m.pt"], "export_model: {tmp}/nope: no complete checkpoint there"),
+])
+def test_tools_name_a_missing_input_in_one_line(tmp_path, tool, args, message):
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, str(root / "tools" / tool), *(a.format(tmp=tmp_path) for a in args)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message.format(tmp=tmp_path) in proc.stderr and "Traceback" not in proc.stderr
