@@ -89,6 +89,7 @@ def shard_sources(
     encode = functools.partial(_encode_source, read_fn, degree_every, bounds, on_error)
     seen = set()
     bar = tqdm(total=len(sources), initial=start, unit="file", disable=not progress, desc=prefix)
+    workers = min(workers, len(tasks))  # one source per task: more processes would only start up and idle
     pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
     try:
         results = pool.imap(encode, tasks) if pool is not None else map(encode, tasks)
