@@ -65,45 +65,68 @@ def parse_splits(items: list[str]) -> dict[str, str]:
 
 
 @torch.no_grad()
-def evaluate_split(potential, manifest: str, args, dist, graphs) -> dict:
+def evaluate_split(potential, name: str, manifest: str, args, dist, graphs) -> dict:
+    """Metrics of one split (None where it has no labels: a test split) and, with --predictions, its
+    prediction file."""
     from tqdm import tqdm
 
     from eqv2.data import DataConfig, num_val_batches, val_batches
+    from eqv2.predictions import PredictionWriter
+    from eqv2.training.dist import all_reduce_max, barrier
     from eqv2.training.metrics import S2EFMetrics
 
     batch_size = 0 if args.max_atoms else args.batch_size
     cfg = DataConfig(train_manifest=manifest, val_manifest=manifest, batch_size=batch_size, max_atoms=args.max_atoms,
-                     num_workers=0)
-    total = num_val_batches(cfg, dist.world_size)
-    if args.limit:
-        total = min(total, args.limit)
+                     num_workers=0, require_labels=False)
+    full = num_val_batches(cfg, dist.world_size)
+    total = min(full, args.limit) if args.limit else full
     metrics = S2EFMetrics(dist.device, not args.all_atoms)
-    bar = tqdm(total=total, unit="batch", disable=not dist.is_main or args.no_progress, desc=Path(manifest).parent.name)
+    writer = PredictionWriter() if args.predictions else None
+    unlabelled = 0.0
+    bar = tqdm(total=total, unit="batch", disable=not dist.is_main or args.no_progress, desc=name)
     autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     for i, batch in enumerate(val_batches(cfg, dist.rank, dist.world_size, graphs)):
         if i >= total:
             break
         batch = batch.to(dist.device, non_blocking=True)
         with autocast:
-            pred = potential(batch)
-        metrics.update({k: v.float() for k, v in pred.items()}, batch)
+            pred = {k: v.float() for k, v in potential(batch).items()}
+        if batch.energy is None or batch.forces is None:
+            unlabelled = 1.0
+        else:
+            metrics.update(pred, batch)
+        if writer is not None:
+            writer.add(pred, batch)
         bar.update(1)
     bar.close()
-    out = metrics.compute()
+    out = {"num_structures": None}
+    if float(all_reduce_max(torch.tensor([unlabelled], dtype=torch.float64, device=dist.device))) == 0.0:
+        out = metrics.compute()
+    if writer is not None:
+        parts = Path(args.predictions) / ".parts"
+        writer.write_part(parts / f"{name}.rank{dist.rank}.npz")
+        barrier()
+        if dist.is_main:
+            count = PredictionWriter.merge([parts / f"{name}.rank{r}.npz" for r in range(dist.world_size)],
+                                           Path(args.predictions) / f"{name}.npz", args.prediction_dtype)
+            out["num_structures"] = out["num_structures"] or count
+            out["predictions"] = str(Path(args.predictions) / f"{name}.npz")
+        barrier()
     out["batches_per_rank"] = total
-    out["complete"] = not args.limit or total == num_val_batches(cfg, dist.world_size)
+    out["complete"] = total == full
     return out
 
 
 def table(results: dict[str, dict]) -> str:
-    keys = [k for k in METRICS if all(k in r for r in results.values())]
-    base = [k for k in ("energy_mae_mean_baseline", "energy_mae_zero_baseline", "forces_mae_zero_baseline")
-            if all(k in r for r in results.values())]
-    head = ["split", *keys, *base, "structures"]
+    labelled = [r for r in results.values() if "energy_mae" in r]
+    keys = [k for k in METRICS if labelled and all(k in r for r in labelled)]
+    keys += [k for k in ("energy_mae_mean_baseline", "energy_mae_zero_baseline", "forces_mae_zero_baseline")
+             if labelled and all(k in r for r in labelled)]
+    head = ["split", *(keys or ["metrics"]), "structures"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
-        cells = [f"{r[k]:.5g}" for k in keys + base]
-        count = f"{int(r['num_structures'])}" + ("" if r.get("complete", True) else " (--limit)")
+        cells = [f"{r[k]:.5g}" for k in keys] if "energy_mae" in r else ["– (no labels)"] * max(len(keys), 1)
+        count = f"{int(r['num_structures'] or 0)}" + ("" if r.get("complete", True) else " (--limit)")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {count} |")
     return "\n".join(lines)
 
@@ -121,10 +144,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast on the GPU")
     parser.add_argument("--all-atoms", action="store_true", help="force metrics over all atoms, not only free ones")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--predictions", type=Path, help="write each split's predictions as DIR/<split>.npz "
+                        "(fairchem's S2EF layout: ids, energy, free-atom forces, chunk_idx); splits without labels "
+                        "(test splits, sharded with --unlabelled) are only predicted")
+    parser.add_argument("--prediction-dtype", choices=("float16", "float32"), default="float16")
+    parser.add_argument("--submission", type=Path, help="also join the splits id, ood_ads, ood_cat, ood_both into "
+                        "the OC20 evaluation server's S2EF file (needs --predictions)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.max_atoms < 0 or args.limit < 0:
         parser.error("--batch-size must be >= 1, --max-atoms and --limit >= 0")
+    if args.submission and not args.predictions:
+        parser.error("--submission needs --predictions DIR (where the split files go)")
     from eqv2.data.format import SampleError
     from eqv2.model.graph import GraphBuilder, GraphInputError
     from eqv2.training.checkpointing import CheckpointError
@@ -141,15 +172,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         potential = potential.to(dist.device).eval()
         graphs = GraphBuilder.for_model(potential.config)
-        results = {name: evaluate_split(potential, manifest, args, dist, graphs) for name, manifest in splits.items()}
-        if len(results) > 1:
-            parts = list(results.values())
+        if args.submission:
+            from eqv2.predictions import OC20_SPLITS
+
+            if sorted(splits) != sorted(OC20_SPLITS):
+                raise ValueError(f"--submission needs exactly the splits {', '.join(OC20_SPLITS)} "
+                                 f"(got {', '.join(splits)})")
+        results = {name: evaluate_split(potential, name, manifest, args, dist, graphs)
+                   for name, manifest in splits.items()}
+        parts = [r for r in results.values() if "energy_mae" in r]
+        if len(parts) > 1:
             average = {k: sum(r[k] for r in parts) / len(parts) for k in parts[0]
-                       if k not in ("complete", "batches_per_rank", "num_structures")}
+                       if k not in ("complete", "batches_per_rank", "num_structures", "predictions")}
             average.update(num_structures=sum(r["num_structures"] for r in parts),
                            complete=all(r["complete"] for r in parts))
             results["average"] = average
         if dist.is_main:
+            if args.submission:
+                from eqv2.predictions import write_submission
+
+                write_submission({n: Path(r["predictions"]) for n, r in results.items() if "predictions" in r},
+                                 args.submission)
+                print(f"eqv2 evaluate: wrote the S2EF submission {args.submission}")
             print(table(results))
             if args.json:
                 args.json.parent.mkdir(parents=True, exist_ok=True)

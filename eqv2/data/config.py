@@ -33,6 +33,9 @@ class DataConfig:
     # label bounds checked as each sample is decoded (as when sharding): a sample above them is bad input
     max_energy_per_atom: float = 100.0  # eV: |energy| / atoms
     max_force: float = 100.0  # eV/Å: |force component|
+    # every sample must carry energy and forces (training); false: samples without them are read too
+    # (predicting test splits with `eqv2 evaluate`; a training batch without targets is still refused)
+    require_labels: bool = True
 
     def __post_init__(self) -> None:
         if (self.batch_size > 0) == (self.max_atoms > 0):
@@ -65,7 +68,7 @@ class DataConfig:
 
     @property
     def label_bounds(self) -> LabelBounds:
-        return LabelBounds(float(self.max_energy_per_atom), float(self.max_force))
+        return LabelBounds(float(self.max_energy_per_atom), float(self.max_force), require=self.require_labels)
 
     @property
     def stats_path(self) -> Path:

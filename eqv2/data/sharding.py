@@ -133,6 +133,9 @@ def add_sharding_arguments(parser) -> None:
                         help="refuse frames whose |energy| per atom exceeds this, eV (default: %(default)s)")
     parser.add_argument("--max-force", type=float, default=LabelBounds.max_force,
                         help="refuse frames with a |force component| above this, eV/Å (default: %(default)s)")
+    parser.add_argument("--unlabelled", action="store_true",
+                        help="frames need no energy or forces (a test split, for predictions only; "
+                             "training refuses such shards)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -144,7 +147,7 @@ def run_sharding_cli(parser, args, find_sources: Callable[[], list[str]], read, 
     if args.shard_samples <= 0 and max_bytes <= 0:
         parser.error("give --shard-samples and/or --shard-bytes")
     try:
-        bounds = LabelBounds(args.max_energy_per_atom, args.max_force)
+        bounds = LabelBounds(args.max_energy_per_atom, args.max_force, require=not args.unlabelled)
     except ValueError as err:
         parser.error(str(err).replace("max_energy_per_atom", "--max-energy-per-atom").replace("max_force", "--max-force"))
     try:

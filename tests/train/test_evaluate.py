@@ -92,3 +92,68 @@ def test_bad_arguments_are_one_line(exported, args, message):
 def test_a_missing_checkpoint_is_named(tmp_path, demo_data):
     proc = _evaluate("--checkpoint", str(tmp_path / "none.pt"), "--split", f"val={demo_data / 'val' / 'manifest.json'}")
     assert proc.returncode == 2 and f"--checkpoint: not found: {tmp_path / 'none.pt'}" in proc.stderr
+
+
+def _unlabelled_raw(raw: Path, seed: int) -> list[dict]:
+    """OC20-layout raw files of a test split: positions, tags and fixed atoms, no energy, no forces."""
+    from ase.data import chemical_symbols
+
+    from tests.data.conftest import oc20_frames
+
+    frames = oc20_frames(5, seed=seed, sid0=1000 * (seed + 1))
+    raw.mkdir(parents=True)
+    lines, ids = [], []
+    for f in frames:
+        cell = " ".join(f"{v:.8f}" for v in f["cell"].reshape(-1))
+        lines += [str(len(f["numbers"])), f'Lattice="{cell}" Properties=species:S:1:pos:R:3:move_mask:L:1:tags:I:1 '
+                                           'pbc="T T T"']
+        lines += [f"{chemical_symbols[int(z)]} {p[0]:.8f} {p[1]:.8f} {p[2]:.8f} {'F' if fx else 'T'} {int(t)}"
+                  for z, p, fx, t in zip(f["numbers"], f["positions"], f["fixed"], f["tags"])]
+        ids.append(f"random{f['sid']},frame{f['fid']},\n")
+    (raw / "data_000.extxyz").write_text("\n".join(lines) + "\n")
+    (raw / "data_000.txt").write_text("".join(ids))
+    return frames
+
+
+def test_test_splits_give_fairchems_prediction_files_and_the_submission(exported, tmp_path):
+    import ase
+    import numpy as np
+
+    from eqv2.calculator import EquiformerV2Calculator
+
+    splits, frames = [], {}
+    for seed, name in enumerate(("id", "ood_ads", "ood_cat", "ood_both")):
+        raw = tmp_path / "raw" / name
+        frames[name] = _unlabelled_raw(raw, seed)
+        cmd = [sys.executable, str(REPO / "tools" / "shard_extxyz.py"), str(raw), str(tmp_path / "shards" / name),
+               "--shard-samples", "2", "--no-progress"]
+        refused = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and "frame 0: no energy and no forces" in refused.stderr
+        assert subprocess.run(cmd + ["--unlabelled"], capture_output=True, text=True, timeout=120).returncode == 0
+        splits += ["--split", f"{name}={tmp_path / 'shards' / name / 'manifest.json'}"]
+    results = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"pred{nproc}"
+        proc = _evaluate("--checkpoint", str(exported), *splits, "--predictions", str(out), "--prediction-dtype",
+                         "float32", "--submission", str(out / "submission.npz"), nproc=nproc)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "no labels" in proc.stdout
+        with np.load(out / "submission.npz") as sub:
+            results[nproc] = {k: sub[k] for k in sub.files}
+    sub = results[1]
+    assert sorted(sub) == sorted(f"{s}_{k}" for s in ("id", "ood_ads", "ood_cat", "ood_both")
+                                 for k in ("ids", "energy", "forces", "chunk_idx"))
+    for key, value in sub.items():  # two ranks write the same file
+        np.testing.assert_allclose(results[2][key], value, rtol=1e-5, atol=1e-5) if value.dtype.kind == "f" \
+            else np.testing.assert_array_equal(results[2][key], value)
+    calc = EquiformerV2Calculator(str(exported), device="cpu")
+    for name, fs in frames.items():
+        ids = [f"{f['sid']}_{f['fid']}" for f in fs]
+        assert sub[f"{name}_ids"].tolist() == sorted(ids)
+        forces = np.split(sub[f"{name}_forces"], sub[f"{name}_chunk_idx"])
+        for f in fs:
+            i = sub[f"{name}_ids"].tolist().index(f"{f['sid']}_{f['fid']}")
+            atoms = ase.Atoms(numbers=f["numbers"], positions=f["positions"], cell=f["cell"], pbc=True)
+            atoms.calc = calc
+            assert sub[f"{name}_energy"][i] == pytest.approx(atoms.get_potential_energy(), abs=1e-4)
+            np.testing.assert_allclose(forces[i], atoms.get_forces()[~f["fixed"]], atol=1e-4)  # free atoms only
