@@ -91,8 +91,9 @@ class Launch:
                 self.processes.setdefault(child.pid, child)
         for pid, proc in self.processes.items():  # again each time: one seen between fork and exec changes
             with contextlib.suppress(psutil.Error):
-                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:  # is_running: not a reused pid
-                    self.cmdlines[pid] = proc.cmdline()
+                # is_running: not a reused pid; an exiting process shows an empty command line
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE and (argv := proc.cmdline()):
+                    self.cmdlines[pid] = argv
 
     def wait_for_step(self, run_dir: Path, step: int) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
