@@ -14,7 +14,6 @@ and `tools/convert_fairchem_checkpoint.py` turns a fairchem/OCP checkpoint into 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +24,12 @@ from eqv2.batch import AtomsBatch
 from eqv2.config import from_dict, to_dict
 from eqv2.model.config import ModelConfig
 from eqv2.model.equiformer_v2 import EquiformerV2
+from eqv2.normalizers import Normalizers, renamed_legacy
+
+__all__ = ["Normalizers", "Potential", "load_model", "read_model_file", "save_model"]
 
 FORMAT = "eqv2-model"
 VERSION = 1
-
-
-@dataclass
-class Normalizers:
-    energy_mean: float = 0.0  # eV
-    energy_std: float = 1.0  # eV
-    forces_std: float = 1.0  # eV/Å
-
-    def __post_init__(self) -> None:
-        if not (self.energy_std > 0 and self.forces_std > 0):
-            raise ValueError(f"normalizer scales must be positive: {self}")
 
 
 class Potential(nn.Module):
@@ -55,12 +46,7 @@ class Potential(nn.Module):
         return self.model.cfg
 
     def forward(self, batch: AtomsBatch) -> dict[str, torch.Tensor]:
-        out = self.model(batch)
-        n = self.normalizers
-        result = {"energy": out["energy"] * n.energy_std + n.energy_mean}
-        if "forces" in out:
-            result["forces"] = out["forces"] * n.forces_std
-        return result
+        return self.normalizers.denormalise(self.model(batch))
 
 
 def save_model(
@@ -104,7 +90,7 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tens
         raise ValueError(f"{path}: not an eqv2 model checkpoint{hint}")
     if payload.get("version") != VERSION:
         raise ValueError(f"{path}: unsupported eqv2 checkpoint version {payload.get('version')} (expected {VERSION})")
-    normalizers = from_dict(Normalizers, payload["normalizers"], prefix="normalizers")
+    normalizers = from_dict(Normalizers, renamed_legacy(payload["normalizers"]), prefix="normalizers")
     return payload["model_config"], payload["state_dict"], normalizers, payload.get("meta") or {}
 
 

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 from eqv2.data.format import encode_sample, sample_key
 from eqv2.data.manifest import Manifest
-from eqv2.data.stats import combine, summarize, write_stats
+from eqv2.data.stats import DEGREE_GRAPH, combine, summarize, write_stats
 from eqv2.data.writer import ShardWriter
 
 ReadFn = Callable[[str], Iterator[dict]]  # source -> its samples in order
@@ -30,14 +30,15 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * scale)
 
 
-def _encode_source(read_fn: ReadFn, degree_every: int, task: tuple[int, str, int]) -> list:
+def _encode_source(read_fn: ReadFn, degree_every: int, degree_graph: tuple[float, int],
+                   task: tuple[int, str, int]) -> list:
     index, source, skip = task
     out = []
     for j, sample in enumerate(read_fn(source)):
         if j < skip:
             continue
         key = sample_key(sample["sid"], sample["fid"])
-        out.append((key, encode_sample(sample), summarize(sample, key, degree_every), [index, j + 1]))
+        out.append((key, encode_sample(sample), summarize(sample, key, degree_every, degree_graph), [index, j + 1]))
     return out
 
 
@@ -53,14 +54,16 @@ def shard_sources(
     energy_target: str,
     description: str,
     progress: bool = True,
+    degree_graph: tuple[float, int] = DEGREE_GRAPH,
 ) -> Manifest:
-    """Write shards + manifest.json + stats.json for `sources`; resumes a killed run in `out_dir`."""
+    """Write shards + manifest.json + stats.json for `sources`; resumes a killed run in `out_dir`.
+    degree_graph: (max_radius, max_neighbors) of the graph avg_degree is measured on."""
     from tqdm import tqdm
 
     writer = ShardWriter(out_dir, prefix, max_samples=max_samples, max_bytes=max_bytes)
     start, skip = writer.position if writer.position is not None else (0, 0)
     tasks = [(i, s, skip if i == start else 0) for i, s in enumerate(sources) if i >= start]
-    encode = functools.partial(_encode_source, read_fn, degree_every)
+    encode = functools.partial(_encode_source, read_fn, degree_every, degree_graph)
     seen = set()
     bar = tqdm(total=len(sources), initial=start, unit="file", disable=not progress, desc=prefix)
     pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
@@ -79,7 +82,7 @@ def shard_sources(
             pool.terminate()
         bar.close()
     manifest = writer.finish(energy_target, description)
-    write_stats(combine([s.sums for s in manifest.shards]), Path(out_dir) / "stats.json")
+    write_stats(combine([s.sums for s in manifest.shards], degree_graph), Path(out_dir) / "stats.json")
     return manifest
 
 
