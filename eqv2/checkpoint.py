@@ -18,7 +18,6 @@ and `tools/convert_fairchem_checkpoint.py` turns a fairchem/OCP checkpoint into 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,21 +28,13 @@ from eqv2.batch import AtomsBatch
 from eqv2.config import from_dict, to_dict
 from eqv2.model.config import ModelConfig
 from eqv2.model.equiformer_v2 import EquiformerV2
+from eqv2.normalizers import Normalizers, renamed_legacy
+
+__all__ = ["Normalizers", "Potential", "load_model", "read_model_file", "save_model"]
 
 FORMAT = "eqv2-model"
 VERSION = 2  # the newest this eqv2 reads and writes
 READABLE_VERSIONS = (1, 2)
-
-
-@dataclass
-class Normalizers:
-    energy_mean: float = 0.0  # eV
-    energy_std: float = 1.0  # eV
-    forces_std: float = 1.0  # eV/Å
-
-    def __post_init__(self) -> None:
-        if not (self.energy_std > 0 and self.forces_std > 0):
-            raise ValueError(f"normalizer scales must be positive: {self}")
 
 
 class Potential(nn.Module):
@@ -64,16 +55,12 @@ class Potential(nn.Module):
         return self.model.cfg
 
     def forward(self, batch: AtomsBatch) -> dict[str, torch.Tensor]:
-        out = self.model(batch)
-        n = self.normalizers
-        energy = out["energy"] * n.energy_std + n.energy_mean
+        out = self.normalizers.denormalise(self.model(batch))
         if self.energy_references is not None:  # as fairchem: after denormalisation, summed per structure
             per_atom = self.energy_references[batch.atomic_numbers]
-            energy = energy + torch.zeros_like(per_atom[: batch.num_graphs]).index_add(0, batch.batch, per_atom).to(energy.dtype)
-        result = {"energy": energy}
-        if "forces" in out:
-            result["forces"] = out["forces"] * n.forces_std
-        return result
+            refs = torch.zeros_like(per_atom[: batch.num_graphs]).index_add(0, batch.batch, per_atom)
+            out["energy"] = out["energy"] + refs.to(out["energy"].dtype)
+        return out
 
 
 def save_model(
@@ -116,7 +103,7 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tens
     if payload.get("energy_references") is not None:
         raise ValueError(f"{path}: the model adds per-element energy references (a converted fairchem model); "
                          "training from it is not supported (the trainer fits energies without references)")
-    normalizers = from_dict(Normalizers, payload["normalizers"], prefix="normalizers")
+    normalizers = from_dict(Normalizers, renamed_legacy(payload["normalizers"]), prefix="normalizers")
     return payload["model_config"], payload["state_dict"], normalizers, payload.get("meta") or {}
 
 
@@ -144,7 +131,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> P
     """Load a model checkpoint into a `Potential` in eval mode on `device`."""
     payload = _read_payload(path)
     model_config, state_dict, meta = payload["model_config"], payload["state_dict"], payload.get("meta") or {}
-    normalizers = from_dict(Normalizers, payload["normalizers"], prefix="normalizers")
+    normalizers = from_dict(Normalizers, renamed_legacy(payload["normalizers"]), prefix="normalizers")
     cfg = from_dict(ModelConfig, model_config, prefix="model_config")
     references = payload.get("energy_references")
     if references is not None and len(references) != cfg.max_num_elements:

@@ -93,6 +93,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     import deepspeed
 
     from eqv2.data import TrainStream, load_stats, num_val_batches
+    from eqv2.data.stats import check_degree_graph
     from eqv2.model.equiformer_v2 import EquiformerV2
 
     run_dir, ckpt_dir = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
@@ -113,12 +114,17 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     pretrained = read_pretrained(cfg.init.from_checkpoint, cfg.init.weights) \
         if cfg.init.from_checkpoint and not resume else None
     if resume:  # a resumed run keeps the units its weights were trained in
-        normalizers = Normalizers(**resume.state["normalizers"])
+        normalizers = Normalizers.from_mapping(resume.state["normalizers"])
     elif pretrained:  # ... and a fine-tuning run those of its pretrained model, unless the config sets them
-        normalizers = cfg.normalizers or Normalizers(**pretrained.normalizers)
+        normalizers = cfg.normalizers or Normalizers.from_mapping(pretrained.normalizers)
     else:
-        normalizers = cfg.normalizers or Normalizers(stats.energy_mean, stats.energy_std, stats.force_rms)
+        normalizers = cfg.normalizers or Normalizers(stats.energy_mean, stats.energy_std, stats.forces_std)
     if cfg.model_graph_stats_from_data and not resume and not cfg.init.from_checkpoint:
+        try:  # avg_degree depends on the graph: it must be the model's cutoff and neighbour limit
+            check_degree_graph(stats, cfg.model.max_radius, cfg.model.max_neighbors, str(stats_path),
+                               cfg.data.train_manifest)
+        except ValueError as err:
+            raise ConfigError(f"model_graph_stats_from_data: {err}") from None
         cfg.model.avg_num_nodes, cfg.model.avg_degree = stats.avg_num_nodes, stats.avg_degree
     cfg.normalizers = normalizers
 
@@ -450,7 +456,7 @@ def evaluate(engine, cfg: RunConfig, split_cfg, ema: EMA | None, normalizers: No
     over ranks."""
     from eqv2.data import val_batches
 
-    metrics = S2EFMetrics(dist.device, cfg.loss.train_on_free_atoms)
+    metrics = S2EFMetrics(dist.device, cfg.loss.train_on_free_atoms, normalizers.energy_mean)
     engine.eval()
     with ema.swapped_in() if (ema is not None and cfg.eval.use_ema) else contextlib.nullcontext():
         for i, batch in enumerate(val_batches(split_cfg, dist.rank, dist.world_size, graphs)):

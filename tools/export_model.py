@@ -55,8 +55,7 @@ def export(tag_dir: Path, out: Path, weights: str) -> dict:
     model_cfg = from_dict(ModelConfig, state["config"]["model"], prefix="model")
     model = EquiformerV2(model_cfg)
     model.load_state_dict(sd, strict=True)  # checks that names and shapes match the config
-    n = state["normalizers"]
-    normalizers = Normalizers(energy_mean=n["energy_mean"], energy_std=n["energy_std"], forces_std=n["force_rms"])
+    normalizers = Normalizers.from_mapping(state["normalizers"])  # older run checkpoints: force_rms
     meta = {"source": str(tag_dir), "step": state["step"], "weights": weights}
     save_model(out, model, model_cfg, normalizers, meta=meta)
     return meta

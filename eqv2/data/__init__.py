@@ -3,7 +3,7 @@
     TrainStream(cfg: DataConfig, rank, world_size)  .steps_in_epoch(e)  .epoch_batches(e)
                                                     .state_dict()  .load_state_dict(s)  .skipped
     val_batches(cfg, rank, world_size) -> Iterator[AtomsBatch];  num_val_batches(cfg, world_size)
-    load_stats(path) -> DatasetStats (energy_mean, energy_std, force_rms, avg_num_nodes, avg_degree)
+    load_stats(path) -> DatasetStats (energy_mean, energy_std, forces_std, avg_num_nodes, avg_degree)
 """
 from eqv2.data.config import DataConfig
 from eqv2.data.format import SampleError

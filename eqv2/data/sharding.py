@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 from eqv2.data.format import SampleError, encode_sample, sample_key
 from eqv2.data.lmdb_source import UnsafePickleError
 from eqv2.data.manifest import Manifest
-from eqv2.data.stats import combine, summarize, write_stats
+from eqv2.data.stats import DEGREE_GRAPH, combine, summarize, write_stats
 from eqv2.data.validate import LabelBounds, check_labels, validate_frame
 from eqv2.data.writer import ShardWriter
 
@@ -34,8 +34,8 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * scale)
 
 
-def _encode_source(read_fn: ReadFn, degree_every: int, bounds: LabelBounds, on_error: str,
-                   task: tuple[int, str, int]) -> list:
+def _encode_source(read_fn: ReadFn, degree_every: int, degree_graph: tuple[float, int], bounds: LabelBounds,
+                   on_error: str, task: tuple[int, str, int]) -> list:
     """(key, payload, summary, position, where) per good frame; (None, message, None, position, where)
     per bad one with on_error="skip" (with "raise" the first bad frame raises SampleError)."""
     index, source, skip = task
@@ -49,7 +49,8 @@ def _encode_source(read_fn: ReadFn, degree_every: int, bounds: LabelBounds, on_e
             validate_frame(sample, where)
             check_labels(sample, where, bounds)
             key = sample_key(sample["sid"], sample["fid"])
-            out.append((key, encode_sample(sample), summarize(sample, key, degree_every), [index, j + 1], where))
+            out.append((key, encode_sample(sample), summarize(sample, key, degree_every, degree_graph),
+                        [index, j + 1], where))
         except SampleError as err:
             if on_error != "skip":
                 raise SampleError(str(err)) from None  # no chained traceback from a pool worker
@@ -71,12 +72,14 @@ def shard_sources(
     progress: bool = True,
     bounds: LabelBounds = LabelBounds(),
     on_error: str = "raise",
+    degree_graph: tuple[float, int] = DEGREE_GRAPH,
 ) -> Manifest:
     """Write shards + manifest.json + stats.json for `sources`; resumes a killed run in `out_dir`.
 
     Every frame passes `validate_frame` and `check_labels(bounds)`; a bad one raises SampleError naming
     file and frame, or with on_error="skip" is left out, named on stderr (the first few) and counted in
-    the manifest's `skipped_frames`.
+    the manifest's `skipped_frames`.  degree_graph: (max_radius, max_neighbors) of the graph avg_degree
+    is measured on.
     """
     from tqdm import tqdm
 
@@ -86,7 +89,7 @@ def shard_sources(
     start, skip = writer.position if writer.position is not None else (0, 0)
     skipped = writer.skipped  # frames skipped before the resume position
     tasks = [(i, s, skip if i == start else 0) for i, s in enumerate(sources) if i >= start]
-    encode = functools.partial(_encode_source, read_fn, degree_every, bounds, on_error)
+    encode = functools.partial(_encode_source, read_fn, degree_every, degree_graph, bounds, on_error)
     seen = set()
     bar = tqdm(total=len(sources), initial=start, unit="file", disable=not progress, desc=prefix)
     workers = min(workers, len(tasks))  # one source per task: more processes would only start up and idle
@@ -114,7 +117,7 @@ def shard_sources(
             pool.terminate()
         bar.close()
     manifest = writer.finish(energy_target, description, skipped)
-    write_stats(combine([s.sums for s in manifest.shards]), Path(out_dir) / "stats.json")
+    write_stats(combine([s.sums for s in manifest.shards], degree_graph), Path(out_dir) / "stats.json")
     return manifest
 
 

@@ -4,10 +4,14 @@ The normalisers (energy mean/std, force RMS) and the model's averages (atoms per
 neighbours per atom) are accumulated per shard while shards are written, so a resumed or
 parallel sharding run combines them exactly without rereading data.
 
-force_rms = sqrt(mean of F_x^2, F_y^2, F_z^2 over every atom): the scale of one force component.
+forces_std = sqrt(mean of F_x^2, F_y^2, F_z^2 over every atom): the scale of one force component, about
+a mean of zero (fairchem's name and definition of the force normaliser; older files call it force_rms).
 avg_degree = mean number of neighbours per atom of the radius graph the model builds
-(`eqv2.model.graph.radius_graph_pbc`, max_radius 12 Å, max_neighbors 20), measured on a
-deterministic subset of structures (those whose key hashes to 0 modulo `degree_every`).
+(`eqv2.model.graph.radius_graph_pbc`), measured on a deterministic subset of structures (those whose
+key hashes to 0 modulo `degree_every`) with a given cutoff and neighbour limit: by default the
+paper's 12 Å / 20 neighbours; a model with another graph needs the stats measured on its own
+(tools/dataset_stats.py --max-radius --max-neighbors), and stats.json records which graph
+(`degree_graph`) so that the trainer can refuse a mismatch.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import torch
 
 DEGREE_RADIUS = 12.0
 DEGREE_MAX_NEIGHBORS = 20
+DEGREE_GRAPH = (DEGREE_RADIUS, DEGREE_MAX_NEIGHBORS)  # (max_radius Å, max_neighbors) of the paper's models
 
 
 @dataclass
@@ -50,7 +55,8 @@ def neighbour_edges(sample: dict, max_radius: float = DEGREE_RADIUS, max_neighbo
     return int(graph.edge_index.shape[1])
 
 
-def summarize(sample: dict, key: str, degree_every: int) -> Summary:
+def summarize(sample: dict, key: str, degree_every: int,
+              degree_graph: tuple[float, int] = DEGREE_GRAPH) -> Summary:
     n = len(sample["numbers"])
     forces = sample.get("forces")
     f = np.asarray(forces, dtype=np.float64) if forces is not None else np.zeros((0, 3))
@@ -60,7 +66,7 @@ def summarize(sample: dict, key: str, degree_every: int) -> Summary:
         energy=float(sample["energy"]) if sample.get("energy") is not None else None,
         force_sq=float(np.sum(f * f)),
         force_n=int(f.size),
-        degree_edges=neighbour_edges(sample) if selected else 0,
+        degree_edges=neighbour_edges(sample, *degree_graph) if selected else 0,
         degree_atoms=n if selected else 0,
     )
 
@@ -104,14 +110,16 @@ class DatasetStats:
     num_atoms: int
     energy_mean: float  # eV, of the training target energy
     energy_std: float  # eV
-    force_rms: float  # eV/Å, per component
+    forces_std: float  # eV/Å, RMS of the force components (mean 0)
     avg_num_nodes: float  # atoms per structure
-    avg_degree: float | None  # neighbours per atom (radius 12 Å, at most 20); None if not measured
+    avg_degree: float | None  # neighbours per atom of the degree graph below; None if not measured
     degree_structures_atoms: int  # atoms in the subset avg_degree was measured on
     max_natoms: int
+    degree_max_radius: float = DEGREE_RADIUS  # the graph avg_degree was measured on (Å) ...
+    degree_max_neighbors: int = DEGREE_MAX_NEIGHBORS  # ... and its neighbour limit
 
 
-def combine(shard_sums: list[dict]) -> DatasetStats:
+def combine(shard_sums: list[dict], degree_graph: tuple[float, int] = DEGREE_GRAPH) -> DatasetStats:
     n = mean = m2 = 0.0
     for s in shard_sums:
         nb = s["n_energy"]
@@ -131,17 +139,20 @@ def combine(shard_sums: list[dict]) -> DatasetStats:
         num_atoms=atoms,
         energy_mean=mean,
         energy_std=math.sqrt(m2 / n) if n > 0 else 0.0,
-        force_rms=math.sqrt(sum(s["force_sq"] for s in shard_sums) / force_n) if force_n else 0.0,
+        forces_std=math.sqrt(sum(s["force_sq"] for s in shard_sums) / force_n) if force_n else 0.0,
         avg_num_nodes=atoms / count if count else 0.0,
         avg_degree=sum(s["degree_edges"] for s in shard_sums) / d_atoms if d_atoms else None,
         degree_structures_atoms=d_atoms,
         max_natoms=max((s["max_natoms"] for s in shard_sums), default=0),
+        degree_max_radius=float(degree_graph[0]),
+        degree_max_neighbors=int(degree_graph[1]),
     )
 
 
 def write_stats(stats: DatasetStats, path: str | Path) -> None:
     data = asdict(stats)
-    data["degree_graph"] = {"max_radius": DEGREE_RADIUS, "max_neighbors": DEGREE_MAX_NEIGHBORS}
+    data["degree_graph"] = {"max_radius": data.pop("degree_max_radius"),
+                            "max_neighbors": data.pop("degree_max_neighbors")}
     Path(path).write_text(json.dumps(data, indent=2) + "\n")
 
 
@@ -150,8 +161,27 @@ def load_stats(path: str | Path) -> DatasetStats:
     if not path.is_file():
         raise FileNotFoundError(f"dataset stats file not found: {path} (written by tools/shard_*.py)")
     data = json.loads(path.read_text())
-    data.pop("degree_graph", None)
+    graph = data.pop("degree_graph", None) or {}  # files without it were measured at 12 Å / 20
+    if "force_rms" in data:  # files written before the normaliser took fairchem's name
+        data.setdefault("forces_std", data.pop("force_rms"))
     try:
-        return DatasetStats(**data)
+        return DatasetStats(**data, degree_max_radius=float(graph.get("max_radius", DEGREE_RADIUS)),
+                            degree_max_neighbors=int(graph.get("max_neighbors", DEGREE_MAX_NEIGHBORS)))
     except TypeError as err:
         raise ValueError(f"{path}: not a dataset stats file: {err}") from err
+
+
+def check_degree_graph(stats: DatasetStats, max_radius: float, max_neighbors: int, where: str,
+                       manifest: str) -> None:
+    """Raise ValueError unless avg_degree of `stats` (read from `where`, the stats of `manifest`) was
+    measured on the model's graph."""
+    remedy = (f"tools/dataset_stats.py {manifest} --max-radius {max_radius} --max-neighbors {max_neighbors} "
+              f"--out {where}")
+    if stats.avg_degree is None:
+        raise ValueError(f"{where}: avg_degree was not measured (sharded with --degree-every 0); run {remedy}")
+    if (abs(stats.degree_max_radius - max_radius) > 1e-9 or stats.degree_max_neighbors != max_neighbors):
+        raise ValueError(
+            f"{where}: avg_degree was measured on a {stats.degree_max_radius} Å / {stats.degree_max_neighbors}"
+            f"-neighbour graph but the model uses {max_radius} Å / {max_neighbors} (model.max_radius / "
+            f"model.max_neighbors); measure it on the model's graph with {remedy}, or set model.avg_degree "
+            "and model_graph_stats_from_data: false")

@@ -22,6 +22,7 @@ from eqv2.config import ConfigError, apply_overrides, from_dict, load_yaml
 from eqv2.data.config import DataConfig
 from eqv2.model.config import ModelConfig
 from eqv2.resources import find_config
+from eqv2.normalizers import renamed_legacy
 from eqv2.training.activation_checkpointing import ActivationCheckpointConfig
 from eqv2.training.checkpointing import CheckpointConfig
 from eqv2.training.compile import CompileConfig
@@ -73,7 +74,7 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
     gc: GCConfig = field(default_factory=GCConfig)  # Python's garbage collector: automatic or every N steps
     seed: int = 0  # model init; dropout masks are re-seeded from (seed, step, rank) every step
-    normalizers: Normalizers | None = None  # null: energy mean/std and force rms from the data stats JSON
+    normalizers: Normalizers | None = None  # null: energy_mean/energy_std/forces_std of the data stats JSON
     model_graph_stats_from_data: bool = False  # true: model.avg_num_nodes/avg_degree from the data stats
 
 
@@ -107,6 +108,8 @@ def load_run_config(path: str | Path, overrides: list[str], micro_batch: int) ->
     overrides = _sci_floats(overrides)
     raw = load_yaml(find_config(path, "train", "--config"))
     raw["model"] = _inline_model(raw.get("model"))
+    if isinstance(raw.get("normalizers"), dict):  # configs written before eqv2.normalizers: force_rms
+        raw["normalizers"] = renamed_legacy(raw["normalizers"])
     apply_overrides(raw, overrides)
     init = raw.get("init")
     if isinstance(init, dict) and init.get("from_checkpoint"):  # the architecture is the checkpoint's

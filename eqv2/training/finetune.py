@@ -17,7 +17,7 @@ sets `normalizers:`, so that before the first step the model predicts what the p
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -27,6 +27,7 @@ from torch import nn
 from eqv2.checkpoint import read_model_file
 from eqv2.config import ConfigError
 from eqv2.model.config import EXECUTION_KEYS
+from eqv2.normalizers import renamed_legacy
 from eqv2.training import checkpointing as ckpt
 
 # may differ from the pretrained model's: they regularise training, the weights do not depend on them
@@ -58,7 +59,7 @@ class InitConfig:
 class Pretrained:
     model_config: dict  # ModelConfig fields
     state_dict: dict[str, torch.Tensor]
-    normalizers: dict  # the trainer's Normalizers fields
+    normalizers: dict  # eqv2.normalizers.Normalizers fields
     source: str
 
 
@@ -68,11 +69,10 @@ def read_pretrained(path: str, weights: str) -> Pretrained:
     if p.is_dir():
         tag_dir, _ = ckpt.find_resume(str(p), p)
         state, sd = ckpt.run_weights(tag_dir, weights)
-        n = state["normalizers"]
-        return Pretrained(state["config"]["model"], sd, dict(n), f"{tag_dir} ({weights} weights)")
+        n = renamed_legacy(state["normalizers"])  # run checkpoints before eqv2.normalizers: force_rms
+        return Pretrained(state["config"]["model"], sd, n, f"{tag_dir} ({weights} weights)")
     model_config, sd, norms, _ = read_model_file(p)
-    normalizers = {"energy_mean": norms.energy_mean, "energy_std": norms.energy_std, "force_rms": norms.forces_std}
-    return Pretrained(model_config, sd, normalizers, str(p))
+    return Pretrained(model_config, sd, asdict(norms), str(p))
 
 
 def model_config_of(path: str) -> dict:

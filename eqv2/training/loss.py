@@ -15,7 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from eqv2.batch import AtomsBatch
+from eqv2.normalizers import Normalizers
 from eqv2.training.dist import all_reduce_sum
+
+__all__ = ["EnergyForceLoss", "LossConfig", "Normalizers", "free_atom_mask", "global_counts", "local_counts"]
 
 
 @dataclass
@@ -32,28 +35,8 @@ class LossConfig:
             raise ValueError("max_nonfinite_steps must be >= 1")
 
 
-@dataclass
-class Normalizers:
-    """Target normalisation owned by the trainer: the model predicts (E − mean)/std and F/force_rms."""
-
-    energy_mean: float
-    energy_std: float
-    force_rms: float
-
-    def __post_init__(self) -> None:
-        if not (self.energy_std > 0 and self.force_rms > 0):
-            raise ValueError(f"normaliser scales must be positive, got energy_std={self.energy_std}, "
-                             f"force_rms={self.force_rms}")
-
-    def normalise_energy(self, energy: torch.Tensor) -> torch.Tensor:
-        return (energy - self.energy_mean) / self.energy_std
-
-    def normalise_forces(self, forces: torch.Tensor) -> torch.Tensor:
-        return forces / self.force_rms
-
-    def denormalise(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"energy": out["energy"].float() * self.energy_std + self.energy_mean,
-                "forces": out["forces"].float() * self.force_rms}
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def free_atom_mask(batch: AtomsBatch, free_only: bool) -> torch.Tensor:
@@ -95,8 +78,9 @@ class EnergyForceLoss:
         """
         if batch.energy is None or batch.forces is None:
             raise ValueError(f"training batch without energy/forces targets (ids {batch.ids[:3]}...)")
-        e_err = out["energy"].float() - self.norm.normalise_energy(batch.energy)  # [B]
-        f_err = out["forces"].float() - self.norm.normalise_forces(batch.forces)  # [N, 3]
+        # float32 or wider (bf16 outputs of autocast are widened; a float64 run stays float64)
+        e_err = _wide(out["energy"]) - self.norm.normalise_energy(batch.energy)  # [B]
+        f_err = _wide(out["forces"]) - self.norm.normalise_forces(batch.forces)  # [N, 3]
         mask = free_atom_mask(batch, self.cfg.train_on_free_atoms)  # [N]
         n_struct = step_counts[0].to(e_err.dtype).clamp_min(1.0)
         n_free = step_counts[1].to(f_err.dtype).clamp_min(1.0)

@@ -10,6 +10,8 @@ Definitions follow the OC20 S2EF evaluation:
 - force MAE: mean |ΔF| over the x, y, z components of free atoms;
 - force cosine: mean cosine similarity of predicted and true force vectors over free atoms;
 - EwT: fraction of structures with |ΔE| < 0.02 eV and max |ΔF| component < 0.03 eV/Å over its free atoms.
+Beside them, the baselines a model must beat: predicting zero (energy and forces) and predicting the
+training set's mean energy (`energy_mae_mean_baseline`, the normaliser's energy_mean).
 """
 from __future__ import annotations
 
@@ -24,15 +26,17 @@ FORCE_THRESHOLD = 0.03  # eV/Å, OC20 EwT
 
 # index of each running sum in the accumulator vector
 _KEYS = ("energy_abs", "n_struct", "force_abs", "n_force_comp", "force_cos", "n_free", "ewt_hits",
-         "energy_zero_abs", "force_zero_abs")
+         "energy_zero_abs", "force_zero_abs", "energy_mean_abs")
 
 
 class S2EFMetrics:
     """Running sums for one validation split."""
 
-    def __init__(self, device: torch.device, free_only: bool = True):
+    def __init__(self, device: torch.device, free_only: bool = True, energy_mean: float = 0.0):
+        """energy_mean: the constant prediction of the mean baseline (the training set's mean energy)."""
         self.sums = torch.zeros(len(_KEYS), dtype=torch.float64, device=device)
         self.free_only = free_only
+        self.energy_mean = float(energy_mean)
 
     @torch.no_grad()
     def update(self, pred: dict[str, torch.Tensor], batch: AtomsBatch) -> None:
@@ -54,6 +58,7 @@ class S2EFMetrics:
             hits.double().sum(),
             batch.energy.double().abs().sum(),  # the zero-prediction baselines, for reference
             (f_true.abs().sum(-1) * maskf).sum(),
+            (batch.energy.double() - self.energy_mean).abs().sum(),
         ])
         self.sums += vals
 
@@ -66,6 +71,7 @@ class S2EFMetrics:
             "forces_mae": s["force_abs"] / n_comp,
             "forces_cos": s["force_cos"] / n_free,
             "energy_forces_within_threshold": s["ewt_hits"] / n_struct,
+            "energy_mae_mean_baseline": s["energy_mean_abs"] / n_struct,
             "energy_mae_zero_baseline": s["energy_zero_abs"] / n_struct,
             "forces_mae_zero_baseline": s["force_zero_abs"] / n_comp,
             "num_structures": s["n_struct"],

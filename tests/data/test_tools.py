@@ -36,7 +36,7 @@ def test_demo_data_builds_fast_and_loads(demo):
     assert 300 <= train["num_samples"] <= 500 and 60 <= val["num_samples"] <= 100
     assert 20 <= train["num_atoms"] / train["num_samples"] <= 40
     stats = load_stats(out / "train/stats.json")
-    assert stats.energy_std > 0 and stats.force_rms > 0 and 0 < stats.avg_degree <= 20
+    assert stats.energy_std > 0 and stats.forces_std > 0 and 0 < stats.avg_degree <= 20
     cfg = DataConfig(train_manifest=str(out / "train/manifest.json"), val_manifest=str(out / "val/manifest.json"),
                      batch_size=8, num_workers=2)
     ids = [i for r in range(2) for b in TrainStream(cfg, r, 2).epoch_batches(0) for i in b.ids]
@@ -60,10 +60,17 @@ def test_inspect_and_stats_tools(demo, tmp_path):
     r = _run(ROOT / "tools/inspect_shards.py", out / "val/manifest.json", "--show", "2", "--no-progress")
     assert "good samples of" in r.stdout and "PROBLEM" not in r.stdout
     _run(ROOT / "tools/dataset_stats.py", out / "val/manifest.json", "--degree-every", "1", "--out", tmp_path / "s.json",
-         "--no-progress")
+         "--max-radius", "6", "--max-neighbors", "12", "--no-progress")
     fresh, written = load_stats(tmp_path / "s.json"), load_stats(out / "val/stats.json")
     assert fresh.num_samples == written.num_samples and abs(fresh.energy_mean - written.energy_mean) < 1e-9
-    assert abs(fresh.force_rms - written.force_rms) < 1e-9 and fresh.avg_degree == written.avg_degree
+    assert abs(fresh.forces_std - written.forces_std) < 1e-9 and fresh.avg_degree == written.avg_degree
+    # the demo data's stats are measured on the demo model's graph, and say so; the default is the paper's
+    assert (written.degree_max_radius, written.degree_max_neighbors) == (6.0, 12)
+    _run(ROOT / "tools/dataset_stats.py", out / "val/manifest.json", "--degree-every", "1", "--out", tmp_path / "p.json",
+         "--no-progress")
+    paper = load_stats(tmp_path / "p.json")
+    assert (paper.degree_max_radius, paper.degree_max_neighbors) == (12.0, 20)
+    assert paper.avg_degree > written.avg_degree
     # damage one shard: inspect names it and fails
     bad = tmp_path / "val"
     bad.mkdir()

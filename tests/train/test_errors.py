@@ -49,12 +49,23 @@ def _sets(args):
     return [a for a in args if a != "--set"]
 
 
+def test_graph_stats_of_another_graph_are_refused(demo_data, tmp_path):
+    """model_graph_stats_from_data: avg_degree measured at 6 Å / 12 neighbours (the demo data) must not
+    configure a model whose graph is 5 Å / 8: a clear error naming both graphs and the remedy."""
+    args = common_args(demo_data, tmp_path / "run") + ["--set", "model.max_radius=5.0", "--set", "model.max_neighbors=8"]
+    rc, out = run_train(args, nproc=1)
+    assert rc == [EXIT_CONFIG], out
+    assert "model_graph_stats_from_data" in out and "6.0 Å / 12-neighbour graph" in out and "5.0 Å / 8" in out
+    assert "tools/dataset_stats.py" in out and "--max-radius 5.0 --max-neighbors 8" in out
+    assert "Traceback" not in out
+
+
 def test_nonfinite_losses_are_counted_then_stop(demo_data, tmp_path):
     """A broken energy normaliser (std 1e-45) makes every target infinite: each step is skipped and
     counted, and the run stops with exit 1 and a message once loss.max_nonfinite_steps is reached."""
     run_dir = tmp_path / "nan"
     args = common_args(demo_data, run_dir) + ["--set", "normalizers={energy_mean: 0.0, energy_std: 1.0e-45, "
-                                              "force_rms: 1.0}", "--set", "loss.max_nonfinite_steps=3"]
+                                              "forces_std: 1.0}", "--set", "loss.max_nonfinite_steps=3"]
     rc, out = run_train(args, nproc=1)
     assert rc == [EXIT_ERROR], out
     assert "stopping: 3 steps had a non-finite loss (loss.max_nonfinite_steps=3)" in out

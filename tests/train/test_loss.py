@@ -22,7 +22,7 @@ def _pred(batch, w):
 
 
 def test_micro_batch_split_gives_same_loss_and_gradient():
-    norm = Normalizers(energy_mean=0.3, energy_std=2.0, force_rms=1.5)
+    norm = Normalizers(energy_mean=0.3, energy_std=2.0, forces_std=1.5)
     fn = EnergyForceLoss(LossConfig(energy_coef=4.0, force_coef=100.0), norm)
     whole = _batch(0, [3, 5, 2, 7])
     sizes = [3, 5, 2, 7]

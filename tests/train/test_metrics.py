@@ -19,7 +19,7 @@ def test_metrics_match_numpy_reference():
     pred_e = batch.energy + torch.tensor([0.01, 0.5, 0.01])  # ... and the energy one: an EwT hit
     pred_f[10:] = batch.forces[10:] + 0.001  # structure 2 forces within, energy within -> hit
     pred_f[10] += 5.0  # ... but atom 10 is fixed in structure 2: ignored
-    metrics = S2EFMetrics(torch.device("cpu"))
+    metrics = S2EFMetrics(torch.device("cpu"), energy_mean=0.25)
     # update in two calls to check accumulation
     metrics.update({"energy": pred_e, "forces": pred_f}, batch)
     m = metrics.compute()
@@ -33,4 +33,5 @@ def test_metrics_match_numpy_reference():
     assert m["forces_cos"] == pytest.approx(cos.mean(), rel=1e-5)
     assert m["energy_forces_within_threshold"] == pytest.approx(2 / 3)
     assert m["forces_mae_zero_baseline"] == pytest.approx(np.abs(batch.forces.numpy()[free]).mean(), rel=1e-6)
+    assert m["energy_mae_mean_baseline"] == pytest.approx(np.abs(batch.energy.numpy() - 0.25).mean(), rel=1e-6)
     assert m["num_structures"] == 3

@@ -40,7 +40,7 @@ def test_demo_trains_below_zero_force_baseline(demo_run, demo_data):
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
     stats = json.loads((demo_data / "train" / "stats.json").read_text())
     assert resolved["model"]["avg_num_nodes"] == pytest.approx(stats["avg_num_nodes"])
-    assert resolved["normalizers"]["force_rms"] == pytest.approx(stats["force_rms"])
+    assert resolved["normalizers"]["forces_std"] == pytest.approx(stats["forces_std"])
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{DEMO_STEPS:08d}"
     assert (run_dir / "checkpoints" / f"step_{DEMO_STEPS:08d}" / "COMPLETE").is_file()
 

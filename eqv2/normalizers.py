@@ -1,0 +1,59 @@
+"""Target normalisation: the one definition used by training, model files and the calculator.
+
+The model predicts (E − energy_mean) / energy_std and F / forces_std.  `forces_std` is fairchem's
+name for the force normaliser: a mean of zero and the root mean square of the force components
+about zero (`stats.json`'s `forces_std`; fairchem's `rmsd` with mean 0, OC20's `grad_target_std`).
+Run checkpoints and configs written before this module called it `force_rms`; `from_mapping` still
+reads them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LEGACY_NAMES = {"force_rms": "forces_std"}  # older eqv2 run checkpoints, configs and stats files
+
+
+@dataclass
+class Normalizers:
+    energy_mean: float  # eV
+    energy_std: float  # eV
+    forces_std: float  # eV/Å, RMS of the force components (mean 0)
+
+    def __post_init__(self) -> None:
+        if not (self.energy_std > 0 and self.forces_std > 0):
+            raise ValueError(f"normaliser scales must be positive, got energy_std={self.energy_std}, "
+                             f"forces_std={self.forces_std}")
+
+    @classmethod
+    def from_mapping(cls, data: dict) -> "Normalizers":
+        """From a saved mapping, accepting the legacy name `force_rms` for `forces_std`."""
+        return cls(**renamed_legacy(data))
+
+    def normalise_energy(self, energy: torch.Tensor) -> torch.Tensor:
+        return (energy - self.energy_mean) / self.energy_std
+
+    def normalise_forces(self, forces: torch.Tensor) -> torch.Tensor:
+        return forces / self.forces_std
+
+    def denormalise(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Model outputs in eV and eV/Å, in float32 or wider (bf16 outputs of autocast are widened)."""
+        result = {"energy": _wide(out["energy"]) * self.energy_std + self.energy_mean}
+        if "forces" in out:
+            result["forces"] = _wide(out["forces"]) * self.forces_std
+        return result
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def renamed_legacy(data: dict) -> dict:
+    """`data` with legacy keys renamed (a mapping holding both spellings keeps the new one)."""
+    out = dict(data)
+    for old, new in LEGACY_NAMES.items():
+        if old in out:
+            value = out.pop(old)
+            out.setdefault(new, value)
+    return out
