@@ -46,7 +46,7 @@ def load_potential(path: str, weights: str):
     model = EquiformerV2(from_dict(ModelConfig, pretrained.model_config, prefix="model"))
     model.load_state_dict(pretrained.state_dict)
     n = pretrained.normalizers
-    norms = Normalizers(n["energy_mean"], n["energy_std"], n.get("forces_std", n.get("force_rms")))
+    norms = Normalizers.from_mapping(n)  # older run checkpoints: force_rms
     return Potential(model, norms, {"source": pretrained.source})
 
 
