@@ -146,6 +146,11 @@ def test_a_run_trains_on_the_shards(dataset, tmp_path):
     out = tmp_path / "split"
     proc = _shard(str(dataset), str(out), "--shard-samples", "4", "--val-fraction", "0.3")
     assert proc.returncode == 0, proc.stderr
+    # the tiny run's model graph is 6 Å / 12: its avg_degree is measured on that graph, as docs/data.md says
+    stats = subprocess.run([sys.executable, str(ROOT / "tools/dataset_stats.py"), str(out / "train" / "manifest.json"),
+                            "--max-radius", "6", "--max-neighbors", "12", "--out", str(out / "train" / "stats.json")],
+                           capture_output=True, text=True, timeout=300)
+    assert stats.returncode == 0, stats.stderr
     rc, log = run_train(["--ds_config", str(HERE / "ds_zero2_cpu.json"), "--config", str(HERE / "tiny_run.yaml"),
                          "--set", f"data.train_manifest={out / 'train' / 'manifest.json'}",
                          "--set", f"data.val_manifest={out / 'val' / 'manifest.json'}",
