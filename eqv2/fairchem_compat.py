@@ -372,3 +372,22 @@ def convert_checkpoint(checkpoint: dict[str, Any], weights: str = "ema") -> Conv
     except ValueError:
         norms = None
     return Converted(cfg, converted, norms, notes, model_refs, trainer_refs)
+
+
+def fairchem_hparams(cfg) -> dict:
+    """fairchem EquiformerV2 constructor arguments equivalent to an eqv2 ModelConfig (the converse of
+    what the converter reads; the parity tests and tools build the reference with it)."""
+    return dict(
+        use_pbc=True, regress_forces=True, otf_graph=False, max_neighbors=cfg.max_neighbors,
+        max_radius=cfg.max_radius, max_num_elements=cfg.max_num_elements, num_layers=cfg.num_layers,
+        sphere_channels=cfg.sphere_channels, attn_hidden_channels=cfg.attn_hidden_channels,
+        num_heads=cfg.num_heads, attn_alpha_channels=cfg.attn_alpha_channels,
+        attn_value_channels=cfg.attn_value_channels, ffn_hidden_channels=cfg.ffn_hidden_channels,
+        norm_type=cfg.norm_type, lmax_list=[cfg.lmax], mmax_list=[cfg.mmax],
+        grid_resolution=cfg.grid_resolution, num_distance_basis=cfg.num_distance_basis,
+        edge_channels=cfg.edge_channels, use_atom_edge_embedding=cfg.use_atom_edge_embedding,
+        use_attn_renorm=cfg.use_attn_renorm, use_gate_act=cfg.activation == "gate",
+        use_sep_s2_act=cfg.activation == "separable_s2", use_grid_mlp=cfg.use_grid_mlp,
+        alpha_drop=cfg.alpha_drop, drop_path_rate=cfg.drop_path_rate, proj_drop=cfg.proj_drop,
+        weight_init=cfg.weight_init, avg_num_nodes=cfg.avg_num_nodes, avg_degree=cfg.avg_degree,
+    )

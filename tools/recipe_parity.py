@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eqv2.batch import AtomsBatch  # noqa: E402
 from eqv2.config import ConfigError, apply_overrides, from_dict, load_yaml  # noqa: E402
-from eqv2.fairchem_compat import convert_state_dict  # noqa: E402
+from eqv2.fairchem_compat import convert_state_dict, fairchem_hparams  # noqa: E402
 from eqv2.model.config import ModelConfig  # noqa: E402
 from eqv2.model.equiformer_v2 import EquiformerV2  # noqa: E402
 from eqv2.model.graph import GraphBuilder  # noqa: E402
@@ -66,6 +66,14 @@ class _Unused:
         return fn if callable(fn) else (lambda f: f)
 
 
+def _stub_attribute(name: str):
+    """A stub module's missing attribute: _Unused, except for dunder names (`__file__`, `__spec__`, ...),
+    which stay missing so that tools walking sys.modules (torch.compile's Dynamo does) see no stand-in."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return _Unused
+
+
 # --- importing fairchem ---------------------------------------------------------------------------
 def import_fairchem():
     """fairchem's trainer and model modules.  fairchem imports torch_scatter at module level, which has
@@ -89,7 +97,7 @@ def import_fairchem():
                 part = ".".join(name.split(".")[:depth])
                 stub = sys.modules.setdefault(part, types.ModuleType(part))
                 stub.__path__ = []  # a package, so that its submodules import
-                stub.__getattr__ = lambda attr: _Unused
+                stub.__getattr__ = _stub_attribute
     import fairchem.core.models.equiformer_v2.equiformer_v2_deprecated as legacy
     from fairchem.core.models.equiformer_v2.trainers.forces_trainer import EquiformerV2ForcesTrainer
     from fairchem.core.modules.normalization.normalizer import Normalizer
@@ -98,24 +106,6 @@ def import_fairchem():
 
     return types.SimpleNamespace(legacy=legacy, BaseTrainer=BaseTrainer, OCPTrainer=OCPTrainer,
                                  ForcesTrainer=EquiformerV2ForcesTrainer, Normalizer=Normalizer)
-
-
-def fairchem_hparams(cfg: ModelConfig) -> dict:
-    """fairchem EquiformerV2 constructor arguments equivalent to an eqv2 ModelConfig."""
-    return dict(
-        use_pbc=True, regress_forces=True, otf_graph=False, max_neighbors=cfg.max_neighbors,
-        max_radius=cfg.max_radius, max_num_elements=cfg.max_num_elements, num_layers=cfg.num_layers,
-        sphere_channels=cfg.sphere_channels, attn_hidden_channels=cfg.attn_hidden_channels,
-        num_heads=cfg.num_heads, attn_alpha_channels=cfg.attn_alpha_channels,
-        attn_value_channels=cfg.attn_value_channels, ffn_hidden_channels=cfg.ffn_hidden_channels,
-        norm_type=cfg.norm_type, lmax_list=[cfg.lmax], mmax_list=[cfg.mmax],
-        grid_resolution=cfg.grid_resolution, num_distance_basis=cfg.num_distance_basis,
-        edge_channels=cfg.edge_channels, use_atom_edge_embedding=cfg.use_atom_edge_embedding,
-        use_attn_renorm=cfg.use_attn_renorm, use_gate_act=cfg.activation == "gate",
-        use_sep_s2_act=cfg.activation == "separable_s2", use_grid_mlp=cfg.use_grid_mlp,
-        alpha_drop=cfg.alpha_drop, drop_path_rate=cfg.drop_path_rate, proj_drop=cfg.proj_drop,
-        weight_init=cfg.weight_init, avg_num_nodes=cfg.avg_num_nodes, avg_degree=cfg.avg_degree,
-    )
 
 
 def eqv2_edge_frames(edge_vec: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from eqv2.fairchem_compat import fairchem_hparams  # noqa: F401  (the reference's arguments for a ModelConfig)
+
 SHIM = str(Path(__file__).parent / "fairchem_shim")
 
 
@@ -102,24 +104,6 @@ def pyg_batch(batch, graph):
     )
     data.num_graphs = batch.num_graphs
     return data
-
-
-def fairchem_hparams(cfg) -> dict:
-    """fairchem constructor arguments equivalent to an eqv2 ModelConfig."""
-    return dict(
-        use_pbc=True, regress_forces=True, otf_graph=False, max_neighbors=cfg.max_neighbors,
-        max_radius=cfg.max_radius, max_num_elements=cfg.max_num_elements, num_layers=cfg.num_layers,
-        sphere_channels=cfg.sphere_channels, attn_hidden_channels=cfg.attn_hidden_channels,
-        num_heads=cfg.num_heads, attn_alpha_channels=cfg.attn_alpha_channels,
-        attn_value_channels=cfg.attn_value_channels, ffn_hidden_channels=cfg.ffn_hidden_channels,
-        norm_type=cfg.norm_type, lmax_list=[cfg.lmax], mmax_list=[cfg.mmax],
-        grid_resolution=cfg.grid_resolution, edge_channels=cfg.edge_channels,
-        use_atom_edge_embedding=cfg.use_atom_edge_embedding, use_attn_renorm=cfg.use_attn_renorm,
-        use_gate_act=cfg.activation == "gate", use_sep_s2_act=cfg.activation == "separable_s2",
-        use_grid_mlp=cfg.use_grid_mlp, alpha_drop=cfg.alpha_drop, drop_path_rate=cfg.drop_path_rate,
-        proj_drop=cfg.proj_drop, weight_init=cfg.weight_init, avg_num_nodes=cfg.avg_num_nodes,
-        avg_degree=cfg.avg_degree,
-    )
 
 
 def perturb_(model: torch.nn.Module, seed: int) -> None:

@@ -15,7 +15,11 @@ from tests.train.conftest import REPO, free_port, records
 
 
 def _evaluate(*args: str, nproc: int = 1) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
+    # not the launcher variables an in-process trainer test may have left in this process's environment
+    # (its process group still listens on that MASTER_PORT)
+    inherited = {k: v for k, v in os.environ.items()
+                 if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {**inherited, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])}
     if nproc == 1:
         cmd = [sys.executable, "-m", "eqv2.evaluate"]
