@@ -41,7 +41,7 @@ class PredictionWriter:
         fixed = batch.fixed.cpu().numpy() if batch.fixed is not None else np.zeros(len(forces), bool)
         counts = batch.natoms.cpu().tolist()
         start = 0
-        for b, n in enumerate(counts):
+        for n in counts:
             free = ~fixed[start:start + n]
             self.forces.append(forces[start:start + n][free])
             start += n
@@ -66,8 +66,7 @@ class PredictionWriter:
                 energy.append(data["energy"])
                 blocks += np.split(data["forces"], cuts) if len(data["sizes"]) else []
         energy = np.concatenate(energy) if energy else np.zeros(0)
-        _, first = np.unique(np.array(ids, dtype=str), return_index=True)  # sorted, duplicates dropped
-        order = first
+        _, order = np.unique(np.array(ids, dtype=str), return_index=True)  # sorted, duplicates dropped
         sizes = np.array([len(blocks[i]) for i in order], dtype=np.int64)
         out.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(out, ids=np.array(ids, dtype=str)[order], energy=energy[order].astype(dtype),
