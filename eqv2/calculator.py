@@ -18,18 +18,16 @@ from ase.calculators.calculator import Calculator, all_changes
 
 from eqv2.batch import AtomsBatch
 from eqv2.checkpoint import Potential, load_model
+from eqv2.data.ase_source import fixed_atoms
 
 
 def atoms_to_batch(structures: list[Atoms], ids: list[str] | None = None) -> AtomsBatch:
     """Batch ASE structures (positions, numbers, cell, pbc; tags and FixAtoms when present)."""
     arrays = []
     for atoms in structures:
-        fixed = np.zeros(len(atoms), dtype=bool)
-        for constraint in atoms.constraints:
-            if type(constraint).__name__ == "FixAtoms":
-                fixed[constraint.get_indices()] = True
         arrays.append(dict(positions=atoms.get_positions(), numbers=atoms.get_atomic_numbers(),
-                           cell=np.array(atoms.get_cell()), pbc=atoms.get_pbc(), tags=atoms.get_tags(), fixed=fixed))
+                           cell=np.array(atoms.get_cell()), pbc=atoms.get_pbc(), tags=atoms.get_tags(),
+                           fixed=fixed_atoms(atoms)))
     return AtomsBatch.from_arrays(arrays, ids=ids)
 
 

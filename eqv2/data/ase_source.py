@@ -141,6 +141,15 @@ def _frames(source: str):
             yield atoms
 
 
+def fixed_atoms(atoms) -> np.ndarray:
+    """[N] bool: True for the atoms an ASE FixAtoms constraint holds (other constraints do not count)."""
+    fixed = np.zeros(len(atoms), dtype=bool)
+    for constraint in atoms.constraints:
+        if type(constraint).__name__ == "FixAtoms":
+            fixed[constraint.get_indices()] = True
+    return fixed
+
+
 def _sample(atoms, index: int, file_system: str, keys: AseKeys, where: str) -> dict:
     system = file_system
     if keys.system is not None:
@@ -159,11 +168,7 @@ def _sample(atoms, index: int, file_system: str, keys: AseKeys, where: str) -> d
     if keys.tags and "tags" in atoms.arrays:
         sample["tags"] = atoms.arrays["tags"]
     if atoms.constraints:
-        fixed = np.zeros(len(atoms), dtype=bool)
-        for constraint in atoms.constraints:
-            if type(constraint).__name__ == "FixAtoms":
-                fixed[constraint.get_indices()] = True
-        sample["fixed"] = fixed
+        sample["fixed"] = fixed_atoms(atoms)
     return sample
 
 
