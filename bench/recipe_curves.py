@@ -11,7 +11,8 @@ two runs part after the first step and agree, if they do, as two seeds do; `--no
 them off), and fairchem with its own random roll of every edge frame (eqv2's frames have zero roll;
 the model is invariant to the roll up to round-off; `--reference-frames eqv2` removes even that).
 
-For each seed, one process trains both sides step by step on the same batch (seed → initial weights
+For each seed, one process trains both sides step by step on the same batch (or, with `--side`,
+two processes one side each, e.g. in parallel on one GPU) (seed → initial weights
 from fairchem's initialisation, converted to eqv2, and the batch order), and evaluates both every
 `--eval-every` steps on the same validation set with eqv2's metric code (S2EFMetrics: energy MAE,
 force MAE on free atoms).  Records go to `--jsonl` as they are made, so a run cut short by a time
@@ -130,37 +131,41 @@ def run(args) -> None:
     def eqv2_predict(batch):
         return norms.denormalise(ours(batch))
 
+    sides = ("eqv2", "fairchem") if args.side == "both" else (args.side,)
+
     def validate(step: int) -> dict:
         rec = {"seed": args.seed, "step": step}
         ours.eval(), ref.eval()
-        rec["eqv2_live"] = evaluate(eqv2_predict, val_batches)
-        with eq.ema.swapped_in():
-            rec["eqv2_ema"] = evaluate(eqv2_predict, val_batches)
-        rec["fairchem_live"] = evaluate(fs.predict, val_batches)
-        fs.trainer.ema.store()
-        fs.trainer.ema.copy_to()
-        rec["fairchem_ema"] = evaluate(fs.predict, val_batches)
-        fs.trainer.ema.restore()
+        if "eqv2" in sides:
+            rec["eqv2_live"] = evaluate(eqv2_predict, val_batches)
+            with eq.ema.swapped_in():
+                rec["eqv2_ema"] = evaluate(eqv2_predict, val_batches)
+        if "fairchem" in sides:
+            rec["fairchem_live"] = evaluate(fs.predict, val_batches)
+            fs.trainer.ema.store()
+            fs.trainer.ema.copy_to()
+            rec["fairchem_ema"] = evaluate(fs.predict, val_batches)
+            fs.trainer.ema.restore()
         ours.train(), ref.train()
         return rec
 
     rng = np.random.default_rng(args.seed)
     out = open(args.jsonl, "w") if args.jsonl else None
-    start, order, losses = time.time(), [], {"eqv2": [], "fairchem": []}
+    start, order, losses = time.time(), [], {side: [] for side in sides}
     for step in range(1, args.steps + 1):
         if len(order) < args.batch_size:
             order += list(rng.permutation(len(train)))
         chosen, order = order[:args.batch_size], order[args.batch_size:]
         batch = graphs(AtomsBatch.from_arrays([train[i] for i in chosen], float_dtype=dtype)).to(device)
-        losses["eqv2"].append(eq.train_step(batch)["loss"])
-        losses["fairchem"].append(fs.train_step(batch)["loss"])
+        for side in sides:
+            losses[side].append((eq if side == "eqv2" else fs).train_step(batch)["loss"])
         last = step == args.steps or time.time() - start > args.time_limit
         if step % args.eval_every == 0 or last:
             rec = validate(step)
             rec["train_loss"] = {k: float(np.mean(v)) for k, v in losses.items()}
             rec["elapsed_s"] = round(time.time() - start, 1)
             rec["dropout"] = {k: getattr(cfg, k) for k in ("alpha_drop", "drop_path_rate", "proj_drop")}
-            losses = {"eqv2": [], "fairchem": []}
+            losses = {side: [] for side in sides}
             line = json.dumps(rec)
             print(line, flush=True)
             if out:
@@ -172,7 +177,13 @@ def run(args) -> None:
 
 def summary(paths: list[str]) -> str:
     """Markdown table: per evaluated step, the mean ± std over seeds of each side's validation MAE."""
-    records = [json.loads(line) for p in paths for line in Path(p).read_text().splitlines() if line.strip()]
+    merged: dict[tuple, dict] = {}  # one record per (seed, step), from one file per side or one for both
+    for p in paths:
+        for line in Path(p).read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                merged.setdefault((r["seed"], r["step"]), {}).update(r)
+    records = list(merged.values())
     steps = sorted({r["step"] for r in records})
     seeds = sorted({r["seed"] for r in records})
     sides = ("eqv2_live", "fairchem_live", "eqv2_ema", "fairchem_ema")
@@ -180,9 +191,9 @@ def summary(paths: list[str]) -> str:
             + " | ".join(f"{s} F MAE (meV/Å)" for s in sides) + " |",
             "|---|---|" + "---|" * (2 * len(sides))]
     for step in steps:
-        at = [r for r in records if r["step"] == step]
+        at = [r for r in records if r["step"] == step and all(side in r for side in sides)]
         if len(at) < len(seeds):
-            continue  # a seed that stopped earlier (time limit): only steps every seed reached
+            continue  # a seed or side that stopped earlier (time limit): only steps all of them reached
 
         def cell(side, key):
             v = 1000 * np.array([r[side][key] for r in at])
@@ -205,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-batch", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--side", choices=["both", "eqv2", "fairchem"], default="both",
+                   help="train one side only (run the other in a second process: same weights, batches)")
     p.add_argument("--reference-frames", choices=["random", "eqv2"], default="random",
                    help="fairchem's own random edge-frame roll (default) or eqv2's zero-roll frames")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
