@@ -7,8 +7,9 @@ import sys
 import time
 from pathlib import Path
 
+from tests.train.conftest import HERE  # the trainer tests' tiny run and CPU ds_config
+
 REPO = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).parent
 
 
 def _scaling(tmp_path: Path, demo_data: Path, *extra: str) -> subprocess.CompletedProcess:
