@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # CPU installs pin torch (an unpinned torch pulls a multi-GB CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: env demo test clean
+.PHONY: env demo test test-diagnostics clean
 
 # what a user needs: the package and its dependencies (no test tools, no reference implementation)
 $(VENV)/.installed: setup.cfg
@@ -30,10 +30,14 @@ demo: env data/demo/train/manifest.json
 		--config configs/train/demo.yaml
 
 data/demo/train/manifest.json: | env
-	$(PY) tools/make_demo_data.py --out data/demo
+	$(PY) -m eqv2 demo-data --out data/demo
 
 test: $(VENV)/.test-installed
 	$(PY) -m pytest -q -m "not gpu" tests
+
+# the benchmark and diagnostic scripts' own tests (bench/, diagnostics/): not part of `make test`
+test-diagnostics: $(VENV)/.test-installed
+	$(PY) -m pytest -q -m "not gpu" bench/tests diagnostics/tests
 
 clean:
 	rm -rf $(VENV) runs data/demo

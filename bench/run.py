@@ -3,13 +3,13 @@
 
 For each run config (`configs/train/<name>.yaml`) this runs, on one GPU of this machine:
 
-1. **eqv2's trainer end to end**: `tools/scaling.py --ranks 1` launches `eqv2/train.py` with the run
+1. **eqv2's trainer end to end**: `bench/scaling.py --ranks 1` launches `eqv2/train.py` with the run
    config as published (its model, kernels, compilation, shape buckets, memory budget) on OC20-sized
-   shards (`tools/make_oc20_sized_data.py`), `--steps` optimizer steps at `--micro-batch` structures.
+   shards (`bench/make_oc20_sized_data.py`), `--steps` optimizer steps at `--micro-batch` structures.
    *End to end* is steps × micro-batch over the launch's wall time (start-up, compilation and CUDA-graph
    recordings included); *steady* is the mean over the logging intervals after `--skip` steps in which
    no shape bucket, compilation or recording happened.
-2. **fairchem-core 1.10.0** (the reference): `tools/bench.py --reference` times its EquiformerV2 of the
+2. **fairchem-core 1.10.0** (the reference): `bench/model.py --reference` times its EquiformerV2 of the
    same architecture on OC20-like batches of the same size in one process (fp16 AMP with a GradScaler,
    graph built in its forward pass, as its OC20 configs train). That is its training step alone, without
    data loading, EMA or logging, which favours fairchem in the ratio.
@@ -17,12 +17,12 @@ For each run config (`configs/train/<name>.yaml`) this runs, on one GPU of this 
 The table (model, GPU, commit, both trainers' figures, the ratio steady / fairchem) goes to stdout and,
 with `--write`, replaces the block between the `bench:current` markers at the top of BENCHMARKS.md.
 
-    python tools/make_oc20_sized_data.py --out /tmp/oc20 --train 4000 --val 64 --workers 16
-    python bench/run.py --runs oc20_all_md_153M oc20_all_md_31M --data /tmp/oc20 --steps 300 --skip 100 \
+    python -m bench.make_oc20_sized_data --out /tmp/oc20 --train 4000 --val 64 --workers 16
+    python -m bench.run --runs oc20_all_md_153M oc20_all_md_31M --data /tmp/oc20 --steps 300 --skip 100 \
         --json bench.json --write BENCHMARKS.md
     # split over two calls of a time-limited machine: the second adds the first's rows
-    python bench/run.py --runs oc20_all_md_153M --data /tmp/oc20 --json a.json
-    python bench/run.py --runs oc20_all_md_31M --data /tmp/oc20 --merge a.json --write BENCHMARKS.md
+    python -m bench.run --runs oc20_all_md_153M --data /tmp/oc20 --json a.json
+    python -m bench.run --runs oc20_all_md_31M --data /tmp/oc20 --merge a.json --write BENCHMARKS.md
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ BEGIN, END = "<!-- bench:current -->", "<!-- /bench:current -->"
 
 
 def model_name(run_config: Path) -> str:
-    """The model YAML a run config builds on, as tools/bench.py names it (`eqv2_<name>.yaml` → name)."""
+    """The model YAML a run config builds on, as bench/model.py names it (`eqv2_<name>.yaml` → name)."""
     model = yaml.safe_load(run_config.read_text()).get("model")
     base = model.get("base") if isinstance(model, dict) else model
     if not isinstance(base, str) or not Path(base).name.startswith("eqv2_"):
@@ -59,7 +59,7 @@ def run(cmd: list[str], log: Path, timeout: float) -> None:
 
 def trainer(args, name: str, work: Path) -> dict:
     out = work / f"{name}_trainer.json"
-    cmd = [sys.executable, "tools/scaling.py", "--ranks", "1", "--ds_config", args.ds_config,
+    cmd = [sys.executable, "-m", "bench.scaling", "--ranks", "1", "--ds_config", args.ds_config,
            "--config", f"configs/train/{name}.yaml", "--data", args.data, "--micro-batch", str(args.micro_batch),
            "--steps", str(args.steps), "--skip", str(args.skip), "--log-every", str(args.log_every),
            "--work", str(work / name), "--timeout", str(args.timeout), "--out", str(out),
@@ -72,7 +72,7 @@ def trainer(args, name: str, work: Path) -> dict:
 
 def reference(args, model: str, work: Path) -> dict:
     out = work / f"{model}_fairchem.json"
-    cmd = [sys.executable, "tools/bench.py", "--configs", model, "--batch-sizes", str(args.micro_batch),
+    cmd = [sys.executable, "-m", "bench.model", "--configs", model, "--batch-sizes", str(args.micro_batch),
            "--steps", str(args.reference_steps), "--warmup", "4", "--impls", "--reference", "--json", str(out)]
     run(cmd, work / f"{model}_fairchem.log", args.timeout)
     row = json.loads(out.read_text())["results"][0]["fairchem-1.10.0"]
@@ -125,7 +125,7 @@ def write_block(path: Path, block: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", default=["oc20_all_md_153M", "oc20_all_md_31M"], help="configs/train/<name>.yaml")
-    p.add_argument("--data", required=True, help="dataset root with train/ and val/ (tools/make_oc20_sized_data.py)")
+    p.add_argument("--data", required=True, help="dataset root with train/ and val/ (bench/make_oc20_sized_data.py)")
     p.add_argument("--ds_config", default="ds_configs/zero0_bf16.json")
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=300)
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
         if not (ROOT / "configs" / "train" / f"{name}.yaml").is_file():
             p.error(f"--runs {name}: no configs/train/{name}.yaml")
     if not (Path(args.data) / "train" / "manifest.json").is_file():
-        p.error(f"--data {args.data}: no train/manifest.json (make it with tools/make_oc20_sized_data.py)")
+        p.error(f"--data {args.data}: no train/manifest.json (make it with bench/make_oc20_sized_data.py)")
     import torch
 
     sha = args.commit or commit()

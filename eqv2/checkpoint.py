@@ -12,8 +12,8 @@ A model checkpoint is a `torch.save`d dict (tensors and plain Python values only
         energies, e.g. OC22's).  Version 1 files have none; a file with them is version 2 so that an
         eqv2 too old to add them refuses it instead of predicting energies without them.
     meta: free-form provenance (source checkpoint, step, energy target convention, ...)
-Training checkpoints (DeepSpeed) are different; `tools/export_model.py` turns one into this format,
-and `tools/convert_fairchem_checkpoint.py` turns a fairchem/OCP checkpoint into it.
+Training checkpoints (DeepSpeed) are different; `eqv2 export` turns one into this format,
+and `eqv2 convert` turns a fairchem/OCP checkpoint into it.
 """
 from __future__ import annotations
 
@@ -116,8 +116,8 @@ def _read_payload(path: str | os.PathLike) -> dict:
     except Exception as err:  # unreadable, truncated or not a torch file
         raise ValueError(f"{path}: not a readable eqv2 model checkpoint ({err})") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        hint = " (a DeepSpeed training checkpoint? export it with tools/export_model.py; a fairchem one? " \
-               "convert it with tools/convert_fairchem_checkpoint.py)"
+        hint = " (a DeepSpeed training checkpoint? export it with eqv2 export; a fairchem one? " \
+               "convert it with eqv2 convert)"
         raise ValueError(f"{path}: not an eqv2 model checkpoint{hint}")
     if payload.get("version") not in READABLE_VERSIONS:
         raise ValueError(f"{path}: unsupported eqv2 checkpoint version {payload.get('version')} (this eqv2 reads "

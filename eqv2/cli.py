@@ -10,8 +10,24 @@ import difflib
 import importlib
 import sys
 
-# verb -> (module, what it does, an example)
+# verb -> (module, what it does, an example).  A new verb is one line here and a module with main(argv).
 VERBS: dict[str, tuple[str, str, str]] = {
+    "demo-data": ("eqv2.tools.demo_data", "build the EMT demo dataset (OC20 raw layout and shards)",
+                  "eqv2 demo-data --out data/demo"),
+    "shard": ("eqv2.tools.shard", "shard OC20's raw S2EF files (*.extxyz[.xz] + *.txt)",
+              "eqv2 shard s2ef_train_2M/ data/s2ef_2M/train --workers 16 --shard-bytes 256M --subtract-reference"),
+    "shard-lmdb": ("eqv2.tools.shard_lmdb", "shard fairchem/OCP S2EF LMDBs",
+                   "eqv2 shard-lmdb s2ef/2M/train/ data/s2ef_2M/train --workers 16 --shard-bytes 256M"),
+    "shard-ase": ("eqv2.tools.shard_ase", "shard any ASE-readable dataset (extxyz, db, traj), with a val split",
+                  "eqv2 shard-ase my_dft/ data/mine --shard-bytes 256M --val-fraction 0.1"),
+    "inspect": ("eqv2.tools.inspect_shards", "verify shards against their manifest and print a few samples",
+                "eqv2 inspect data/demo/train/manifest.json --show 2"),
+    "stats": ("eqv2.tools.stats", "(re)compute a shard set's stats.json (normalisers, avg_degree on a graph)",
+              "eqv2 stats data/demo/train/manifest.json --max-radius 6 --max-neighbors 12 --out stats.json"),
+    "export": ("eqv2.tools.export", "a training checkpoint as a model file (EMA or live weights)",
+               "eqv2 export runs/demo/checkpoints -o demo.pt"),
+    "convert": ("eqv2.tools.convert", "a fairchem/OCP EquiformerV2 checkpoint as a model file",
+                "eqv2 convert eq2_153M_ec4_allmd.pt eqv2_153M_allmd.pt"),
     "predict": ("eqv2.predict", "energies and forces of every frame of an ASE-readable file",
                 "eqv2 predict --checkpoint model.pt --input structures.extxyz --output pred.npz"),
     "evaluate": ("eqv2.evaluate", "S2EF metrics of a model or run checkpoint on sharded splits (any launcher)",

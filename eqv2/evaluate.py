@@ -7,7 +7,7 @@
     eqv2 evaluate --checkpoint runs/demo/checkpoints/step_00000400 --split val=... --limit 20   # a quick look
     torchrun --nproc_per_node 8 -m eqv2.evaluate --checkpoint model.pt --split ...           # on 8 GPUs
 
-The checkpoint is a model file (tools/export_model.py, tools/convert_fairchem_checkpoint.py), a run's
+The checkpoint is a model file (`eqv2 export`, `eqv2 convert`), a run's
 `checkpoints/` directory (its newest complete checkpoint) or one `step_*` directory (EMA weights by
 default). Metrics are the trainer's (energy MAE, force MAE over free-atom components, force cosine,
 EwT, the baselines): each split's every structure is counted exactly once over all ranks (any
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from eqv2.config import ConfigError
+from eqv2.tools.common import add_quiet
 
 METRICS = ("energy_mae", "forces_mae", "forces_cos", "energy_forces_within_threshold")
 
@@ -70,6 +71,7 @@ def evaluate_split(potential, name: str, manifest: str, args, dist, graphs) -> d
     prediction file."""
     from tqdm import tqdm
 
+    from eqv2.tools.common import show_progress
     from eqv2.data import DataConfig, num_val_batches, val_batches
     from eqv2.predictions import PredictionWriter
     from eqv2.training.dist import all_reduce_max, barrier
@@ -83,7 +85,7 @@ def evaluate_split(potential, name: str, manifest: str, args, dist, graphs) -> d
     metrics = S2EFMetrics(dist.device, not args.all_atoms)
     writer = PredictionWriter() if args.predictions else None
     unlabelled = 0.0
-    bar = tqdm(total=total, unit="batch", disable=not dist.is_main or args.no_progress, desc=name)
+    bar = tqdm(total=total, unit="batch", disable=True if not dist.is_main else show_progress(args.quiet), desc=name)
     autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     for i, batch in enumerate(val_batches(cfg, dist.rank, dist.world_size, graphs)):
         if i >= total:
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prediction-dtype", choices=("float16", "float32"), default="float16")
     parser.add_argument("--submission", type=Path, help="also join the splits id, ood_ads, ood_cat, ood_both into "
                         "the OC20 evaluation server's S2EF file (needs --predictions)")
-    parser.add_argument("--no-progress", action="store_true")
+    add_quiet(parser)
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.max_atoms < 0 or args.limit < 0:
         parser.error("--batch-size must be >= 1, --max-atoms and --limit >= 0")

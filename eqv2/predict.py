@@ -7,7 +7,6 @@ concatenated in order), `natoms` [n_structures].  Structures are batched by an a
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -16,6 +15,8 @@ import torch
 
 from eqv2.calculator import atoms_to_batch, default_device
 from eqv2.checkpoint import load_model
+from eqv2.tools.common import add_quiet, fail
+from eqv2.tools.common import parser as cli_parser
 
 
 def read_frames(path: Path):
@@ -33,9 +34,15 @@ def read_frames(path: Path):
     return frames
 
 
-def predict(potential, frames, device, max_atoms: int = 2000):
+def predict(potential, frames, device, max_atoms: int = 2000, quiet: bool = True):
+    """(energies [n], forces [total_atoms, 3] or None) of `frames`, batched by an atom budget; a
+    progress bar over the structures unless `quiet`."""
+    from eqv2.tools.common import show_progress
+    from tqdm import tqdm
+
     energies, forces = [], []
     start = 0
+    bar = tqdm(total=len(frames), unit="structure", desc="predict", disable=show_progress(quiet))
     while start < len(frames):
         stop, atoms = start, 0
         while stop < len(frames) and (stop == start or atoms + len(frames[stop]) <= max_atoms):
@@ -47,27 +54,32 @@ def predict(potential, frames, device, max_atoms: int = 2000):
         energies.append(out["energy"].double().cpu().numpy())
         if "forces" in out:
             forces.append(out["forces"].double().cpu().numpy())
+        bar.update(stop - start)
         start = stop
+    bar.close()
     return np.concatenate(energies), (np.concatenate(forces) if forces else None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="eqv2 predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli_parser("predict", __doc__, [
+        "eqv2 predict --checkpoint model.pt --input frames.extxyz --output out.npz",
+        "eqv2 predict --checkpoint model.pt --input relax.traj --output relax.npz --device cpu --max-atoms 500"])
     parser.add_argument("--checkpoint", required=True, type=Path, help="eqv2 model checkpoint")
     parser.add_argument("--input", required=True, type=Path, help="any ASE-readable file (all frames)")
     parser.add_argument("--output", required=True, type=Path, help=".npz to write")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--max-atoms", type=int, default=2000, help="atom budget per batch")
+    add_quiet(parser)
     args = parser.parse_args(argv)
+    if args.max_atoms < 1:
+        parser.error(f"--max-atoms must be >= 1, got {args.max_atoms}")
     device = torch.device(args.device) if args.device else default_device()
     try:
         potential = load_model(args.checkpoint, device)
         frames = read_frames(args.input)
-        energy, forces = predict(potential, frames, device, args.max_atoms)
+        energy, forces = predict(potential, frames, device, args.max_atoms, args.quiet)
     except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return fail("predict", str(err))
     natoms = np.array([len(f) for f in frames], dtype=np.int64)
     out = {"energy": energy, "natoms": natoms}
     if forces is not None:

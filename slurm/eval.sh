@@ -2,7 +2,7 @@
 # Predict energies and forces for OC20 validation/test files with a trained model: a job array, one
 # GPU per array task, each task predicting its share of the input files with `python -m eqv2.predict`.
 #
-#   python tools/export_model.py runs/all_md/checkpoints -o runs/all_md/model.pt     # once, EMA weights
+#   eqv2 export runs/all_md/checkpoints -o runs/all_md/model.pt     # once, EMA weights
 #   sbatch --array=0-15 slurm/eval.sh runs/all_md/model.pt /data/oc20/raw/s2ef_val_id runs/all_md/pred_val_id
 #
 # Task i of an array of n takes the sorted input files i, i+n, i+2n, ... (every *.extxyz, *.extxyz.xz,
@@ -36,7 +36,7 @@ source "$EQV2_ROOT/slurm/lib.sh"
 
 (( $# == 3 )) || eqv2_die "usage: sbatch --array=0-<n-1> slurm/eval.sh MODEL.pt INPUT_DIR OUT_DIR" 2
 MODEL=$(realpath -m "$1") INPUT=$(realpath -m "$2") OUT=$(realpath -m "$3")
-[[ -f $MODEL ]] || eqv2_die "model checkpoint $MODEL not found (make one with tools/export_model.py)" 2
+[[ -f $MODEL ]] || eqv2_die "model checkpoint $MODEL not found (make one with eqv2 export)" 2
 [[ -d $INPUT ]] || eqv2_die "input directory $INPUT not found" 2
 task=${SLURM_ARRAY_TASK_ID:-0} ntasks=${SLURM_ARRAY_TASK_COUNT:-1}
 mapfile -t files < <(find "$INPUT" -maxdepth 1 -type f \( -name '*.extxyz' -o -name '*.extxyz.xz' \

@@ -220,7 +220,7 @@ eqv2_train() {
   stamp=$(eqv2_stamp_dir "$run_dir")
   local train=(eqv2/train.py --ds_config "$DS_CONFIG" --config "$config" --set "run_dir=$run_dir"
                --resume auto "${extra[@]}")
-  "$PYTHON" slurm/resolve_config.py --out "$stamp" --world-size "$WORLD_SIZE" "${train[@]:1}" \
+  "$PYTHON" -m slurm.resolve_config --out "$stamp" --world-size "$WORLD_SIZE" "${train[@]:1}" \
     || eqv2_die "configuration rejected (see above); nothing was launched" 2
   eqv2_log "restart ${SLURM_RESTART_COUNT:-0}: $WORLD_SIZE ranks ($NNODES nodes x $TASKS_PER_NODE) on" \
            "$SLURM_JOB_NODELIST, rendezvous $MASTER_ADDR:$MASTER_PORT, run dir $run_dir"

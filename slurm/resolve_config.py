@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Check a launch's configs and stamp the resolved copies into the job's directory, before any rank starts.
 
-Run by the batch scripts with the trainer's own arguments.  It parses them with the trainer's parser and
+Run by the batch scripts (`python -m slurm.resolve_config`, from the repository) with the trainer's own arguments.  It parses them with the trainer's parser and
 loads both configs with the trainer's loaders, so a typo in a key, an override or a path fails here in
 seconds with exit 2 (the trainer's "bad config" code, which the scripts never requeue) instead of
 after N nodes have started.  Writes OUT/run_config.yaml (overrides applied, model inlined) and
@@ -15,10 +15,9 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eqv2.config import ConfigError, save_yaml  # noqa: E402
-from eqv2.training.config import load_ds_config, load_run_config  # noqa: E402
+from eqv2.config import ConfigError, save_yaml
+from eqv2.training.config import load_ds_config, load_run_config
 
 
 def main(argv: list[str] | None = None) -> int:

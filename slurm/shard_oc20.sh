@@ -6,7 +6,7 @@
 #
 # Each SPLITS entry is OUT_NAME=RAW_SUBDIR (or just NAME when both are the same); array task i shards
 # RAW/<RAW_SUBDIR i> (all *.extxyz[.xz] under it, recursively, with their *.txt) into OUT/<OUT_NAME i>
-# with tools/shard_extxyz.py, --workers set to its CPUs.  The example writes the layout that
+# with eqv2 shard, --workers set to its CPUs.  The example writes the layout that
 # configs/train/oc20_*.yaml expect (All+MD: put the S2EF-All and MD folders under RAW/all_md/).
 # Each output directory is exactly what the serial tool writes for that input (the tool writes in
 # sorted source order whatever the worker count, and this script adds nothing of its own), so the
@@ -15,7 +15,7 @@
 #
 # Settings (environment):
 #   SPLITS      space-separated OUT_NAME=RAW_SUBDIR entries, one per array task (required; --array=0-<n-1>)
-#   SHARD_ARGS  arguments for tools/shard_extxyz.py  ("--shard-bytes 256M --subtract-reference")
+#   SHARD_ARGS  arguments for eqv2 shard  ("--shard-bytes 256M --subtract-reference")
 #   PYTHON      interpreter of the environment with eqv2 installed (python)
 #
 #SBATCH --job-name=eqv2-shard       # job name: shown by squeue, used in the log file names
@@ -49,5 +49,5 @@ cd "$EQV2_ROOT" || eqv2_die "cannot enter EQV2_ROOT=$EQV2_ROOT" 2
 eqv2_log "array task $task: $RAW/$raw_name -> $OUT/$out_name with ${SLURM_CPUS_PER_TASK:-1} workers"
 mkdir -p "$(dirname "$OUT/$out_name")"
 # Shard file names carry the output name, '/' replaced: all_md/train -> all_md_train-000000.tar
-"${PYTHON:-python}" tools/shard_extxyz.py "$RAW/$raw_name" "$OUT/$out_name" --prefix "${out_name//\//_}" \
+"${PYTHON:-python}" -m eqv2 shard "$RAW/$raw_name" "$OUT/$out_name" --prefix "${out_name//\//_}" \
   --workers "${SLURM_CPUS_PER_TASK:-1}" --no-progress "${args[@]}"

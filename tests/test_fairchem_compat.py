@@ -136,7 +136,7 @@ def test_a_force_normalizer_with_a_mean_is_refused():
 
 
 def test_the_converter_tool_refuses_with_one_line_and_exit_2(tmp_path, capsys):
-    from tools.convert_fairchem_checkpoint import main
+    from eqv2.tools.convert import main
 
     src = tmp_path / "omat.pt"
     torch.save({"config": {"model": _hydra(backbone={"model": "equiformer_v2_dens_backbone"})}, "state_dict": {}}, src)

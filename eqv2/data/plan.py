@@ -84,7 +84,7 @@ def plan_epoch(
     if len(infos) < num_slots:
         raise PlanError(
             f"{len(infos)} shards cannot feed {num_slots} reader slots (world_size x max(1, num_workers)); "
-            f"write more, smaller shards (tools/shard_*.py --shard-samples) or lower data.num_workers"
+            f"write more, smaller shards (eqv2 shard* --shard-samples) or lower data.num_workers"
         )
     by_atoms = max_atoms > 0
     order = np.random.default_rng([seed, epoch, 0x5A4D]).permutation(len(infos)) if shuffle else np.arange(len(infos))

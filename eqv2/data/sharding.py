@@ -1,4 +1,4 @@
-"""The sharding driver shared by tools/shard_extxyz.py and tools/shard_lmdb.py.
+"""The sharding driver shared by `eqv2 shard`, `eqv2 shard-lmdb` and `eqv2 shard-ase` (eqv2/tools/).
 
 Sources (input files) are read and encoded by a pool of processes, in parallel, but written by
 this process strictly in source order, so the output never depends on the number of processes
@@ -91,7 +91,8 @@ def shard_sources(
     tasks = [(i, s, skip if i == start else 0) for i, s in enumerate(sources) if i >= start]
     encode = functools.partial(_encode_source, read_fn, degree_every, degree_graph, bounds, on_error)
     seen = set()
-    bar = tqdm(total=len(sources), initial=start, unit="file", disable=not progress, desc=prefix)
+    # progress=True: a bar with ETA when stderr is a terminal (disable=None), none in a log file
+    bar = tqdm(total=len(sources), initial=start, unit="file", disable=None if progress else True, desc=prefix)
     workers = min(workers, len(tasks))  # one source per task: more processes would only start up and idle
     pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
     try:
@@ -122,7 +123,9 @@ def shard_sources(
 
 
 def add_sharding_arguments(parser) -> None:
-    """The command-line options every sharding tool shares (tools/shard_extxyz.py, tools/shard_lmdb.py)."""
+    """The command-line options every sharding verb shares (eqv2/tools/shard*.py)."""
+    from eqv2.tools.common import add_quiet
+
     parser.add_argument("--prefix", default="shard", help="shard file name prefix (default: shard)")
     parser.add_argument("--shard-samples", type=int, default=0, help="samples per shard (0 = no limit)")
     parser.add_argument("--shard-bytes", default="0", help="bytes per shard, e.g. 256M (0 = no limit)")
@@ -139,14 +142,19 @@ def add_sharding_arguments(parser) -> None:
     parser.add_argument("--unlabelled", action="store_true",
                         help="frames need no energy or forces (a test split, for predictions only; "
                              "training refuses such shards)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_quiet(parser)
 
 
 def run_sharding_cli(parser, args, find_sources: Callable[[], list[str]], read, energy_target: str,
                      origin: str) -> int:
     """Shard the sources `find_sources()` lists as the shared options in `args` say; print a one-line
     summary.  Bad input (a bad frame, a missing file) is one line on stderr and exit status 2."""
-    max_bytes = parse_size(args.shard_bytes)
+    try:
+        max_bytes = parse_size(args.shard_bytes)
+    except ValueError as err:
+        parser.error(f"--shard-bytes: {err}")
+    if args.workers < 1 or args.degree_every < 0 or args.shard_samples < 0:
+        parser.error("--workers must be >= 1, --degree-every and --shard-samples >= 0")
     if args.shard_samples <= 0 and max_bytes <= 0:
         parser.error("give --shard-samples and/or --shard-bytes")
     try:
@@ -156,7 +164,7 @@ def run_sharding_cli(parser, args, find_sources: Callable[[], list[str]], read, 
     try:
         manifest = shard_sources(find_sources(), read, args.out, args.prefix, args.shard_samples, max_bytes,
                                  args.workers, args.degree_every, energy_target, origin,
-                                 progress=not args.no_progress, bounds=bounds, on_error=args.on_error)
+                                 progress=not args.quiet, bounds=bounds, on_error=args.on_error)
     except (SampleError, UnsafePickleError, FileNotFoundError) as err:
         print(f"{parser.prog}: {err}", file=sys.stderr, flush=True)
         return 2

@@ -10,7 +10,7 @@ avg_degree = mean number of neighbours per atom of the radius graph the model bu
 (`eqv2.model.graph.radius_graph_pbc`), measured on a deterministic subset of structures (those whose
 key hashes to 0 modulo `degree_every`) with a given cutoff and neighbour limit: by default the
 paper's 12 Å / 20 neighbours; a model with another graph needs the stats measured on its own
-(tools/dataset_stats.py --max-radius --max-neighbors), and stats.json records which graph
+(eqv2 stats --max-radius --max-neighbors), and stats.json records which graph
 (`degree_graph`) so that the trainer can refuse a mismatch.
 """
 from __future__ import annotations
@@ -159,7 +159,7 @@ def write_stats(stats: DatasetStats, path: str | Path) -> None:
 def load_stats(path: str | Path) -> DatasetStats:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"dataset stats file not found: {path} (written by tools/shard_*.py)")
+        raise FileNotFoundError(f"dataset stats file not found: {path} (written by the eqv2 shard* verbs)")
     data = json.loads(path.read_text())
     graph = data.pop("degree_graph", None) or {}  # files without it were measured at 12 Å / 20
     if "force_rms" in data:  # files written before the normaliser took fairchem's name
@@ -175,7 +175,7 @@ def check_degree_graph(stats: DatasetStats, max_radius: float, max_neighbors: in
                        manifest: str) -> None:
     """Raise ValueError unless avg_degree of `stats` (read from `where`, the stats of `manifest`) was
     measured on the model's graph."""
-    remedy = (f"tools/dataset_stats.py {manifest} --max-radius {max_radius} --max-neighbors {max_neighbors} "
+    remedy = (f"eqv2 stats {manifest} --max-radius {max_radius} --max-neighbors {max_neighbors} "
               f"--out {where}")
     if stats.avg_degree is None:
         raise ValueError(f"{where}: avg_degree was not measured (sharded with --degree-every 0); run {remedy}")

@@ -41,7 +41,7 @@ def _grid_matrices(lmax: int, mmax: int, resolution: int | None) -> tuple[torch.
     from_mat = torch.einsum("am,mbi->bai", from_grid.sha.double(), from_grid.shb.double())
     degree = degree_index(lmax)
     # .double(): an integer tensor divided by a Python float is in the *default* dtype (float32), which
-    # limited float64 models to ~1e-8 (found by tools/recipe_parity.py against fairchem in float64)
+    # limited float64 models to ~1e-8 (found by diagnostics/recipe_parity.py against fairchem in float64)
     rescale = torch.where(
         degree > mmax, torch.sqrt((2 * degree + 1).double() / (2.0 * mmax + 1)),
         torch.ones(degree.shape, dtype=torch.float64)

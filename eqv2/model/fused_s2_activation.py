@@ -222,7 +222,7 @@ s2_silu.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _register_flop_formulas() -> None:
-    """Count the fused op's matrix products like the einsum path's, so FLOP counters (tools/bench.py's
+    """Count the fused op's matrix products like the einsum path's, so FLOP counters (bench/model.py's
     MFU) see the same model FLOPs as the einsum path: forward T x and F^T act (2 products of
     2*Z*G*K*C each), backward F dy and T^T d_pre (2; the kernel's recomputation of T x is not model work)."""
     from torch.utils.flop_counter import register_flop_formula

@@ -52,7 +52,7 @@ class CheckpointConfig:
     every_steps: int = 1000  # periodic save interval in optimizer steps (also saved at the end)
     keep_last: int = 2  # complete periodic checkpoints kept besides the best one
     save_best: bool = True  # keep the checkpoint with the best validation metric from pruning
-    # false: no checkpoint when the last step is done (benchmarks: tools/scaling.py; a ZeRO-3 save of an
+    # false: no checkpoint when the last step is done (benchmarks: bench/scaling.py; a ZeRO-3 save of an
     # 8B model takes minutes); periodic, best and stop-signal saves are unaffected
     save_at_end: bool = True
 

@@ -181,5 +181,5 @@ def run_summary(run_dir: Path, ckpt_dir: Path, step: int, seconds: float, latest
         except (ValueError, KeyError, TypeError):
             pass
     lines += [f"  metrics: {run_dir / 'metrics.jsonl'}",
-              f"  next: python tools/export_model.py {ckpt_dir} -o model.pt [--best]; eqv2 plot {run_dir}"]
+              f"  next: eqv2 export {ckpt_dir} -o model.pt [--best]; eqv2 plot {run_dir}"]
     return "\n".join(lines)

@@ -112,7 +112,7 @@ def trainer_clipping(ds: dict) -> tuple[dict, float]:
 
     At ZeRO stage 0 the trainer clips: DeepSpeed's stage-0 clipping takes one norm and one scaling per
     parameter tensor plus an all-reduce of the norm (892 tensors in the 153M model: ~1,800 kernel
-    launches per step, counted by tools/ds_step_ops.py), while the gradients are already averaged and
+    launches per step, counted by diagnostics/ds_step_ops.py), while the gradients are already averaged and
     identical on every rank, so `clip_gradients` gives the same result in a handful of multi-tensor
     kernels.  At stages 1-3 each rank holds only its partition of the averaged gradients, and under
     DeepSpeed's own `bf16` mode its optimizer steps from float32 copies of the gradients rather than

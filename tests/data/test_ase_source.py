@@ -1,9 +1,8 @@
-"""tools/shard_ase.py: a user's own ASE-readable data (extxyz, traj, ASE db) -> shards -> batches, labels
+"""`eqv2 shard-ase`: a user's own ASE-readable data (extxyz, traj, ASE db) -> shards -> batches, labels
 checked against what ASE itself reads; splits without leakage; one-line errors; training on them."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import ase.io
@@ -17,8 +16,8 @@ from ase.db import connect
 
 from eqv2.data import DataConfig, TrainStream
 from eqv2.data.reader import resolve_shards, read_shard
+from tests.verbs import run_eqv2
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _frames(count: int, system: str, seed: int, metal: str = "Cu") -> list:
@@ -50,8 +49,7 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def _shard(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "tools/shard_ase.py"), *args, "--no-progress"],
-                          capture_output=True, text=True, timeout=300)
+    return run_eqv2("shard-ase", *args, "--quiet")
 
 
 def _samples(manifest: Path) -> dict[str, dict]:
@@ -147,9 +145,8 @@ def test_a_run_trains_on_the_shards(dataset, tmp_path):
     proc = _shard(str(dataset), str(out), "--shard-samples", "4", "--val-fraction", "0.3")
     assert proc.returncode == 0, proc.stderr
     # the tiny run's model graph is 6 Å / 12: its avg_degree is measured on that graph, as docs/data.md says
-    stats = subprocess.run([sys.executable, str(ROOT / "tools/dataset_stats.py"), str(out / "train" / "manifest.json"),
-                            "--max-radius", "6", "--max-neighbors", "12", "--out", str(out / "train" / "stats.json")],
-                           capture_output=True, text=True, timeout=300)
+    stats = run_eqv2("stats", out / "train" / "manifest.json", "--max-radius", "6", "--max-neighbors", "12",
+                 "--out", out / "train" / "stats.json")
     assert stats.returncode == 0, stats.stderr
     rc, log = run_train(["--ds_config", str(HERE / "ds_zero2_cpu.json"), "--config", str(HERE / "tiny_run.yaml"),
                          "--set", f"data.train_manifest={out / 'train' / 'manifest.json'}",

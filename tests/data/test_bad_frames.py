@@ -8,7 +8,6 @@ import pickle
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import lmdb
@@ -20,15 +19,15 @@ from torch_geometric.data import Data
 from eqv2.data.extxyz import format_frame
 from eqv2.data.lmdb_source import write_lmdb
 
+from tests.verbs import run_eqv2
+
 from .conftest import oc20_frames, with_energy, write_raw
 
-ROOT = Path(__file__).resolve().parents[2]
 PER_FILE = 6
 
 
 def _tool(name: str, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "tools" / name), *map(str, args), "--shard-samples", "4",
-                           "--no-progress"], capture_output=True, text=True, timeout=300)
+    return run_eqv2(name, *args, "--shard-samples", "4", "--quiet")
 
 
 @pytest.fixture(scope="module")
@@ -99,11 +98,11 @@ def _write(raw: Path, frames: list[dict], texts: list[str], index: int = 0) -> P
 def test_bad_frame_is_one_line_then_skipped(tmp_path, frames, case):
     make, bad, problem = CASES[case]
     path = _write(tmp_path / "raw", frames, make(frames))
-    r = _tool("shard_extxyz.py", tmp_path / "raw", tmp_path / "out")
+    r = _tool("shard", tmp_path / "raw", tmp_path / "out")
     assert r.returncode == 2, r.stdout + r.stderr
-    assert re.fullmatch(rf"shard_extxyz.py: {re.escape(str(path))} frame {bad}: {problem}[^\n]*\n", r.stderr), r.stderr
+    assert re.fullmatch(rf"eqv2 shard: {re.escape(str(path))} frame {bad}: {problem}[^\n]*\n", r.stderr), r.stderr
     assert not (tmp_path / "out" / "manifest.json").exists()
-    r = _tool("shard_extxyz.py", tmp_path / "raw", tmp_path / "out", "--on-error", "skip")
+    r = _tool("shard", tmp_path / "raw", tmp_path / "out", "--on-error", "skip")
     assert r.returncode == 0, r.stderr
     assert re.fullmatch(rf"skipped: {re.escape(str(path))} frame {bad}: {problem}[^\n]*\n", r.stderr), r.stderr
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
@@ -117,16 +116,16 @@ def test_label_bounds_are_flags(tmp_path, frames):
     forces[6, 2] = 2794.0  # what one flipped exponent bit makes of a force component
     edited = _edit(_edit(frames, 3, forces=forces), 1, total_energy=-5000.0)
     path = _write(tmp_path / "raw", edited, _text(edited))
-    r = _tool("shard_extxyz.py", tmp_path / "raw", tmp_path / "out", "--max-energy-per-atom", "500")
+    r = _tool("shard", tmp_path / "raw", tmp_path / "out", "--max-energy-per-atom", "500")
     assert r.returncode == 2 and r.stderr == (
-        f"shard_extxyz.py: {path} frame 3: force component 2794 eV/Å on atom 6, above the bound 100 eV/Å "
+        f"eqv2 shard: {path} frame 3: force component 2794 eV/Å on atom 6, above the bound 100 eV/Å "
         f"(if real, raise --max-force when sharding, data.max_force when training)\n"), r.stderr
-    r = _tool("shard_extxyz.py", tmp_path / "raw", tmp_path / "out", "--max-force", "3000")
+    r = _tool("shard", tmp_path / "raw", tmp_path / "out", "--max-force", "3000")
     assert r.returncode == 2 and f"{path} frame 1: |energy| per atom is" in r.stderr, r.stderr
-    r = _tool("shard_extxyz.py", tmp_path / "raw", tmp_path / "out", "--max-force", "3000",
+    r = _tool("shard", tmp_path / "raw", tmp_path / "out", "--max-force", "3000",
               "--max-energy-per-atom", "500")
     assert r.returncode == 0, r.stderr
-    r = _tool("shard_extxyz.py", tmp_path / "raw", tmp_path / "out", "--max-force", "-1")
+    r = _tool("shard", tmp_path / "raw", tmp_path / "out", "--max-force", "-1")
     assert r.returncode == 2 and "--max-force must be a positive finite number" in r.stderr
 
 
@@ -139,10 +138,10 @@ def test_error_in_a_worker_process_is_one_line(tmp_path, frames):
     bad = raw / "data_001.extxyz"
     texts = _text(more[PER_FILE : 2 * PER_FILE])
     bad.write_text("".join(texts[:2] + [_unknown_symbol(texts[2], 0)] + texts[3:]))
-    r = _tool("shard_extxyz.py", raw, tmp_path / "out", "--workers", "2")
-    assert r.returncode == 2 and r.stderr == f"shard_extxyz.py: {bad} frame 2: unknown element symbol 'Xx' (atom 0)\n"
+    r = _tool("shard", raw, tmp_path / "out", "--workers", "2")
+    assert r.returncode == 2 and r.stderr == f"eqv2 shard: {bad} frame 2: unknown element symbol 'Xx' (atom 0)\n"
     out = tmp_path / "out"
-    r = _tool("shard_extxyz.py", raw, out, "--workers", "2", "--on-error", "skip")
+    r = _tool("shard", raw, out, "--workers", "2", "--on-error", "skip")
     assert r.returncode == 0 and json.loads((out / "manifest.json").read_text())["skipped_frames"] == 1
     # the run killed after its second shard (frames 0-7, the bad one #8 not yet read) ... and after its third
     for kept_shards, listed in ((2, 1), (3, 1)):
@@ -151,7 +150,7 @@ def test_error_in_a_worker_process_is_one_line(tmp_path, frames):
         journal = (resumed / "progress.jsonl").read_text().splitlines()
         (resumed / "progress.jsonl").write_text("\n".join(journal[:kept_shards]) + "\n")
         (resumed / "manifest.json").unlink()
-        r = _tool("shard_extxyz.py", raw, resumed, "--on-error", "skip")
+        r = _tool("shard", raw, resumed, "--on-error", "skip")
         assert r.returncode == 0, r.stderr
         manifest = json.loads((resumed / "manifest.json").read_text())
         assert manifest["skipped_frames"] == listed and manifest["num_samples"] == 3 * PER_FILE - 1
@@ -199,15 +198,15 @@ def test_bad_lmdb_record(tmp_path, frames, case, problem):
         with env.begin(write=True) as txn:
             txn.put(b"4", _record(s, forces=case != "no_forces"))
         env.close()
-    r = _tool("shard_lmdb.py", path, tmp_path / "out")
+    r = _tool("shard-lmdb", path, tmp_path / "out")
     assert r.returncode == 2, r.stdout + r.stderr
-    assert re.fullmatch(rf"shard_lmdb.py: {re.escape(str(path))} key 4: {problem}[^\n]*\n", r.stderr), r.stderr
-    r = _tool("shard_lmdb.py", path, tmp_path / "out", "--on-error", "skip")
+    assert re.fullmatch(rf"eqv2 shard-lmdb: {re.escape(str(path))} key 4: {problem}[^\n]*\n", r.stderr), r.stderr
+    r = _tool("shard-lmdb", path, tmp_path / "out", "--on-error", "skip")
     assert r.returncode == 0, r.stderr
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["skipped_frames"] == 1 and manifest["num_samples"] == PER_FILE - 1
 
 
 def test_missing_input_is_one_line(tmp_path):
-    r = _tool("shard_extxyz.py", tmp_path / "nowhere", tmp_path / "out")
-    assert r.returncode == 2 and r.stderr == f"shard_extxyz.py: input directory not found: {tmp_path / 'nowhere'}\n"
+    r = _tool("shard", tmp_path / "nowhere", tmp_path / "out")
+    assert r.returncode == 2 and r.stderr == f"eqv2 shard: input directory not found: {tmp_path / 'nowhere'}\n"

@@ -4,8 +4,6 @@ from __future__ import annotations
 import copyreg
 import io
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import lmdb
@@ -19,8 +17,8 @@ from eqv2.data import DataConfig, TrainStream
 from eqv2.data.lmdb_source import UnsafePickleError, read_lmdb, restricted_loads, write_lmdb
 
 from .conftest import oc20_frames, with_energy
+from tests.verbs import run_eqv2
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _pyg1_pickle(fields: dict) -> bytes:
@@ -65,8 +63,7 @@ def lmdb_dir(tmp_path_factory):
 def test_lmdb_to_shards_round_trip(lmdb_dir, tmp_path):
     d, samples = lmdb_dir
     out = tmp_path / "shards"
-    r = subprocess.run([sys.executable, str(ROOT / "tools/shard_lmdb.py"), str(d), str(out), "--shard-samples", "8",
-                        "--workers", "2", "--no-progress"], capture_output=True, text=True)
+    r = run_eqv2("shard-lmdb", d, out, "--shard-samples", "8", "--workers", "2", "--quiet")
     assert r.returncode == 0, r.stderr
     cfg = DataConfig(train_manifest=str(out / "manifest.json"), batch_size=5, num_workers=0)
     by_id = {f"{s['sid']}_{s['fid']}": s for s in samples}

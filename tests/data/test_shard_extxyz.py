@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,8 +18,8 @@ from eqv2.data import DataConfig, TrainStream, load_stats
 from eqv2.data.manifest import load_manifest
 
 from .conftest import oc20_frames, shard_raw, write_raw
+from tests.verbs import REPO, run_eqv2, eqv2_cmd
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +99,10 @@ def test_deterministic_across_worker_counts_and_resume(raw, tmp_path):
 
 
 def test_cli_killed_then_rerun_is_byte_identical(raw, tmp_path):
-    cmd = [sys.executable, str(ROOT / "tools/shard_extxyz.py"), str(raw), "", "--shard-samples", "2",
-           "--no-progress", "--degree-every", "0"]
-    subprocess.run(cmd[:3] + [str(tmp_path / "ref")] + cmd[4:], check=True, capture_output=True)
+    cmd = lambda out: eqv2_cmd("shard", raw, out, "--shard-samples", "2", "--quiet", "--degree-every", "0")
+    subprocess.run(cmd(tmp_path / "ref"), check=True, capture_output=True, cwd=REPO)
     out = tmp_path / "killed"
-    proc = subprocess.Popen(cmd[:3] + [str(out)] + cmd[4:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
         j = out / "progress.jsonl"
@@ -115,13 +113,13 @@ def test_cli_killed_then_rerun_is_byte_identical(raw, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the sharder finished before it could be killed"
     assert len(list(out.glob("shard-*.tar"))) < 23
-    subprocess.run(cmd[:3] + [str(out)] + cmd[4:], check=True, capture_output=True)
+    subprocess.run(cmd(out), check=True, capture_output=True, cwd=REPO)
     assert _tree(out) == _tree(tmp_path / "ref")
     assert json.loads((out / "manifest.json").read_text())["num_samples"] == 45
 
 
 def test_cli_help():
-    r = subprocess.run([sys.executable, str(ROOT / "tools/shard_extxyz.py"), "--help"], capture_output=True, text=True)
+    r = run_eqv2("shard", "--help")
     assert r.returncode == 0 and "--subtract-reference" in r.stdout and "--shard-bytes" in r.stdout
 
 

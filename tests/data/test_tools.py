@@ -1,31 +1,25 @@
-"""The standalone CLIs: demo data generator, inspect_shards, dataset_stats."""
+"""The data verbs on the demo data: `eqv2 demo-data`, `eqv2 inspect`, `eqv2 stats` (real processes)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from eqv2.data import DataConfig, TrainStream, load_stats, val_batches
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.verbs import run_eqv2
 
 
 def _run(*args, check=True):
-    r = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=ROOT)
-    if check:
-        assert r.returncode == 0, r.stderr[-2000:]
-    return r
+    return run_eqv2(*args, check=check)
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> tuple[Path, float]:
     out = tmp_path_factory.mktemp("demo")
     t0 = time.time()
-    _run(ROOT / "tools/make_demo_data.py", "--out", out, "--no-progress")
+    _run("demo-data", "--out", out, "--quiet")
     return out, time.time() - t0
 
 
@@ -47,27 +41,27 @@ def test_demo_data_builds_fast_and_loads(demo):
 
 
 def test_demo_deterministic_by_seed(tmp_path):
-    args = ["--train-systems", "3", "--val-systems", "2", "--frames", "4", "--no-progress", "--workers", "1"]
-    _run(ROOT / "tools/make_demo_data.py", "--out", tmp_path / "a", *args)
-    _run(ROOT / "tools/make_demo_data.py", "--out", tmp_path / "b", *args)
-    _run(ROOT / "tools/make_demo_data.py", "--out", tmp_path / "c", "--seed", "5", *args)
+    args = ["--train-systems", "3", "--val-systems", "2", "--frames", "4", "--quiet", "--workers", "1"]
+    _run("demo-data", "--out", tmp_path / "a", *args)
+    _run("demo-data", "--out", tmp_path / "b", *args)
+    _run("demo-data", "--out", tmp_path / "c", "--seed", "5", *args)
     shards = lambda d: {p.name: p.read_bytes() for p in sorted((d / "train").glob("*.tar"))}
     assert shards(tmp_path / "a") == shards(tmp_path / "b") != shards(tmp_path / "c")
 
 
 def test_inspect_and_stats_tools(demo, tmp_path):
     out, _ = demo
-    r = _run(ROOT / "tools/inspect_shards.py", out / "val/manifest.json", "--show", "2", "--no-progress")
+    r = _run("inspect", out / "val/manifest.json", "--show", "2", "--quiet")
     assert "good samples of" in r.stdout and "PROBLEM" not in r.stdout
-    _run(ROOT / "tools/dataset_stats.py", out / "val/manifest.json", "--degree-every", "1", "--out", tmp_path / "s.json",
-         "--max-radius", "6", "--max-neighbors", "12", "--no-progress")
+    _run("stats", out / "val/manifest.json", "--degree-every", "1", "--out", tmp_path / "s.json",
+         "--max-radius", "6", "--max-neighbors", "12", "--quiet")
     fresh, written = load_stats(tmp_path / "s.json"), load_stats(out / "val/stats.json")
     assert fresh.num_samples == written.num_samples and abs(fresh.energy_mean - written.energy_mean) < 1e-9
     assert abs(fresh.forces_std - written.forces_std) < 1e-9 and fresh.avg_degree == written.avg_degree
     # the demo data's stats are measured on the demo model's graph, and say so; the default is the paper's
     assert (written.degree_max_radius, written.degree_max_neighbors) == (6.0, 12)
-    _run(ROOT / "tools/dataset_stats.py", out / "val/manifest.json", "--degree-every", "1", "--out", tmp_path / "p.json",
-         "--no-progress")
+    _run("stats", out / "val/manifest.json", "--degree-every", "1", "--out", tmp_path / "p.json",
+         "--quiet")
     paper = load_stats(tmp_path / "p.json")
     assert (paper.degree_max_radius, paper.degree_max_neighbors) == (12.0, 20)
     assert paper.avg_degree > written.avg_degree
@@ -78,22 +72,5 @@ def test_inspect_and_stats_tools(demo, tmp_path):
         (bad / p.name).write_bytes(p.read_bytes())
     shard = sorted(bad.glob("*.tar"))[1]
     shard.write_bytes(shard.read_bytes()[:-3000])
-    r = _run(ROOT / "tools/inspect_shards.py", bad / "manifest.json", "--no-progress", check=False)
+    r = _run("inspect", bad / "manifest.json", "--quiet", check=False)
     assert r.returncode == 1 and f"PROBLEM: shard {shard}" in r.stdout
-
-
-@pytest.mark.parametrize("tool", ["shard_lmdb.py", "make_demo_data.py", "inspect_shards.py", "dataset_stats.py",
-                                  "bench_data.py", "bench.py", "scaling.py", "activation_memory.py"])
-def test_help(tool):
-    assert "usage" in _run(ROOT / "tools" / tool, "--help").stdout
-
-
-@pytest.mark.parametrize("tool, args, message", [
-    ("inspect_shards.py", ["{tmp}/nope/manifest.json"], "inspect_shards: shard manifest not found: {tmp}/nope/manifest.json"),
-    ("export_model.py", ["{tmp}/nope", "-o", "{tmp}/m.pt"], "export_model: {tmp}/nope: no complete checkpoint there"),
-])
-def test_tools_name_a_missing_input_in_one_line(tmp_path, tool, args, message):
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, str(root / "tools" / tool), *(a.format(tmp=tmp_path) for a in args)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and message.format(tmp=tmp_path) in proc.stderr and "Traceback" not in proc.stderr

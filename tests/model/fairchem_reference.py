@@ -8,20 +8,23 @@ S2-grid sampling error, so that outputs can be compared to float32 round-off.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from eqv2.fairchem_compat import fairchem_hparams  # noqa: F401  (the reference's arguments for a ModelConfig)
 
-SHIM = str(Path(__file__).parent / "fairchem_shim")
 
 
 def import_fairchem():
-    if SHIM not in sys.path:
-        sys.path.insert(0, SHIM)
+    """fairchem's legacy and hydra EquiformerV2 modules; torch_scatter (imported by fairchem at module
+    level, no wheel for current torch) is the stand-in in fairchem_shim/ when it is not installed."""
+    try:
+        import torch_scatter  # noqa: F401
+    except ImportError:
+        sys.modules["torch_scatter"] = importlib.import_module("tests.model.fairchem_shim.torch_scatter")
     import fairchem.core.models.equiformer_v2.equiformer_v2_deprecated as legacy  # noqa: F401
     import fairchem.core.models.equiformer_v2.equiformer_v2 as hydra_mod  # noqa: F401
     return legacy, hydra_mod

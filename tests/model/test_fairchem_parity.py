@@ -99,7 +99,7 @@ def test_convert_hydra_layout_checkpoint_end_to_end(tmp_path, structures):
                            "forces": {"module": "equiformer_v2_force_head"}}}
     src, dst = tmp_path / "fairchem.pt", tmp_path / "eqv2.pt"
     torch.save(_fairchem_checkpoint(model_cfg, sd), src)
-    from tools.convert_fairchem_checkpoint import main
+    from eqv2.tools.convert import main
 
     assert main([str(src), str(dst)]) == 0
     potential = load_model(dst)
@@ -123,7 +123,7 @@ def test_convert_legacy_checkpoint_uses_ema_weights(tmp_path, structures):
     torch.save(_fairchem_checkpoint("equiformer_v2", raw, ema) | {"config": {
         "model": "equiformer_v2", "model_attributes": hp,
         "dataset": [{"normalize_labels": True, "target_mean": 0.0, "target_std": 1.0}]}}, src)
-    from tools.convert_fairchem_checkpoint import main
+    from eqv2.tools.convert import main
 
     assert main([str(src), str(dst)]) == 0
     potential = load_model(dst)

@@ -2,7 +2,7 @@
 
 Random perturbed weights built by fairchem-core 1.10.0, saved in the layout its trainers save
 (legacy `equiformer_v2` with `model_attributes`, and hydra backbone + heads), converted with
-tools/convert_fairchem_checkpoint.py and predicted with `python -m eqv2.predict` (a real process) and
+`eqv2 convert` and predicted with `python -m eqv2.predict` (a real process) and
 the ASE calculator.  The reference runs fairchem's own forward with otf_graph on (its radius graph,
 CUDA's tie rule: `fairchem_reference.stable_sort`) and its own Normalizer and LinearReferences modules.
 Frames: the real OC20 structure (12 atoms with neighbour ties), an unrattled ideal slab, a slab with
@@ -145,7 +145,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_converted_checkpoint_predicts_as_fairchem(case, oc20_atoms, tmp_path):
-    from tools.convert_fairchem_checkpoint import main as convert
+    from eqv2.tools.convert import main as convert
 
     checkpoint, reference = CASES[case]()
     src, dst, out = tmp_path / "fairchem.pt", tmp_path / "eqv2.pt", tmp_path / "pred.npz"
@@ -176,7 +176,7 @@ def test_references_change_the_energy_by_their_sum(oc20_atoms, tmp_path):
     import eqv2
     from eqv2.calculator import atoms_to_batch
     from eqv2.checkpoint import read_model_file
-    from tools.convert_fairchem_checkpoint import main as convert
+    from eqv2.tools.convert import main as convert
 
     checkpoint, _ = hydra_checkpoint(strict=True)
     torch.save(checkpoint, tmp_path / "fairchem.pt")

@@ -130,9 +130,9 @@ def jobs():
 
 @pytest.fixture(scope="session")
 def demo_raw(tmp_path_factory) -> Path:
-    """A small dataset in OC20's raw layout plus its shards (tools/make_demo_data.py, ~10 s)."""
+    """A small dataset in OC20's raw layout plus its shards (`eqv2 demo-data`, ~10 s)."""
     out = tmp_path_factory.mktemp("demo")
-    subprocess.run([sys.executable, str(REPO / "tools/make_demo_data.py"), "--out", str(out),
+    subprocess.run([sys.executable, "-m", "eqv2", "demo-data", "--out", str(out),
                     "--train-systems", "20", "--val-systems", "4", "--frames", "4", "--no-progress"],
                    check=True, cwd=REPO, timeout=180)
     return out

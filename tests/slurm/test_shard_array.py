@@ -36,7 +36,7 @@ def test_shard_array_matches_serial_tool(slurm_cluster, demo_raw, tmp_path, jobs
 
     for out, raw_name in outputs.items():
         serial = tmp_path / "serial" / out
-        subprocess.run([sys.executable, "tools/shard_extxyz.py", str(raw / raw_name), str(serial),
+        subprocess.run([sys.executable, "-m", "eqv2", "shard", str(raw / raw_name), str(serial),
                         "--prefix", out.replace("/", "_"), "--workers", "1", "--no-progress", *SHARD_ARGS],
                        check=True, cwd=REPO, timeout=300)
         array_out = _tree(tmp_path / "array" / out)

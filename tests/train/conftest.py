@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.verbs import run_eqv2
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "eqv2" / "train.py"
@@ -18,9 +19,7 @@ TRAIN = REPO / "eqv2" / "train.py"
 def demo_data(tmp_path_factory) -> Path:
     """The real demo dataset (EMT slabs, sharded), built once per session (~10 s)."""
     out = tmp_path_factory.mktemp("demo_data")
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "make_demo_data.py"), "--out", str(out),
-                           "--no-progress"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_eqv2("demo-data", "--out", out, "--quiet", check=True)
     return out
 
 

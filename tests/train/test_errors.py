@@ -56,7 +56,7 @@ def test_graph_stats_of_another_graph_are_refused(demo_data, tmp_path):
     rc, out = run_train(args, nproc=1)
     assert rc == [EXIT_CONFIG], out
     assert "model_graph_stats_from_data" in out and "6.0 Å / 12-neighbour graph" in out and "5.0 Å / 8" in out
-    assert "tools/dataset_stats.py" in out and "--max-radius 5.0 --max-neighbors 8" in out
+    assert "eqv2 stats" in out and "--max-radius 5.0 --max-neighbors 8" in out
     assert "Traceback" not in out
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from eqv2.training import checkpointing as ckpt
 from tests.train.conftest import REPO, free_port, records
+from tests.verbs import run_eqv2
 
 
 def _evaluate(*args: str, nproc: int = 1) -> subprocess.CompletedProcess:
@@ -32,7 +33,7 @@ def _evaluate(*args: str, nproc: int = 1) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def exported(demo_run, tmp_path_factory) -> Path:
-    from tools.export_model import main as export
+    from eqv2.tools.export import main as export
 
     out = tmp_path_factory.mktemp("evaluate") / "demo.pt"
     assert export([str(demo_run / "checkpoints"), "-o", str(out)]) == 0
@@ -129,11 +130,10 @@ def test_test_splits_give_fairchems_prediction_files_and_the_submission(exported
     for seed, name in enumerate(("id", "ood_ads", "ood_cat", "ood_both")):
         raw = tmp_path / "raw" / name
         frames[name] = _unlabelled_raw(raw, seed)
-        cmd = [sys.executable, str(REPO / "tools" / "shard_extxyz.py"), str(raw), str(tmp_path / "shards" / name),
-               "--shard-samples", "2", "--no-progress"]
-        refused = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        args = ["shard", raw, tmp_path / "shards" / name, "--shard-samples", "2", "--quiet"]
+        refused = run_eqv2(*args)
         assert refused.returncode == 2 and "frame 0: no energy and no forces" in refused.stderr
-        assert subprocess.run(cmd + ["--unlabelled"], capture_output=True, text=True, timeout=120).returncode == 0
+        run_eqv2(*args, "--unlabelled", check=True)
         splits += ["--split", f"{name}={tmp_path / 'shards' / name / 'manifest.json'}"]
     results = {}
     for nproc in (1, 2):

@@ -1,6 +1,4 @@
-"""tools/export_model.py: a training checkpoint becomes a plain model that predicts what the trainer measured."""
-import subprocess
-import sys
+"""`eqv2 export`: a training checkpoint becomes a plain model that predicts what the trainer measured."""
 
 import pytest
 import torch
@@ -8,14 +6,12 @@ import torch
 import eqv2
 from eqv2.data import DataConfig, val_batches
 from eqv2.training.metrics import S2EFMetrics
-from tests.train.conftest import DEMO_STEPS, MAX_STEPS, REPO, records
+from tests.train.conftest import DEMO_STEPS, MAX_STEPS, records
+from tests.verbs import run_eqv2
 
 
 def export(args):
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "export_model.py"), *args], capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
+    return run_eqv2("export", *args, check=True).stdout
 
 
 def test_exported_ema_model_reproduces_the_trainers_validation(demo_run, demo_data, tmp_path):

@@ -2,15 +2,14 @@
 ZeRO stage, with frozen parts, a scaled backbone learning rate or fresh heads."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from eqv2.training import checkpointing as ckpt
-from tests.train.conftest import HERE, REPO, data_args, records, run_train
+from tests.train.conftest import HERE, data_args, records, run_train
+from tests.verbs import run_eqv2
 
 RUN = str(HERE / "tiny_run.yaml")
 
@@ -27,9 +26,7 @@ def pretrained(demo_data, tmp_path_factory) -> tuple[Path, Path]:
     run_dir, model = root / "run", root / "model.pt"
     rc, out = run_train(_args(demo_data, run_dir, 8))
     assert rc == [0], out
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "export_model.py"), str(run_dir / "checkpoints"),
-                           "-o", str(model)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    run_eqv2("export", run_dir / "checkpoints", "-o", model, check=True)
     return run_dir, model
 
 

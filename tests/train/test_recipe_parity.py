@@ -1,4 +1,4 @@
-"""eqv2's training step equals fairchem-core 1.10.0's, step by step (tools/recipe_parity.py).
+"""eqv2's training step equals fairchem-core 1.10.0's, step by step (diagnostics/recipe_parity.py).
 
 Same weights, same batches, float64, no dropout: after each of 50 steps the losses (energy, force,
 total), the learning rate, the gradient norm, the updated weights and the EMA weights agree, and the
@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-rp = pytest.importorskip("tools.recipe_parity")
+from diagnostics import recipe_parity as rp  # a plain import: if the tool moves, this fails instead of skipping
 try:
     rp.import_fairchem()
 except ImportError as err:  # pragma: no cover - CI installs fairchem-core

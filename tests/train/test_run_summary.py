@@ -12,4 +12,4 @@ def test_a_finished_run_ends_with_a_summary(demo_data, tmp_path):
     summary = out[out.index("eqv2.train: finished at step 2 after 0:"):]
     assert f"checkpoints: {run_dir / 'checkpoints'} (latest step_00000002)" in summary
     assert "best validation: step_00000002 (forces_mae " in summary
-    assert f"next: python tools/export_model.py {run_dir / 'checkpoints'} -o model.pt [--best]; eqv2 plot {run_dir}" in summary
+    assert f"next: eqv2 export {run_dir / 'checkpoints'} -o model.pt [--best]; eqv2 plot {run_dir}" in summary

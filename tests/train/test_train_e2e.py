@@ -28,6 +28,7 @@ from eqv2.training.metrics import S2EFMetrics
 from tests.train.conftest import HERE, REPO, data_args
 from tests.train.conftest import DEMO_STEPS, MAX_STEPS, last_step, records, run_train, start_ranks, wait_ranks
 from tests.train.conftest import common_args as _common
+from tests.verbs import run_eqv2
 
 
 def test_demo_trains_below_zero_force_baseline(demo_run, demo_data):
@@ -131,9 +132,7 @@ def test_zero3_ema_evaluation_export_and_resume_on_one_rank(demo_data, tmp_path)
     total = sum(shards[0]["numel"].values())
     assert sizes[0] == sizes[1] and total <= sum(sizes) < total + 2 * len(shards[0]["numel"]), (sizes, total)
     model_file = tmp_path / "z3.pt"
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "export_model.py"), str(two / "checkpoints"),
-                           "-o", str(model_file)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_eqv2("export", two / "checkpoints", "-o", model_file, check=True)
     model = eqv2.load_model(model_file)
     cfg = DataConfig(train_manifest=str(demo_data / "train" / "manifest.json"),
                      val_manifest=str(demo_data / "val" / "manifest.json"), batch_size=2, num_workers=0)

@@ -5,18 +5,16 @@ initialisation steps on gathered parameters (`init_partitioned`), and writes to 
 rank's shard of every parameter, the gathered parameters, and the same model built without ZeRO.
 Usage: zero_init_worker.py OUT
 """
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import deepspeed  # noqa: E402
+import deepspeed
 
-from eqv2.model.config import ModelConfig  # noqa: E402
-from eqv2.model.equiformer_v2 import EquiformerV2  # noqa: E402
-from eqv2.training.dist import init_distributed, shutdown  # noqa: E402
+from eqv2.model.config import ModelConfig
+from eqv2.model.equiformer_v2 import EquiformerV2
+from eqv2.training.dist import init_distributed, shutdown
 
 CFG = dict(num_layers=2, lmax=3, mmax=2, sphere_channels=16, attn_hidden_channels=16, num_heads=2,
            attn_alpha_channels=8, attn_value_channels=8, ffn_hidden_channels=16, edge_channels=16,

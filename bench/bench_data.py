@@ -12,21 +12,19 @@ build each batch's radius graph (GraphBuilder, radius 12 Å, <= 20 neighbours), 
 do (data.build_graphs), and a second single-process row without graphs shows what they cost.
 
 Example:
-    python tools/bench_data.py --samples 8000 --batch-size 32 --workers 2 [--graphs]
+    python -m bench.bench_data --samples 8000 --batch-size 32 --workers 2 [--graphs]
 """
 from __future__ import annotations
 
 import argparse
 import pickle
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 OC20_JSON = Path(__file__).resolve().parents[1] / "tests" / "assets" / "oc20_adslab.json"  # OC20, CC-BY 4.0
 

@@ -9,7 +9,7 @@ one CPU rank, and counts the operations dispatched in `engine.backward` and `eng
 plain backward pass.  Operations that only make views (view, detach, slice, ...) cost host time but
 launch nothing and are reported apart.
 
-    python tools/ds_step_ops.py --zero '{"stage": 0}' '{"stage": 2, "overlap_comm": true, "contiguous_gradients": true}'
+    python -m diagnostics.ds_step_ops --zero '{"stage": 0}' '{"stage": 2, "overlap_comm": true, "contiguous_gradients": true}'
 
 Prints one JSON line per setting: launches and view operations in backward and in step, and the
 most frequent launching operations.  The step is the trainer's: at stage 0 the trainer clips the
@@ -29,12 +29,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from eqv2.config import from_dict, load_yaml  # noqa: E402
-from eqv2.model.config import ModelConfig  # noqa: E402
-from eqv2.model.equiformer_v2 import EquiformerV2  # noqa: E402
-from eqv2.training.optim import clip_gradients, trainer_clipping  # noqa: E402
+from eqv2.config import from_dict, load_yaml
+from eqv2.model.config import ModelConfig
+from eqv2.model.equiformer_v2 import EquiformerV2
+from eqv2.training.optim import clip_gradients, trainer_clipping
 
 VIEWS = {"view", "detach", "slice", "alias", "as_strided", "expand", "t", "transpose", "unsqueeze", "squeeze",
          "narrow", "select", "_reshape_alias", "reshape", "lift_fresh", "_unsafe_view", "split", "permute"}

@@ -5,7 +5,7 @@ radial weights from 600 + 256 edge scalars) is compiled alone and timed forward 
 autocast at a realistic edge count.  Compiling one module takes seconds, not the minutes of the whole
 model, so Inductor settings can be compared within a short device call.
 
-    python3 tools/bench_so2.py --edges 11500 --variants dynamic dynamic-int32 static --profile
+    python -m diagnostics.bench_so2 --edges 11500 --variants dynamic dynamic-int32 static --profile
 
 Variants: `dynamic` compiles with symbolic sizes (as the trainer does after the first batch);
 `dynamic-int32` adds Inductor's `assume_32bit_indexing`; `static` specialises on the edge count;
@@ -30,7 +30,7 @@ from eqv2.model.so2_convolution import SO2Convolution
 from eqv2.model.so3 import CoefficientLayout, EdgeRotation, WignerD, rotation_matrices
 from eqv2.training.compile import inductor_options
 
-from bench import set_inductor_config  # tools/bench.py, beside this file
+from bench.model import set_inductor_config
 
 VARIANTS = {"dynamic": (True, {}, False), "dynamic-int32": (True, {"assume_32bit_indexing": True}, False),
             "static": (False, {}, False), "dynamic-fused": (True, {}, True), "static-fused": (False, {}, True),

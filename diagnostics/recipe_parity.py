@@ -14,8 +14,8 @@ and EMA weights are compared.  Dropout and stochastic depth are off; the referen
 angle per edge is replaced by eqv2's deterministic edge frames (the models are invariant to it).
 
 Examples:
-    python tools/recipe_parity.py                                 # small model, float64, 50 steps, CPU
-    python tools/recipe_parity.py --model configs/model/eqv2_31M.yaml --set num_layers=4 \\
+    python -m diagnostics.recipe_parity                                 # small model, float64, 50 steps, CPU
+    python -m diagnostics.recipe_parity --model configs/model/eqv2_31M.yaml --set num_layers=4 \\
         --dtype float32 --device cuda --steps 200 --batch-size 8 --json parity.json
 
 Exit status 0 when every compared quantity agrees within --rtol (relative to its size), 1 otherwise.
@@ -33,17 +33,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eqv2.batch import AtomsBatch  # noqa: E402
-from eqv2.config import ConfigError, apply_overrides, from_dict, load_yaml  # noqa: E402
-from eqv2.fairchem_compat import convert_state_dict, fairchem_hparams  # noqa: E402
-from eqv2.model.config import ModelConfig  # noqa: E402
-from eqv2.model.equiformer_v2 import EquiformerV2  # noqa: E402
-from eqv2.model.graph import GraphBuilder  # noqa: E402
-from eqv2.training.ema import EMA  # noqa: E402
-from eqv2.training.loss import EnergyForceLoss, LossConfig, Normalizers, global_counts  # noqa: E402
-from eqv2.training.optim import OptimConfig, build_optimizer, clip_gradients, lr_factor, param_groups  # noqa: E402
+from eqv2.batch import AtomsBatch
+from eqv2.config import ConfigError, apply_overrides, from_dict, load_yaml
+from eqv2.fairchem_compat import convert_state_dict, fairchem_hparams
+from eqv2.model.config import ModelConfig
+from eqv2.model.equiformer_v2 import EquiformerV2
+from eqv2.model.graph import GraphBuilder
+from eqv2.training.ema import EMA
+from eqv2.training.loss import EnergyForceLoss, LossConfig, Normalizers, global_counts
+from eqv2.training.optim import OptimConfig, build_optimizer, clip_gradients, lr_factor, param_groups
 
 SMALL = dict(num_layers=2, lmax=3, mmax=2, sphere_channels=16, attn_hidden_channels=16, num_heads=2,
              attn_alpha_channels=8, attn_value_channels=4, ffn_hidden_channels=16, edge_channels=16,

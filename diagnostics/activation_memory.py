@@ -2,13 +2,13 @@
 """Activation memory of the compiled model per `compile.activation_memory_budget`, on any device.
 
 For each budget a fresh process compiles the model (compiled code is cached per process, so one budget
-each) and runs forward passes on one and on two OC20-like structures (tools/bench.py's generator),
+each) and runs forward passes on one and on two OC20-like structures (bench/model.py's generator),
 recording the distinct storages autograd keeps for the backward pass.  The difference between the two
 is the activation memory of one structure (parameters and constants cancel); it scales with the
 number of edges, so it predicts the GPU's activation memory at any batch size, in the dtype used
 (float32 here; bf16 autocast halves it).  The partitioner's choices do not depend on the device.
 
-    python tools/activation_memory.py --config 153M --budgets 1.0 0.5 0.3 [--json out.json]
+    python -m diagnostics.activation_memory --config 153M --budgets 1.0 0.5 0.3 [--json out.json]
 """
 from __future__ import annotations
 
@@ -22,13 +22,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
 
 
 def measure(config: str, budget: float, device: str) -> dict:
     """One budget, in this process."""
-    from bench import make_batches
+    from bench.model import make_batches
 
     from eqv2.config import from_dict, load_yaml
     from eqv2.model.config import ModelConfig

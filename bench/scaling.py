@@ -19,7 +19,7 @@ the same global batches through the trainer's step function; on a multi-GPU mach
 Ranks are started the way torchrun/srun do (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_* in the environment;
 rank r uses cuda:r), so the same tool runs on one multi-GPU node or, for testing, as CPU processes.
 
-    python tools/scaling.py --ranks 1 2 4 8 --ds_config ds_configs/zero2_bf16.json \
+    python -m bench.scaling --ranks 1 2 4 8 --ds_config ds_configs/zero2_bf16.json \
         --config configs/train/oc20_all_md_153M.yaml --data /tmp/oc20 --micro-batch 8 --steps 60 --skip 20 \
         --out scaling.json [--set key=value ...]
 """
@@ -219,7 +219,7 @@ def main(argv=None) -> int:
     p.add_argument("--ranks", nargs="+", type=int, required=True, help="rank counts, e.g. 1 2 4 8 (one GPU each)")
     p.add_argument("--ds_config", required=True)
     p.add_argument("--config", required=True)
-    p.add_argument("--data", help="dataset root with train/ and val/ manifests (tools/make_oc20_sized_data.py)")
+    p.add_argument("--data", help="dataset root with train/ and val/ manifests (bench/make_oc20_sized_data.py)")
     p.add_argument("--micro-batch", type=int, help="structures per rank and micro-batch (default: the ds_config's)")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--skip", type=int, default=20, help="steps not timed (warm-up, compilation)")

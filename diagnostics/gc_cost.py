@@ -10,7 +10,7 @@ shows why on any device: it builds a model config, compiles it as the trainer do
 steps on batches of several sizes (static, then symbolic compilation; with --mode reduce-overhead,
 CUDA-graph recordings per padded shape), then times full collections before and after gc.freeze().
 
-    python tools/gc_cost.py --config 153M --batch-size 2 --steps 3 [--mode reduce-overhead --pad 64 1024]
+    python -m diagnostics.gc_cost --config 153M --batch-size 2 --steps 3 [--mode reduce-overhead --pad 64 1024]
 """
 from __future__ import annotations
 
@@ -24,13 +24,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
 
-from bench import eqv2_step_fn, make_batches  # noqa: E402
-from eqv2.config import from_dict, load_yaml  # noqa: E402
-from eqv2.model.config import ModelConfig  # noqa: E402
-from eqv2.model.graph import GraphBuilder  # noqa: E402
+from bench.model import eqv2_step_fn, make_batches
+from eqv2.config import from_dict, load_yaml
+from eqv2.model.config import ModelConfig
+from eqv2.model.graph import GraphBuilder
 
 
 def full_collections(repeats: int) -> list[float]:

@@ -2,19 +2,18 @@
 """Synthetic OC20-sized shards for GPU benchmarks of the trainer (not for accuracy claims).
 
 OC20 S2EF structures average ~78 atoms with up to 20 neighbours inside 12 Å; the demo data
-(tools/make_demo_data.py) has ~26.  This builds adsorbate+slab systems of OC20 size (fcc(111) slabs of
+(eqv2 demo-data) has ~26.  This builds adsorbate+slab systems of OC20 size (fcc(111) slabs of
 48-80 metal atoms, 10 Å vacuum, a small adsorbate, rattled), labels them with ASE's EMT potential
 (real energies and forces, if simple physics), fixes the bottom two layers as OC20 does, and shards
 them with the data pipeline's own writer, so the trainer reads them exactly like converted OC20.
 
-    python tools/make_oc20_sized_data.py --out /tmp/oc20_sized --train 4000 --val 200 --workers 16
-    python tools/make_oc20_sized_data.py --out /tmp/oc20_x8 --train 24000 --val 200 --shards 128 --workers 64
+    python -m bench.make_oc20_sized_data --out /tmp/oc20_sized --train 4000 --val 200 --workers 16
+    python -m bench.make_oc20_sized_data --out /tmp/oc20_x8 --train 24000 --val 200 --shards 128 --workers 64
 """
 from __future__ import annotations
 
 import argparse
 import functools
-import sys
 import time
 from multiprocessing import Pool
 from pathlib import Path
@@ -22,8 +21,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
 
 SLAB_SIZES = [(4, 4, 4), (4, 4, 5), (5, 4, 4), (3, 4, 6), (4, 5, 4), (3, 3, 6), (4, 4, 3)]  # 48..80 atoms, mean 68
 METALS = ["Cu", "Pt", "Ag", "Ni", "Pd", "Au", "Al"]  # EMT covers these and H, C, N, O
@@ -55,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from eqv2.data.extxyz import find_inputs, read_source
     from eqv2.data.sharding import shard_sources
     from eqv2.data.validate import LabelBounds
-    from make_demo_data import _write_raw
+    from eqv2.tools.demo_data import write_raw
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
@@ -71,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     with Pool(args.workers) as pool:
         for split, count, base in (("train", args.train, 0), ("val", args.val, 10**7)):
             frames = pool.starmap(_structure, [(args.seed * 10**8 + base + i, base + i) for i in range(count)])
-            _write_raw([[f] for f in frames], out / "raw" / split, split, per_file=100, xz=False)
+            write_raw([[f] for f in frames], out / "raw" / split, split, per_file=100, xz=False)
             m = shard_sources([str(f) for f in find_inputs(out / "raw" / split)], functools.partial(read_source, True),
                               out / split, split, max(1, min(250, count // args.shards)), 0, args.workers, 20, "total_minus_ref",
                               f"make_oc20_sized_data seed={args.seed}", progress=False,

@@ -1,4 +1,4 @@
-"""tools/scaling.py: real multi-process trainer runs (CPU ranks here, one GPU per rank on a GPU node)."""
+"""bench/scaling.py: real multi-process trainer runs (CPU ranks here, one GPU per rank on a GPU node)."""
 import json
 import os
 import signal
@@ -7,16 +7,18 @@ import sys
 import time
 from pathlib import Path
 
+from tests.train.conftest import HERE  # the trainer tests' tiny run and CPU ds_config
+
 REPO = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).parent
 
 
 def _scaling(tmp_path: Path, demo_data: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(REPO / "tools" / "scaling.py"), "--ranks", "1", "2",
+    cmd = [sys.executable, "-m", "bench.scaling", "--ranks", "1", "2",
            "--ds_config", str(HERE / "ds_zero2_cpu.json"), "--config", str(HERE / "tiny_run.yaml"),
            "--data", str(demo_data), "--micro-batch", "2", "--steps", "8", "--skip", "2", "--log-every", "2",
            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "scaling.json"), "--timeout", "240", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_weak_scaling_runs_one_and_two_ranks(tmp_path, demo_data):
@@ -97,11 +99,8 @@ def test_a_failing_run_is_reported_with_its_log(tmp_path, demo_data):
 
 
 def _module():
-    import importlib.util
+    from bench import scaling
 
-    spec = importlib.util.spec_from_file_location("scaling", REPO / "tools" / "scaling.py")
-    scaling = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(scaling)
     return scaling
 
 
@@ -113,8 +112,9 @@ def test_profiled_steps_and_warm_up_are_not_timed():
     timed = scaling.timed_intervals(records, 120, 20, (181, 183))
     assert [r["step"] for r in timed] == [140, 160, 180]  # 121-140 ... 161-180; 181-200 was profiled
     assert [r["step"] for r in scaling.timed_intervals(records, 120, 20, None)] == [140, 160, 180, 200]
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "scaling.py"), "--ranks", "1", "--ds_config", "x",
-                           "--config", "y", "--set", "log.every_steps=20"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "bench.scaling", "--ranks", "1", "--ds_config", "x",
+                           "--config", "y", "--set", "log.every_steps=20"], capture_output=True, text=True,
+                          cwd=REPO)
     assert proc.returncode != 0 and "--log-every" in proc.stderr
 
 
@@ -135,11 +135,11 @@ def test_sigterm_to_the_tool_kills_its_ranks(tmp_path, demo_data):
     # `timeout` or scancel stop the tool with SIGTERM; ranks it left behind would keep their GPUs and
     # ports and hang or fail the next launch on that machine
     run_dir = tmp_path / "work" / "weak_1"
-    cmd = [sys.executable, str(REPO / "tools" / "scaling.py"), "--ranks", "1", "2",
+    cmd = [sys.executable, "-m", "bench.scaling", "--ranks", "1", "2",
            "--ds_config", str(HERE / "ds_zero2_cpu.json"), "--config", str(HERE / "tiny_run.yaml"),
            "--data", str(demo_data), "--micro-batch", "2", "--steps", "100000", "--skip", "2",
            "--work", str(tmp_path / "work"), "--timeout", "240"]
-    tool = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    tool = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.time() + 120

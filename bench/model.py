@@ -8,7 +8,7 @@ and <= 20 neighbours.  When fairchem-core 1.10.0 is importable (tests/model/fair
 torch_scatter), its EquiformerV2 runs on the same batches in the same process (fp16 AMP with
 GradScaler, as it trains) and the ratio is printed.
 
-    python tools/bench.py --configs 31M 153M --batch-sizes 4 8 --steps 20 [--impls eager compiled] [--reference]
+    python -m bench.model --configs 31M 153M --batch-sizes 4 8 --steps 20 [--impls eager compiled] [--reference]
         [--ac-every 0 2] [--memory-budget 0.5] [--mode reduce-overhead --pad 64 2048] [--cpp-wrapper] [--json out.json]
         [--profile ops.txt] [--graphs loader|model]
 
@@ -30,15 +30,14 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from eqv2.batch import AtomsBatch  # noqa: E402
-from eqv2.config import from_dict, load_yaml  # noqa: E402
-from eqv2.model.config import ModelConfig  # noqa: E402
-from eqv2.model.equiformer_v2 import EquiformerV2, count_parameters  # noqa: E402
-from eqv2.model.graph import GraphBuilder  # noqa: E402
-from eqv2.training.activation_checkpointing import ActivationCheckpointConfig, apply_activation_checkpointing  # noqa: E402
-from eqv2.training.compile import CompileConfig, apply_compile  # noqa: E402
+from eqv2.batch import AtomsBatch
+from eqv2.config import from_dict, load_yaml
+from eqv2.model.config import ModelConfig
+from eqv2.model.equiformer_v2 import EquiformerV2, count_parameters
+from eqv2.model.graph import GraphBuilder
+from eqv2.training.activation_checkpointing import ActivationCheckpointConfig, apply_activation_checkpointing
+from eqv2.training.compile import CompileConfig, apply_compile
 
 SLAB_SIZES = [(3, 3, 5), (4, 4, 4), (3, 4, 6), (4, 4, 5), (4, 5, 4), (3, 5, 6), (4, 4, 4)]  # 45..90, mean ~71 + adsorbate
 METALS = ["Cu", "Pt", "Ag", "Ni", "Pd", "Au", "Al"]
@@ -175,9 +174,7 @@ def eqv2_step_fn(cfg: ModelConfig, device, dtype, compiled: bool, ac_every: int 
 
 
 def reference_step_fn(cfg: ModelConfig, device):
-    sys.path.insert(0, str(ROOT / "tests" / "model" / "fairchem_shim"))
-    sys.path.insert(0, str(ROOT))
-    from tests.model import fairchem_reference as fr
+    from tests.model import fairchem_reference as fr  # run as `python -m bench.model` from the repository
 
     legacy, _ = fr.import_fairchem()
     hp = fr.fairchem_hparams(cfg)

@@ -11,10 +11,10 @@ intervals in which no rank meets one.  The trainer logs the same count per inter
 ranks' padded batches are step by step (`imbalance`): every rank waits for the largest at each step, so
 with many ranks, batching by atoms (`data.max_atoms`) instead of by structures may balance them.
 
-    python tools/shape_buckets.py --config configs/train/oc20_all_md_153M.yaml --micro-batch 8 \
+    python -m diagnostics.shape_buckets --config configs/train/oc20_all_md_153M.yaml --micro-batch 8 \
         --ranks 2 --steps 200 --log-every 20 [--set data.train_manifest=...] [--out buckets.json]
 
-One micro-batch per step (no gradient accumulation), as tools/scaling.py runs.
+One micro-batch per step (no gradient accumulation), as bench/scaling.py runs.
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def new_shape_steps(cfg, rank: int, ranks: int, steps: int) -> tuple[list[int], int, list[tuple[int, int]]]:

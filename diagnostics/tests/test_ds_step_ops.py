@@ -1,4 +1,4 @@
-"""tools/ds_step_ops.py: what DeepSpeed adds to a step per parameter tensor (docs/perf-notes.md, session 7)."""
+"""diagnostics/ds_step_ops.py: what DeepSpeed adds to a step per parameter tensor (docs/perf-notes.md, session 7)."""
 import json
 import subprocess
 import sys
@@ -9,7 +9,7 @@ from tests.train.conftest import REPO
 def test_contiguous_gradients_copy_every_gradient_once_more():
     settings = ['{"stage": 2, "overlap_comm": true, "contiguous_gradients": true}',
                 '{"stage": 2, "overlap_comm": true, "contiguous_gradients": false}']
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "ds_step_ops.py"), "--config", "31M", "--zero",
+    proc = subprocess.run([sys.executable, "-m", "diagnostics.ds_step_ops", "--config", "31M", "--zero",
                            *settings], capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -27,7 +27,7 @@ def test_contiguous_gradients_copy_every_gradient_once_more():
 
 
 def _rows(*args):
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "ds_step_ops.py"), "--config", "31M", *args],
+    proc = subprocess.run([sys.executable, "-m", "diagnostics.ds_step_ops", "--config", "31M", *args],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -1,4 +1,4 @@
-"""tools/shape_buckets.py predicts the new padded shapes a run meets; the trainer logs them (2 CPU ranks)."""
+"""diagnostics/shape_buckets.py predicts the new padded shapes a run meets; the trainer logs them (2 CPU ranks)."""
 import json
 import subprocess
 import sys
@@ -19,10 +19,10 @@ def test_the_tool_predicts_the_shapes_the_trainer_logs(tmp_path, demo_data):
     train, _ = records(run_dir)  # logged every step (tiny_run.yaml)
     logged = [train[s]["new_shape_buckets"] for s in range(1, 11)]
 
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "shape_buckets.py"), "--config",
+    proc = subprocess.run([sys.executable, "-m", "diagnostics.shape_buckets", "--config",
                            str(HERE / "tiny_run.yaml"), "--micro-batch", "2", "--ranks", "2", "--steps", "10",
                            "--log-every", "2", *sets, "--out", str(tmp_path / "buckets.json")],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "buckets.json").read_text())
     predicted = [sum(s in r["new_at_steps"] for r in result["ranks"]) for s in range(1, 11)]
@@ -40,11 +40,8 @@ def test_the_tool_predicts_the_shapes_the_trainer_logs(tmp_path, demo_data):
 
 
 def test_imbalance_is_the_slowest_rank_over_the_mean():
-    import importlib.util
+    from diagnostics import shape_buckets as tool
 
-    spec = importlib.util.spec_from_file_location("shape_buckets", REPO / "tools" / "shape_buckets.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     # two ranks, two steps: (atoms, edges) per step
     out = tool.imbalance([[(32, 512), (32, 1024)], [(64, 512), (32, 512)]])
     assert out["max_over_mean_atoms"] == (64 / 48 + 1.0) / 2
@@ -53,7 +50,7 @@ def test_imbalance_is_the_slowest_rank_over_the_mean():
 
 
 def test_a_config_without_shape_buckets_is_refused(demo_data):
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "shape_buckets.py"), "--config",
+    proc = subprocess.run([sys.executable, "-m", "diagnostics.shape_buckets", "--config",
                            str(HERE / "tiny_run.yaml"), "--micro-batch", "2", "--steps", "4", *data_args(demo_data)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 2 and "model.pad_atoms_multiple" in proc.stderr
