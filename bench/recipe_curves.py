@@ -23,9 +23,9 @@ Data: adsorbate + fcc(111) slab structures with EMT energies and forces (5 metal
 3 sites, rattled, bottom layer fixed); energies referenced per element by least squares on the
 training set (as OC20's adsorption energies are referenced), the same targets for both sides.
 
-    python bench/recipe_curves.py --model configs/model/eqv2_31M.yaml --set num_layers=4 \\
+    python -m bench.recipe_curves --model configs/model/eqv2_31M.yaml --set num_layers=4 \\
         --steps 2000 --seed 0 --jsonl curves_s0.jsonl          # one per seed, in parallel on one GPU
-    python bench/recipe_curves.py --summary curves_s*.jsonl
+    python -m bench.recipe_curves --summary curves_s*.jsonl
 """
 from __future__ import annotations
 
@@ -38,19 +38,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # a benchmark run from a checkout: the tools package beside eqv2
-
-from eqv2.batch import AtomsBatch  # noqa: E402
-from eqv2.config import apply_overrides, from_dict, load_yaml  # noqa: E402
-from eqv2.model.config import ModelConfig  # noqa: E402
-from eqv2.fairchem_compat import convert_state_dict, fairchem_hparams  # noqa: E402
-from eqv2.model.equiformer_v2 import EquiformerV2  # noqa: E402
-from eqv2.model.graph import GraphBuilder  # noqa: E402
-from eqv2.training.loss import LossConfig, Normalizers  # noqa: E402
-from eqv2.training.metrics import S2EFMetrics  # noqa: E402
-from eqv2.training.optim import OptimConfig  # noqa: E402
-from tools import recipe_parity as rp  # noqa: E402
+from diagnostics import recipe_parity as rp
+from eqv2.batch import AtomsBatch
+from eqv2.config import apply_overrides, from_dict, load_yaml
+from eqv2.fairchem_compat import convert_state_dict, fairchem_hparams
+from eqv2.model.config import ModelConfig
+from eqv2.model.equiformer_v2 import EquiformerV2
+from eqv2.model.graph import GraphBuilder
+from eqv2.training.loss import LossConfig, Normalizers
+from eqv2.training.metrics import S2EFMetrics
+from eqv2.training.optim import OptimConfig
 
 
 def referenced(structures: list[dict], refs: np.ndarray | None = None) -> tuple[list[dict], np.ndarray]:
