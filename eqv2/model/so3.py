@@ -129,7 +129,8 @@ class WignerD(nn.Module):
     direction, i.e. the roll about the edge is fixed (gamma = 0).  This keeps the forward pass
     deterministic; the reference draws a random roll, which the SO(2) convolutions are invariant
     to (Sec. 3.3).  Matrices are built in the dtype of the edge vectors (float32 or float64),
-    never in reduced precision, and carry no gradient (forces are predicted directly).
+    never in reduced precision, and carry no gradient (forces are predicted directly); `matrices` is
+    the same function with gradients, for gradient forces (conservative.py).
     """
 
     def __init__(self, lmax: int):
@@ -141,6 +142,10 @@ class WignerD(nn.Module):
     @torch.no_grad()
     def forward(self, edge_vec: torch.Tensor) -> torch.Tensor:
         """edge_vec [E, 3] -> D [E, (L+1)^2, (L+1)^2] block-diagonal Wigner-D matrices."""
+        return self.matrices(edge_vec)
+
+    def matrices(self, edge_vec: torch.Tensor) -> torch.Tensor:
+        """As forward, differentiable (the gradient is not defined for edges along +-y)."""
         direction = edge_vec / edge_vec.norm(dim=-1, keepdim=True)
         # e3nn angles: direction = Ry(alpha) Rx(beta) e_y
         alpha = torch.atan2(direction[:, 0], direction[:, 2])
