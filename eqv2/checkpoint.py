@@ -96,15 +96,14 @@ def save_model(
     os.replace(tmp, path)
 
 
-def read_model_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], Normalizers, dict]:
-    """(model config mapping, state dict, normalisers, meta) of a model checkpoint, checked, for
-    training from it: a model with energy references is refused (training has no references)."""
+def read_model_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], Normalizers, dict,
+                                                     list[float] | None]:
+    """(model config mapping, state dict, normalisers, meta, energy references or None) of a model
+    checkpoint, checked, for training from it (eqv2/training/finetune.py)."""
     payload = _read_payload(path)
-    if payload.get("energy_references") is not None:
-        raise ValueError(f"{path}: the model adds per-element energy references (a converted fairchem model); "
-                         "training from it is not supported (the trainer fits energies without references)")
     normalizers = from_dict(Normalizers, renamed_legacy(payload["normalizers"]), prefix="normalizers")
-    return payload["model_config"], payload["state_dict"], normalizers, payload.get("meta") or {}
+    return (payload["model_config"], payload["state_dict"], normalizers, payload.get("meta") or {},
+            payload.get("energy_references"))
 
 
 def _read_payload(path: str | os.PathLike) -> dict:
