@@ -45,7 +45,7 @@ from eqv2.training.metrics import S2EFMetrics
 from eqv2.training.monitor import StepLogger, run_summary
 from eqv2.training.optim import build_optimizer, clip_gradients, lr_factor, trainer_clipping
 from eqv2.training.profiling import StepProfiler, phase
-from eqv2.training.targets import physical, resolve_targets
+from eqv2.training.targets import check_zero_stage, physical, resolve_targets
 from eqv2.training.signals import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_REQUEUE, StopFlag
 
 
@@ -143,6 +143,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     # --- model, optimizer, engine
     torch.manual_seed(cfg.seed)
     zero_stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    check_zero_stage(cfg, zero_stage)
     # ZeRO-3: every parameter is partitioned as soon as its module is built, so no rank ever holds the
     # whole model; the initialisation steps that touch built submodules are then redone on gathered
     # parameters.  tensor_overrides=[]: only parameters are moved; the model's constant tables (Wigner

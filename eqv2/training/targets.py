@@ -101,6 +101,14 @@ def resolve_targets(cfg, stats, stats_path: str, pretrained, resume_state: dict 
     return Targets(normalizers, references, target)
 
 
+def check_zero_stage(cfg, zero_stage: int) -> None:
+    """ZeRO-3 releases each module's gathered weights after its forward; the force loss's double backward
+    differentiates the backward pass that the forward already ran, whose weights are then gone."""
+    if cfg.model.forces == "gradient" and zero_stage == 3:
+        raise ConfigError("model.forces: gradient is not supported with ZeRO stage 3 (the force loss's double "
+                          "backward needs weights ZeRO-3 has released); use ZeRO stage 0-2")
+
+
 def check_force_options(cfg) -> None:
     """Run-config combinations that cannot work with gradient forces or the stress loss (RunConfig)."""
     gradient = cfg.model.forces == "gradient"
