@@ -54,6 +54,10 @@ class ModelConfig:
     # (eqv2/model/conservative.py; beyond the paper: conservative, for MD and cell relaxations; slower: a
     # double backward in training); a gradient model has no direct force head
     forces: Literal["direct", "gradient"] = "direct"
+    # "polynomial": every edge's messages (edge-degree embedding, attention weights) scaled by a smooth
+    # envelope that vanishes with two derivatives at max_radius (conservative.py), so the energy does not
+    # jump when a neighbour crosses the cutoff (beyond the paper; for MD with gradient forces); "none": the paper
+    cutoff_envelope: Literal["none", "polynomial"] = "none"
     validate_inputs: bool = True  # check structures and graph built here (host syncs); a batch with a graph
     # built ahead (GraphBuilder, the trainer's data loader) was checked there
     # shape buckets (0: off): pad the atom / edge counts of each batch up to these multiples with an inert

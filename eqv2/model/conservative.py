@@ -14,6 +14,12 @@ along the coordinate axes; here every edge is first turned by one fixed rotation
 generic axis a0 (no lattice direction) to +y, so only edges exactly along +-a0 are singular.  The two
 frames differ by a roll about the edge, to which the SO(2) convolutions are invariant (Sec. 3.3).
 
+The paper's energy jumps when a neighbour crosses max_radius (its edge appears with a finite message)
+or the max_neighbors cap (one neighbour replaces another): between such events gradient forces conserve
+energy, at them it is not.  `cutoff_envelope: polynomial` fades every edge's messages out at max_radius
+(the edge-degree embedding's sum and the attention's weights, w exp(l) / sum w exp(l)); with a cap that
+never binds (max_neighbors above any atom's count within max_radius) the energy is then smooth.
+
 Both come from one backward pass over the energy.  When the caller records gradients (training), the
 pass keeps its graph (`create_graph`), so that a loss on the forces and stress reaches the weights
 (double backward); under `torch.no_grad` (prediction) the outputs are plain tensors.  Structures
@@ -42,6 +48,13 @@ def edge_wigner(wigner, edge_vec: torch.Tensor) -> torch.Tensor:
         to_y = wigner.matrices(axis[None])[0]  # D(Q0) [(L+1)^2, (L+1)^2], Q0 a0 = |a0| e_y
     q0 = to_y[1:4, 1:4]  # [3, 3]
     return torch.matmul(wigner.matrices(edge_vec @ q0.T), to_y)
+
+
+def polynomial_envelope(distance: torch.Tensor, cutoff: float, p: int = 5) -> torch.Tensor:
+    """[E] weights 1 - (p+1)(p+2)/2 d^p + p(p+2) d^(p+1) - p(p+1)/2 d^(p+2), d = r / cutoff (DimeNet's
+    envelope): 1 at r = 0, and zero with its first two derivatives at the cutoff (model.cutoff_envelope)."""
+    d = (distance / cutoff).clamp(max=1.0)
+    return 1 - (p + 1) * (p + 2) / 2 * d**p + p * (p + 2) * d ** (p + 1) - p * (p + 1) / 2 * d ** (p + 2)
 
 
 def strained(batch: AtomsBatch, displacement: torch.Tensor, pos: torch.Tensor) -> AtomsBatch:

@@ -25,7 +25,7 @@ from torch import nn
 from eqv2.batch import AtomsBatch
 from eqv2.model import fused_rotation
 from eqv2.model.activation import S2Grid
-from eqv2.model.conservative import edge_wigner, gradient_outputs
+from eqv2.model.conservative import edge_wigner, gradient_outputs, polynomial_envelope
 from eqv2.model.config import ModelConfig
 from eqv2.model.edge_degree_embedding import EdgeDegreeEmbedding
 from eqv2.model.feed_forward import FeedForwardNetwork
@@ -163,7 +163,8 @@ class EquiformerV2(nn.Module):
         edge_index = graph.edge_index
         # the fused kernels' segmented sums take the edges grouped by atom (two sorts, shared by all blocks)
         order = fused_rotation.EdgeOrder.of(edge_index) if cfg.fused_rotation else None
-        rotation = EdgeRotation(to_edge, from_edge, order)
+        envelope = polynomial_envelope(graph.distance, cfg.max_radius) if cfg.cutoff_envelope == "polynomial" else None
+        rotation = EdgeRotation(to_edge, from_edge, order, envelope)
         x = torch.zeros(num_nodes, (cfg.lmax + 1) ** 2, cfg.sphere_channels, device=pos.device, dtype=pos.dtype)
         x[:, 0, :] = self.atom_embedding(z).to(pos.dtype)
         x = x + self.edge_degree_embedding(z, distance_basis, edge_index, rotation, num_nodes).to(pos.dtype)

@@ -170,10 +170,12 @@ class EdgeRotation:
     dtype `dtype` (bfloat16 under autocast) and shared by every block.
     """
 
-    def __init__(self, to_edge: torch.Tensor, from_edge: torch.Tensor, order=None):
+    def __init__(self, to_edge: torch.Tensor, from_edge: torch.Tensor, order=None, envelope=None):
         """to_edge [E, K, (L+1)^2], from_edge [E, (L+1)^2, K] as `rotation_matrices` makes them; order: the
-        edges grouped by atom (`fused_rotation.EdgeOrder`) when the fused rotation kernels are used."""
+        edges grouped by atom (`fused_rotation.EdgeOrder`) when the fused rotation kernels are used;
+        envelope [E]: the smooth-cutoff weight of each edge's messages (model.cutoff_envelope) or None."""
         self.to_edge, self.from_edge, self.dtype, self.order = to_edge, from_edge, to_edge.dtype, order
+        self.envelope = envelope
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """[E, (L+1)^2, C] -> [E, K, C] in the compute dtype."""

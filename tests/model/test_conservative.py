@@ -45,8 +45,9 @@ def energy(model, batch) -> torch.Tensor:
         return model(batch)["energy"]
 
 
-def test_forces_are_minus_the_energy_gradient():
-    model = gradient_model()
+@pytest.mark.parametrize("envelope", ["none", "polynomial"])
+def test_forces_are_minus_the_energy_gradient(envelope):
+    model = gradient_model(cutoff_envelope=envelope)
     batch = batch_from_atoms([crystal(), ethanol()])
     with torch.no_grad():
         forces = model(batch)["forces"]
@@ -148,6 +149,22 @@ def test_a_force_and_stress_loss_reaches_the_weights(checkpointed):
             param[index] += h
         numeric = (up - down) / (2 * h)
         assert abs(float(grad[index]) - numeric) <= 1e-6 + 1e-5 * abs(numeric), (name, float(grad[index]), numeric)
+
+
+@pytest.mark.parametrize("envelope, continuous", [("none", False), ("polynomial", True)])
+def test_the_envelope_makes_the_energy_continuous_at_the_cutoff(envelope, continuous):
+    """Atoms 0 and 2 just inside and just outside max_radius (atom 1 between them keeps both connected):
+    the paper's energy jumps, the enveloped one does not."""
+    from ase import Atoms
+
+    model = gradient_model(cutoff_envelope=envelope)
+    cutoff = TINY["max_radius"]
+    energies = []
+    for r in (cutoff - 1e-6, cutoff + 1e-6):
+        trimer = Atoms("CuOCu", positions=[[0, 0, 0], [2.0, 0.3, 0], [r, 0, 0]])
+        energies.append(float(energy(model, batch_from_atoms([trimer]))[0]))
+    jump = abs(energies[0] - energies[1])
+    assert (jump < 1e-9) if continuous else (jump > 1e-4), jump
 
 
 def test_fused_kernels_without_a_double_backward_are_refused():
