@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 
 from eqv2.batch import AtomsBatch
+from eqv2.model.so3 import full_precision
 
 
 # the generic axis a0 (unit vector (1, e, pi) / |.|): the only edge directions without a gradient are +-a0
@@ -74,10 +75,16 @@ def gradient_outputs(energy_fn: Callable[[AtomsBatch], torch.Tensor], batch: Ato
     with torch.enable_grad():
         pos = batch.pos.detach().to(dtype).requires_grad_(True)
         displacement = torch.zeros(batch.num_graphs, 3, 3, dtype=dtype, device=pos.device, requires_grad=True)
-        energy = energy_fn(strained(batch, displacement, pos))  # [B]
-        grad_pos, grad_strain = torch.autograd.grad(energy.sum(), (pos, displacement), create_graph=keep_graph)
-    volume = torch.linalg.det(batch.cell.to(dtype)).abs()  # [B]
-    stress = grad_strain / torch.where(volume > 0, volume, torch.nan)[:, None, None]
+        with full_precision(pos.device.type):  # geometry: autocast would round the positions to bf16
+            deformed = strained(batch, displacement, pos)
+        energy = energy_fn(deformed)  # [B]
+        # autocast off, as for any backward pass: on the CPU the backward runs in this thread, where autocast
+        # would recast the gradient products to bf16 (each op still gets the dtype its forward saved)
+        with full_precision(pos.device.type):
+            grad_pos, grad_strain = torch.autograd.grad(energy.sum(), (pos, displacement), create_graph=keep_graph)
+    with full_precision(pos.device.type):
+        volume = torch.linalg.det(batch.cell.to(dtype)).abs()  # [B]
+        stress = grad_strain.to(dtype) / torch.where(volume > 0, volume, torch.nan)[:, None, None]
     if not keep_graph:
         energy = energy.detach()
     return {"energy": energy, "forces": -grad_pos.to(energy.dtype), "stress": stress.to(energy.dtype)}

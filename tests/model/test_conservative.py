@@ -210,3 +210,30 @@ def test_the_calculator_reports_stress_of_a_gradient_model_only(tmp_path):
     assert "stress" not in direct.calc.implemented_properties
     with pytest.raises(PropertyNotImplementedError):
         direct.get_stress()
+
+
+def test_under_bf16_autocast_the_geometry_stays_in_full_precision():
+    """The strain and positions are computed with autocast off: bf16 positions (3 significant digits)
+    would move atoms by ~0.01 Å.  Forces and stress under autocast stay close to float32's."""
+    torch.manual_seed(0)
+    model = EquiformerV2(ModelConfig(**TINY)).eval()
+    batch = batch_from_atoms([crystal()], dtype=torch.float32)
+    with torch.no_grad():
+        ref = model(batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(batch)
+    for key in ("forces", "stress"):
+        scale = float(ref[key].abs().max())
+        assert float((low[key].float() - ref[key]).abs().max()) < 0.1 * scale, key
+    # an analytic energy, E = sum |x|^2 + sum of the cell's squares: forces -2x, stress 2 (sum x x^T + h^T h) / V
+    from eqv2.model.conservative import gradient_outputs
+
+    def quadratic(b):
+        return (b.pos ** 2).sum().reshape(1) + (b.cell ** 2).sum().reshape(1)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gradient_outputs(quadratic, batch)
+    pos, cell = batch.pos.double(), batch.cell[0].double()
+    expected = 2 * (pos.T @ pos + cell.T @ cell) / torch.linalg.det(cell).abs()
+    torch.testing.assert_close(out["forces"].double(), -2 * pos, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out["stress"][0].double(), expected, rtol=1e-5, atol=1e-7)
