@@ -15,12 +15,20 @@ GradScaler, as it trains) and the ratio is printed.
 eqv2's graphs are built ahead on the CPU by default (`--graphs loader`), as the trainer's data-loader
 workers build them (data.build_graphs), so the timed step starts from the graph; fairchem builds its
 graph inside its forward pass (otf_graph), as its OC20 training configs do.
+
+--forces direct gradient: also time gradient (conservative) forces, model.forces: gradient, whose force
+loss needs a double backward; eager only (torch.compile cannot differentiate twice; the fused SO(2)
+gradient and rotation kernels are off for it), printed as the ratio to the direct head's eager step:
+
+    python -m bench.model --configs 31M 153M --batch-sizes 8 --impls eager compiled --forces direct gradient \
+        --json $OUT/gradient_forces.json
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import time
 import traceback
@@ -261,6 +269,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="write results here")
     parser.add_argument("--profile", type=Path, help="also profile 3 eqv2 steps per setting; op table written here")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--forces", nargs="+", choices=["direct", "gradient"], default=["direct"],
+                        help="model.forces: the direct head and/or gradient forces (eager only)")
     args = parser.parse_args(argv)
     for item in args.inductor:
         set_inductor_config(item)
@@ -298,7 +308,14 @@ def main(argv=None) -> int:
                                                          args.memory_budget, args.cpp_wrapper, fused_input_grad,
                                                          args.rotation_align, not args.no_weigh_custom_ops,
                                                          indexed, args.s2_kernel_form))
-                    for impl in args.impls for k in args.ac_every]
+                    for impl in args.impls for k in args.ac_every if "direct" in args.forces]
+            # gradient forces: eager, without the kernels whose backward is not differentiable again
+            gradient_cfg = dataclasses.replace(cfg, forces="gradient", so2_fused_input_grad=False,
+                                               so2_indexed_radial=False, fused_rotation=False)
+            runs += [(f"eqv2-eager" + (f"-ac{k}" if k else "") + f"-align{args.rotation_align or cfg.rotation_align}"
+                      "-gradient",
+                      lambda k=k: eqv2_step_fn(gradient_cfg, device, dtype, False, k, rotation_align=args.rotation_align))
+                     for k in args.ac_every if "gradient" in args.forces]
             if args.reference:
                 runs.append(("fairchem-1.10.0", lambda: reference_step_fn(cfg, device)))
             row = {"config": name, "batch": bs, "mean_atoms": atoms / (bs * args.steps)}
@@ -339,6 +356,15 @@ def main(argv=None) -> int:
                 del model, step
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+            for label in [k for k in row if k.endswith("-gradient") and "samples_per_s" in row[k]]:
+                direct = next((v for k, v in row.items() if k.startswith("eqv2-eager") and not k.endswith("-gradient")
+                               and isinstance(v, dict) and "samples_per_s" in v
+                               and re.findall(r"-ac\d+", k) == re.findall(r"-ac\d+", label)), None)
+                if direct:
+                    row[label]["throughput_vs_direct_eager"] = row[label]["samples_per_s"] / direct["samples_per_s"]
+                    row[label]["peak_vs_direct_eager"] = row[label]["peak_gib"] / direct["peak_gib"]
+                    print(f"{name} batch {bs}: {label} / direct eager = {row[label]['throughput_vs_direct_eager']:.2f}x "
+                          f"throughput, {row[label]['peak_vs_direct_eager']:.2f}x peak memory")
             ref = row.get("fairchem-1.10.0", {}).get("samples_per_s")
             for label in [k for k in row if k.startswith("eqv2-")]:
                 if ref and "samples_per_s" in row[label]:

@@ -25,6 +25,7 @@ class AtomsBatch:
     fixed: torch.Tensor | None = None  # [N] bool, True where the atom is held fixed
     energy: torch.Tensor | None = None  # [B] float32 target energy, eV
     forces: torch.Tensor | None = None  # [N, 3] float32 target forces, eV/Å
+    stress: torch.Tensor | None = None  # [B, 3, 3] float32 target stress, eV/Å^3 (ASE's sign convention)
     ids: list[str] = field(default_factory=list)  # one id per structure, e.g. "<sid>_<fid>"
     # radius graph built ahead of the model (in the data-loader workers, `eqv2.model.graph.GraphBuilder`);
     # None: the model builds it from the positions
@@ -64,7 +65,7 @@ class AtomsBatch:
         """Concatenate per-structure arrays.
 
         Each dict holds `positions` [n,3], `numbers` [n], `cell` [3,3], `pbc` [3] and optionally
-        `tags` [n], `fixed` [n], `energy` (scalar), `forces` [n,3].  Positions and cells are
+        `tags` [n], `fixed` [n], `energy` (scalar), `forces` [n,3], `stress` [3,3].  Positions and cells are
         float32 unless `float_dtype` says otherwise (float64 for exactness tests).
         """
         if not structures:
@@ -86,5 +87,6 @@ class AtomsBatch:
             if has("energy")
             else None,
             forces=cat("forces", torch.float32).reshape(-1, 3) if has("forces") else None,
+            stress=stack("stress", torch.float32).reshape(-1, 3, 3) if has("stress") else None,
             ids=list(ids) if ids is not None else [str(i) for i in range(len(natoms))],
         )

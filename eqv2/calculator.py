@@ -65,6 +65,8 @@ class EquiformerV2Calculator(Calculator):
         self.device = torch.device(device) if device is not None else default_device()
         self.potential = checkpoint if isinstance(checkpoint, Potential) else load_model(checkpoint, self.device)
         self.potential = self.potential.to(self.device).eval()
+        if self.potential.config.forces == "gradient":  # stress from the energy's strain derivative
+            self.implemented_properties = [*self.implemented_properties, "stress"]
 
     def calculate(self, atoms: Atoms | None = None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
@@ -75,3 +77,7 @@ class EquiformerV2Calculator(Calculator):
         self.results = {"energy": energy, "free_energy": energy}
         if "forces" in out:
             self.results["forces"] = out["forces"].double().cpu().numpy()
+        if "stress" in out and bool(torch.isfinite(out["stress"]).all()):  # not for cells without volume
+            from ase.stress import full_3x3_to_voigt_6_stress
+
+            self.results["stress"] = full_3x3_to_voigt_6_stress(out["stress"][0].double().cpu().numpy())

@@ -28,7 +28,7 @@ from eqv2.batch import AtomsBatch
 from eqv2.config import from_dict, to_dict
 from eqv2.model.config import ModelConfig
 from eqv2.model.equiformer_v2 import EquiformerV2
-from eqv2.normalizers import Normalizers, renamed_legacy
+from eqv2.normalizers import Normalizers, renamed_legacy, structure_references
 
 __all__ = ["Normalizers", "Potential", "load_model", "read_model_file", "save_model"]
 
@@ -39,7 +39,8 @@ READABLE_VERSIONS = (1, 2)
 
 class Potential(nn.Module):
     """An EquiformerV2 with its target normalisers and, if it has them, per-element energy references
-    (eV, indexed by atomic number, added to each structure's energy): forward returns eV and eV/Å."""
+    (eV, indexed by atomic number, added to each structure's energy): forward returns eV and eV/Å, and
+    for gradient-force models the stress [B, 3, 3] in eV/Å^3 (ASE's sign convention)."""
 
     def __init__(self, model: EquiformerV2, normalizers: Normalizers, meta: dict[str, Any] | None = None,
                  energy_references: list[float] | None = None):
@@ -57,8 +58,7 @@ class Potential(nn.Module):
     def forward(self, batch: AtomsBatch) -> dict[str, torch.Tensor]:
         out = self.normalizers.denormalise(self.model(batch))
         if self.energy_references is not None:  # as fairchem: after denormalisation, summed per structure
-            per_atom = self.energy_references[batch.atomic_numbers]
-            refs = torch.zeros_like(per_atom[: batch.num_graphs]).index_add(0, batch.batch, per_atom)
+            refs = structure_references(self.energy_references, batch.atomic_numbers, batch.batch, batch.num_graphs)
             out["energy"] = out["energy"] + refs.to(out["energy"].dtype)
         return out
 
@@ -96,15 +96,14 @@ def save_model(
     os.replace(tmp, path)
 
 
-def read_model_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], Normalizers, dict]:
-    """(model config mapping, state dict, normalisers, meta) of a model checkpoint, checked, for
-    training from it: a model with energy references is refused (training has no references)."""
+def read_model_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], Normalizers, dict,
+                                                     list[float] | None]:
+    """(model config mapping, state dict, normalisers, meta, energy references or None) of a model
+    checkpoint, checked, for training from it (eqv2/training/finetune.py)."""
     payload = _read_payload(path)
-    if payload.get("energy_references") is not None:
-        raise ValueError(f"{path}: the model adds per-element energy references (a converted fairchem model); "
-                         "training from it is not supported (the trainer fits energies without references)")
     normalizers = from_dict(Normalizers, renamed_legacy(payload["normalizers"]), prefix="normalizers")
-    return payload["model_config"], payload["state_dict"], normalizers, payload.get("meta") or {}
+    return (payload["model_config"], payload["state_dict"], normalizers, payload.get("meta") or {},
+            payload.get("energy_references"))
 
 
 def _read_payload(path: str | os.PathLike) -> dict:

@@ -48,7 +48,7 @@ def load_potential(path: str, weights: str):
     model.load_state_dict(pretrained.state_dict)
     n = pretrained.normalizers
     norms = Normalizers.from_mapping(n)  # older run checkpoints: force_rms
-    return Potential(model, norms, {"source": pretrained.source})
+    return Potential(model, norms, {"source": pretrained.source}, pretrained.energy_references)
 
 
 def parse_splits(items: list[str]) -> dict[str, str]:
@@ -82,7 +82,9 @@ def evaluate_split(potential, name: str, manifest: str, args, dist, graphs) -> d
                      num_workers=0, require_labels=False)
     full = num_val_batches(cfg, dist.world_size)
     total = min(full, args.limit) if args.limit else full
-    metrics = S2EFMetrics(dist.device, not args.all_atoms)
+    refs = potential.energy_references  # the mean baseline as the trainer's: energy mean (+ references)
+    metrics = S2EFMetrics(dist.device, not args.all_atoms, potential.normalizers.energy_mean,
+                          None if refs is None else refs.to(dist.device))
     writer = PredictionWriter() if args.predictions else None
     unlabelled = 0.0
     bar = tqdm(total=total, unit="batch", disable=True if not dist.is_main else show_progress(args.quiet), desc=name)

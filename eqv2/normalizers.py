@@ -5,6 +5,12 @@ name for the force normaliser: a mean of zero and the root mean square of the fo
 about zero (`stats.json`'s `forces_std`; fairchem's `rmsd` with mean 0, OC20's `grad_target_std`).
 Run checkpoints and configs written before this module called it `force_rms`; `from_mapping` still
 reads them.
+
+A gradient-force model (`model.forces: gradient`) outputs derivatives of its normalised energy, so its
+forces and stress are in units of energy_std (per Å, per Å^3): the trainer sets forces_std = energy_std
+for it, as fairchem's configs set grad_target_std = target_std, and the stress is scaled by energy_std.
+Per-element energy references (eV, indexed by atomic number) are added to the denormalised energy
+(`structure_references`): the model learns E - sum_atoms ref[Z].
 """
 from __future__ import annotations
 
@@ -42,7 +48,19 @@ class Normalizers:
         result = {"energy": _wide(out["energy"]) * self.energy_std + self.energy_mean}
         if "forces" in out:
             result["forces"] = _wide(out["forces"]) * self.forces_std
+        if "stress" in out:  # the derivative of the normalised energy (gradient models)
+            result["stress"] = _wide(out["stress"]) * self.energy_std
         return result
+
+    def normalise_stress(self, stress: torch.Tensor) -> torch.Tensor:
+        return stress / self.energy_std
+
+
+def structure_references(references: torch.Tensor, atomic_numbers: torch.Tensor, graph_of_atom: torch.Tensor,
+                         num_graphs: int) -> torch.Tensor:
+    """[B] float64: the sum of `references` [Z] (eV) over the atoms of each structure."""
+    per_atom = references.to(torch.float64)[atomic_numbers]
+    return per_atom.new_zeros(num_graphs).index_add(0, graph_of_atom, per_atom)
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,7 @@ from eqv2.training.metrics import S2EFMetrics
 from eqv2.training.monitor import StepLogger, run_summary
 from eqv2.training.optim import build_optimizer, clip_gradients, lr_factor, trainer_clipping
 from eqv2.training.profiling import StepProfiler, phase
+from eqv2.training.targets import check_zero_stage, physical, resolve_targets
 from eqv2.training.signals import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_REQUEUE, StopFlag
 
 
@@ -113,12 +114,10 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     # a fine-tuning run starts from pretrained weights, unless it resumes (then its own checkpoint wins)
     pretrained = read_pretrained(cfg.init.from_checkpoint, cfg.init.weights) \
         if cfg.init.from_checkpoint and not resume else None
-    if resume:  # a resumed run keeps the units its weights were trained in
-        normalizers = Normalizers.from_mapping(resume.state["normalizers"])
-    elif pretrained:  # ... and a fine-tuning run those of its pretrained model, unless the config sets them
-        normalizers = cfg.normalizers or Normalizers.from_mapping(pretrained.normalizers)
-    else:
-        normalizers = cfg.normalizers or Normalizers(stats.energy_mean, stats.energy_std, stats.forces_std)
+    # a resumed run keeps the units (and energy references) its weights were trained in, a fine-tuning run
+    # those of its pretrained model unless the config sets them; else the data stats' (training/targets.py)
+    targets = resolve_targets(cfg, stats, str(stats_path), pretrained, resume.state if resume else None)
+    normalizers, references = targets.normalizers, targets.reference_tensor(dist.device)
     if cfg.model_graph_stats_from_data and not resume and not cfg.init.from_checkpoint:
         try:  # avg_degree depends on the graph: it must be the model's cutoff and neighbour limit
             check_degree_graph(stats, cfg.model.max_radius, cfg.model.max_neighbors, str(stats_path),
@@ -144,6 +143,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     # --- model, optimizer, engine
     torch.manual_seed(cfg.seed)
     zero_stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    check_zero_stage(cfg, zero_stage)
     # ZeRO-3: every parameter is partitioned as soon as its module is built, so no rank ever holds the
     # whole model; the initialisation steps that touch built submodules are then redone on gathered
     # parameters.  tensor_overrides=[]: only parameters are moved; the model's constant tables (Wigner
@@ -165,14 +165,16 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
                   f"{f'; {len(fresh)} head tensors kept fresh' if fresh else ''}", flush=True)
     frozen = freeze(model, cfg.init)  # resumed or not: frozen parts stay frozen
     num_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ds_numel: ZeRO-3 full size
-    compiled = apply_compile(model, cfg.compile) if cfg.compile.resolve(dist.device, zero_stage) else []
+    # gradient forces: no compile by default (check_force_options refuses compile.enabled=true)
+    compiled = apply_compile(model, cfg.compile) \
+        if cfg.compile.resolve(dist.device, zero_stage) and cfg.model.forces == "direct" else []
     wrapped = apply_activation_checkpointing(model, cfg.activation_checkpointing)  # wraps the compiled forwards
     optimizer = build_optimizer(model, cfg.optim, fused=dist.device.type == "cuda",
                                 backbone_lr_factor=cfg.init.backbone_lr_factor)
     engine_ds, max_grad_norm = trainer_clipping(ds)  # ZeRO-0: the trainer clips, with multi-tensor kernels
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=engine_ds)
     ema = EMA(engine.module, cfg.optim.ema_decay, cfg.optim.ema_warmup) if cfg.optim.ema_decay else None
-    loss_fn = EnergyForceLoss(cfg.loss, normalizers)
+    loss_fn = EnergyForceLoss(cfg.loss, normalizers, references)
     if dist.is_main:
         print(f"eqv2.train: {dist.launcher} launch, {dist.world_size} rank(s) on {dist.device.type}/{dist.backend}; "
               f"{num_params / 1e6:.2f}M parameters{f' ({frozen / 1e6:.2f}M frozen)' if frozen else ''}; ZeRO-{engine.zero_optimization_stage()}; "
@@ -223,7 +225,8 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     def trainer_state() -> dict:  # collective: every rank's data position is gathered
         data_per_rank = all_gather_object(stream.state_dict())
         return {"step": step, "data": data_per_rank[0], "data_per_rank": data_per_rank,
-                "normalizers": asdict(normalizers),
+                "normalizers": asdict(normalizers), "energy_references": targets.references,
+                "energy_target": targets.energy_target,
                 "world_size": dist.world_size, "zero_stage": engine.zero_optimization_stage(),
                 "bf16": bool(engine.bfloat16_enabled()), "nonfinite_steps": nonfinite, "best": best,
                 "total_steps": total_steps, "config": to_dict(cfg)}
@@ -243,7 +246,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
         if not cfg.data.val_splits():
             return
         for name, split_cfg in cfg.data.val_splits():
-            split_metrics = evaluate(engine, cfg, split_cfg, ema, normalizers, dist, graphs)
+            split_metrics = evaluate(engine, cfg, split_cfg, ema, normalizers, dist, graphs, references)
             logger.log_eval(step, name, split_metrics)
             if name == "val":  # the primary split picks the best checkpoint
                 metrics = split_metrics
@@ -451,12 +454,12 @@ def take_step(engine, micro: list[AtomsBatch], loss_fn: EnergyForceLoss, zero_lo
 
 @torch.no_grad()
 def evaluate(engine, cfg: RunConfig, split_cfg, ema: EMA | None, normalizers: Normalizers, dist: DistInfo,
-             graphs: GraphBuilder | None) -> dict:
+             graphs: GraphBuilder | None, references: torch.Tensor | None = None) -> dict:
     """Metrics of one validation split (`split_cfg`: its data config; EMA weights by default), exact
-    over ranks."""
+    over ranks, in the units of the data (energy references added back)."""
     from eqv2.data import val_batches
 
-    metrics = S2EFMetrics(dist.device, cfg.loss.train_on_free_atoms, normalizers.energy_mean)
+    metrics = S2EFMetrics(dist.device, cfg.loss.train_on_free_atoms, normalizers.energy_mean, references)
     engine.eval()
     with ema.swapped_in() if (ema is not None and cfg.eval.use_ema) else contextlib.nullcontext():
         for i, batch in enumerate(val_batches(split_cfg, dist.rank, dist.world_size, graphs)):
@@ -464,7 +467,7 @@ def evaluate(engine, cfg: RunConfig, split_cfg, ema: EMA | None, normalizers: No
                 break
             batch = batch.to(dist.device, non_blocking=True)
             torch.compiler.cudagraph_mark_step_begin()
-            metrics.update(normalizers.denormalise(engine(batch)), batch)
+            metrics.update(physical(engine(batch), batch, normalizers, references), batch)
     engine.train()
     return metrics.compute()
 

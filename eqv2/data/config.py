@@ -36,6 +36,10 @@ class DataConfig:
     # every sample must carry energy and forces (training); false: samples without them are read too
     # (predicting test splits with `eqv2 evaluate`; a training batch without targets is still refused)
     require_labels: bool = True
+    # the energy the model learns (eqv2/training/targets.py): "as_stored", the samples' energy (OC20:
+    # referenced energies); "fitted_references": that minus per-element references fitted on the training
+    # set (stats.json), which the exported model adds back (total energies out for total energies in)
+    energy_target: Literal["as_stored", "fitted_references"] = "as_stored"
 
     def __post_init__(self) -> None:
         if (self.batch_size > 0) == (self.max_atoms > 0):

@@ -12,12 +12,21 @@ key hashes to 0 modulo `degree_every`) with a given cutoff and neighbour limit: 
 paper's 12 Å / 20 neighbours; a model with another graph needs the stats measured on its own
 (eqv2 stats --max-radius --max-neighbors), and stats.json records which graph
 (`degree_graph`) so that the trainer can refuse a mismatch.
+
+Per-element reference energies (`energy_references`, eV by atomic number; fairchem's element references,
+MACE's E0s): the least-squares fit E_s ~ sum over the atoms of s of ref[Z], without intercept, over the
+structures with an energy.  Each shard keeps the normal equations' sums (element-count products C^T C,
+C^T E and the element counts), so the fit, and the mean and std of the residual energies
+E_s - sum ref[Z] that a run with `data.energy_target: fitted_references` normalises by, combine
+exactly over shards.  Elements that always occur in the same proportion cannot be told apart: the fit
+is then the minimum-norm solution (predicted energies are the same for any split).
 """
 from __future__ import annotations
 
 import json
 import math
 import zlib
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,6 +46,7 @@ class Summary:
     force_n: int  # number of force components
     degree_edges: int  # radius-graph edges (0 unless selected for the degree estimate)
     degree_atoms: int
+    elements: dict[int, int] | None = None  # atoms per atomic number (structures with an energy)
 
 
 def neighbour_edges(sample: dict, max_radius: float = DEGREE_RADIUS, max_neighbors: int = DEGREE_MAX_NEIGHBORS) -> int:
@@ -68,6 +78,8 @@ def summarize(sample: dict, key: str, degree_every: int,
         force_n=int(f.size),
         degree_edges=neighbour_edges(sample, *degree_graph) if selected else 0,
         degree_atoms=n if selected else 0,
+        elements=dict(Counter(int(z) for z in np.asarray(sample["numbers"])))
+        if sample.get("energy") is not None else None,
     )
 
 
@@ -85,6 +97,11 @@ class Accumulator:
         self.force_n = 0
         self.degree_edges = 0
         self.degree_atoms = 0
+        # normal equations of the element-reference fit: "a,b" (a <= b) -> sum of count_a * count_b,
+        # "z" -> sum of count_z * energy, "z" -> sum of count_z (JSON keys)
+        self.element_gram: dict[str, float] = {}
+        self.element_energy: dict[str, float] = {}
+        self.element_atoms: dict[str, int] = {}
 
     def add(self, s: Summary) -> None:
         self.count += 1
@@ -99,6 +116,15 @@ class Accumulator:
         self.force_n += s.force_n
         self.degree_edges += s.degree_edges
         self.degree_atoms += s.degree_atoms
+        if s.energy is not None and s.elements is not None:
+            items = sorted(s.elements.items())
+            for i, (a, na) in enumerate(items):
+                key = str(a)
+                self.element_energy[key] = self.element_energy.get(key, 0.0) + na * s.energy
+                self.element_atoms[key] = self.element_atoms.get(key, 0) + na
+                for b, nb in items[i:]:
+                    pair = f"{a},{b}"
+                    self.element_gram[pair] = self.element_gram.get(pair, 0.0) + float(na * nb)
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in vars(self)}
@@ -117,6 +143,34 @@ class DatasetStats:
     max_natoms: int
     degree_max_radius: float = DEGREE_RADIUS  # the graph avg_degree was measured on (Å) ...
     degree_max_neighbors: int = DEGREE_MAX_NEIGHBORS  # ... and its neighbour limit
+    # least-squares per-element reference energies (eV) by atomic number, and the mean and std of the
+    # residual energies E - sum ref[Z]; None where not measured (stats written before they were)
+    energy_references: dict[int, float] | None = None
+    referenced_energy_mean: float | None = None
+    referenced_energy_std: float | None = None
+
+
+def fit_element_references(gram: dict[str, float], energy: dict[str, float], atoms: dict[str, int], n: int,
+                           mean: float, m2: float) -> tuple[dict[int, float], float, float]:
+    """(references by atomic number, residual mean, residual std) of the least-squares fit from the
+    normal equations' sums (`Accumulator`) over `n` structures whose energies have `mean` and sum of
+    squared deviations `m2`."""
+    elements = sorted(int(z) for z in atoms)
+    index = {z: i for i, z in enumerate(elements)}
+    g = np.zeros((len(elements), len(elements)))
+    for pair, value in gram.items():
+        a, b = (index[int(z)] for z in pair.split(","))
+        g[a, b] = g[b, a] = value
+    cte = np.array([energy[str(z)] for z in elements])
+    counts = np.array([atoms[str(z)] for z in elements], dtype=np.float64)
+    refs, *_ = np.linalg.lstsq(g, cte, rcond=None)  # minimum norm where the compositions are degenerate
+    # residual sums from the normal equations: sum r = sum E - refs.counts;
+    # sum r^2 = sum E^2 - 2 refs.(C^T E) + refs^T (C^T C) refs
+    residual_sum = n * mean - refs @ counts
+    residual_sq = (m2 + n * mean * mean) - 2.0 * refs @ cte + refs @ g @ refs
+    residual_mean = residual_sum / n
+    variance = max(residual_sq / n - residual_mean * residual_mean, 0.0)
+    return {z: float(r) for z, r in zip(elements, refs)}, float(residual_mean), math.sqrt(variance)
 
 
 def combine(shard_sums: list[dict], degree_graph: tuple[float, int] = DEGREE_GRAPH) -> DatasetStats:
@@ -134,6 +188,15 @@ def combine(shard_sums: list[dict], degree_graph: tuple[float, int] = DEGREE_GRA
     atoms = sum(s["atoms"] for s in shard_sums)
     force_n = sum(s["force_n"] for s in shard_sums)
     d_atoms = sum(s["degree_atoms"] for s in shard_sums)
+    refs, ref_mean, ref_std = None, None, None
+    with_energy = [s for s in shard_sums if s["n_energy"]]
+    if n > 0 and all("element_gram" in s for s in with_energy):  # older manifests lack the fit's sums
+        gram, energy, counts = {}, {}, {}
+        for s in with_energy:
+            for total, part in ((gram, s["element_gram"]), (energy, s["element_energy"]), (counts, s["element_atoms"])):
+                for key, value in part.items():
+                    total[key] = total.get(key, 0) + value
+        refs, ref_mean, ref_std = fit_element_references(gram, energy, counts, int(n), mean, m2)
     return DatasetStats(
         num_samples=count,
         num_atoms=atoms,
@@ -146,6 +209,9 @@ def combine(shard_sums: list[dict], degree_graph: tuple[float, int] = DEGREE_GRA
         max_natoms=max((s["max_natoms"] for s in shard_sums), default=0),
         degree_max_radius=float(degree_graph[0]),
         degree_max_neighbors=int(degree_graph[1]),
+        energy_references=refs,
+        referenced_energy_mean=ref_mean,
+        referenced_energy_std=ref_std,
     )
 
 
@@ -164,6 +230,8 @@ def load_stats(path: str | Path) -> DatasetStats:
     graph = data.pop("degree_graph", None) or {}  # files without it were measured at 12 Å / 20
     if "force_rms" in data:  # files written before the normaliser took fairchem's name
         data.setdefault("forces_std", data.pop("force_rms"))
+    if data.get("energy_references") is not None:  # JSON keys are strings
+        data["energy_references"] = {int(z): float(v) for z, v in data["energy_references"].items()}
     try:
         return DatasetStats(**data, degree_max_radius=float(graph.get("max_radius", DEGREE_RADIUS)),
                             degree_max_neighbors=int(graph.get("max_neighbors", DEGREE_MAX_NEIGHBORS)))

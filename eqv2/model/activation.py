@@ -60,6 +60,7 @@ class S2Grid(nn.Module):
                  kernel_form: str = "columns"):
         super().__init__()
         self.kernel_form = kernel_form  # the fused kernels' form (model.s2_kernel_form)
+        self.fused = True  # the fused kernel where it serves (off for gradient forces: EquiformerV2 sets it)
         to_mat, from_mat = _grid_matrices(lmax, mmax, resolution)
         g = to_mat.shape[0] * to_mat.shape[1]
         # kept in float64 so float64 models are exact; cast to the feature dtype on use
@@ -80,7 +81,7 @@ class S2Grid(nn.Module):
     def silu(self, x: torch.Tensor) -> torch.Tensor:
         """[Z, K, C] -> from_grid(SiLU(to_grid(x))) [Z, K, C].  On CUDA in bf16/fp16 the fused kernel
         (fused_s2_activation.py) computes it without writing the [Z, G, C] grid; else two einsums."""
-        if kernel_available(x):
+        if self.fused and kernel_available(x):
             return s2_silu(x, self.to_grid_mat.to(x.dtype), self.from_grid_mat.to(x.dtype), self.kernel_form)
         return self.from_grid(nn.functional.silu(self.to_grid(x)))
 

@@ -49,7 +49,15 @@ class ModelConfig:
     avg_num_nodes: float = OC20_AVG_NUM_NODES  # energy = sum of node energies / avg_num_nodes
     avg_degree: float = OC20_AVG_DEGREE  # edge-degree embedding sum / avg_degree
     weight_init: Literal["uniform", "normal"] = "uniform"  # linear-layer weight initialisation
-    regress_forces: bool = True  # direct force head
+    regress_forces: bool = True  # direct force head (with forces: direct)
+    # forces from the direct head (the paper) or as -dE/dpositions, with the stress from a strain of the cell
+    # (eqv2/model/conservative.py; beyond the paper: conservative, for MD and cell relaxations; slower: a
+    # double backward in training); a gradient model has no direct force head
+    forces: Literal["direct", "gradient"] = "direct"
+    # "polynomial": every edge's messages (edge-degree embedding, attention weights) scaled by a smooth
+    # envelope that vanishes with two derivatives at max_radius (conservative.py), so the energy does not
+    # jump when a neighbour crosses the cutoff (beyond the paper; for MD with gradient forces); "none": the paper
+    cutoff_envelope: Literal["none", "polynomial"] = "none"
     validate_inputs: bool = True  # check structures and graph built here (host syncs); a batch with a graph
     # built ahead (GraphBuilder, the trainer's data loader) was checked there
     # shape buckets (0: off): pad the atom / edge counts of each batch up to these multiples with an inert
@@ -93,6 +101,11 @@ class ModelConfig:
                 raise ValueError(f"{name} must be >= 0 (0: no padding), got {getattr(self, name)}")
         if self.max_radius <= 0:
             raise ValueError(f"max_radius must be positive, got {self.max_radius}")
+        if self.forces == "gradient":
+            for name in ("so2_fused_input_grad", "fused_rotation"):  # their backward is not differentiable again
+                if getattr(self, name):
+                    raise ValueError(f"{name} is not supported with forces: gradient (the force loss needs the "
+                                     "kernel's backward differentiated again); set it to false")
         if self.grid_resolution is not None and self.grid_resolution < 2 * (self.lmax + 1) - 2:
             raise ValueError(f"grid_resolution {self.grid_resolution} is too coarse for lmax {self.lmax}")
 

@@ -39,5 +39,7 @@ class EdgeDegreeEmbedding(nn.Module):
         m0 = self.radial(edge_scalars).reshape(-1, self.layout.lmax + 1, self.channels)  # [E, L+1, C]
         rest = m0.new_zeros(m0.shape[0], self.layout.num_reduced - m0.shape[1], self.channels)
         rotated = torch.cat([m0, rest], dim=1)  # [E, K, C] in the edge frame, only m = 0 non-zero
+        if rotation.envelope is not None:  # model.cutoff_envelope: edges fade out at the cutoff
+            rotated = rotated * rotation.envelope.to(rotated.dtype)[:, None, None]
         summed = rotated_back_and_summed(rotation, rotated, edge_index[1], num_nodes)
         return summed / self.avg_degree  # [N, (L+1)^2, C]

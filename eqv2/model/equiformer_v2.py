@@ -4,7 +4,8 @@ Graph (radius 12 Å, <= 20 neighbours, periodic; built here, or ahead in the dat
 and passed in the batch) -> per-edge Wigner-D (once, shared by all blocks)
 -> atom embedding + edge-degree embedding -> N Transformer blocks -> final norm ->
 energy head (FFN -> degree-0 scalar per atom -> sum / avg_num_nodes) and direct force head
-(graph attention -> degree-1 output per atom).
+(graph attention -> degree-1 output per atom); or, with `forces: gradient` (beyond the paper), forces
+and stress as derivatives of the energy (conservative.py).
 
 Departures from the reference implementation (fairchem), none of which change the function:
 - the roll of each edge frame about the edge is fixed instead of drawn at random inside forward;
@@ -23,6 +24,8 @@ from torch import nn
 
 from eqv2.batch import AtomsBatch
 from eqv2.model import fused_rotation
+from eqv2.model.activation import S2Grid
+from eqv2.model.conservative import edge_wigner, gradient_outputs, polynomial_envelope
 from eqv2.model.config import ModelConfig
 from eqv2.model.edge_degree_embedding import EdgeDegreeEmbedding
 from eqv2.model.feed_forward import FeedForwardNetwork
@@ -37,7 +40,8 @@ from eqv2.model.transformer_block import TransformerBlock, drop_path_scales
 
 
 class EquiformerV2(nn.Module):
-    """`model(batch) -> {"energy": [B], "forces": [N, 3]}` in the units of the training targets."""
+    """`model(batch) -> {"energy": [B], "forces": [N, 3]}` in the units of the training targets, and
+    "stress" [B, 3, 3] for `forces: gradient` (derivatives of the normalised energy)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -53,11 +57,14 @@ class EquiformerV2(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.num_layers))
         self.norm = make_norm(cfg.norm_type, cfg.lmax, cfg.sphere_channels)
         self.energy_head = FeedForwardNetwork(cfg, 1)
-        self.force_head = EquivariantGraphAttention(cfg, 1, alpha_drop=0.0) if cfg.regress_forces else None
+        direct = cfg.regress_forces and cfg.forces == "direct"
+        self.force_head = EquivariantGraphAttention(cfg, 1, alpha_drop=0.0) if direct else None
         for module in self.modules():
             if isinstance(module, SO2Convolution):
                 module.fused_input_grad = cfg.so2_fused_input_grad
                 module.indexed_radial = cfg.so2_indexed_radial
+            if isinstance(module, S2Grid):  # the fused S2 kernel's backward is not differentiable again
+                module.fused = cfg.forces == "direct"
         self._init_weights(self.modules())
 
     @torch.no_grad()
@@ -124,11 +131,18 @@ class EquiformerV2(nn.Module):
         the CUDA-graph pool the blocks read from.
         edge_vec [E, 3], distance [E] -> to_edge [E, K, (L+1)^2], from_edge [E, (L+1)^2, K], basis [E, B]."""
         tables = (self.rotation_index, self.rotation_degree)
-        to_edge, from_edge = rotation_matrices(self.wigner(edge_vec), self.layout, dtype, self.cfg.rotation_align,
-                                               tables)
+        # gradient forces: differentiable frames without a singular direction along the axes (conservative.py)
+        wigner = self.wigner(edge_vec) if self.cfg.forces == "direct" else edge_wigner(self.wigner, edge_vec)
+        to_edge, from_edge = rotation_matrices(wigner, self.layout, dtype, self.cfg.rotation_align, tables)
         return to_edge, from_edge, self.radial_basis(distance).to(dtype)
 
     def forward(self, batch: AtomsBatch) -> dict[str, torch.Tensor]:
+        if self.cfg.forces == "gradient":
+            return gradient_outputs(lambda strained: self.energy_and_direct_forces(strained)["energy"], batch)
+        return self.energy_and_direct_forces(batch)
+
+    def energy_and_direct_forces(self, batch: AtomsBatch) -> dict[str, torch.Tensor]:
+        """The paper's network: energy [B] and, with the direct head, forces [N, 3]."""
         cfg = self.cfg
         z = batch.atomic_numbers.long()
         num_nodes, num_graphs = z.shape[0], batch.natoms.shape[0]
@@ -149,7 +163,8 @@ class EquiformerV2(nn.Module):
         edge_index = graph.edge_index
         # the fused kernels' segmented sums take the edges grouped by atom (two sorts, shared by all blocks)
         order = fused_rotation.EdgeOrder.of(edge_index) if cfg.fused_rotation else None
-        rotation = EdgeRotation(to_edge, from_edge, order)
+        envelope = polynomial_envelope(graph.distance, cfg.max_radius) if cfg.cutoff_envelope == "polynomial" else None
+        rotation = EdgeRotation(to_edge, from_edge, order, envelope)
         x = torch.zeros(num_nodes, (cfg.lmax + 1) ** 2, cfg.sphere_channels, device=pos.device, dtype=pos.dtype)
         x[:, 0, :] = self.atom_embedding(z).to(pos.dtype)
         x = x + self.edge_degree_embedding(z, distance_basis, edge_index, rotation, num_nodes).to(pos.dtype)

@@ -23,8 +23,10 @@ from eqv2.model.so2_convolution import SO2Convolution
 from eqv2.model.so3 import CoefficientLayout, EdgeRotation, SO3Linear
 
 
-def segment_softmax(logits: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:
-    """Softmax of logits [E, H] over the edges sharing a target, computed in float32 or better.
+def segment_softmax(logits: torch.Tensor, segment: torch.Tensor, num_segments: int,
+                    weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax of logits [E, H] over the edges sharing a target, computed in float32 or better; with
+    `weights` [E] (the cutoff envelope), w_e exp(l_e) / sum w exp(l): an edge of weight 0 has no share.
 
     The per-target maximum that is subtracted for range safety is a constant to the gradient (detached,
     as in PyG's softmax that the reference uses): softmax does not depend on it, so its exact gradient
@@ -35,6 +37,8 @@ def segment_softmax(logits: torch.Tensor, segment: torch.Tensor, num_segments: i
     peak = logits.new_full((num_segments, logits.shape[1]), float("-inf"))
     peak = peak.scatter_reduce(0, index, logits.detach(), reduce="amax", include_self=True)
     expo = torch.exp(logits - peak.index_select(0, segment))
+    if weights is not None:
+        expo = expo * weights.to(expo.dtype)[:, None]
     total = logits.new_zeros((num_segments, logits.shape[1])).index_add_(0, segment, expo)
     return (expo / (total.index_select(0, segment) + 1e-16)).to(dtype)
 
@@ -131,7 +135,7 @@ class EquivariantGraphAttention(nn.Module):
         # attention weights a_ij from f_ij^(0)
         alpha = self.alpha_act(self.alpha_norm(alpha_features.reshape(-1, self.num_heads, self.alpha_channels)))
         alpha = torch.einsum("ehc,hc->eh", alpha, self.alpha_dot.to(alpha.dtype))  # [E, H]
-        alpha = segment_softmax(alpha, target, num_nodes)
+        alpha = segment_softmax(alpha, target, num_nodes, rotation.envelope)
         if self.alpha_dropout is not None:
             alpha = self.alpha_dropout(alpha)
         value = message.reshape(message.shape[0], message.shape[1], self.num_heads, self.value_channels)

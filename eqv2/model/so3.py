@@ -129,7 +129,8 @@ class WignerD(nn.Module):
     direction, i.e. the roll about the edge is fixed (gamma = 0).  This keeps the forward pass
     deterministic; the reference draws a random roll, which the SO(2) convolutions are invariant
     to (Sec. 3.3).  Matrices are built in the dtype of the edge vectors (float32 or float64),
-    never in reduced precision, and carry no gradient (forces are predicted directly).
+    never in reduced precision, and carry no gradient (forces are predicted directly); `matrices` is
+    the same function with gradients, for gradient forces (conservative.py).
     """
 
     def __init__(self, lmax: int):
@@ -141,6 +142,10 @@ class WignerD(nn.Module):
     @torch.no_grad()
     def forward(self, edge_vec: torch.Tensor) -> torch.Tensor:
         """edge_vec [E, 3] -> D [E, (L+1)^2, (L+1)^2] block-diagonal Wigner-D matrices."""
+        return self.matrices(edge_vec)
+
+    def matrices(self, edge_vec: torch.Tensor) -> torch.Tensor:
+        """As forward, differentiable (the gradient is not defined for edges along +-y)."""
         direction = edge_vec / edge_vec.norm(dim=-1, keepdim=True)
         # e3nn angles: direction = Ry(alpha) Rx(beta) e_y
         alpha = torch.atan2(direction[:, 0], direction[:, 2])
@@ -165,10 +170,12 @@ class EdgeRotation:
     dtype `dtype` (bfloat16 under autocast) and shared by every block.
     """
 
-    def __init__(self, to_edge: torch.Tensor, from_edge: torch.Tensor, order=None):
+    def __init__(self, to_edge: torch.Tensor, from_edge: torch.Tensor, order=None, envelope=None):
         """to_edge [E, K, (L+1)^2], from_edge [E, (L+1)^2, K] as `rotation_matrices` makes them; order: the
-        edges grouped by atom (`fused_rotation.EdgeOrder`) when the fused rotation kernels are used."""
+        edges grouped by atom (`fused_rotation.EdgeOrder`) when the fused rotation kernels are used;
+        envelope [E]: the smooth-cutoff weight of each edge's messages (model.cutoff_envelope) or None."""
         self.to_edge, self.from_edge, self.dtype, self.order = to_edge, from_edge, to_edge.dtype, order
+        self.envelope = envelope
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """[E, (L+1)^2, C] -> [E, K, C] in the compute dtype."""

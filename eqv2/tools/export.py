@@ -54,8 +54,11 @@ def export(tag_dir: Path, out: Path, weights: str) -> dict:
     model = EquiformerV2(model_cfg)
     model.load_state_dict(sd, strict=True)  # checks that names and shapes match the config
     normalizers = Normalizers.from_mapping(state["normalizers"])  # older run checkpoints: force_rms
-    meta = {"source": str(tag_dir), "step": state["step"], "weights": weights}
-    save_model(out, model, model_cfg, normalizers, meta=meta)
+    # the energy target the run fitted (eqv2/training/targets.py): with fitted references the model file
+    # carries them and predicts total energies
+    meta = {"source": str(tag_dir), "step": state["step"], "weights": weights,
+            "energy_target": state.get("energy_target", "as_stored"), "forces": model_cfg.forces}
+    save_model(out, model, model_cfg, normalizers, meta=meta, energy_references=state.get("energy_references"))
     return meta
 
 

@@ -31,6 +31,7 @@ from eqv2.training.garbage import GCConfig
 from eqv2.training.loss import LossConfig, Normalizers
 from eqv2.training.optim import OptimConfig
 from eqv2.training.profiling import check_profile_steps
+from eqv2.training.targets import check_force_options
 
 # ds_config keys the trainer owns or derives; setting them in the JSON would be silently overridden
 _DS_FORBIDDEN = {"optimizer": "the optimizer is built from the run config's optim: section",
@@ -76,6 +77,9 @@ class RunConfig:
     seed: int = 0  # model init; dropout masks are re-seeded from (seed, step, rank) every step
     normalizers: Normalizers | None = None  # null: energy_mean/energy_std/forces_std of the data stats JSON
     model_graph_stats_from_data: bool = False  # true: model.avg_num_nodes/avg_degree from the data stats
+
+    def __post_init__(self) -> None:
+        check_force_options(self)  # gradient forces and the stress loss (training/targets.py)
 
 
 # PyYAML follows YAML 1.1, where "2e-4" (no dot) is a string; users type it that way on the command line.

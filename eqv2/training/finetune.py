@@ -8,6 +8,7 @@
       freeze_blocks: 0                  # the first N Transformer blocks stay fixed
       backbone_lr_factor: 1.0           # everything but the energy and force heads learns at lr × factor
       reinit_heads: false               # the heads start from a fresh initialisation (the run's seed)
+      energy_references: keep           # a model with per-element energy references: keep or refit them
 
 Only the weights and the target normalisers come from the checkpoint: the optimizer, schedule, EMA and
 data stream start afresh (`--resume` continues a run instead).  The architecture is the checkpoint's: a
@@ -43,6 +44,8 @@ class InitConfig:
     freeze_blocks: int = 0
     backbone_lr_factor: float = 1.0
     reinit_heads: bool = False
+    # a pretrained model with energy references: keep them, or fit them on this run's data (targets.py)
+    energy_references: Literal["keep", "refit"] = "keep"
 
     def __post_init__(self) -> None:
         if self.freeze_blocks < 0:
@@ -50,9 +53,9 @@ class InitConfig:
         if self.backbone_lr_factor < 0:
             raise ValueError(f"init.backbone_lr_factor must be >= 0, got {self.backbone_lr_factor}")
         if self.from_checkpoint is None and (self.freeze_embeddings or self.freeze_blocks or self.reinit_heads
-                                             or self.backbone_lr_factor != 1.0):
-            raise ValueError("init.freeze_*, init.backbone_lr_factor and init.reinit_heads need "
-                             "init.from_checkpoint")
+                                             or self.backbone_lr_factor != 1.0 or self.energy_references != "keep"):
+            raise ValueError("init.freeze_*, init.backbone_lr_factor, init.reinit_heads and init.energy_references "
+                             "need init.from_checkpoint")
 
 
 @dataclass
@@ -61,6 +64,7 @@ class Pretrained:
     state_dict: dict[str, torch.Tensor]
     normalizers: dict  # eqv2.normalizers.Normalizers fields
     source: str
+    energy_references: list[float] | None = None  # eV by atomic number (data.energy_target fitted_references)
 
 
 def read_pretrained(path: str, weights: str) -> Pretrained:
@@ -70,9 +74,10 @@ def read_pretrained(path: str, weights: str) -> Pretrained:
         tag_dir, _ = ckpt.find_resume(str(p), p)
         state, sd = ckpt.run_weights(tag_dir, weights)
         n = renamed_legacy(state["normalizers"])  # run checkpoints before eqv2.normalizers: force_rms
-        return Pretrained(state["config"]["model"], sd, n, f"{tag_dir} ({weights} weights)")
-    model_config, sd, norms, _ = read_model_file(p)
-    return Pretrained(model_config, sd, asdict(norms), str(p))
+        return Pretrained(state["config"]["model"], sd, n, f"{tag_dir} ({weights} weights)",
+                          state.get("energy_references"))
+    model_config, sd, norms, _, references = read_model_file(p)
+    return Pretrained(model_config, sd, asdict(norms), str(p), references)
 
 
 def model_config_of(path: str) -> dict:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from eqv2.batch import AtomsBatch
-from eqv2.normalizers import Normalizers
+from eqv2.config import ConfigError
+from eqv2.normalizers import Normalizers, structure_references
 from eqv2.training.dist import all_reduce_sum
 
 __all__ = ["EnergyForceLoss", "LossConfig", "Normalizers", "free_atom_mask", "global_counts", "local_counts"]
@@ -27,9 +28,12 @@ class LossConfig:
     force_coef: float = 100.0  # λF; reference 100
     train_on_free_atoms: bool = True  # fixed (sub-surface) atoms carry no force loss, as the reference
     max_nonfinite_steps: int = 20  # a run with this many steps holding a non-finite loss stops (exit 1)
+    # λS: weight of the stress term, mean over structures of |σ̂ - σ|_F in units of energy_std / Å^3
+    # (model.forces: gradient; the training data must carry stress)
+    stress_coef: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.energy_coef < 0 or self.force_coef < 0:
+        if self.energy_coef < 0 or self.force_coef < 0 or self.stress_coef < 0:
             raise ValueError("loss coefficients must be non-negative")
         if self.max_nonfinite_steps < 1:
             raise ValueError("max_nonfinite_steps must be >= 1")
@@ -61,11 +65,15 @@ def global_counts(micro_batches: list[AtomsBatch], free_only: bool, device: torc
 
 
 class EnergyForceLoss:
-    """Weighted energy MAE + force L2-MAE whose gradient is independent of the rank layout."""
+    """Weighted energy MAE + force L2-MAE (+ stress L2-MAE) whose gradient is independent of the rank layout.
 
-    def __init__(self, cfg: LossConfig, normalizers: Normalizers):
+    references: per-element energies [Z] (eV, on the batches' device) subtracted from the target energy
+    before normalisation (data.energy_target: fitted_references), or None."""
+
+    def __init__(self, cfg: LossConfig, normalizers: Normalizers, references: torch.Tensor | None = None):
         self.cfg = cfg
         self.norm = normalizers
+        self.references = references
 
     def __call__(self, out: dict[str, torch.Tensor], batch: AtomsBatch, step_counts: torch.Tensor,
                  scale: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -79,7 +87,11 @@ class EnergyForceLoss:
         if batch.energy is None or batch.forces is None:
             raise ValueError(f"training batch without energy/forces targets (ids {batch.ids[:3]}...)")
         # float32 or wider (bf16 outputs of autocast are widened; a float64 run stays float64)
-        e_err = _wide(out["energy"]) - self.norm.normalise_energy(batch.energy)  # [B]
+        energy = batch.energy
+        if self.references is not None:
+            refs = structure_references(self.references, batch.atomic_numbers, batch.batch, batch.num_graphs)
+            energy = (energy.double() - refs).to(torch.promote_types(energy.dtype, torch.float32))
+        e_err = _wide(out["energy"]) - self.norm.normalise_energy(energy)  # [B]
         f_err = _wide(out["forces"]) - self.norm.normalise_forces(batch.forces)  # [N, 3]
         mask = free_atom_mask(batch, self.cfg.train_on_free_atoms)  # [N]
         n_struct = step_counts[0].to(e_err.dtype).clamp_min(1.0)
@@ -87,6 +99,14 @@ class EnergyForceLoss:
         energy_term = e_err.abs().sum() / n_struct  # share of the global energy MAE
         force_term = (torch.linalg.vector_norm(f_err, dim=-1) * mask).sum() / n_free  # global L2-MAE share
         loss = self.cfg.energy_coef * energy_term + self.cfg.force_coef * force_term
-        terms = {"loss": loss.detach(), "energy_mae_norm": energy_term.detach(),
-                 "force_l2mae_norm": force_term.detach()}
+        terms = {"energy_mae_norm": energy_term.detach(), "force_l2mae_norm": force_term.detach()}
+        if self.cfg.stress_coef > 0:
+            if batch.stress is None:
+                raise ConfigError(f"loss.stress_coef={self.cfg.stress_coef}: the training data has no stress "
+                                  f"(batch {batch.ids[:3]}); shard data with stress or set loss.stress_coef: 0")
+            s_err = _wide(out["stress"]) - self.norm.normalise_stress(batch.stress)  # [B, 3, 3]
+            stress_term = torch.linalg.matrix_norm(s_err).sum() / n_struct  # Frobenius, per structure
+            loss = loss + self.cfg.stress_coef * stress_term
+            terms["stress_l2mae_norm"] = stress_term.detach()
+        terms["loss"] = loss.detach()
         return loss * scale, terms
