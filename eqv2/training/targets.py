@@ -68,7 +68,7 @@ def resolve_targets(cfg, stats, stats_path: str, pretrained, resume_state: dict 
     if target == "fitted_references":
         if stats.energy_references is None:
             raise ConfigError(f"data.energy_target=fitted_references: {stats_path} has no energy_references "
-                              f"(written before they were fitted); recompute it with tools/dataset_stats.py "
+                              f"(written before they were fitted); recompute it with eqv2 stats "
                               f"{cfg.data.train_manifest} --out {stats_path}")
         fitted = reference_table(stats.energy_references, size, stats_path)
     if pretrained is not None:

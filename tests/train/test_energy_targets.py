@@ -172,4 +172,4 @@ def test_old_stats_without_references_are_named(totals, tmp_path):
     (tmp_path / "stats.json").write_text(json.dumps(stats))
     rc, out = run_train(_args(totals, tmp_path / "run", 1, "--set", "data.energy_target=fitted_references",
                               "--set", f"data.stats={tmp_path / 'stats.json'}"))
-    assert rc == [2] and "has no energy_references" in out and "tools/dataset_stats.py" in out, out
+    assert rc == [2] and "has no energy_references" in out and "eqv2 stats" in out, out
