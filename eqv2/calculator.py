@@ -1,4 +1,5 @@
-"""ASE calculator backed by an eqv2 model checkpoint: energy (eV) and forces (eV/Å).
+"""ASE calculator backed by an eqv2 model checkpoint: energy (eV), forces (eV/Å) and, for models with a
+stress output, stress (ASE's Voigt order and sign, eV/Å^3).
 
     from eqv2.calculator import EquiformerV2Calculator
     atoms.calc = EquiformerV2Calculator("model.pt")          # GPU when available
@@ -65,6 +66,8 @@ class EquiformerV2Calculator(Calculator):
         self.device = torch.device(device) if device is not None else default_device()
         self.potential = checkpoint if isinstance(checkpoint, Potential) else load_model(checkpoint, self.device)
         self.potential = self.potential.to(self.device).eval()
+        if self.potential.config.stress_head is not None:  # a direct stress head (converted OMat24-family models)
+            self.implemented_properties = [*self.implemented_properties, "stress"]
 
     def calculate(self, atoms: Atoms | None = None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
@@ -75,3 +78,7 @@ class EquiformerV2Calculator(Calculator):
         self.results = {"energy": energy, "free_energy": energy}
         if "forces" in out:
             self.results["forces"] = out["forces"].double().cpu().numpy()
+        if "stress" in out and bool(torch.isfinite(out["stress"]).all()):  # not for cells without volume
+            from ase.stress import full_3x3_to_voigt_6_stress
+
+            self.results["stress"] = full_3x3_to_voigt_6_stress(out["stress"][0].double().cpu().numpy())

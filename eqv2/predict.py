@@ -3,7 +3,8 @@
     python -m eqv2.predict --checkpoint model.pt --input frames.extxyz --output out.npz
 
 The .npz holds `energy` [n_structures] (eV), `forces` [total_atoms, 3] (eV/Å, frames
-concatenated in order), `natoms` [n_structures].  Structures are batched by an atom budget.
+concatenated in order), `natoms` [n_structures], and for models with a stress output `stress`
+[n_structures, 3, 3] (eV/Å^3, ASE's sign convention).  Structures are batched by an atom budget.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def read_frames(path: Path):
 
 
 def predict(potential, frames, device, max_atoms: int = 2000):
-    energies, forces = [], []
+    energies, forces, stresses = [], [], []
     start = 0
     while start < len(frames):
         stop, atoms = start, 0
@@ -47,8 +48,11 @@ def predict(potential, frames, device, max_atoms: int = 2000):
         energies.append(out["energy"].double().cpu().numpy())
         if "forces" in out:
             forces.append(out["forces"].double().cpu().numpy())
+        if "stress" in out:
+            stresses.append(out["stress"].double().cpu().numpy())
         start = stop
-    return np.concatenate(energies), (np.concatenate(forces) if forces else None)
+    return (np.concatenate(energies), (np.concatenate(forces) if forces else None),
+            (np.concatenate(stresses) if stresses else None))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         potential = load_model(args.checkpoint, device)
         frames = read_frames(args.input)
-        energy, forces = predict(potential, frames, device, args.max_atoms)
+        energy, forces, stress = predict(potential, frames, device, args.max_atoms)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -72,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     out = {"energy": energy, "natoms": natoms}
     if forces is not None:
         out["forces"] = forces
+    if stress is not None:
+        out["stress"] = stress
     args.output.parent.mkdir(parents=True, exist_ok=True)
     np.savez(args.output, **out)
     print(f"wrote {args.output}: {len(frames)} structures, {int(natoms.sum())} atoms")

@@ -14,6 +14,23 @@ OC20_AVG_DEGREE = 23.395238876342773
 
 
 @dataclass
+class Rank2HeadConfig:
+    """The rank-2 symmetric tensor (stress) head of fairchem's OMat24 / MPtrj / sAlex models
+    (`rank2_symmetric_head`; eqv2/model/rank2_head.py), named by its options there."""
+
+    decompose: bool = False  # predict the isotropic (l=0) and anisotropic (l=2) parts (published: true)
+    edge_level_mlp: bool = False  # MLP on each edge before averaging over an atom's edges (else after)
+    num_mlp_layers: int = 2  # layers of each MLP (SiLU between)
+    use_source_target_embedding: bool = False  # edge features from both atoms (published: true)
+    extensive: bool = False  # sum over a structure's atoms (decompose: then / avg_num_nodes) instead of mean
+    avg_num_nodes: float = 1.0  # the divisor of an extensive decomposed head
+
+    def __post_init__(self) -> None:
+        if self.num_mlp_layers < 1:
+            raise ValueError(f"stress_head.num_mlp_layers must be >= 1, got {self.num_mlp_layers}")
+
+
+@dataclass
 class ModelConfig:
     num_layers: int = 12  # number of Transformer blocks
     lmax: int = 6  # L_max: highest degree of node irreps features
@@ -50,6 +67,10 @@ class ModelConfig:
     avg_degree: float = OC20_AVG_DEGREE  # edge-degree embedding sum / avg_degree
     weight_init: Literal["uniform", "normal"] = "uniform"  # linear-layer weight initialisation
     regress_forces: bool = True  # direct force head
+    # structure energy = sum of node energies / avg_num_nodes ("sum", the paper) or their mean ("mean")
+    energy_reduce: Literal["sum", "mean"] = "sum"
+    # direct stress head of the OMat24-family models (converted from fairchem; not trained by eqv2); None: none
+    stress_head: Rank2HeadConfig | None = None
     validate_inputs: bool = True  # check structures and graph built here (host syncs); a batch with a graph
     # built ahead (GraphBuilder, the trainer's data loader) was checked there
     # shape buckets (0: off): pad the atom / edge counts of each batch up to these multiples with an inert
