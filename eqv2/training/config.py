@@ -77,6 +77,11 @@ class RunConfig:
     normalizers: Normalizers | None = None  # null: energy_mean/energy_std/forces_std of the data stats JSON
     model_graph_stats_from_data: bool = False  # true: model.avg_num_nodes/avg_degree from the data stats
 
+    def __post_init__(self) -> None:
+        if self.model.stress_head is not None:  # converted fairchem models only: the trainer has no stress-head loss
+            raise ConfigError("model.stress_head: the direct stress head is not trained by eqv2 (it comes with "
+                              "converted fairchem OMat24-family models); set it to null")
+
 
 # PyYAML follows YAML 1.1, where "2e-4" (no dot) is a string; users type it that way on the command line.
 _SCI_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
