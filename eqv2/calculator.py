@@ -1,4 +1,5 @@
-"""ASE calculator backed by an eqv2 model checkpoint: energy (eV) and forces (eV/Å).
+"""ASE calculator backed by an eqv2 model checkpoint: energy (eV), forces (eV/Å) and, for models with a
+stress output, stress (ASE's Voigt order and sign, eV/Å^3).
 
     from eqv2.calculator import EquiformerV2Calculator
     atoms.calc = EquiformerV2Calculator("model.pt")          # GPU when available
@@ -65,7 +66,8 @@ class EquiformerV2Calculator(Calculator):
         self.device = torch.device(device) if device is not None else default_device()
         self.potential = checkpoint if isinstance(checkpoint, Potential) else load_model(checkpoint, self.device)
         self.potential = self.potential.to(self.device).eval()
-        if self.potential.config.forces == "gradient":  # stress from the energy's strain derivative
+        if self.potential.config.forces == "gradient" or self.potential.config.stress_head is not None:
+            # stress from the energy's strain derivative, or a direct stress head (converted OMat24-family models)
             self.implemented_properties = [*self.implemented_properties, "stress"]
 
     def calculate(self, atoms: Atoms | None = None, properties=("energy",), system_changes=all_changes):

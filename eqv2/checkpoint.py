@@ -6,7 +6,9 @@ A model checkpoint is a `torch.save`d dict (tensors and plain Python values only
     model_config: mapping of `ModelConfig` fields
     state_dict: the EquiformerV2 weights (for trained runs: the EMA weights)
     normalizers: {energy_mean, energy_std, forces_std} — the model predicts
-        (E - energy_mean - E_ref) / energy_std and F / forces_std
+        (E - energy_mean - E_ref) / energy_std and F / forces_std; with a direct stress head (converted
+        OMat24-family models, model_config.stress_head) also `stress`, its normalisers.  No version bump
+        for them: an eqv2 without stress heads refuses such a file (unknown model_config / normalizers keys)
     energy_references (version 2 only): per-element energies in eV, indexed by atomic number; a
         structure's E_ref is the sum over its atoms (converted fairchem models trained on referenced
         energies, e.g. OC22's).  Version 1 files have none; a file with them is version 2 so that an
@@ -40,7 +42,7 @@ READABLE_VERSIONS = (1, 2)
 class Potential(nn.Module):
     """An EquiformerV2 with its target normalisers and, if it has them, per-element energy references
     (eV, indexed by atomic number, added to each structure's energy): forward returns eV and eV/Å, and
-    for gradient-force models the stress [B, 3, 3] in eV/Å^3 (ASE's sign convention)."""
+    for gradient-force models or with a direct stress head the stress [B, 3, 3] in eV/Å^3 (ASE's sign convention)."""
 
     def __init__(self, model: EquiformerV2, normalizers: Normalizers, meta: dict[str, Any] | None = None,
                  energy_references: list[float] | None = None):

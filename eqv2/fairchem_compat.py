@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from eqv2.config import from_dict
+from eqv2.fairchem_hydra import BACKBONES, DENS_BACKBONE_OPTIONS, hydra_state, parse_heads, registry_name
 from eqv2.model.config import OC20_AVG_DEGREE, OC20_AVG_NUM_NODES, ModelConfig
 
 # reference buffers that eqv2 recomputes (checked against the key's last component)
@@ -42,21 +43,10 @@ _RENAMES = [  # (pattern, replacement) applied in order to keys without layout p
 ]
 
 
-# hydra heads eqv2 converts: module -> (what it predicts, its options with the only values eqv2 supports)
-_HEADS = {
-    "equiformer_v2_energy_head": ("energy", {"reduce": "sum"}),
-    "equiformerV2_scalar_head": ("energy", {"reduce": "sum", "output_name": "energy"}),
-    "equiformer_v2_force_head": ("forces", {}),
-    "equiformerV2_vector_head": ("forces", {"output_name": "forces"}),
-}
-# fairchem EquiformerV2 models and heads eqv2 does not convert, and what they are
+# fairchem EquiformerV2 models eqv2 does not convert, and what they are
 _NOT_CONVERTED = {
-    "equiformer_v2_dens_backbone": "the DeNS backbone of the OMat24 / MPtrj / sAlex models",
-    "eqV2_DeNS_scalar_head": "the DeNS energy head", "eqV2_DeNS_vector_head": "the DeNS force head",
-    "dens_rank2_symmetric_head": "the DeNS stress head", "rank2_symmetric_head": "a stress (rank-2) head",
+    "equiformer_v2_dens_backbone": "the DeNS backbone, which converts only with its heads in a hydra model",
 }
-_HYDRA_KEYS = {"name", "backbone", "heads", "otf_graph", "pass_through_head_outputs", "freeze_backbone",
-               "finetune_config"}
 
 
 def _not_converted(module: str, what: str) -> ValueError:
@@ -64,51 +54,21 @@ def _not_converted(module: str, what: str) -> ValueError:
                       "(docs/fairchem.md lists what is)")
 
 
-def _hydra_regresses_forces(model: dict[str, Any]) -> bool:
-    """Check a hydra model's heads (one energy head, at most one force head, options eqv2 supports);
-    True when it has a force head."""
-    unknown = sorted(set(model) - _HYDRA_KEYS)
-    if unknown:
-        raise ValueError(f"unknown fairchem hydra option(s) {unknown}; refusing to guess their meaning")
-    heads = model.get("heads") or {}
-    if not heads or "backbone" not in model:
-        raise ValueError("the hydra model config lacks its backbone or heads (taken from a finetune_config "
-                         "starting checkpoint?); eqv2 needs both in the checkpoint's config")
-    roles: dict[str, list[str]] = {"energy": [], "forces": []}
-    for name, head in sorted(heads.items()):
-        module = head.get("module")
-        if module in _NOT_CONVERTED:
-            raise _not_converted(module, f"head {name!r}: module")
-        if module not in _HEADS:
-            raise ValueError(f"fairchem head {name!r}: module {module!r} is not an EquiformerV2 head eqv2 converts "
-                             f"({', '.join(_HEADS)})")
-        role, supported = _HEADS[module]
-        for key, value in head.items():
-            if key == "module":
-                continue
-            if key not in supported:
-                raise ValueError(f"fairchem head {name!r} ({module}): unknown option {key!r}")
-            if value != supported[key]:
-                raise ValueError(f"fairchem head {name!r} ({module}): option {key}={value!r} is not supported by "
-                                 f"eqv2 (only {supported[key]!r})")
-        roles[role].append(name)
-    if len(roles["energy"]) != 1 or len(roles["forces"]) > 1:
-        raise ValueError(f"eqv2 converts one energy head and at most one force head; the hydra model has energy "
-                         f"heads {roles['energy']} and force heads {roles['forces']}")
-    return bool(roles["forces"])
-
-
-def model_config_from_fairchem(hparams: dict[str, Any]) -> ModelConfig:
-    """Map a fairchem EquiformerV2 model config (legacy or hydra backbone) to `ModelConfig`."""
+def model_config_from_fairchem(hparams: dict[str, Any], outputs: dict[str, Any] | None = None) -> ModelConfig:
+    """Map a fairchem EquiformerV2 model config (legacy or hydra backbone + heads) to `ModelConfig`
+    (outputs: the checkpoint config's `outputs` section, which says how a stress is assembled)."""
     hp = dict(hparams)
+    heads: dict[str, Any] = {}
     if hp.get("name") == "hydra" or "backbone" in hp:
-        regress_forces = _hydra_regresses_forces(hp)
+        _, heads = parse_heads(hp, outputs)
         hp = dict(hp["backbone"])
-        if hp.get("model") in _NOT_CONVERTED:
-            raise _not_converted(hp["model"], "hydra backbone")
-        if hp.get("model") != "equiformer_v2_backbone":
-            raise ValueError(f"hydra backbone {hp.get('model')!r} is not equiformer_v2_backbone")
-        hp["regress_forces"] = regress_forces
+        model = registry_name(hp.get("model"))
+        if model not in BACKBONES:
+            raise ValueError(f"hydra backbone {hp.get('model')!r} is not an EquiformerV2 backbone ({', '.join(BACKBONES)})")
+        for key in DENS_BACKBONE_OPTIONS if model == "equiformer_v2_dens_backbone" else ():
+            if not isinstance(hp.pop(key, False), bool):
+                raise ValueError(f"fairchem DeNS backbone option {key} must be true or false")
+        hp["regress_forces"] = heads.pop("regress_forces")
     unsupported = {  # options eqv2 converts only with these values
         "share_atom_edge_embedding": False, "use_m_share_rad": False, "use_s2_act_attn": False,
         "distance_function": "gaussian", "use_pbc": True,
@@ -158,6 +118,7 @@ def model_config_from_fairchem(hparams: dict[str, Any]) -> ModelConfig:
                 "use_atom_edge_embedding", "use_attn_renorm", "alpha_drop", "proj_drop"):
         if key in hp:
             mapped[key] = hp[key]
+    mapped.update(heads)  # energy_reduce, stress_head
     return from_dict(ModelConfig, mapped, prefix="fairchem model")
 
 
@@ -166,12 +127,8 @@ def _strip_layout(key: str) -> str | None:
     key = re.sub(r"^(module\.)+", "", key)
     if key.startswith("backbone."):
         return key[len("backbone."):]
-    match = re.match(r"^output_heads\.[^.]+\.((energy_block|force_block)\..*)$", key)
-    if match:
-        return match.group(1)
-    if key.startswith("output_heads."):
-        raise ValueError(f"unsupported fairchem output head parameter {key!r} (eqv2 has energy and force heads)")
-    return key
+    match = re.match(r"^output_heads\.[^.]+\.(.*)$", key)  # a head's own names (hydra_state maps them)
+    return match.group(1) if match else key
 
 
 def convert_state_dict(state_dict: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -229,9 +186,22 @@ def _as_float(value: Any) -> float:
     return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
+# fairchem's stress normaliser targets -> eqv2.normalizers.StressNormalizers field prefixes
+_STRESS_NORMALIZERS = {"stress_isotropic": "isotropic", "stress_anisotropic": "anisotropic", "stress": "tensor"}
+
+
+def _scalar(value: Any, name: str) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() != 1:
+        raise ValueError(f"the {name} normalizer has a {tuple(value.shape)} tensor; eqv2 supports scalar ones")
+    return _as_float(value)
+
+
 def normalizers_from_checkpoint(checkpoint: dict[str, Any]) -> dict[str, float]:
     """energy_mean / energy_std / forces_std from wherever this fairchem version kept them."""
     norms = checkpoint.get("normalizers") or {}
+    if "energy" not in norms and set(norms) & {"forces", *_STRESS_NORMALIZERS}:
+        # fairchem >= 1.0 denormalises only the targets it has a normaliser for (OMat24: forces and stress)
+        norms = {**norms, "energy": {"mean": 0.0, "rmsd": 1.0}, "forces": norms.get("forces", {"mean": 0.0, "rmsd": 1.0})}
     if "energy" in norms:  # fairchem >= 1.0 trainers: Normalizer state dicts (mean, rmsd) per target
         forces = norms.get("forces", norms["energy"])
         if "forces" in norms and _as_float(forces.get("mean", 0.0)) != 0.0:
@@ -240,8 +210,16 @@ def normalizers_from_checkpoint(checkpoint: dict[str, Any]) -> dict[str, float]:
         def scale(state):  # older Normalizer state dicts call it std
             return _as_float(state["rmsd"] if "rmsd" in state else state["std"])
 
-        return {"energy_mean": _as_float(norms["energy"]["mean"]), "energy_std": scale(norms["energy"]),
-                "forces_std": scale(forces)}
+        result = {"energy_mean": _as_float(norms["energy"]["mean"]), "energy_std": scale(norms["energy"]),
+                  "forces_std": scale(forces)}
+        stress = {}
+        for name, field in _STRESS_NORMALIZERS.items():
+            if name in norms:
+                stress[f"{field}_mean"] = _scalar(norms[name].get("mean", 0.0), name)
+                stress[f"{field}_std"] = _scalar(norms[name]["rmsd" if "rmsd" in norms[name] else "std"], name)
+        if stress:
+            result["stress"] = stress
+        return result
     if "target" in norms:
         forces = norms.get("grad_target", norms["target"])
         return {"energy_mean": _as_float(norms["target"]["mean"]), "energy_std": _as_float(norms["target"]["std"]),
@@ -346,7 +324,7 @@ def convert_checkpoint(checkpoint: dict[str, Any], weights: str = "ema") -> Conv
     if "state_dict" not in checkpoint or "config" not in checkpoint:
         raise ValueError("not a fairchem checkpoint: needs 'state_dict' and 'config' entries")
     hparams = _model_hparams(checkpoint["config"])
-    cfg = model_config_from_fairchem(hparams)
+    cfg = model_config_from_fairchem(hparams, checkpoint["config"].get("outputs"))
     state = dict(checkpoint["state_dict"])
     notes = {"weights": "raw"}
     ema = checkpoint.get("ema")
@@ -365,6 +343,11 @@ def convert_checkpoint(checkpoint: dict[str, Any], weights: str = "ema") -> Conv
     hydra = hparams.get("name") == "hydra" or "backbone" in hparams
     model_refs, trainer_refs = _energy_references(checkpoint, hparams["backbone"] if hydra else hparams, hydra, state,
                                                   cfg.max_num_elements, notes)
+    if hydra:
+        roles, _ = parse_heads(hparams, checkpoint["config"].get("outputs"))
+        state = hydra_state(state, hparams["heads"], roles, hparams["backbone"])
+        if registry_name(hparams["backbone"].get("model")) == "equiformer_v2_dens_backbone":
+            notes["dens"] = "DeNS backbone at inference: force-encoding constants folded into the atom embedding"
     expected = EquiformerV2(cfg).state_dict()
     converted = convert_state_dict(state, expected)
     try:

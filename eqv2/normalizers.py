@@ -11,6 +11,11 @@ forces and stress are in units of energy_std (per Å, per Å^3): the trainer set
 for it, as fairchem's configs set grad_target_std = target_std, and the stress is scaled by energy_std.
 Per-element energy references (eV, indexed by atomic number) are added to the denormalised energy
 (`structure_references`): the model learns E - sum_atoms ref[Z].
+
+A model with a direct stress head (converted from fairchem's OMat24-family models) predicts the
+normalised isotropic and anisotropic parts of the stress (or its normalised components), each with
+fairchem's (mean, std) normaliser (`StressNormalizers`); denormalised, they are assembled into the
+[B, 3, 3] stress in eV/Å^3 (ASE's sign convention, as fairchem's training data).
 """
 from __future__ import annotations
 
@@ -18,7 +23,28 @@ from dataclasses import dataclass
 
 import torch
 
+from eqv2.model.rank2_head import symmetric_tensor
+
 LEGACY_NAMES = {"force_rms": "forces_std"}  # older eqv2 run checkpoints, configs and stats files
+
+
+@dataclass
+class StressNormalizers:
+    """fairchem's stress normalisers (prediction * std + mean), eV/Å^3."""
+
+    isotropic_mean: float = 0.0  # the decomposed head's isotropic part (stress_isotropic)
+    isotropic_std: float = 1.0
+    anisotropic_mean: float = 0.0  # its anisotropic part (stress_anisotropic; the mean is added to all 5)
+    anisotropic_std: float = 1.0
+    tensor_mean: float = 0.0  # a head predicting the tensor whole (stress): each of the 9 components
+    tensor_std: float = 1.0
+
+    def denormalise(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "stress_direct" in out:
+            return _wide(out["stress_direct"]) * self.tensor_std + self.tensor_mean
+        isotropic = _wide(out["stress_isotropic"]) * self.isotropic_std + self.isotropic_mean
+        return symmetric_tensor(isotropic, _wide(out["stress_anisotropic"]) * self.anisotropic_std
+                                + self.anisotropic_mean)
 
 
 @dataclass
@@ -26,6 +52,7 @@ class Normalizers:
     energy_mean: float  # eV
     energy_std: float  # eV
     forces_std: float  # eV/Å, RMS of the force components (mean 0)
+    stress: StressNormalizers | None = None  # models with a direct stress head only
 
     def __post_init__(self) -> None:
         if not (self.energy_std > 0 and self.forces_std > 0):
@@ -50,6 +77,8 @@ class Normalizers:
             result["forces"] = _wide(out["forces"]) * self.forces_std
         if "stress" in out:  # the derivative of the normalised energy (gradient models)
             result["stress"] = _wide(out["stress"]) * self.energy_std
+        elif "stress_isotropic" in out or "stress_direct" in out:  # a direct stress head
+            result["stress"] = (self.stress or StressNormalizers()).denormalise(out)
         return result
 
     def normalise_stress(self, stress: torch.Tensor) -> torch.Tensor:

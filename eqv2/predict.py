@@ -3,7 +3,8 @@
     python -m eqv2.predict --checkpoint model.pt --input frames.extxyz --output out.npz
 
 The .npz holds `energy` [n_structures] (eV), `forces` [total_atoms, 3] (eV/Å, frames
-concatenated in order), `natoms` [n_structures].  Structures are batched by an atom budget.
+concatenated in order), `natoms` [n_structures], and for models with a stress output `stress`
+[n_structures, 3, 3] (eV/Å^3, ASE's sign convention).  Structures are batched by an atom budget.
 """
 from __future__ import annotations
 
@@ -35,12 +36,12 @@ def read_frames(path: Path):
 
 
 def predict(potential, frames, device, max_atoms: int = 2000, quiet: bool = True):
-    """(energies [n], forces [total_atoms, 3] or None) of `frames`, batched by an atom budget; a
-    progress bar over the structures unless `quiet`."""
+    """(energies [n], forces [total_atoms, 3] or None, stress [n, 3, 3] or None) of `frames`, batched by
+    an atom budget; a progress bar over the structures unless `quiet`."""
     from eqv2.tools.common import show_progress
     from tqdm import tqdm
 
-    energies, forces = [], []
+    energies, forces, stresses = [], [], []
     start = 0
     bar = tqdm(total=len(frames), unit="structure", desc="predict", disable=show_progress(quiet))
     while start < len(frames):
@@ -54,10 +55,13 @@ def predict(potential, frames, device, max_atoms: int = 2000, quiet: bool = True
         energies.append(out["energy"].double().cpu().numpy())
         if "forces" in out:
             forces.append(out["forces"].double().cpu().numpy())
+        if "stress" in out:
+            stresses.append(out["stress"].double().cpu().numpy())
         bar.update(stop - start)
         start = stop
     bar.close()
-    return np.concatenate(energies), (np.concatenate(forces) if forces else None)
+    return (np.concatenate(energies), (np.concatenate(forces) if forces else None),
+            (np.concatenate(stresses) if stresses else None))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,13 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         potential = load_model(args.checkpoint, device)
         frames = read_frames(args.input)
-        energy, forces = predict(potential, frames, device, args.max_atoms, args.quiet)
+        energy, forces, stress = predict(potential, frames, device, args.max_atoms, args.quiet)
     except (FileNotFoundError, ValueError) as err:
         return fail("predict", str(err))
     natoms = np.array([len(f) for f in frames], dtype=np.int64)
     out = {"energy": energy, "natoms": natoms}
     if forces is not None:
         out["forces"] = forces
+    if stress is not None:
+        out["stress"] = stress
     args.output.parent.mkdir(parents=True, exist_ok=True)
     np.savez(args.output, **out)
     print(f"wrote {args.output}: {len(frames)} structures, {int(natoms.sum())} atoms")

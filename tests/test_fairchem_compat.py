@@ -68,30 +68,30 @@ def test_hydra_heads_that_convert(heads, forces):
 # every fairchem EquiformerV2 family and option eqv2 does not convert (docs/fairchem.md), with the error
 # naming it
 REFUSED = {
-    "dens_backbone": (_hydra(backbone={"model": "equiformer_v2_dens_backbone"}),
-                      "hydra backbone 'equiformer_v2_dens_backbone' .*DeNS backbone"),
-    "dens_scalar_head": (_hydra(heads={"energy": {"module": "eqV2_DeNS_scalar_head"}}),
-                         "head 'energy': module 'eqV2_DeNS_scalar_head'"),
-    "dens_vector_head": (_hydra(heads={"energy": {"module": "equiformer_v2_energy_head"},
-                                       "forces": {"module": "eqV2_DeNS_vector_head"}}),
-                         "head 'forces': module 'eqV2_DeNS_vector_head'"),
-    "dens_stress_head": (_hydra(heads={"energy": {"module": "equiformer_v2_energy_head"},
-                                       "stress": {"module": "dens_rank2_symmetric_head"}}),
-                         "head 'stress': module 'dens_rank2_symmetric_head' .*stress"),
-    "rank2_head": (_hydra(heads={"energy": {"module": "equiformer_v2_energy_head"},
-                                 "stress": {"module": "rank2_symmetric_head"}}),
-                   "head 'stress': module 'rank2_symmetric_head'"),
+    "dens_option": (_hydra(backbone={"model": "equiformer_v2_dens_backbone", "use_force_encoding": "yes"}),
+                    "DeNS backbone option use_force_encoding must be true or false"),
+    "other_backbone": (_hydra(backbone={"model": "escn_backbone"}), "hydra backbone 'escn_backbone' is not an Equi"),
+    "stress_other_output": (_hydra(heads={"energy": {"module": "equiformer_v2_energy_head"},
+                                          "s": {"module": "rank2_symmetric_head", "output_name": "dielectric"}}),
+                            "head 's': option output_name='dielectric' is not supported"),
+    "two_stress_heads": (_hydra(heads={"energy": {"module": "equiformer_v2_energy_head"},
+                                       "a": {"module": "rank2_symmetric_head"},
+                                       "b": {"module": "dens_rank2_symmetric_head"}}),
+                         r"stress heads \['a', 'b'\]"),
+    "stress_head_option": (_hydra(heads={"energy": {"module": "equiformer_v2_energy_head"},
+                                         "stress": {"module": "rank2_symmetric_head", "use_denoising": True}}),
+                           "head 'stress' .*unknown option 'use_denoising'"),
     "other_head_module": (_hydra(heads={"energy": {"module": "escn_energy_head"}}),
                           "head 'energy': module 'escn_energy_head' is not an EquiformerV2 head"),
-    "mean_reduce": (_hydra(heads={"energy": {"module": "equiformerV2_scalar_head", "reduce": "mean"}}),
-                    "option reduce='mean' is not supported"),
+    "other_reduce": (_hydra(heads={"energy": {"module": "equiformerV2_scalar_head", "reduce": "max"}}),
+                     "option reduce='max' is not supported"),
     "scalar_head_other_output": (_hydra(heads={"gap": {"module": "equiformerV2_scalar_head", "output_name": "gap"}}),
                                  "option output_name='gap' is not supported"),
     "unknown_head_option": (_hydra(heads={"energy": {"module": "equiformer_v2_energy_head", "scale": 2}}),
                             "unknown option 'scale'"),
     "two_energy_heads": (_hydra(heads={"a": {"module": "equiformer_v2_energy_head"},
                                        "b": {"module": "equiformerV2_scalar_head"}}),
-                         r"one energy head .* energy heads \['a', 'b'\]"),
+                         r"one energy head.* energy heads \['a', 'b'\]"),
     "no_heads": (_hydra(heads={}, finetune_config={"starting_checkpoint": "x.pt"}), "lacks its backbone or heads"),
     "unknown_hydra_option": (_hydra(some_switch=True), r"unknown fairchem hydra option\(s\) \['some_switch'\]"),
     "no_pbc": ({**BASE, "use_pbc": False}, "use_pbc=False is not supported"),
@@ -112,7 +112,7 @@ def test_what_is_not_converted_is_refused_naming_it(name):
 
 
 @pytest.mark.parametrize("model, match", [
-    ({"name": "equiformer_v2_dens_backbone"}, "model 'equiformer_v2_dens_backbone' .*DeNS"),
+    ({"name": "equiformer_v2_dens_backbone"}, "model 'equiformer_v2_dens_backbone' .*DeNS backbone, which converts only"),
     ({"name": "gemnet_oc"}, "checkpoint model is 'gemnet_oc', not an EquiformerV2"),
     ("escn", "checkpoint model is 'escn', not equiformer_v2"),
 ])
@@ -139,8 +139,40 @@ def test_the_converter_tool_refuses_with_one_line_and_exit_2(tmp_path, capsys):
     from eqv2.tools.convert import main
 
     src = tmp_path / "omat.pt"
-    torch.save({"config": {"model": _hydra(backbone={"model": "equiformer_v2_dens_backbone"})}, "state_dict": {}}, src)
+    heads = {"energy": {"module": "equiformer_v2_energy_head"}, "stress": {"module": "rank2_symmetric_head",
+                                                                        "decompose": True}}
+    outputs = {"stress": {"decomposition": {"stress_isotropic": {"irrep_dim": 0}, "stress_traceless": {"irrep_dim": 2}}}}
+    torch.save({"config": {"model": _hydra(heads=heads), "outputs": outputs}, "state_dict": {}}, src)
     assert main([str(src), str(tmp_path / "out.pt")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "omat.pt" in err and "equiformer_v2_dens_backbone" in err
+    assert len(err.splitlines()) == 1 and "omat.pt" in err and "outputs.stress.decomposition" in err
     assert not (tmp_path / "out.pt").exists()
+
+
+@pytest.mark.parametrize("module", ["eqV2_DeNS_scalar_head", "fairchem.core.models.equiformer_v2.equiformer_v2_dens."
+                                                             "DeNSScalarHead"])
+def test_dens_and_stress_heads_convert_by_registry_name_or_class_path(module):
+    heads = {"energy": {"module": module, "use_denoising": True, "reduce": "mean"},
+             "forces": {"module": "eqV2_DeNS_vector_head"},
+             "stress": {"module": "dens_rank2_symmetric_head", "output_name": "stress", "decompose": True,
+                        "use_source_target_embedding": True, "use_denoising": False}}
+    cfg = model_config_from_fairchem(_hydra(backbone={"model": "equiformer_v2_dens_backbone", "use_force_encoding": True},
+                                            heads=heads))
+    assert cfg.regress_forces and cfg.energy_reduce == "mean"
+    assert cfg.stress_head.decompose and cfg.stress_head.use_source_target_embedding
+    assert not cfg.stress_head.edge_level_mlp and not cfg.stress_head.extensive
+
+
+def test_stress_normalizers_are_read_and_an_absent_energy_normalizer_is_the_identity():
+    from eqv2.fairchem_compat import normalizers_from_checkpoint
+
+    norms = {"forces": {"mean": torch.tensor(0.0), "rmsd": torch.tensor(0.7)},
+             "stress_isotropic": {"mean": torch.tensor(0.01), "rmsd": torch.tensor(0.05)},
+             "stress_anisotropic": {"mean": torch.tensor(0.0), "rmsd": torch.tensor(0.02)}}
+    got = normalizers_from_checkpoint({"normalizers": norms})
+    assert got["energy_mean"] == 0.0 and got["energy_std"] == 1.0 and got["forces_std"] == pytest.approx(0.7)
+    assert got["stress"] == pytest.approx({"isotropic_mean": 0.01, "isotropic_std": 0.05, "anisotropic_mean": 0.0,
+                                           "anisotropic_std": 0.02})
+    norms["stress_anisotropic"]["rmsd"] = torch.ones(5)
+    with pytest.raises(ValueError, match=r"stress_anisotropic normalizer has a \(5,\) tensor"):
+        normalizers_from_checkpoint({"normalizers": norms})

@@ -14,6 +14,23 @@ OC20_AVG_DEGREE = 23.395238876342773
 
 
 @dataclass
+class Rank2HeadConfig:
+    """The rank-2 symmetric tensor (stress) head of fairchem's OMat24 / MPtrj / sAlex models
+    (`rank2_symmetric_head`; eqv2/model/rank2_head.py), named by its options there."""
+
+    decompose: bool = False  # predict the isotropic (l=0) and anisotropic (l=2) parts (published: true)
+    edge_level_mlp: bool = False  # MLP on each edge before averaging over an atom's edges (else after)
+    num_mlp_layers: int = 2  # layers of each MLP (SiLU between)
+    use_source_target_embedding: bool = False  # edge features from both atoms (published: true)
+    extensive: bool = False  # sum over a structure's atoms (decompose: then / avg_num_nodes) instead of mean
+    avg_num_nodes: float = 1.0  # the divisor of an extensive decomposed head
+
+    def __post_init__(self) -> None:
+        if self.num_mlp_layers < 1:
+            raise ValueError(f"stress_head.num_mlp_layers must be >= 1, got {self.num_mlp_layers}")
+
+
+@dataclass
 class ModelConfig:
     num_layers: int = 12  # number of Transformer blocks
     lmax: int = 6  # L_max: highest degree of node irreps features
@@ -58,6 +75,10 @@ class ModelConfig:
     # envelope that vanishes with two derivatives at max_radius (conservative.py), so the energy does not
     # jump when a neighbour crosses the cutoff (beyond the paper; for MD with gradient forces); "none": the paper
     cutoff_envelope: Literal["none", "polynomial"] = "none"
+    # structure energy = sum of node energies / avg_num_nodes ("sum", the paper) or their mean ("mean")
+    energy_reduce: Literal["sum", "mean"] = "sum"
+    # direct stress head of the OMat24-family models (converted from fairchem; not trained by eqv2); None: none
+    stress_head: Rank2HeadConfig | None = None
     validate_inputs: bool = True  # check structures and graph built here (host syncs); a batch with a graph
     # built ahead (GraphBuilder, the trainer's data loader) was checked there
     # shape buckets (0: off): pad the atom / edge counts of each batch up to these multiples with an inert
@@ -85,6 +106,9 @@ class ModelConfig:
             raise ValueError(f"mmax must be in [0, lmax]: lmax={self.lmax}, mmax={self.mmax}")
         if self.so2_indexed_radial and not self.so2_fused_input_grad:
             raise ValueError("so2_indexed_radial needs so2_fused_input_grad (it is a form of that path)")
+        if self.forces == "gradient" and self.stress_head is not None:
+            raise ValueError("stress_head with forces: gradient: the stress would come from both the head and the "
+                             "strain derivative; use one (stress_head: null, or forces: direct)")
         if self.lmax < 1:
             raise ValueError(f"lmax must be >= 1 (degree-1 features carry the forces), got {self.lmax}")
         if self.num_layers < 0:

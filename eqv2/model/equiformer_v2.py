@@ -33,6 +33,7 @@ from eqv2.model.graph import RadiusGraph, graph_from_offsets, pad_graph, search_
 from eqv2.model.graph_attention import EquivariantGraphAttention
 from eqv2.model.layer_norm import make_norm
 from eqv2.model.radial import AtomEdgeEmbedding, GaussianRadialBasis, RadialFunction
+from eqv2.model.rank2_head import Rank2SymmetricTensorHead
 from eqv2.model.so2_convolution import SO2Convolution
 from eqv2.model.so3 import (CoefficientLayout, EdgeRotation, SO3Linear, WignerD, compute_dtype, full_precision,
                             rotation_matrices)
@@ -40,8 +41,9 @@ from eqv2.model.transformer_block import TransformerBlock, drop_path_scales
 
 
 class EquiformerV2(nn.Module):
-    """`model(batch) -> {"energy": [B], "forces": [N, 3]}` in the units of the training targets, and
-    "stress" [B, 3, 3] for `forces: gradient` (derivatives of the normalised energy)."""
+    """`model(batch) -> {"energy": [B], "forces": [N, 3]}` in the units of the training targets,
+    "stress" [B, 3, 3] for `forces: gradient` (derivatives of the normalised energy), and with a stress
+    head its normalised parts (`rank2_head.Rank2SymmetricTensorHead`)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -59,6 +61,7 @@ class EquiformerV2(nn.Module):
         self.energy_head = FeedForwardNetwork(cfg, 1)
         direct = cfg.regress_forces and cfg.forces == "direct"
         self.force_head = EquivariantGraphAttention(cfg, 1, alpha_drop=0.0) if direct else None
+        self.stress_head = Rank2SymmetricTensorHead(cfg, cfg.stress_head) if cfg.stress_head is not None else None
         for module in self.modules():
             if isinstance(module, SO2Convolution):
                 module.fused_input_grad = cfg.so2_fused_input_grad
@@ -175,8 +178,15 @@ class EquiformerV2(nn.Module):
         x = self.norm(x)  # [N, (L+1)^2, C]
         node_energy = self.energy_head(x).narrow(1, 0, 1).reshape(-1)  # [N]
         energy = torch.zeros(num_graphs, device=x.device, dtype=torch.float32 if x.dtype != torch.float64 else x.dtype)
-        energy = energy.index_add(0, graph_of_atom, node_energy.to(energy.dtype)) / cfg.avg_num_nodes
+        energy = energy.index_add(0, graph_of_atom, node_energy.to(energy.dtype))
+        if cfg.energy_reduce == "mean":  # per-atom energy (fairchem heads' reduce: mean)
+            energy = energy / torch.bincount(graph_of_atom, minlength=num_graphs).clamp(min=1).to(energy.dtype)
+        else:
+            energy = energy / cfg.avg_num_nodes
         out = {"energy": energy.narrow(0, 0, num_real_graphs)}
+        if self.stress_head is not None:  # normalised parts; the Potential assembles the tensor (rank2_head.py)
+            parts = self.stress_head(x, edge_index, graph.edge_vec, graph_of_atom, num_graphs)
+            out.update({k: v.narrow(0, 0, num_real_graphs).to(energy.dtype) for k, v in parts.items()})
         if self.force_head is not None:
             forces = self.force_head(x, z, distance_basis, edge_index, rotation)  # [N, (L+1)^2, 1]
             forces = forces.narrow(0, 0, num_real_nodes).narrow(1, 1, 3)  # degree 1 = (x, y, z)

@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from eqv2.checkpoint import Normalizers, save_model
     from eqv2.fairchem_compat import convert_checkpoint
+    from eqv2.normalizers import StressNormalizers
     from eqv2.model.equiformer_v2 import EquiformerV2, count_parameters
 
     try:
@@ -55,14 +56,17 @@ def main(argv: list[str] | None = None) -> int:
         return fail("convert", f"{args.input}: no target normalisers in the checkpoint; pass --energy-mean, "
                     "--energy-std and --forces-std")
     norms = {**(norms or {}), **{k: v for k, v in overrides.items() if v is not None}}
+    stress = norms.pop("stress", None) or {}  # as fairchem, a stress part without a normaliser is not rescaled
     model = EquiformerV2(cfg)
     model.load_state_dict(converted.state_dict)
     meta = {"source": str(args.input), "converted_from": "fairchem", **notes,
             "step": int(checkpoint.get("step", -1) or -1)}
     # the legacy model's references are in units of the energy std fairchem denormalises with (--energy-std too)
     references = converted.energy_references(norms["energy_std"])
-    save_model(args.output, model, cfg, Normalizers(**norms), meta=meta, energy_references=references)
+    normalizers = Normalizers(**norms, stress=StressNormalizers(**stress) if cfg.stress_head is not None else None)
+    save_model(args.output, model, cfg, normalizers, meta=meta, energy_references=references)
     refs = "" if references is None else f", energy references for {sum(v != 0 for v in references)} elements"
-    print(f"wrote {args.output}: {cfg.num_layers} blocks, L{cfg.lmax} M{cfg.mmax}, "
+    heads = "energy" + (", forces" if cfg.regress_forces else "") + (", stress" if cfg.stress_head else "")
+    print(f"wrote {args.output}: {cfg.num_layers} blocks, L{cfg.lmax} M{cfg.mmax}, heads {heads}, "
           f"{count_parameters(model):,} parameters, {notes['weights']} weights, normalisers {norms}{refs}")
     return 0

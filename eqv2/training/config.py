@@ -80,6 +80,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_force_options(self)  # gradient forces and the stress loss (training/targets.py)
+        if self.model.stress_head is not None:  # converted fairchem models only: the trainer has no stress-head loss
+            raise ConfigError("model.stress_head: the direct stress head is not trained by eqv2 (it comes with "
+                              "converted fairchem OMat24-family models); set it to null")
 
 
 # PyYAML follows YAML 1.1, where "2e-4" (no dot) is a string; users type it that way on the command line.

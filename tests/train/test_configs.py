@@ -59,3 +59,12 @@ def test_model_base_errors_name_the_key(tmp_path, demo_data):
     bad.write_text(run.replace("  rotation_align: 8", "  rotation_alin: 8"))
     with pytest.raises(ConfigError, match="model.rotation_alin"):
         load_run_config(bad, sets, micro_batch=4)
+
+
+def test_a_stress_head_is_refused_for_training_naming_the_key(demo_data):
+    """The direct stress head comes with converted fairchem models; the trainer has no loss for it."""
+    from eqv2.config import ConfigError
+
+    sets = [*(a for a in data_args(demo_data) if a != "--set"), "model.stress_head={decompose: true}"]
+    with pytest.raises(ConfigError, match="model.stress_head: the direct stress head is not trained"):
+        load_run_config(REPO / "configs" / "train" / "demo.yaml", sets, micro_batch=4)
