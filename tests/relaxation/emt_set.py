@@ -50,3 +50,42 @@ def structure_of(atoms, target=None) -> Structure:
                      tags=atoms.get_tags(), initial_energy=start.get_potential_energy(),
                      target_positions=None if target is None else target.get_positions(),
                      target_energy=None if target is None else target.get_potential_energy())
+
+
+def write_is2r_lmdb(path, structures: list[Structure]) -> None:
+    """An LMDB laid out as OC20's IS2RE/IS2RS downloads: torch_geometric Data records with pos, pos_relaxed,
+    y_init, y_relaxed, cell [1,3,3], atomic_numbers (float), natoms, tags, fixed (float), sid (int)."""
+    import pickle
+
+    import lmdb
+    import torch
+    from torch_geometric.data import Data
+
+    env = lmdb.open(str(path), subdir=False, map_size=1 << 30, meminit=False)
+    with env.begin(write=True) as txn:
+        for i, s in enumerate(structures):
+            data = Data(pos=torch.tensor(s.positions, dtype=torch.float32),
+                        pos_relaxed=torch.tensor(s.target_positions, dtype=torch.float32),
+                        cell=torch.tensor(s.cell, dtype=torch.float32).view(1, 3, 3),
+                        atomic_numbers=torch.tensor(s.numbers, dtype=torch.float32), natoms=len(s.numbers),
+                        tags=torch.tensor(s.tags), fixed=torch.tensor(s.fixed, dtype=torch.float32),
+                        y_init=float(s.initial_energy), y_relaxed=float(s.target_energy), sid=int(s.sid))
+            txn.put(str(i).encode(), pickle.dumps(data, protocol=-1))
+        txn.put(b"length", pickle.dumps(len(structures), protocol=-1))
+    env.sync()
+    env.close()
+
+
+def write_is2r_extxyz(path, structures: list[Structure]) -> None:
+    """The extxyz equivalent: initial frames with pos_relaxed arrays, y_init / y_relaxed / sid info, FixAtoms."""
+    import ase.io
+    from ase import Atoms
+
+    frames = []
+    for s in structures:
+        atoms = Atoms(numbers=s.numbers, positions=s.positions, cell=s.cell, pbc=s.pbc, tags=s.tags,
+                      constraint=FixAtoms(mask=s.fixed))
+        atoms.arrays["pos_relaxed"] = np.asarray(s.target_positions)
+        atoms.info.update(sid=s.sid, y_init=s.initial_energy, y_relaxed=s.target_energy)
+        frames.append(atoms)
+    ase.io.write(str(path), frames, format="extxyz")
