@@ -100,11 +100,11 @@ def run(args) -> int:
     if args.checkpoint:
         from eqv2.checkpoint import load_model
 
-        forces = PotentialForces(load_model(args.checkpoint, device))
+        forces, float_dtype = PotentialForces(load_model(args.checkpoint, device)), torch.float32
     else:
         from eqv2.relaxation.metrics import load_oracle
 
-        forces = AseForces(load_oracle(args.calculator))
+        forces, float_dtype = AseForces(load_oracle(args.calculator)), torch.float64  # a calculator gets exact positions
     done = set(load_results(out)) if out.exists() else set()
     mine = itertools.islice(read_inputs(args.input), args.task_index, None, args.num_tasks)
     if args.limit:
@@ -122,7 +122,7 @@ def run(args) -> int:
     traj = Trajectories(out / "trajectories") if args.trajectories else None
     start, count, evals = time.time(), 0, 0
     try:
-        for result in relax(todo(), forces, cfg, device=device, on_frame=traj.frame if traj else None):
+        for result in relax(todo(), forces, cfg, device=device, float_dtype=float_dtype, on_frame=traj.frame if traj else None):
             writer.write(result)
             if traj:
                 traj.finish(result.structure.sid)
