@@ -121,7 +121,8 @@ class _Active:
     def __init__(self, device: torch.device, float_dtype: torch.dtype):
         self.device, self.float_dtype = device, float_dtype
         self.items: list[Structure] = []
-        self.steps: list[int] = []
+        self.steps = torch.zeros(0, dtype=torch.int64, device=device)  # [B] optimizer steps taken
+        self.seg = torch.zeros(0, dtype=torch.int64, device=device)  # [N] structure of each atom
         f64 = dict(dtype=torch.float64, device=device)
         self.pos = torch.zeros(0, 3, **f64)
         self.numbers = torch.zeros(0, dtype=torch.int64, device=device)
@@ -135,8 +136,8 @@ class _Active:
     def num_atoms(self) -> int:
         return int(self.pos.shape[0])
 
-    def seg(self) -> torch.Tensor:
-        return torch.repeat_interleave(torch.arange(len(self.items), device=self.device), self.natoms)
+    def _update_seg(self, sizes: list[int]) -> None:  # from host sizes: no device sync
+        self.seg = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.int64)).to(self.device)
 
     def add(self, new: list[Structure]) -> None:
         dev = self.device
@@ -149,22 +150,24 @@ class _Active:
         self.pbc = cat(self.pbc, [np.asarray(s.pbc, bool)[None] for s in new], torch.bool)
         self.natoms = cat(self.natoms, [[len(s.numbers)] for s in new], torch.int64)
         self.items += new
-        self.steps += [0] * len(new)
+        self.steps = torch.cat([self.steps, torch.zeros(len(new), dtype=torch.int64, device=dev)])
+        self._update_seg([len(s.numbers) for s in self.items])
 
     def keep(self, keep: torch.Tensor) -> torch.Tensor:
         """Keep the structures where `keep` [B] is True; returns the kept atoms' indices."""
-        atom_index = torch.nonzero(keep[self.seg()]).squeeze(1)
+        atom_index = torch.nonzero(keep[self.seg]).squeeze(1)
         struct_index = torch.nonzero(keep).squeeze(1)
         flags = keep.tolist()
         self.items = [s for s, k in zip(self.items, flags) if k]
-        self.steps = [n for n, k in zip(self.steps, flags) if k]
+        self.steps = self.steps[struct_index]
+        self._update_seg([len(s.numbers) for s in self.items])
         self.pos, self.numbers, self.fixed, self.tags = (t[atom_index] for t in (self.pos, self.numbers, self.fixed, self.tags))
         self.cell, self.pbc, self.natoms = (t[struct_index] for t in (self.cell, self.pbc, self.natoms))
         return atom_index, struct_index
 
     def batch(self) -> AtomsBatch:
         return AtomsBatch(pos=self.pos.to(self.float_dtype), atomic_numbers=self.numbers, cell=self.cell.to(self.float_dtype),
-                          pbc=self.pbc, natoms=self.natoms, batch=self.seg(), tags=self.tags, fixed=self.fixed,
+                          pbc=self.pbc, natoms=self.natoms, batch=self.seg, tags=self.tags, fixed=self.fixed,
                           ids=[s.sid for s in self.items])
 
 
@@ -204,22 +207,21 @@ def relax(structures: Iterable[Structure], forces: ForceProvider, cfg: RelaxConf
             return
         energy, f = forces(active.batch())
         f = f.to(torch.float64) * (~active.fixed)[:, None]  # fixed atoms feel no force and never move
-        seg = active.seg()
-        fmax = segment_max(f.norm(dim=-1), seg, len(active.items))  # [B]
-        steps = torch.tensor(active.steps, device=device)
-        done = (fmax < cfg.fmax) | (steps >= cfg.steps)
-        if on_frame is not None or bool(done.any()):
+        fmax = segment_max(f.norm(dim=-1), active.seg, len(active.items))  # [B]
+        done = (fmax < cfg.fmax) | (active.steps >= cfg.steps)
+        any_done = bool(done.any())  # the one host sync of an iteration
+        if on_frame is not None or any_done:
             pos_host, e_host, f_host = active.pos.cpu().numpy(), energy.double().cpu().numpy(), f.cpu().numpy()
-            fmax_host, done_host = fmax.cpu().numpy(), done.cpu().numpy()
+            fmax_host, done_host, steps_host = fmax.cpu().numpy(), done.cpu().numpy(), active.steps.cpu().numpy()
             for i, ((lo, hi), s) in enumerate(zip(_bounds(active.natoms), active.items)):
                 if on_frame is not None:
                     on_frame(s, pos_host[lo:hi], float(e_host[i]), f_host[lo:hi])
                 if done_host[i]:
-                    yield Result(s, pos_host[lo:hi].copy(), float(e_host[i]), float(fmax_host[i]), active.steps[i],
+                    yield Result(s, pos_host[lo:hi].copy(), float(e_host[i]), float(fmax_host[i]), int(steps_host[i]),
                                  bool(fmax_host[i] < cfg.fmax))
-        if bool(done.any()):
+        if any_done:
             atom_index, struct_index = active.keep(~done)
-            state, f, seg = select(state, atom_index, struct_index), f[atom_index], active.seg()
+            state, f = select(state, atom_index, struct_index), f[atom_index]
         if active.items:
-            active.pos = opt.step(state, active.pos, f, seg)
-            active.steps = [n + 1 for n in active.steps]
+            active.pos = opt.step(state, active.pos, f, active.seg)
+            active.steps += 1
