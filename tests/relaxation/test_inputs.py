@@ -60,3 +60,34 @@ def test_missing_and_unreadable_inputs(tmp_path):
     (tmp_path / "junk.extxyz").write_text("3\nnot extxyz\nX 0 0\n")
     with pytest.raises(InputError, match="junk.extxyz"):
         list(read_inputs([str(tmp_path / "junk.extxyz")]))
+
+
+def test_shards_give_initial_structures(tmp_path, emt_structures):
+    """Initial structures (with EMT labels: tools/shard_ase.py requires them) sharded with --tags: ids, positions,
+    fixed atoms (FixAtoms) come back; shards hold no relaxed references."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import ase.io
+    from ase.calculators.emt import EMT
+
+    write_is2r_extxyz(tmp_path / "plain.extxyz", emt_structures)
+    frames = ase.io.read(tmp_path / "plain.extxyz", index=":")
+    for atoms in frames:
+        atoms.calc = EMT()
+        atoms.get_forces()
+    ase.io.write(tmp_path / "set.extxyz", frames)
+    repo = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, str(repo / "tools/shard_ase.py"), str(tmp_path / "set.extxyz"), str(tmp_path / "shards"),
+                    "--tags", "--system-key", "sid", "--shard-samples", "4", "--no-progress"], check=True, cwd=repo, timeout=180,
+                   capture_output=True)
+    got = {s.sid: s for s in read_inputs([str(tmp_path / "shards" / "manifest.json")])}
+    keys = [f"{s.sid}_{i}" for i, s in enumerate(emt_structures)]  # shard ids: <sid>_<frame of the file>
+    assert sorted(got) == sorted(keys)
+    for key, w in zip(keys, emt_structures):
+        g = got[key]
+        np.testing.assert_allclose(g.positions, w.positions, atol=1e-5)  # float32 in the shard
+        np.testing.assert_array_equal(g.fixed, w.fixed)
+        np.testing.assert_array_equal(g.tags, w.tags)
+        assert g.target_positions is None and g.target_energy is None
