@@ -2,7 +2,7 @@
 """GPU-seconds per 200-step relaxation: eqv2's batched relaxer against fairchem-core 1.10.0's batched LBFGS,
 on the same OC20-sized structures and the same (random) weights, in one process.
 
-    python bench/relax.py --models 31M:16 153M:8 --steps 200 --rounds 2 --reference --json $OUT/relax.json
+    python bench/relax.py --models 31M:16 153M:8 --steps 200 --rounds 2 --reference --mixed --json $OUT/relax.json
 
 Structures: tools/bench.py's OC20-like adsorbate+slab systems (~72 atoms), the lower half of each slab fixed.
 Every structure runs exactly --steps LBFGS steps (fmax 0: none converges), the OC20/fairchem settings
@@ -11,7 +11,11 @@ structure budget (--eqv2-dtype fp32 or bf16 autocast). fairchem: its `Optimizabl
 (its relaxation code path), the model under fp16 autocast as its trainer predicts with amp; 1.10's
 OptimizableBatch is abstract under ASE 3.29 (ASE's Optimizable gained methods its LBFGS never calls), so a
 subclass fills them in. GPU-s per relaxation = wall seconds of the timed rounds / structures relaxed.
-Not measured here: a mixed split whose structures converge at different steps (the refill's efficiency).
+--mixed adds the refill's efficiency on a split whose structures converge at different steps: each structure
+is declared converged after its own number of evaluations (uniform in [steps/4, steps], seeded; random
+weights give no real convergence, so the provider zeroes its forces then), 4 batches' worth of structures
+flow through the engine, and the efficiency is (structure-evaluations/s mixed) / (structure-evaluations/s
+with a full batch throughout).
 """
 from __future__ import annotations
 
@@ -72,19 +76,27 @@ def models(name: str, device):
     return ref, Potential(ours, Normalizers(energy_mean=0.0, energy_std=1.0, forces_std=1.0)).to(device).eval()
 
 
-def time_eqv2(potential, items, batch: int, steps: int, dtype: str, device) -> dict:
+def time_eqv2(potential, items, batch: int, steps: int, dtype: str, device, limits: dict | None = None) -> dict:
+    """limits: sid -> evaluations after which that structure reports zero forces (converges); None: never."""
     provider = PotentialForces(potential)
     evals = [0]
+    seen: dict[str, int] = {}
 
     def forces(b):
         evals[0] += b.num_graphs
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
             e, f = provider(b)
-        return e.float(), f.float()
+        f = f.float()
+        if limits is not None:
+            for sid in b.ids:
+                seen[sid] = seen.get(sid, 0) + 1
+            stop = torch.tensor([seen[sid] >= limits.get(sid, 1 << 30) for sid in b.ids], device=f.device)
+            f = f * (~stop)[b.batch, None]
+        return e.float(), f
 
     cfg = RelaxConfig(fmax=1e-30, steps=steps, max_structures=batch, max_atoms=1 << 30)
-    list(relax(items[:batch], forces, RelaxConfig(fmax=1e-30, steps=3, max_structures=batch, max_atoms=1 << 30),
-               device=device))  # warm-up
+    warm = [Structure(**{**s.__dict__, "sid": f"warm{s.sid}"}) for s in items[:batch]]
+    list(relax(warm, forces, RelaxConfig(fmax=1e-30, steps=3, max_structures=batch, max_atoms=1 << 30), device=device))
     evals[0] = 0
     torch.cuda.synchronize() if device.type == "cuda" else None
     torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
@@ -159,6 +171,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="full batches relaxed per measurement")
     p.add_argument("--eqv2-dtype", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     p.add_argument("--reference", action="store_true", help="also time fairchem-core 1.10.0's batched LBFGS")
+    p.add_argument("--mixed", action="store_true", help="also the refill efficiency on a mixed split (eqv2, first dtype)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
@@ -174,6 +187,16 @@ def main(argv=None) -> int:
         for dtype in args.eqv2_dtype:
             row[f"eqv2_{dtype}"] = time_eqv2(potential, items, batch, args.steps, dtype, device)
             print(name, batch, f"eqv2 {dtype}", row[f"eqv2_{dtype}"], flush=True)
+        if args.mixed:
+            dtype = args.eqv2_dtype[0]
+            flow = structures(batch * 4, seed=1)
+            rng = np.random.default_rng(0)
+            limits = {s.sid: int(rng.integers(args.steps // 4, args.steps + 1)) for s in flow}
+            mixed = time_eqv2(potential, flow, batch, args.steps, dtype, device, limits)
+            full = row[f"eqv2_{dtype}"]
+            mixed["efficiency_vs_full_batch"] = mixed["evaluations_per_s"] / full["evaluations_per_s"]
+            row[f"eqv2_{dtype}_mixed"] = mixed
+            print(name, batch, f"eqv2 {dtype} mixed", mixed, flush=True)
         if args.reference and ref is not None:
             try:
                 row["fairchem_amp16"] = time_fairchem(ref, items, batch, args.steps, device)
