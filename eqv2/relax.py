@@ -8,13 +8,15 @@ inputs carry DFT-relaxed targets.
 
 Results are written per structure as it finishes (OUT/results.<task>.jsonl); a rerun on the same OUT
 continues where the last one stopped. With --num-tasks N (a SLURM array: slurm/relax.sh), task i
-relaxes structures i, i+N, ...; `--collect OUT` then writes is2rs.npz / is2re.npz and metrics.json.
+relaxes structures i, i+N, ...; under torchrun each rank is a task (RANK of WORLD_SIZE, GPU LOCAL_RANK).
+The task that finishes last writes is2rs.npz, is2re.npz and metrics.json (`--collect OUT` does it again).
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -75,7 +77,9 @@ def collect_metrics(out_dir: Path, oracle: str | None) -> dict:
                "is2re": is2re_metrics(results), "is2rs": is2rs_metrics(results)}
     if oracle:
         metrics["is2rs"].update({k: v for k, v in afbt_metrics(results, load_oracle(oracle)).items() if k != "num_structures"})
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    tmp = out_dir / f".metrics.{os.getpid()}.json"
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    os.replace(tmp, out_dir / "metrics.json")  # two tasks finishing together both write the same file
     return metrics
 
 
@@ -93,6 +97,10 @@ def run(args) -> int:
     from eqv2.relaxation.results import ResultWriter, Trajectories, load_results
 
     cfg = _config(args)
+    if args.num_tasks == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one task per rank
+        args.task_index, args.num_tasks = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if torch.cuda.is_available() and args.device is None:
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
     if not 0 <= args.task_index < args.num_tasks:
         raise ValueError(f"--task-index {args.task_index} outside 0..{args.num_tasks - 1} (--num-tasks)")
     out = Path(args.output)
@@ -105,7 +113,9 @@ def run(args) -> int:
         from eqv2.relaxation.metrics import load_oracle
 
         forces, float_dtype = AseForces(load_oracle(args.calculator)), torch.float64  # a calculator gets exact positions
-    done = set(load_results(out)) if out.exists() else set()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f".done.{args.task_index}").unlink(missing_ok=True)
+    done = set(load_results(out))
     mine = itertools.islice(read_inputs(args.input), args.task_index, None, args.num_tasks)
     if args.limit:
         mine = itertools.islice(mine, args.limit)
@@ -137,10 +147,11 @@ def run(args) -> int:
             traj.close()
     print(f"task {args.task_index}: relaxed {count} structures in {time.time() - start:.1f} s"
           f"{f', {skipped[0]} already done' if skipped[0] else ''}; results in {writer.path}")
-    if args.num_tasks == 1:
+    (out / f".done.{args.task_index}").write_text(f"{args.num_tasks}\n")
+    if all((out / f".done.{i}").exists() for i in range(args.num_tasks)):  # the last task to finish collects
         _print_metrics(collect_metrics(out, args.oracle), out)
     else:
-        print(f"when every task has finished: eqv2 relax --collect {out}")
+        print(f"other tasks still running; the last one writes the metrics (or: eqv2 relax --collect {out})")
     return 0
 
 

@@ -4,8 +4,8 @@
 # structures converge).
 #
 #   sbatch --array=0-15 slurm/relax.sh model.pt /data/is2re/all/val_id/data.lmdb runs/relax/val_id
-#   # when every task has finished (or: sbatch --dependency=afterok:<job> --wrap "python -m eqv2.relax --collect ..."):
-#   python -m eqv2.relax --collect runs/relax/val_id      # is2rs.npz, is2re.npz, metrics.json
+#   # the task that finishes last writes runs/relax/val_id/{is2rs.npz,is2re.npz,metrics.json}; AFbT afterwards:
+#   python -m eqv2.relax --collect runs/relax/val_id --oracle my_dft_module:Calculator
 #
 # INPUT is anything `eqv2 relax --input` reads: an IS2RE/IS2RS LMDB file or folder, a shard manifest.json,
 # an ASE-readable file. Task i of an array of n relaxes structures i, i+n, i+2n, ... of INPUT and writes

@@ -5,7 +5,7 @@ structure, flushed and fsynced when written. A job started again on the same out
 every part, skips the structures already there and relaxes the rest; structures that were in flight
 when it stopped start again from their initial positions (the relaxation is deterministic, so the
 result is what an uninterrupted run gives). A line cut short by a kill is dropped on reopening.
-`collect` turns the parts into fairchem's IS2RS/IS2RE prediction files:
+The task that finishes last (each leaves `.done.<task>`), or `eqv2 relax --collect`, turns the parts into fairchem's IS2RS/IS2RE prediction files:
     is2rs.npz: ids [S], pos [sum atoms, 3] (relaxed), chunk_idx [S-1] (split points of pos)
     is2re.npz: ids [S], energy [S] (eV)
 sorted by id, as fairchem's relaxation writes them (its `relaxed_positions.npz`).
@@ -97,10 +97,16 @@ def collect(out_dir: str | Path) -> tuple[Path, Path, int]:
     ids = sorted(results)
     pos = [results[i].positions for i in ids]
     is2rs, is2re = out_dir / "is2rs.npz", out_dir / "is2re.npz"
-    np.savez_compressed(is2rs, ids=np.array(ids), pos=np.concatenate(pos),
-                        chunk_idx=np.cumsum([len(p) for p in pos])[:-1])
-    np.savez_compressed(is2re, ids=np.array(ids), energy=np.array([results[i].energy for i in ids]))
+    _save(is2rs, ids=np.array(ids), pos=np.concatenate(pos), chunk_idx=np.cumsum([len(p) for p in pos])[:-1])
+    _save(is2re, ids=np.array(ids), energy=np.array([results[i].energy for i in ids]))
     return is2rs, is2re, len(ids)
+
+
+def _save(path: Path, **arrays) -> None:
+    """Written under a temporary name, then renamed: two tasks collecting at once leave a whole file."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
 
 
 class Trajectories:

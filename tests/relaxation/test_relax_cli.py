@@ -92,6 +92,8 @@ def test_array_tasks_split_and_collect(set_file, tmp_path):
                             "--task-index", str(task)), check=True, capture_output=True, env=_env(), timeout=300)
     parts = [set(json.loads(line)["sid"] for line in (out / f"results.{t}.jsonl").read_text().splitlines()) for t in (0, 1)]
     assert parts[0] == {"1000", "1002", "1004", "1006"} and parts[1] == {"1001", "1003", "1005", "1007"}
+    assert json.loads((out / "metrics.json").read_text())["num_structures"] == 8  # written by the last task
+    (out / "metrics.json").unlink()
     run = subprocess.run(_cmd("--collect", str(out)), capture_output=True, text=True, env=_env(), timeout=120)
     assert run.returncode == 0, run.stderr
     assert json.loads((out / "metrics.json").read_text())["num_structures"] == 8
@@ -108,3 +110,20 @@ def test_user_errors_are_one_line(tmp_path, args, message):
     (tmp_path / "empty").mkdir()
     run = subprocess.run(_cmd(*args), capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=120)
     assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+def test_torchrun_ranks_are_tasks(set_file, tmp_path):
+    """Under torchrun every rank relaxes its share (RANK of WORLD_SIZE) and the last one to finish writes the
+    metrics: the same results as one process."""
+    out, serial = tmp_path / "out", tmp_path / "serial"
+    args = ("--calculator", EMT, "--input", str(set_file), "--max-structures", "2")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+                    "-m", "eqv2.relax", *args, "--output", str(out)], check=True, capture_output=True, env=_env(), timeout=300)
+    subprocess.run(_cmd(*args, "--output", str(serial)), check=True, capture_output=True, env=_env(), timeout=300)
+    assert sorted(p.name for p in out.glob("results.*.jsonl")) == ["results.0.jsonl", "results.1.jsonl"]
+    got, want = load_results(out), load_results(serial)
+    assert sorted(got) == sorted(want)
+    for sid in want:
+        np.testing.assert_allclose(got[sid].positions, want[sid].positions, atol=1e-9)
+    m_got, m_want = (json.loads((d / "metrics.json").read_text()) for d in (out, serial))
+    assert m_got["is2rs"] == pytest.approx(m_want["is2rs"], abs=1e-9) and m_got["num_structures"] == 8

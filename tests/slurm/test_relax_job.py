@@ -30,7 +30,7 @@ def test_relax_array_matches_serial(slurm_cluster, tmp_path, jobs):
     job.wait(timeout=240)
     assert sorted(p.name for p in out.glob("results.*.jsonl")) == ["results.0.jsonl", "results.1.jsonl"], job.logs()
     run_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "eqv2.relax", "--collect", str(out)], check=True, cwd=REPO, env=run_env, timeout=120)
+    assert (out / "metrics.json").exists(), job.logs()  # the task that finished last collected
     serial = tmp_path / "serial"
     subprocess.run([sys.executable, "-m", "eqv2.relax", "--calculator", EMT, "--input", str(data), "--output", str(serial),
                     "--max-structures", "2"], check=True, cwd=REPO, env=run_env, timeout=300, capture_output=True)
