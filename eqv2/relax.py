@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from eqv2.relaxation.engine import AseForces, PotentialForces, RelaxConfig, relax
 from eqv2.relaxation.optimizers import FIREConfig, LBFGSConfig
@@ -119,34 +120,31 @@ def run(args) -> int:
     mine = itertools.islice(read_inputs(args.input), args.task_index, None, args.num_tasks)
     if args.limit:
         mine = itertools.islice(mine, args.limit)
-    skipped = [0]
-
-    def todo():
-        for s in mine:
-            if s.sid in done:
-                skipped[0] += 1
-                continue
-            yield s
+    todo = list(mine)  # read up front (inputs are checked before any work; the bar knows the total)
+    skipped = sum(s.sid in done for s in todo)
+    todo = [s for s in todo if s.sid not in done]
 
     writer = ResultWriter(out, args.task_index)
     traj = Trajectories(out / "trajectories") if args.trajectories else None
     start, count, evals = time.time(), 0, 0
+    bar = tqdm(total=len(todo), desc=f"relax task {args.task_index}", unit="structure", file=sys.stderr,
+               disable=not sys.stderr.isatty())
     try:
-        for result in relax(todo(), forces, cfg, device=device, float_dtype=float_dtype, on_frame=traj.frame if traj else None):
+        for result in relax(todo, forces, cfg, device=device, float_dtype=float_dtype, on_frame=traj.frame if traj else None):
             writer.write(result)
             if traj:
                 traj.finish(result.structure.sid)
             count += 1
             evals += result.steps + 1
-            if count % 10 == 0:
-                rate = count / max(time.time() - start, 1e-9)
-                print(f"relaxed {count} ({rate:.2f}/s, {evals / count:.1f} evaluations each)", file=sys.stderr, flush=True)
+            bar.update()
+            bar.set_postfix(evaluations_each=f"{evals / count:.1f}", refresh=False)
     finally:
+        bar.close()
         writer.close()
         if traj:
             traj.close()
     print(f"task {args.task_index}: relaxed {count} structures in {time.time() - start:.1f} s"
-          f"{f', {skipped[0]} already done' if skipped[0] else ''}; results in {writer.path}")
+          f"{f', {skipped} already done' if skipped else ''}; results in {writer.path}")
     (out / f".done.{args.task_index}").write_text(f"{args.num_tasks}\n")
     if all((out / f".done.{i}").exists() for i in range(args.num_tasks)):  # the last task to finish collects
         _print_metrics(collect_metrics(out, args.oracle), out)
