@@ -32,6 +32,8 @@ VERBS: dict[str, tuple[str, str, str]] = {
                 "eqv2 predict --checkpoint model.pt --input structures.extxyz --output pred.npz"),
     "evaluate": ("eqv2.evaluate", "S2EF metrics of a model or run checkpoint on sharded splits (any launcher)",
                  "eqv2 evaluate --checkpoint model.pt --split val_id=data/val_id/manifest.json --json val.json"),
+    "relax": ("eqv2.relax", "batched relaxations (IS2RS/IS2RE) of LMDB, shard or ASE inputs; resumable; metrics",
+              "eqv2 relax --checkpoint model.pt --input is2re_val_id/data.lmdb --output relax/val_id"),
     "plot": ("eqv2.plot", "PNG curves of a run: loss terms, validation metrics, throughput, lr",
              "eqv2 plot runs/demo"),
 }
