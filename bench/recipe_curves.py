@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Validation curves of eqv2's training recipe against fairchem-core 1.10.0's, over thousands of steps.
 
-The step-by-step comparison (tools/recipe_parity.py, tests/train/test_recipe_parity.py) shows that one
+The step-by-step comparison (diagnostics/recipe_parity.py, tests/train/test_recipe_parity.py) shows that one
 step of eqv2's trainer equals one of fairchem's to round-off.  This benchmark asks the user's question
 over a whole run: with the same data, the same initial weights and the same batch order, do the two
 trainers reach the same validation energy and force MAE (live and EMA weights), within fairchem's own

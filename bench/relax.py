@@ -2,9 +2,9 @@
 """GPU-seconds per 200-step relaxation: eqv2's batched relaxer against fairchem-core 1.10.0's batched LBFGS,
 on the same OC20-sized structures and the same (random) weights, in one process.
 
-    python bench/relax.py --models 31M:16 153M:8 --steps 200 --rounds 2 --reference --mixed --json $OUT/relax.json
+    python -m bench.relax --models 31M:16 153M:8 --steps 200 --rounds 2 --reference --mixed --json $OUT/relax.json
 
-Structures: tools/bench.py's OC20-like adsorbate+slab systems (~72 atoms), the lower half of each slab fixed.
+Structures: bench/model.py's OC20-like adsorbate+slab systems (~72 atoms), the lower half of each slab fixed.
 Every structure runs exactly --steps LBFGS steps (fmax 0: none converges), the OC20/fairchem settings
 (maxstep 0.04, memory 50, damping 1, alpha 70). eqv2: `eqv2.relaxation.engine.relax` with the batch as its
 structure budget (--eqv2-dtype fp32 or bf16 autocast). fairchem: its `OptimizableBatch` + torch `LBFGS`
@@ -29,19 +29,17 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
 
-from eqv2.config import from_dict, load_yaml  # noqa: E402
-from eqv2.model.config import ModelConfig  # noqa: E402
-from eqv2.model.equiformer_v2 import EquiformerV2  # noqa: E402
-from eqv2.normalizers import Normalizers  # noqa: E402
-from eqv2.checkpoint import Potential  # noqa: E402
-from eqv2.relaxation.engine import PotentialForces, RelaxConfig, Structure, relax  # noqa: E402
+from eqv2.config import from_dict, load_yaml
+from eqv2.model.config import ModelConfig
+from eqv2.model.equiformer_v2 import EquiformerV2
+from eqv2.normalizers import Normalizers
+from eqv2.checkpoint import Potential
+from eqv2.relaxation.engine import PotentialForces, RelaxConfig, Structure, relax
 
 
 def structures(count: int, seed: int) -> list[Structure]:
-    from bench import oc20_like_structures  # tools/bench.py
+    from bench.model import oc20_like_structures
 
     out = []
     for i, s in enumerate(oc20_like_structures(count, seed)):
@@ -55,7 +53,6 @@ def structures(count: int, seed: int) -> list[Structure]:
 
 def models(name: str, device):
     """(fairchem's legacy EquiformerV2, eqv2's with the same weights)."""
-    sys.path.insert(0, str(ROOT / "tests" / "model" / "fairchem_shim"))
     from eqv2.fairchem_compat import convert_state_dict, fairchem_hparams
     from tests.model.fairchem_reference import import_fairchem
 

@@ -88,7 +88,7 @@ def fairchem_model(case: str, means: dict[str, float] | None = None):
     from fairchem.core.modules.normalization.element_references import create_element_references
     from fairchem.core.modules.normalization.normalizer import create_normalizer
 
-    from tools.recipe_parity import import_fairchem as import_trainer  # stubs its import-only dependencies
+    from diagnostics.recipe_parity import import_fairchem as import_trainer  # stubs its import-only dependencies
 
     OCPTrainer = import_trainer().OCPTrainer
 
@@ -180,7 +180,7 @@ def rel_err(ours, ref) -> float:
 
 
 def convert(checkpoint, tmp_path):
-    from tools.convert_fairchem_checkpoint import main
+    from eqv2.tools.convert import main
 
     src, dst = tmp_path / "fairchem.pt", tmp_path / "eqv2.pt"
     torch.save(checkpoint, src)
