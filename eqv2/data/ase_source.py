@@ -157,10 +157,15 @@ def _sample(atoms, index: int, file_system: str, keys: AseKeys, where: str) -> d
             raise SampleError(f"{where}: no info key '{keys.system}' (--system-key)")
         system = _UNSAFE.sub("-", str(atoms.info[keys.system])).strip("-") or "system"
     sample = {"sid": system, "fid": str(index), "positions": atoms.get_positions(),
-              "numbers": atoms.get_atomic_numbers(), "cell": np.array(atoms.get_cell()), "pbc": atoms.get_pbc(),
-              "energy": float(_label(atoms, keys.energy, "energy", where, True)),
-              "forces": np.asarray(_label(atoms, keys.forces, "forces", where, True), dtype=np.float64)}
-    sample["total_energy"] = sample["energy"]
+              "numbers": atoms.get_atomic_numbers(), "cell": np.array(atoms.get_cell()), "pbc": atoms.get_pbc()}
+    # a key the user named must be there; labels from the calculator may be absent (then the sharder's
+    # check_labels refuses the frame, unless --unlabelled shards a split for predictions only)
+    energy = _label(atoms, keys.energy, "energy", where, keys.energy != "calc")
+    forces = _label(atoms, keys.forces, "forces", where, keys.forces != "calc")
+    if energy is not None:
+        sample["energy"] = sample["total_energy"] = float(energy)
+    if forces is not None:
+        sample["forces"] = np.asarray(forces, dtype=np.float64)
     if keys.stress is not None:
         stress = _label(atoms, keys.stress, "stress", where, keys.stress != "calc")
         if stress is not None:

@@ -154,3 +154,21 @@ def test_a_run_trains_on_the_shards(dataset, tmp_path):
                          "--set", f"run_dir={tmp_path / 'run'}", "--set", "optim.max_steps=2"])
     assert rc == [0], log
     assert "eval val step 2" in log
+
+
+def test_unlabelled_frames_shard_with_unlabelled_only(tmp_path):
+    """A test split without energies or forces: refused naming the frame, or sharded with --unlabelled
+    (positions and ids kept, no labels)."""
+    frames = _frames(3, "t", 5)
+    for atoms in frames:
+        atoms.calc = None
+    ase.io.write(tmp_path / "test.extxyz", frames)
+    proc = _shard(str(tmp_path / "test.extxyz"), str(tmp_path / "refused"), "--shard-samples", "4")
+    assert proc.returncode == 2 and "test.extxyz frame 0: no energy and no forces" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = _shard(str(tmp_path / "test.extxyz"), str(tmp_path / "out"), "--shard-samples", "4", "--unlabelled")
+    assert proc.returncode == 0, proc.stderr
+    urls, infos, _ = resolve_shards(str(tmp_path / "out" / "manifest.json"), "")
+    samples = [s for url, info in zip(urls, infos) for s in read_shard(url, info, True, "raise", bounds=None)[0]]
+    assert len(samples) == 3 and all(s.get("energy") is None and s.get("forces") is None for s in samples)
+    np.testing.assert_allclose(samples[0]["positions"], frames[0].positions, atol=1e-6)
