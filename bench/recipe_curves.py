@@ -61,24 +61,7 @@ def referenced(structures: list[dict], refs: np.ndarray | None = None) -> tuple[
 
 
 class FairchemTrainer(rp.FairchemSide):
-    """fairchem's training step as `rp.FairchemSide`, with its own random edge-frame roll unless asked."""
-
-    def __init__(self, *args, own_frames: bool, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.own_frames = own_frames
-
-    def train_step(self, batch: AtomsBatch) -> dict:
-        if not self.own_frames:
-            return super().train_step(batch)
-        t, fc = self.trainer, self.fc
-        lr = t.scheduler.get_lr()
-        t.step += 1
-        data = rp.pyg_batch(batch)
-        out = fc.OCPTrainer._forward(t, data)
-        loss = fc.OCPTrainer._compute_loss(t, out, data)
-        fc.BaseTrainer._backward(t, loss)
-        t.scheduler.step()
-        return {"loss": float(loss.detach()), "lr": lr, "grad_norm": float(self.recorded["grad_norm"])}
+    """fairchem's training step as `rp.FairchemSide`, with a prediction in eV and eV/Å for validation."""
 
     @torch.no_grad()
     def predict(self, batch: AtomsBatch) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ Needs fairchem-core 1.10.0 (`pip install --no-deps fairchem-core==1.10.0`) and t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -205,8 +206,9 @@ class FairchemSide:
     """fairchem's trainer methods on a minimal trainer object (no datasets, loggers or processes)."""
 
     def __init__(self, fc, model, norms: Normalizers, steps_per_epoch: int, warmup_epochs: float,
-                 dtype: torch.dtype, device):
-        self.fc, self.recorded, self.dtype = fc, {}, dtype
+                 dtype: torch.dtype, device, own_frames: bool = False):
+        """own_frames: keep the reference's random edge-frame roll (default: eqv2's zero-roll frames)."""
+        self.fc, self.recorded, self.dtype, self.own_frames = fc, {}, dtype, own_frames
         self.trainer = t = types.SimpleNamespace()
         t.model = t._unwrapped_model = model
         t.device, t.scaler, t.step, t.elementrefs = device, None, 0, {}
@@ -242,7 +244,8 @@ class FairchemSide:
         data = pyg_batch(batch)
         # fairchem creates some tensors without a dtype (e.g. the edge embedding's zero padding): in
         # float64 its model runs under float64 as the default dtype
-        with _deterministic_frames(fc.legacy), _default_dtype(self.dtype):
+        frames = contextlib.nullcontext() if self.own_frames else _deterministic_frames(fc.legacy)
+        with frames, _default_dtype(self.dtype):
             out = fc.OCPTrainer._forward(t, data)
             loss = fc.OCPTrainer._compute_loss(t, out, data)
             fc.BaseTrainer._backward(t, loss)
