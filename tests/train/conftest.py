@@ -29,6 +29,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def launcher_env(**extra: str) -> dict[str, str]:
+    """The environment for launching `deepspeed` / `torchrun` as a user would: this interpreter's bin
+    directory first on PATH (CI runs the venv's python without activating it), the repository importable,
+    one thread per rank, no rank variables inherited from an enclosing launcher."""
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    path = os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1", "PYTHONPATH": path,
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]), **extra}
+
+
 def run_worker(worker: Path, nproc: int, args: list[str], timeout: float = 300) -> None:
     """Run a test worker script under torchrun on `nproc` CPU ranks; fails with its output if it fails."""
     # keep any PYTHONPATH the caller has (the device machine installs packages there)

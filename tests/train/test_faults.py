@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ import pytest
 from eqv2.train import main
 from eqv2.training import checkpointing as ckpt
 from eqv2.training.signals import EXIT_CONFIG
-from tests.train.conftest import HERE, REPO, TRAIN, common_args, data_args, records, run_train
+from tests.train.conftest import HERE, REPO, TRAIN, common_args, data_args, launcher_env, records, run_train
 
 DS = str(HERE / "ds_zero2_cpu.json")
 RUN = str(HERE / "tiny_run.yaml")
@@ -35,8 +33,7 @@ def _short(demo_data: Path, run_dir: Path, steps: int, *extra: str) -> list[str]
 def finished_run(demo_data, tmp_path_factory) -> Path:
     """A finished 8-step run (checkpoints at steps 4 and 8), launched with the `deepspeed` command."""
     run_dir = tmp_path_factory.mktemp("finished") / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    env = launcher_env()
     proc = subprocess.run(["deepspeed", str(TRAIN), *_short(demo_data, run_dir, 8)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

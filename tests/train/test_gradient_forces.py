@@ -4,7 +4,6 @@ validation reports a stress MAE and the exported model gives the ASE calculator 
 that cannot work are refused naming the key."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from tests.train.conftest import HERE, REPO, TRAIN, data_args, free_port, records, run_train
+from tests.train.conftest import HERE, REPO, TRAIN, data_args, free_port, launcher_env, records, run_train
 
 GRADIENT = ["--set", "model.forces=gradient"]
 
@@ -63,11 +62,8 @@ def _args(data: Path, run_dir: Path, steps: int, ds: str, *extra: str) -> list[s
 
 
 def _deepspeed(args: list[str]) -> subprocess.CompletedProcess:
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {**{k: v for k, v in os.environ.items() if k not in drop}, "OMP_NUM_THREADS": "1",
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     return subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(TRAIN), *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=600)
 
 
 def test_gradient_forces_and_stress_train_under_the_deepspeed_launcher(stress_data, tmp_path):

@@ -26,7 +26,7 @@ import psutil
 import pytest
 
 from eqv2.training.signals import EXIT_REQUEUE, STOP_RECORD, launcher_processes, process_alive
-from tests.train.conftest import MAX_STEPS, REPO, TRAIN, common_args, free_port, last_step, records
+from tests.train.conftest import MAX_STEPS, REPO, TRAIN, common_args, free_port, last_step, launcher_env, records
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the launcher watch needs /proc")
 
@@ -42,11 +42,7 @@ def _subreaper(on: bool) -> None:
 
 
 def _env() -> dict[str, str]:
-    path = os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    return {**{k: v for k, v in os.environ.items() if k not in drop}, "OMP_NUM_THREADS": "1",
-            "PYTHONUNBUFFERED": "1", "PYTHONPATH": path,
-            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    return launcher_env()
 
 
 def _command(launcher: str, args: list[str]) -> list[str]:

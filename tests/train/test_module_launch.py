@@ -2,16 +2,15 @@
 directory that is not the repository (as after `pip install`), trains and finishes (1 CPU rank)."""
 from __future__ import annotations
 
-import os
 import subprocess
 
-from tests.train.conftest import REPO, common_args, free_port
+from tests.train.conftest import common_args, free_port, launcher_env
 
 
 def test_deepspeed_module_launch_trains(demo_data, tmp_path):
     run_dir = tmp_path / "run"
     args = [*common_args(demo_data, run_dir), "--set", "optim.max_steps=2"]  # the last --set wins
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # the package, as installed
+    env = launcher_env()  # the package importable from PYTHONPATH, as installed
     proc = subprocess.run(["deepspeed", "--num_gpus", "1", "--master_port", str(free_port()), "--module", "eqv2.train",
                            *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
