@@ -33,7 +33,7 @@ data/demo/train/manifest.json: | env
 	$(PY) -m eqv2 demo-data --out data/demo
 
 test: $(VENV)/.test-installed
-	$(PY) -m pytest -q -m "not gpu" tests
+	$(PY) -m pytest -q -m "not gpu" --durations=30 tests
 
 # the benchmark and diagnostic scripts' own tests (bench/, diagnostics/): not part of `make test`
 test-diagnostics: $(VENV)/.test-installed
