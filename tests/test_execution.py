@@ -102,6 +102,7 @@ def test_cpu_plans_compute_the_reference_function_and_gradients():
     ref, ref_grads = run(ref_model)
     for plan in plans:
         model = EquiformerV2(plan.model_config(base)).double()
+        assert {k: getattr(model.cfg, k) for k in EXECUTION_KEYS} == dataclasses.asdict(plan)  # the plan is run
         model.load_state_dict(ref_model.state_dict())
         out, grads = run(model)
         for key in ("energy", "forces"):
