@@ -28,6 +28,7 @@ from torch import nn
 
 from eqv2.batch import AtomsBatch
 from eqv2.config import from_dict, to_dict
+from eqv2.execution import choose_plan, paper_config
 from eqv2.model.config import ModelConfig
 from eqv2.model.equiformer_v2 import EquiformerV2
 from eqv2.normalizers import Normalizers, renamed_legacy, structure_references
@@ -80,7 +81,7 @@ def save_model(
     payload = {
         "format": FORMAT,
         "version": 1 if energy_references is None else 2,
-        "model_config": to_dict(model_cfg),
+        "model_config": paper_config(to_dict(model_cfg)),  # the function only: the loading run picks its plan
         "state_dict": {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).clone()
                        for k, v in weights.items()},
         "normalizers": to_dict(normalizers),
@@ -133,7 +134,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> P
     payload = _read_payload(path)
     model_config, state_dict, meta = payload["model_config"], payload["state_dict"], payload.get("meta") or {}
     normalizers = from_dict(Normalizers, renamed_legacy(payload["normalizers"]), prefix="normalizers")
-    cfg = from_dict(ModelConfig, model_config, prefix="model_config")
+    # checkpoints written before the execution plan carry kernel and padding keys: dropped (they never changed
+    # the function); inference runs in float32, where the plan is the reference modules without shape buckets
+    cfg = from_dict(ModelConfig, paper_config(model_config), prefix="model_config")
+    cfg = choose_plan(device_type=torch.device(device).type, dtype="fp32", lmax=cfg.lmax, mmax=cfg.mmax,
+                      forces=cfg.forces).model_config(cfg)
     references = payload.get("energy_references")
     if references is not None and len(references) != cfg.max_num_elements:
         raise ValueError(f"{path}: {len(references)} energy references for an element table of {cfg.max_num_elements}")

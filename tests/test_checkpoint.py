@@ -55,3 +55,29 @@ def test_bad_reference_tables_and_versions_are_named(model, tmp_path):
     torch.save({**payload, "energy_references": [0.0] * 90}, tmp_path / "v1refs.pt")
     with pytest.raises(ValueError, match="v1refs.pt: a version 1 model checkpoint cannot have energy_references"):
         eqv2.load_model(tmp_path / "v1refs.pt")
+
+
+def test_exported_files_carry_the_paper_config_only(model, tmp_path):
+    from eqv2.model.config import EXECUTION_KEYS
+    fast = ModelConfig(**{**eqv2.config.to_dict(CFG), "pad_atoms_multiple": 64, "pad_edges_multiple": 1024,
+                          "rotation_align": 8, "validate_inputs": False})
+    save_model(tmp_path / "m.pt", model, fast, NORMS)
+    saved = torch.load(tmp_path / "m.pt", weights_only=True)["model_config"]
+    assert not set(saved) & EXECUTION_KEYS, sorted(set(saved) & EXECUTION_KEYS)
+
+
+def test_an_old_file_with_kernel_keys_loads_without_shape_buckets(model, tmp_path, oc20_atoms):
+    """Files written before the execution plan hold kernel and padding keys (the calculator then padded every
+    structure to 64 atoms / 1,024 edges): they load, the keys dropped, into the reference plan."""
+    save_model(tmp_path / "new.pt", model, CFG, NORMS)
+    payload = torch.load(tmp_path / "new.pt", weights_only=True)
+    payload["model_config"].update(pad_atoms_multiple=64, pad_edges_multiple=1024, rotation_align=8,
+                                   so2_fused_input_grad=True, so2_indexed_radial=True, fused_rotation=True,
+                                   s2_kernel_form="rows", validate_inputs=False)
+    torch.save(payload, tmp_path / "old.pt")
+    old, new = eqv2.load_model(tmp_path / "old.pt"), eqv2.load_model(tmp_path / "new.pt")
+    assert old.config.pad_atoms_multiple == 0 and old.config.pad_edges_multiple == 0
+    assert not old.config.so2_fused_input_grad and not old.config.fused_rotation and old.config.validate_inputs
+    assert old.config == new.config
+    batch = atoms_to_batch([oc20_atoms])
+    torch.testing.assert_close(old(batch)["energy"], new(batch)["energy"], rtol=0, atol=0)

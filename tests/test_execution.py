@@ -1,0 +1,112 @@
+"""The execution plan (eqv2/execution.py): its automatic choice per case, its override errors, and the CPU plans
+computing the reference function (outputs and gradients). CUDA plans are checked in tests/model/test_gpu.py."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from eqv2.execution import REFERENCE, ExecutionOverrides, ExecutionPlan, choose_plan, paper_config
+from eqv2.model.config import EXECUTION_KEYS, ModelConfig
+from eqv2.model.equiformer_v2 import EquiformerV2
+from tests.model.equivariance import batch_from_atoms
+from tests.model.fairchem_reference import slab_structures
+
+TINY = dict(num_layers=2, lmax=3, mmax=2, sphere_channels=8, attn_hidden_channels=8, attn_alpha_channels=8,
+            attn_value_channels=4, ffn_hidden_channels=8, edge_channels=8, num_heads=2, alpha_drop=0.0,
+            drop_path_rate=0.0, max_radius=6.0)
+
+
+def test_plan_fields_are_exactly_the_execution_keys():
+    assert {f.name for f in dataclasses.fields(ExecutionPlan)} == set(EXECUTION_KEYS)
+    assert {f.name for f in dataclasses.fields(ExecutionOverrides)} == set(EXECUTION_KEYS)
+
+
+@pytest.mark.parametrize("device_type,dtype", [("cpu", "fp32"), ("cpu", "bf16"), ("cuda", "fp32")])
+def test_cpu_or_float32_gets_the_reference_modules(device_type, dtype):
+    assert choose_plan(device_type=device_type, dtype=dtype, lmax=6, mmax=2) == REFERENCE
+
+
+def test_cuda_half_precision_direct_forces_gets_the_fused_kernels_and_buckets():
+    plan = choose_plan(device_type="cuda", dtype="bf16", lmax=6, mmax=2, zero_stage=2, graph_ahead=True)
+    assert plan == ExecutionPlan(validate_inputs=False, pad_atoms_multiple=64, pad_edges_multiple=1024,
+                                 so2_fused_input_grad=True, so2_indexed_radial=True, rotation_align=8,
+                                 fused_rotation=True, s2_kernel_form="columns")
+
+
+def test_gradient_forces_get_no_kernel_that_is_not_twice_differentiable():
+    plan = choose_plan(device_type="cuda", dtype="bf16", lmax=6, mmax=2, forces="gradient")
+    assert not plan.so2_fused_input_grad and not plan.fused_rotation and not plan.so2_indexed_radial
+    assert plan.pad_atoms_multiple == 64 and plan.rotation_align == 8  # these stay: same function, any order
+    with pytest.raises(ValueError, match="execution.fused_rotation: not supported with forces: gradient"):
+        choose_plan(device_type="cuda", dtype="bf16", lmax=6, mmax=2, forces="gradient",
+                    overrides=ExecutionOverrides.from_dict({"fused_rotation": True}))
+
+
+def test_overrides_replace_single_choices():
+    over = ExecutionOverrides.from_dict({"pad_atoms_multiple": 0, "s2_kernel_form": "rows", "fused_rotation": "auto"})
+    plan = choose_plan(device_type="cuda", dtype="bf16", lmax=6, mmax=2, overrides=over)
+    assert plan.pad_atoms_multiple == 0 and plan.s2_kernel_form == "rows" and plan.fused_rotation
+    # switching the fused input gradient off drops its indexed form unless that is asked for by name
+    off = choose_plan(device_type="cuda", dtype="bf16", lmax=6, mmax=2,
+                      overrides=ExecutionOverrides.from_dict({"so2_fused_input_grad": False}))
+    assert not off.so2_indexed_radial
+    with pytest.raises(ValueError, match="so2_indexed_radial needs so2_fused_input_grad"):
+        choose_plan(device_type="cpu", dtype="fp32", lmax=6, mmax=2,
+                    overrides=ExecutionOverrides.from_dict({"so2_indexed_radial": True}))
+
+
+@pytest.mark.parametrize("section,message", [
+    ({"fused_rotations": True}, "execution: unknown key 'fused_rotations'"),
+    ({"rotation_align": True}, "execution.rotation_align: expected 'auto' or a value like 1, got True"),
+    ({"fused_rotation": 1}, "execution.fused_rotation: expected 'auto'"),
+    ({"s2_kernel_form": "tiles"}, "execution.s2_kernel_form: expected 'auto'"),
+])
+def test_bad_execution_sections_are_named(section, message):
+    with pytest.raises(ValueError, match=message):
+        ExecutionOverrides.from_dict(section)
+
+
+def test_bad_choice_inputs_and_values_are_named():
+    with pytest.raises(ValueError, match="dtype must be"):
+        choose_plan(device_type="cuda", dtype="float16", lmax=6, mmax=2)
+    with pytest.raises(ValueError, match="execution.rotation_align must be >= 1"):
+        choose_plan(device_type="cpu", dtype="fp32", lmax=6, mmax=2,
+                    overrides=ExecutionOverrides.from_dict({"rotation_align": 0}))
+
+
+def test_paper_config_drops_only_the_execution_keys():
+    saved = dataclasses.asdict(ModelConfig(**TINY, pad_atoms_multiple=64, rotation_align=8))
+    kept = paper_config(saved)
+    assert set(saved) - set(kept) == set(EXECUTION_KEYS)
+    assert ModelConfig(**kept) == ModelConfig(**TINY)  # loads into a config; the loading run's plan decides the rest
+
+
+def test_cpu_plans_compute_the_reference_function_and_gradients():
+    """Every plan that runs on CPU (the fused SO(2) input gradient and its indexed form, aligned Wigner rows,
+    shape buckets) against the reference modules in float64: energies, forces and parameter gradients."""
+    torch.manual_seed(0)
+    base = ModelConfig(**TINY)
+    ref_model = EquiformerV2(REFERENCE.model_config(base)).double()
+    batch = batch_from_atoms(slab_structures(5, 2), torch.float64)
+    plans = [ExecutionPlan(so2_fused_input_grad=True, so2_indexed_radial=True, rotation_align=8),
+             ExecutionPlan(so2_fused_input_grad=True, rotation_align=4, pad_atoms_multiple=64, pad_edges_multiple=1024)]
+
+    def run(model):
+        model.zero_grad()
+        out = model(batch)
+        (out["energy"].square().sum() + out["forces"].square().sum()).backward()
+        return out, [p.grad.clone() if p.grad is not None else None for p in model.parameters()]
+
+    ref, ref_grads = run(ref_model)
+    for plan in plans:
+        model = EquiformerV2(plan.model_config(base)).double()
+        assert {k: getattr(model.cfg, k) for k in EXECUTION_KEYS} == dataclasses.asdict(plan)  # the plan is run
+        model.load_state_dict(ref_model.state_dict())
+        out, grads = run(model)
+        for key in ("energy", "forces"):
+            torch.testing.assert_close(out[key], ref[key], rtol=1e-9, atol=1e-10, msg=f"{plan} {key}")
+        for g, r in zip(grads, ref_grads):
+            if r is not None:
+                torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-10)
