@@ -43,7 +43,8 @@ from eqv2.training.loss import EnergyForceLoss, Normalizers
 from eqv2.training.metrics import S2EFMetrics
 from eqv2.training.monitor import StepLogger, run_summary
 from eqv2.training.optim import build_optimizer, lr_factor, trainer_clipping
-from eqv2.training.profiling import StepProfiler, phase
+from eqv2.training.probes import Probes
+from eqv2.training.profiling import phase
 from eqv2.training.targets import check_zero_stage, physical, resolve_targets
 from eqv2.training.signals import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_REQUEUE, StopFlag
 from eqv2.training.step import StepContext, take_step
@@ -218,7 +219,8 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     logger = StepLogger(run_dir, dist.device, dist.is_main, total_steps, step, cfg.log.every_steps,
                         cfg.log.progress_bar, engine.monitor, count_shape_buckets=padded,
                         compile_events=compile_events, collector=collector, data_stream=stream)
-    profiler = StepProfiler(cfg.log.profile_steps, run_dir, dist.rank, dist.device)
+    probes = Probes.for_run(cfg.log.profile_steps, run_dir, dist.rank, dist.device, logger, collector,
+                            compile_events, buckets)  # diagnostics: eqv2/training/probes.py
     step_ctx = StepContext.for_engine(engine, loss_fn, stop, float(dist.world_size * gas),
                                       cfg.loss.train_on_free_atoms, dist.device, max_grad_norm)
 
@@ -260,7 +262,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     if cfg.eval.at_start and step == 0:
         evaluate_and_track()
     engine.train()
-    collector.start()
+    probes.on_start()
     try:
         while step < total_steps:
             for micro in _timed(_groups(stream.epoch_batches(epoch), gas), logger):
@@ -269,17 +271,14 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
                 for group in engine.optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
                 torch.manual_seed(hash((cfg.seed, step, dist.rank)) % 2**62)  # dropout masks survive resume
-                if buckets is not None:  # a new shape is a CUDA-graph recording: logged per interval
-                    logger.new_shape_buckets += buckets.count_new(micro)
+                probes.before_step(step + 1, micro)
                 with phase("batch_to_device"):
                     micro = [b.to(dist.device, non_blocking=True) for b in micro]
                 log_now = logger.due(step + 1)
-                profiler.before(step + 1)
                 terms, counts, skipped, stop_now, grad_norm = take_step(
                     step_ctx, micro, grad_norm_needed=log_now)
                 step += 1
-                profiler.after(step)
-                collector.after_step(step, compile_events.total if compile_events is not None else 0)
+                probes.after_step(step)
                 nonfinite += skipped > 0  # steps with at least one non-finite micro-batch
                 if ema is not None and skipped < gas:
                     with phase("ema"):
@@ -320,8 +319,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
                   flush=True)
         return EXIT_OK
     finally:
-        collector.stop()
-        profiler.close()
+        probes.on_end()
         logger.close()
         stream.close()
 
