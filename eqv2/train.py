@@ -266,6 +266,11 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     try:
         while step < total_steps:
             for micro in _timed(_groups(stream.epoch_batches(epoch), gas), logger):
+                # the trainer sets the lr, not a DeepSpeed `scheduler`: DeepSpeed's WarmupCosineLR starts its
+                # cosine at the end of the warm-up, the reference's (lr_factor) runs it from step 0, and a
+                # step whose every micro-batch is non-finite sets lr 0 for itself (training/step.py).
+                # Clipping is DeepSpeed's `gradient_clipping`, applied by the trainer at ZeRO-0 only
+                # (training/optim.py trainer_clipping says why)
                 lr = cfg.optim.lr * lr_factor(step, total_steps, warmup_steps, cfg.optim.warmup_factor,
                                               cfg.optim.lr_min_factor)
                 for group in engine.optimizer.param_groups:
