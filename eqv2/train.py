@@ -28,7 +28,6 @@ if __package__ in (None, ""):  # run as a script: import eqv2 from the repositor
 import torch
 import torch._dynamo  # noqa: F401  (before zero.Init: its first import checks torch.Tensor.__new__, patched there)
 
-from eqv2.batch import AtomsBatch
 from eqv2.config import ConfigError, save_yaml, to_dict
 from eqv2.data import PlanError, SampleError, ShardError
 from eqv2.model.graph import GraphBuilder, GraphInputError
@@ -36,17 +35,19 @@ from eqv2.training import checkpointing as ckpt
 from eqv2.training.activation_checkpointing import apply_activation_checkpointing
 from eqv2.training.compile import CompileEvents, ShapeBuckets, apply_compile, compiled_graph_count
 from eqv2.training.config import RunConfig, load_ds_config, load_run_config, resolve_ds_config
-from eqv2.training.dist import DistInfo, all_gather_object, all_reduce_max, barrier, init_distributed, shutdown
+from eqv2.training.dist import DistInfo, all_gather_object, barrier, init_distributed, shutdown
 from eqv2.training.ema import EMA
 from eqv2.training.finetune import freeze, load_pretrained, read_pretrained
 from eqv2.training.garbage import GarbageCollection
-from eqv2.training.loss import EnergyForceLoss, Normalizers, global_counts
+from eqv2.training.loss import EnergyForceLoss, Normalizers
 from eqv2.training.metrics import S2EFMetrics
 from eqv2.training.monitor import StepLogger, run_summary
-from eqv2.training.optim import build_optimizer, clip_gradients, lr_factor, trainer_clipping
-from eqv2.training.profiling import StepProfiler, phase
+from eqv2.training.optim import build_optimizer, lr_factor, trainer_clipping
+from eqv2.training.probes import Probes
+from eqv2.training.profiling import phase
 from eqv2.training.targets import check_zero_stage, physical, resolve_targets
 from eqv2.training.signals import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_REQUEUE, StopFlag
+from eqv2.training.step import StepContext, take_step
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -218,9 +219,10 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     logger = StepLogger(run_dir, dist.device, dist.is_main, total_steps, step, cfg.log.every_steps,
                         cfg.log.progress_bar, engine.monitor, count_shape_buckets=padded,
                         compile_events=compile_events, collector=collector, data_stream=stream)
-    profiler = StepProfiler(cfg.log.profile_steps, run_dir, dist.rank, dist.device)
-    scale = float(dist.world_size * gas)  # undoes DeepSpeed's mean over ranks and micro-batches
-    zero_loss = _zero_loss_fn(engine)
+    probes = Probes.for_run(cfg.log.profile_steps, run_dir, dist.rank, dist.device, logger, collector,
+                            compile_events, buckets)  # diagnostics: eqv2/training/probes.py
+    step_ctx = StepContext.for_engine(engine, loss_fn, stop, float(dist.world_size * gas),
+                                      cfg.loss.train_on_free_atoms, dist.device, max_grad_norm)
 
     def trainer_state() -> dict:  # collective: every rank's data position is gathered
         data_per_rank = all_gather_object(stream.state_dict())
@@ -260,27 +262,28 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     if cfg.eval.at_start and step == 0:
         evaluate_and_track()
     engine.train()
-    collector.start()
+    probes.on_start()
     try:
         while step < total_steps:
             for micro in _timed(_groups(stream.epoch_batches(epoch), gas), logger):
+                # the trainer sets the lr, not a DeepSpeed `scheduler`: DeepSpeed's WarmupCosineLR starts its
+                # cosine at the end of the warm-up, the reference's (lr_factor) runs it from step 0, and a
+                # step whose every micro-batch is non-finite sets lr 0 for itself (training/step.py).
+                # Clipping is DeepSpeed's `gradient_clipping`, applied by the trainer at ZeRO-0 only
+                # (training/optim.py trainer_clipping says why)
                 lr = cfg.optim.lr * lr_factor(step, total_steps, warmup_steps, cfg.optim.warmup_factor,
                                               cfg.optim.lr_min_factor)
                 for group in engine.optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
                 torch.manual_seed(hash((cfg.seed, step, dist.rank)) % 2**62)  # dropout masks survive resume
-                if buckets is not None:  # a new shape is a CUDA-graph recording: logged per interval
-                    logger.new_shape_buckets += buckets.count_new(micro)
+                probes.before_step(step + 1, micro)
                 with phase("batch_to_device"):
                     micro = [b.to(dist.device, non_blocking=True) for b in micro]
                 log_now = logger.due(step + 1)
-                profiler.before(step + 1)
                 terms, counts, skipped, stop_now, grad_norm = take_step(
-                    engine, micro, loss_fn, zero_loss, stop, scale, cfg.loss.train_on_free_atoms, dist.device,
-                    grad_norm_needed=log_now, max_grad_norm=max_grad_norm)
+                    step_ctx, micro, grad_norm_needed=log_now)
                 step += 1
-                profiler.after(step)
-                collector.after_step(step, compile_events.total if compile_events is not None else 0)
+                probes.after_step(step)
                 nonfinite += skipped > 0  # steps with at least one non-finite micro-batch
                 if ema is not None and skipped < gas:
                     with phase("ema"):
@@ -321,8 +324,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
                   flush=True)
         return EXIT_OK
     finally:
-        collector.stop()
-        profiler.close()
+        probes.on_end()
         logger.close()
         stream.close()
 
@@ -387,69 +389,6 @@ def _groups(batches, size: int):
         if len(group) == size:
             yield group
             group = []
-
-
-def _zero_loss_fn(engine):
-    """A loss with exactly zero gradient, back-propagated in place of a non-finite one so that every
-    rank runs the same collectives and DeepSpeed's accumulation bookkeeping stays aligned.
-
-    Built from the parameters, not the (possibly inf/NaN) forward graph, whose 0·inf products would
-    leak NaN into the gradients.  ZeRO-3 parameters are empty outside their forward; there the outputs
-    are used, which is exact for non-finite *targets* (the usual cause)."""
-    params = [p for p in engine.module.parameters() if p.requires_grad]
-    if engine.zero_optimization_stage() == 3:
-        return lambda out: (out["energy"].nan_to_num().sum() + out["forces"].nan_to_num().sum()) * 0.0
-    return lambda out: sum(p.sum() for p in params) * 0.0
-
-
-def take_step(engine, micro: list[AtomsBatch], loss_fn: EnergyForceLoss, zero_loss, stop: StopFlag,
-              scale: float, free_only: bool, device: torch.device, grad_norm_needed: bool = False,
-              max_grad_norm: float = 0.0):
-    """One optimizer step over `micro` (this rank's micro-batches).
-
-    max_grad_norm: at ZeRO stage 0, the gradient-norm limit the trainer applies before the optimizer
-    step (`trainer_clipping`; 0: none).
-    Returns (loss terms [3] of this rank, global counts [3], micro-batches skipped, stop agreed,
-    gradient norm before clipping or None).
-    The one host sync per micro-batch: whether any rank's loss is non-finite must be known before the
-    backward pass; the same all-reduce carries the stop flag so all ranks stop at the same step.
-    """
-    with phase("step_counts"):
-        counts = global_counts(micro, free_only, device)  # [structures, free atoms, atoms] of the global step
-    terms_sum = torch.zeros(3, dtype=torch.float64, device=device)
-    skipped, stop_now, grad_norm = 0, False, None
-    for batch in micro:
-        torch.compiler.cudagraph_mark_step_begin()  # compile.mode=reduce-overhead: earlier outputs may be reused
-        with phase("forward"):
-            out = engine(batch)
-        with phase("loss"):
-            loss, terms = loss_fn(out, batch, counts, scale)
-        with phase("nonfinite_check"):  # waits for the forward pass to finish on the device
-            flags = all_reduce_max(torch.stack([(~torch.isfinite(loss)).float(),
-                                                loss.new_full((), float(stop.requested))]))
-            bad, stop_flag = (v > 0 for v in flags.tolist())
-        stop_now = stop_now or stop_flag
-        if bad:
-            skipped += 1
-            loss = zero_loss(out)
-            if skipped == len(micro):
-                # every micro-batch of the step was bad: lr 0 makes AdamW leave the weights exactly as they
-                # are (its decoupled decay is scaled by lr too); the next step sets its lr afresh
-                for group in engine.optimizer.param_groups:
-                    group["lr"] = 0.0
-        else:
-            terms_sum += torch.stack([terms["loss"], terms["energy_mae_norm"], terms["force_l2mae_norm"]]).double()
-        with phase("backward"):
-            engine.backward(loss)
-        if ((grad_norm_needed or max_grad_norm > 0) and engine.zero_optimization_stage() == 0
-                and engine.is_gradient_accumulation_boundary()):
-            with phase("clip"):  # the gradients are averaged over ranks here
-                grad_norm = clip_gradients(engine.module.parameters(), max_grad_norm)
-        with phase("optimizer_step"):
-            engine.step()
-    if grad_norm_needed and engine.zero_optimization_stage() > 0:
-        grad_norm = engine.get_global_grad_norm()
-    return terms_sum, counts, skipped, stop_now, grad_norm
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ import deepspeed  # noqa: E402
 from eqv2.batch import AtomsBatch  # noqa: E402
 from eqv2.model.config import ModelConfig  # noqa: E402
 from eqv2.model.equiformer_v2 import EquiformerV2  # noqa: E402
-from eqv2.train import _zero_loss_fn, take_step  # noqa: E402
+from eqv2.training.step import StepContext, take_step  # noqa: E402
 from eqv2.training.activation_checkpointing import ActivationCheckpointConfig, apply_activation_checkpointing  # noqa: E402
 from eqv2.training.compile import CompileConfig, apply_compile  # noqa: E402
 from eqv2.training.dist import init_distributed, shutdown  # noqa: E402
@@ -94,9 +94,9 @@ def run(spec: str, dist) -> dict:
         for group in engine.optimizer.param_groups:  # as train.py: the lr is set at every step
             group["lr"] = optim_cfg.lr
         torch.manual_seed(1000 + step * 10 + dist.rank)
-        terms, counts, skipped, _, _ = take_step(engine, micro, loss_fn, _zero_loss_fn(engine), StopFlag(),
-                                                 float(dist.world_size * gas), True, dist.device,
-                                                 max_grad_norm=max_grad_norm)
+        terms, counts, skipped, _, _ = take_step(
+            StepContext.for_engine(engine, loss_fn, StopFlag(), float(dist.world_size * gas), True, dist.device,
+                                   max_grad_norm), micro)
         skipped_per_step.append(skipped)
         if nan_step is not None:
             after.append(gather(engine, stage))
