@@ -100,8 +100,11 @@ def merge_model_config(given: dict | None, pretrained: dict, path: str) -> dict:
     given = given or {}
     if not isinstance(given, dict):
         raise ConfigError(f"model: expected a mapping, got {type(given).__name__}")
-    differ = [f"model.{k}={v!r} (the checkpoint has {pretrained[k]!r})" for k, v in given.items()
-              if k in pretrained and k not in EXECUTION_KEYS | TRAINING_KEYS and v != pretrained[k]]
+    # direct -> gradient fine-tuning: the energy backbone and head carry over, the direct force head is dropped
+    to_gradient = given.get("forces") == "gradient" and pretrained.get("forces", "direct") == "direct"
+    differ = [f"model.{k}={v!r} (the checkpoint has {pretrained.get(k)!r})" for k, v in given.items()
+              if k in pretrained and k not in EXECUTION_KEYS | TRAINING_KEYS and v != pretrained[k]
+              and not (k == "forces" and to_gradient)]
     if differ:
         raise ConfigError(f"init.from_checkpoint {path}: the run config contradicts the pretrained model: "
                           f"{'; '.join(differ)}; leave these keys out (the architecture is the checkpoint's)")
@@ -115,8 +118,14 @@ def load_pretrained(model: nn.Module, pretrained: Pretrained, cfg: InitConfig, g
     written back to every rank's partition (a no-op context for other stages); one parameter at a time,
     so no rank ever holds more than one whole tensor beside its partitions.  Returns the names kept fresh."""
     sd = pretrained.state_dict
-    fresh = [n for n in sd if cfg.reinit_heads and n.split(".")[0] in HEADS]
     expected = set(model.state_dict())  # parameters and persistent buffers
+    dropped = [n for n in sd if n.startswith("force_head.") and not any(e.startswith("force_head.") for e in expected)]
+    if dropped:  # a direct-force checkpoint into a forces: gradient model: forces come from the energy
+        sd = {n: t for n, t in sd.items() if n not in dropped}
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            print(f"eqv2.train: init_from {pretrained.source}: dropped the direct force head ({len(dropped)} "
+                  "tensors): model.forces: gradient takes forces from the energy", flush=True)
+    fresh = [n for n in sd if cfg.reinit_heads and n.split(".")[0] in HEADS]
     missing = sorted(expected - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     if missing or unexpected:

@@ -237,3 +237,43 @@ def test_under_bf16_autocast_the_geometry_stays_in_full_precision():
     expected = 2 * (pos.T @ pos + cell.T @ cell) / torch.linalg.det(cell).abs()
     torch.testing.assert_close(out["forces"].double(), -2 * pos, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out["stress"][0].double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def _saved_bytes_and_grads(checkpointed: bool):
+    """The bytes autograd keeps for the backward of the force and stress loss (every tensor packed by the
+    forward and by the force computation's create_graph backward), and the loss's parameter gradients."""
+    model = gradient_model().train()
+    if checkpointed:
+        apply_activation_checkpointing(model, ActivationCheckpointConfig(enabled=True))
+    batch = batch_from_atoms([crystal()])
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(batch)
+        loss = (out["forces"] ** 2).sum() + 0.3 * out["energy"].sum() + (out["stress"][0] ** 2).sum() * 100.0
+    forces = out["forces"].detach()
+    names = [n for n, _ in model.named_parameters()]
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    return sum(saved), forces, dict(zip(names, grads))
+
+
+def test_checkpointed_gradient_forces_equal_the_unchecked_ones_and_keep_fewer_tensors():
+    """Activation checkpointing composed with the double backward (forces: gradient): the forces and every
+    parameter gradient of a force + stress loss equal the unchecked ones in float64, and the tensors autograd
+    keeps shrink, but only by the forward's activations (measured here: 46.1 MB unchecked -> 38.4 MB, -17%):
+    the create_graph backward inside the forward recomputes each block and its own saved tensors (the
+    graph the force loss's backward differentiates) stay, so checkpointing alone does not remove the bulk."""
+    plain_bytes, plain_forces, plain_grads = _saved_bytes_and_grads(False)
+    ac_bytes, ac_forces, ac_grads = _saved_bytes_and_grads(True)
+    torch.testing.assert_close(ac_forces, plain_forces, rtol=1e-12, atol=1e-12)
+    assert plain_grads.keys() == ac_grads.keys()
+    for name, grad in plain_grads.items():
+        if grad is None:
+            assert ac_grads[name] is None, name
+            continue
+        torch.testing.assert_close(ac_grads[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+    assert ac_bytes < 0.9 * plain_bytes, (ac_bytes, plain_bytes)
