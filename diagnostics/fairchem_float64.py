@@ -1,0 +1,116 @@
+"""Diagnostic (issue 26 precision): eqv2 vs fairchem-core 1.10.0 on the OMat24-family test models of
+tests/model/test_fairchem_stress.py, per frame relative errors of E, F, stress and of the backbone's
+intermediate node features (edge-degree embedding, each block, final norm; forward hooks on both).
+
+    CASE=dens_published F64=1 python -m diagnostics.fairchem_float64
+
+F64=1 (default) runs both models in float64 (fairchem: model.to(float64), default dtype float64 during
+its forward so that its Wigner blocks, written into torch.zeros, stay float64; its graph selection still
+runs in float32, as radius_graph_pbc casts the cell to float32, and the distances are then recomputed in
+float64).  EXACT_POS=1 (default) gives fairchem its wrapped positions in float64 (AtomsToGraphs rounds
+them to float32).  Switches for bisecting: GRID64=1 rebuilds fairchem's SO3_Grid matrices in float64,
+EXACT_RBF=1 its Gaussian centres/width in float64 arithmetic, JD64=1 swaps its Jd.pt (no effect seen:
+check that the shimmed fairchem reads that module).
+Finding (session 16): in float64 the forces still differ by up to 2e-5 relative and the edge-degree
+embedding already by ~2e-6, so the float32 gap is not float32 rounding of the arithmetic alone."""
+import sys, types, torch, numpy as np  # noqa: E401
+from functools import partial
+sys.argv=[sys.argv[0]]
+import tests.model.test_fairchem_stress as T
+import fairchem.core.models.equiformer_v2.equiformer_v2_dens  # noqa: F401  (registers the DeNS names)
+from tests.model import fairchem_reference as fr
+from eqv2.checkpoint import load_model
+from eqv2.calculator import atoms_to_batch
+import pathlib, tempfile, os
+case = __import__("os").environ.get("CASE","dens_published")
+DT = torch.float64 if __import__("os").environ.get("F64","1")=="1" else torch.float32
+ckpt, reference = T.fairchem_model(case)
+# grab trainer via closure
+cl = {n: c.cell_contents for n, c in zip(reference.__code__.co_freevars, reference.__closure__)}
+trainer, outputs, OCPTrainer = cl["trainer"], cl["outputs"], cl["OCPTrainer"]
+import os
+if os.environ.get("GRID64")=="1":
+    from fairchem.core.models.equiformer_v2.so3 import SO3_Grid
+    torch.set_default_dtype(torch.float64)
+    n=0
+    for mod in list(trainer.model.modules()):
+        for cname, ch in list(mod.named_children()):
+            if isinstance(ch, SO3_Grid):
+                res = ch.lat_resolution if ch.lat_resolution == ch.long_resolution else None
+                new = SO3_Grid(ch.lmax, ch.mmax, resolution=res, normalization="component"); setattr(mod, cname, new); n+=1
+        if isinstance(mod, torch.nn.ModuleList):
+            for j, ch in enumerate(mod):
+                if isinstance(ch, SO3_Grid):
+                    res = ch.lat_resolution if ch.lat_resolution == ch.long_resolution else None
+                    mod[j] = SO3_Grid(ch.lmax, ch.mmax, resolution=res, normalization="component"); n+=1
+    torch.set_default_dtype(torch.float32); print("rebuilt grids", n)
+if os.environ.get("JD64", "0") == "1" and DT == torch.float64:  # fairchem's Jd.pt holds float32 values
+    import fairchem.core.models.equiformer_v2.wigner as FW
+    from eqv2.model.so3 import _swap_matrices
+    jd = _swap_matrices(len(FW._Jd) - 1)
+    print("Jd max diff", max(float((a.double() - b).abs().max()) for a, b in zip(FW._Jd, jd)))
+    FW._Jd[:] = list(jd)
+if os.environ.get("EXACT_RBF") == "1":  # fairchem's Gaussian centres and width from float64 arithmetic
+    from fairchem.core.models.scn.smearing import GaussianSmearing
+    for m in trainer.model.modules():
+        if isinstance(m, GaussianSmearing):
+            n = m.offset.numel(); stop = float(m.offset[-1])
+            m.offset = torch.linspace(0.0, stop, n, dtype=torch.float64)
+            w = (-0.5 / m.coeff) ** 0.5 / (float(m.offset[1] - m.offset[0]))
+            m.coeff = -0.5 / (round(w, 4) * stop / (n - 1)) ** 2
+trainer.model.to(DT)
+for v in list(trainer.normalizers.values()) + list(trainer.elementrefs.values()): v.to(DT)
+tmp = pathlib.Path(tempfile.mkdtemp())
+dst = T.convert(ckpt, tmp)
+pot = load_model(str(dst), "cpu").eval().to(DT)
+path, structures = T.frames(tmp)
+from fairchem.core.datasets import data_list_collater
+from fairchem.core.preprocessing import AtomsToGraphs
+import fairchem.core.models.base as FB
+_rg = FB.radius_graph_pbc
+def _rg32(data, *a, **k):
+    pos, cell = data.pos, data.cell
+    data.pos, data.cell = pos.float(), cell.float()
+    dd = torch.get_default_dtype(); torch.set_default_dtype(torch.float32)
+    try: return _rg(data, *a, **k)
+    finally: data.pos, data.cell = pos, cell; torch.set_default_dtype(dd)
+FB.radius_graph_pbc = _rg32
+def ref(atoms):
+    a2g = AtomsToGraphs(r_energy=False, r_forces=False, r_distances=False, r_pbc=True, r_edges=False)
+    batch = data_list_collater([a2g.convert(atoms)], otf_graph=True)
+    if os.environ.get("EXACT_POS", "1") == "1":  # fairchem's wrapped positions, not rounded to float32 first
+        from ase.geometry import wrap_positions
+        cell = np.array(atoms.get_cell(complete=True))
+        batch.pos = torch.tensor(wrap_positions(atoms.get_positions(), cell, pbc=atoms.pbc, eps=0), dtype=DT)
+        batch.cell = torch.tensor(cell, dtype=DT).view(1, 3, 3)
+    batch.pos = batch.pos.to(DT); batch.cell = batch.cell.to(DT)
+    with fr.deterministic_frames(T.LEGACY, T.HYDRA), torch.no_grad():
+        out = OCPTrainer._forward(trainer, batch)
+        out = {k: trainer._denorm_preds(k, out[k], batch) for k in outputs}
+    return [out[k].detach().double().numpy() for k in ("energy","forces","stress")]
+if DT == torch.float64: torch.set_default_dtype(torch.float64)
+caught = {}
+def hook(tag):
+    def h(mod, inp, out):
+        t = out.embedding if hasattr(out, "embedding") else out
+        caught[tag] = t.detach().double().clone()
+    return h
+fb = trainer.model.backbone
+for i, blk in enumerate(fb.blocks): blk.register_forward_hook(hook(f"fc_block{i}"))
+fb.norm.register_forward_hook(hook("fc_norm"))
+fb.edge_degree_embedding.register_forward_hook(hook("fc_edeg"))
+eb = [m for n, m in pot.named_modules() if hasattr(m, "blocks") and hasattr(m, "norm")][0]
+for i, blk in enumerate(eb.blocks): blk.register_forward_hook(hook(f"eq_block{i}"))
+eb.norm.register_forward_hook(hook("eq_norm"))
+eb.edge_degree_embedding.register_forward_hook(hook("eq_edeg"))
+for i, atoms in enumerate(structures):
+    e,f,s = ref(atoms)
+    b = atoms_to_batch([atoms])
+    b.pos = torch.tensor(atoms.get_positions(), dtype=DT); b.cell = b.cell.to(DT)
+    with torch.no_grad(): o = pot(b)
+    r = lambda a, c: float(np.linalg.norm(a.detach().double().numpy().reshape(c.shape)-c)/np.linalg.norm(c))
+    for tag in sorted(k[3:] for k in caught if k.startswith("fc_")):
+        a, c = caught["eq_"+tag], caught["fc_"+tag]
+        if a.shape != c.shape: print(tag, a.shape, c.shape); continue
+        print("   ", tag, "%.2e" % float((a-c).norm()/c.norm()))
+    print(case, i, len(atoms), "E %.2e F %.2e S %.2e |F| %.3g |S| %.3g" % (r(o["energy"],e.reshape(-1)), r(o["forces"],f), r(o["stress"][0],s.reshape(3,3)), np.linalg.norm(f), np.linalg.norm(s)), flush=True)
