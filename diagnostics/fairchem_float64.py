@@ -11,8 +11,16 @@ float64).  EXACT_POS=1 (default) gives fairchem its wrapped positions in float64
 them to float32).  Switches for bisecting: GRID64=1 rebuilds fairchem's SO3_Grid matrices in float64,
 EXACT_RBF=1 its Gaussian centres/width in float64 arithmetic, JD64=1 swaps its Jd.pt (no effect seen:
 check that the shimmed fairchem reads that module).
-Finding (session 16): in float64 the forces still differ by up to 2e-5 relative and the edge-degree
-embedding already by ~2e-6, so the float32 gap is not float32 rounding of the arithmetic alone."""
+Finding (session 16): with fairchem's three float32-only pieces made float64 (OFFSETS64=1, the default in
+float64: get_pbc_distances' cell_offsets @ cell, which it casts to float32; EXACT_RBF=1: its Gaussian
+centres and width built in float32; GRID64=1: its S2-grid matrices built in float32) the two functions
+agree in float64 (hydra_published: edge-degree embedding 1e-14, E 2e-11, F 1.6e-8, stress 1.7e-9).
+Without them float64 forces still differ by 2e-5: the float32 gap is those constants and the input
+rounding (fairchem rounds positions wrapped into the cell, eqv2 the unwrapped ones), amplified by these
+random models' sensitivity, not a difference of the functions.  In float32 (F64=0, hydra_published) the
+worst force error is 2.1e-5; WRAP=1 (eqv2 given the wrapped positions) 1.2e-5; WRAP=1 plus eqv2's
+Gaussian centres/width taken from float32 linspace as fairchem's (a temporary edit of
+eqv2/model/radial.py, not committed) 8e-6, stress 1.2e-6, on every frame."""
 import sys, types, torch, numpy as np  # noqa: E401
 from functools import partial
 sys.argv=[sys.argv[0]]
@@ -75,6 +83,21 @@ def _rg32(data, *a, **k):
     try: return _rg(data, *a, **k)
     finally: data.pos, data.cell = pos, cell; torch.set_default_dtype(dd)
 FB.radius_graph_pbc = _rg32
+if DT == torch.float64 and os.environ.get("OFFSETS64", "1") == "1":
+    # fairchem's get_pbc_distances computes cell_offsets @ cell in float32 whatever the dtype (.float()):
+    # edge lengths off by up to 8e-7 A in a float64 run; here in the positions' dtype
+    def _pbc64(pos, edge_index, cell, cell_offsets, neighbors, return_offsets=False, return_distance_vec=False):
+        row, col = edge_index
+        cell = torch.repeat_interleave(cell, neighbors.to(cell.device), dim=0)
+        offsets = cell_offsets.to(pos.dtype).view(-1, 1, 3).bmm(cell.to(pos.dtype)).view(-1, 3)
+        vec = pos[row] - pos[col] + offsets
+        dist = vec.norm(dim=-1)
+        keep = dist != 0
+        out = {"edge_index": edge_index[:, keep], "distances": dist[keep]}
+        if return_distance_vec: out["distance_vec"] = vec[keep]
+        if return_offsets: out["offsets"] = offsets[keep]
+        return out
+    FB.get_pbc_distances = _pbc64
 def ref(atoms):
     a2g = AtomsToGraphs(r_energy=False, r_forces=False, r_distances=False, r_pbc=True, r_edges=False)
     batch = data_list_collater([a2g.convert(atoms)], otf_graph=True)
@@ -102,13 +125,26 @@ fb.edge_degree_embedding.register_forward_hook(hook("fc_edeg"))
 eb = [m for n, m in pot.named_modules() if hasattr(m, "blocks") and hasattr(m, "norm")][0]
 for i, blk in enumerate(eb.blocks): blk.register_forward_hook(hook(f"eq_block{i}"))
 eb.norm.register_forward_hook(hook("eq_norm"))
+if os.environ.get("DIST") == "1":  # the sorted edge lengths each side sees
+    fb.distance_expansion.register_forward_hook(lambda m, i, o: caught.__setitem__("fd", i[0].detach().double().sort()[0]))
+    eb.radial_basis.register_forward_hook(lambda m, i, o: caught.__setitem__("ed", i[0].detach().double().sort()[0]))
 eb.edge_degree_embedding.register_forward_hook(hook("eq_edeg"))
 for i, atoms in enumerate(structures):
     e,f,s = ref(atoms)
     b = atoms_to_batch([atoms])
-    b.pos = torch.tensor(atoms.get_positions(), dtype=DT); b.cell = b.cell.to(DT)
+    if os.environ.get("WRAP") == "1":  # eqv2 given the positions wrapped as fairchem's AtomsToGraphs wraps them
+        from ase.geometry import wrap_positions
+        atoms = atoms.copy(); atoms.positions = wrap_positions(atoms.positions, atoms.cell, pbc=atoms.pbc, eps=0)
+    b.pos = torch.tensor(atoms.get_positions(), dtype=DT); b.cell = torch.tensor(np.array(atoms.get_cell(complete=True)), dtype=DT).view(1, 3, 3)  # not via float32
     with torch.no_grad(): o = pot(b)
     r = lambda a, c: float(np.linalg.norm(a.detach().double().numpy().reshape(c.shape)-c)/np.linalg.norm(c))
+    if "fd" in caught:
+        a, c = caught.pop("ed"), caught.pop("fd")
+        from ase.neighborlist import neighbor_list
+        exact = torch.tensor(np.sort(neighbor_list("d", atoms, float(c.max()) + 1e-3)))
+        near = lambda d: float((d[:, None] - exact[None, :]).abs().min(dim=1)[0].max())
+        print("    vs ASE float64 distances: eqv2 %.2e fairchem %.2e" % (near(a), near(c)))
+        print("    distances", a.shape, c.shape, "max diff %.2e" % float((a - c).abs().max()) if a.shape == c.shape else "")
     for tag in sorted(k[3:] for k in caught if k.startswith("fc_")):
         a, c = caught["eq_"+tag], caught["fc_"+tag]
         if a.shape != c.shape: print(tag, a.shape, c.shape); continue
