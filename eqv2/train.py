@@ -48,6 +48,7 @@ from eqv2.training.profiling import phase
 from eqv2.training.targets import check_zero_stage, physical, resolve_targets
 from eqv2.training.signals import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_REQUEUE, StopFlag
 from eqv2.training.step import StepContext, take_step
+from eqv2.training.wandb_log import WandbSink
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -219,6 +220,8 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     logger = StepLogger(run_dir, dist.device, dist.is_main, total_steps, step, cfg.log.every_steps,
                         cfg.log.progress_bar, engine.monitor, count_shape_buckets=padded,
                         compile_events=compile_events, collector=collector, data_stream=stream)
+    if dist.is_main and cfg.log.wandb.enabled:
+        logger.sinks.append(WandbSink(cfg.log.wandb, run_dir, to_dict(cfg)))
     probes = Probes.for_run(cfg.log.profile_steps, run_dir, dist.rank, dist.device, logger, collector,
                             compile_events, buckets)  # diagnostics: eqv2/training/probes.py
     step_ctx = StepContext.for_engine(engine, loss_fn, stop, float(dist.world_size * gas),
