@@ -46,8 +46,10 @@ from eqv2.training.optim import build_optimizer, lr_factor, trainer_clipping
 from eqv2.training.probes import Probes
 from eqv2.training.profiling import phase
 from eqv2.training.targets import check_zero_stage, physical, resolve_targets
+from eqv2.training.resume import restore
 from eqv2.training.signals import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_REQUEUE, StopFlag
 from eqv2.training.step import StepContext, take_step
+from eqv2.training.wandb_log import WandbSink
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -186,26 +188,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     # --- resume
     step, epoch, nonfinite, best = 0, 0, 0, None
     if resume:
-        ckpt.load_engine(engine, resume)
-        st = resume.state
-        step, epoch, nonfinite, best = st["step"], st["data"]["epoch"], st["nonfinite_steps"], st["best"]
-        if ema is not None:
-            shards = ckpt.load_ema_shards(resume.tag_dir) if ema.partitioned else None
-            if shards is not None:  # ZeRO-3 to ZeRO-3: no rank loads the whole average
-                ema.load_partitions(shards)
-            elif (ema_state := ckpt.load_ema(resume.tag_dir)) is not None:
-                ema.load_full_state_dict(ema_state)
-        if st["world_size"] == dist.world_size:
-            # each rank continues its own part of the epoch exactly where the checkpoint was taken
-            stream.load_state_dict(st["data_per_rank"][dist.rank])
-        else:  # the per-rank sample order depends on the rank count: start the next epoch cleanly
-            epoch += 1
-            if dist.is_main:
-                print(f"eqv2.train: world size changed {st['world_size']} -> {dist.world_size}; the rest of "
-                      f"data epoch {epoch - 1} is skipped, training continues with epoch {epoch}", flush=True)
-        if dist.is_main:
-            print(f"eqv2.train: resumed from {resume.tag_dir} (step {step}, epoch {epoch}"
-                  f"{', universal' if resume.universal else ''})", flush=True)
+        step, epoch, nonfinite, best = restore(resume, engine, ema, stream, dist)
 
     if dist.is_main:  # resolved, self-contained configs of this launch, once every check has passed
         save_yaml(cfg, run_dir / "config.yaml")
@@ -219,6 +202,8 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     logger = StepLogger(run_dir, dist.device, dist.is_main, total_steps, step, cfg.log.every_steps,
                         cfg.log.progress_bar, engine.monitor, count_shape_buckets=padded,
                         compile_events=compile_events, collector=collector, data_stream=stream)
+    if dist.is_main and cfg.log.wandb.enabled:
+        logger.sinks.append(WandbSink(cfg.log.wandb, run_dir, to_dict(cfg)))
     probes = Probes.for_run(cfg.log.profile_steps, run_dir, dist.rank, dist.device, logger, collector,
                             compile_events, buckets)  # diagnostics: eqv2/training/probes.py
     step_ctx = StepContext.for_engine(engine, loss_fn, stop, float(dist.world_size * gas),

@@ -32,6 +32,7 @@ from eqv2.training.loss import LossConfig, Normalizers
 from eqv2.training.optim import OptimConfig
 from eqv2.training.profiling import check_profile_steps
 from eqv2.training.targets import check_force_options
+from eqv2.training.wandb_log import WandbConfig
 
 # ds_config keys the trainer owns or derives; setting them in the JSON would be silently overridden
 _DS_FORBIDDEN = {"optimizer": "the optimizer is built from the run config's optim: section",
@@ -55,6 +56,7 @@ class LogConfig:
     # [first, last] step numbers to record with the torch profiler (eqv2/training/profiling.py): writes
     # profile_rank<r>.txt to run_dir, the host and GPU time per operator and kernel; null: off
     profile_steps: list[int] | None = None
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # optional W&B logger (training/wandb_log.py)
 
     def __post_init__(self) -> None:
         check_profile_steps(self.profile_steps)

@@ -38,6 +38,7 @@ class StepLogger:
         self.total_steps = total_steps
         self.monitor = engine_monitor if (engine_monitor is not None and engine_monitor.enabled) else None
         self.jsonl = open(run_dir / "metrics.jsonl", "a") if is_main else None
+        self.sinks = []  # more receivers of every record (e.g. training/wandb_log.py), main rank only
         # running sums since the last log line: loss terms (3), structures, free atoms, atoms, steps, then
         # the host-side HOST counters (joined at the log's reduction)
         self.acc = torch.zeros(len(TERMS) + 4 + len(HOST), dtype=torch.float64, device=device)
@@ -145,6 +146,8 @@ class StepLogger:
     def write(self, record: dict) -> None:
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
+        for sink in self.sinks:
+            sink.write(record)
 
     def print(self, msg: str) -> None:
         if self.bar is not None:
@@ -159,6 +162,8 @@ class StepLogger:
             self.bar.close()
         if self.jsonl is not None:
             self.jsonl.close()
+        for sink in self.sinks:
+            sink.close()
 
 
 def _fmt_eta(seconds) -> str:
