@@ -29,14 +29,13 @@ import fairchem.core.models.equiformer_v2.equiformer_v2_dens  # noqa: F401  (reg
 from tests.model import fairchem_reference as fr
 from eqv2.checkpoint import load_model
 from eqv2.calculator import atoms_to_batch
-import pathlib, tempfile, os
-case = __import__("os").environ.get("CASE","dens_published")
-DT = torch.float64 if __import__("os").environ.get("F64","1")=="1" else torch.float32
+import pathlib, tempfile, os  # noqa: E401
+case = os.environ.get("CASE","dens_published")
+DT = torch.float64 if os.environ.get("F64","1")=="1" else torch.float32
 ckpt, reference = T.fairchem_model(case)
 # grab trainer via closure
 cl = {n: c.cell_contents for n, c in zip(reference.__code__.co_freevars, reference.__closure__)}
 trainer, outputs, OCPTrainer = cl["trainer"], cl["outputs"], cl["OCPTrainer"]
-import os
 if os.environ.get("GRID64")=="1":
     from fairchem.core.models.equiformer_v2.so3 import SO3_Grid
     torch.set_default_dtype(torch.float64)
@@ -46,11 +45,6 @@ if os.environ.get("GRID64")=="1":
             if isinstance(ch, SO3_Grid):
                 res = ch.lat_resolution if ch.lat_resolution == ch.long_resolution else None
                 new = SO3_Grid(ch.lmax, ch.mmax, resolution=res, normalization="component"); setattr(mod, cname, new); n+=1
-        if isinstance(mod, torch.nn.ModuleList):
-            for j, ch in enumerate(mod):
-                if isinstance(ch, SO3_Grid):
-                    res = ch.lat_resolution if ch.lat_resolution == ch.long_resolution else None
-                    mod[j] = SO3_Grid(ch.lmax, ch.mmax, resolution=res, normalization="component"); n+=1
     torch.set_default_dtype(torch.float32); print("rebuilt grids", n)
 if os.environ.get("JD64", "0") == "1" and DT == torch.float64:  # fairchem's Jd.pt holds float32 values
     import fairchem.core.models.equiformer_v2.wigner as FW

@@ -119,7 +119,8 @@ def load_pretrained(model: nn.Module, pretrained: Pretrained, cfg: InitConfig, g
     so no rank ever holds more than one whole tensor beside its partitions.  Returns the names kept fresh."""
     sd = pretrained.state_dict
     expected = set(model.state_dict())  # parameters and persistent buffers
-    dropped = [n for n in sd if n.startswith("force_head.") and not any(e.startswith("force_head.") for e in expected)]
+    model_has_force_head = any(n.startswith("force_head.") for n in expected)
+    dropped = [] if model_has_force_head else [n for n in sd if n.startswith("force_head.")]
     if dropped:  # a direct-force checkpoint into a forces: gradient model: forces come from the energy
         sd = {n: t for n, t in sd.items() if n not in dropped}
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:

@@ -41,10 +41,6 @@ def _subreaper(on: bool) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
-def _env() -> dict[str, str]:
-    return launcher_env()
-
-
 def _command(launcher: str, args: list[str]) -> list[str]:
     port = str(free_port())
     if launcher == "deepspeed":
@@ -72,7 +68,7 @@ class Launch:
         self.codes: dict[int, int] = {}  # exit codes of the orphans this process reaped
         self.cmdlines: dict[int, list[str]] = {}
         with open(log, "w") as out:
-            self.proc = subprocess.Popen(_command(launcher, args), cwd=REPO, env=_env(), stdout=out,
+            self.proc = subprocess.Popen(_command(launcher, args), cwd=REPO, env=launcher_env(), stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=True)
 
     def output(self) -> str:
@@ -190,7 +186,7 @@ def test_sigterm_to_deepspeed_stops_every_rank_and_resume_is_exact(demo_data, re
     assert json.loads((run_dir / STOP_RECORD).read_text())["reason"].endswith("deepspeed) exited")
 
     proc = subprocess.run(_command("deepspeed", [*common_args(demo_data, run_dir), "--resume", "auto"]), cwd=REPO,
-                          env=_env(), capture_output=True, text=True, timeout=START_TIMEOUT_S + 300)
+                          env=launcher_env(), capture_output=True, text=True, timeout=START_TIMEOUT_S + 300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"resumed from {run_dir}/checkpoints/step_{stopped:08d}" in proc.stdout
     ref, _ = records(reference_run)
