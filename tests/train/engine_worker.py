@@ -100,9 +100,9 @@ def run(spec: str, dist) -> dict:
         skipped_per_step.append(skipped)
         if nan_step is not None:
             after.append(gather(engine, stage))
-        total = terms.clone()
+        total = terms["loss"].clone()
         torch.distributed.all_reduce(total)
-        losses.append(total[0].item())
+        losses.append(total.item())
     return {"losses": losses, "params": gather(engine, stage), "init": init, "skipped": skipped_per_step,
             "after": after, "device": dist.device.type}
 
