@@ -124,7 +124,8 @@ def test_gradient_forces_and_stress_train_under_the_deepspeed_launcher(stress_da
 
 def test_zero_stage_3_is_refused(stress_data, tmp_path):
     rc, out = run_train(_args(stress_data, tmp_path / "run", 1, "ds_zero3_cpu.json", *GRADIENT))
-    assert rc == [2] and "model.forces: gradient is not supported with ZeRO stage 3" in out, out
+    assert rc == [2] and "model.forces: gradient is not supported with ZeRO stage 3: ZeRO-3 re-partitions" in out, out
+    assert "use ZeRO stage 2 (ds_configs/zero2_bf16.json)" in out and "Traceback" not in out, out
 
 
 def test_stress_loss_without_stress_in_the_data_names_the_key(demo_data, tmp_path):
