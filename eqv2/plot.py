@@ -16,8 +16,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-LOSS_KEYS = ("loss", "energy_mae_norm", "force_l2mae_norm")
-VAL_KEYS = ("energy_mae", "forces_mae", "forces_cos", "energy_forces_within_threshold")
+# the terms a run logs (stress only with loss.stress_coef > 0; a curve without records is not drawn)
+LOSS_KEYS = ("loss", "energy_mae_norm", "force_l2mae_norm", "stress_l2mae_norm")
+VAL_KEYS = ("energy_mae", "forces_mae", "forces_cos", "energy_forces_within_threshold", "stress_mae")
 # the baseline drawn beside a metric: the first of these the records carry
 BASELINE_KEYS = {"energy_mae": ("energy_mae_mean_baseline", "energy_mae_zero_baseline"),
                  "forces_mae": ("forces_mae_zero_baseline",)}

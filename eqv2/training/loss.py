@@ -19,7 +19,8 @@ from eqv2.config import ConfigError
 from eqv2.normalizers import Normalizers, structure_references
 from eqv2.training.dist import all_reduce_sum
 
-__all__ = ["EnergyForceLoss", "LossConfig", "Normalizers", "free_atom_mask", "global_counts", "local_counts"]
+__all__ = ["EnergyForceLoss", "LossConfig", "Normalizers", "free_atom_mask", "global_counts", "local_counts",
+           "loss_term_names"]
 
 
 @dataclass
@@ -37,6 +38,11 @@ class LossConfig:
             raise ValueError("loss coefficients must be non-negative")
         if self.max_nonfinite_steps < 1:
             raise ValueError("max_nonfinite_steps must be >= 1")
+
+
+def loss_term_names(cfg: LossConfig) -> tuple[str, ...]:
+    """The terms EnergyForceLoss reports under `cfg` (the keys of its terms dict), the loss first."""
+    return ("loss", "energy_mae_norm", "force_l2mae_norm") + (("stress_l2mae_norm",) if cfg.stress_coef > 0 else ())
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """Training progress: periodic log lines, a JSONL record, DeepSpeed's monitor and a progress bar.
 
 Per-step quantities (loss terms, structure/atom counts) accumulate on device; they reach the host only
-at the log interval, where one all-reduce + one copy turns them into numbers.  Throughput is measured
+at the log interval, where one all-reduce + one copy turns them into numbers.  The loss terms are the
+ones the run's loss reports (`eqv2.training.loss.loss_term_names`: the loss, the energy and force terms,
+and the stress term when loss.stress_coef > 0); each becomes a key of the record under its own name.  Throughput is measured
 over the interval with wall-clock time, so it includes data loading and everything else a step costs.
 """
 from __future__ import annotations
@@ -15,7 +17,8 @@ import torch
 
 from eqv2.training.dist import all_reduce_max, all_reduce_sum
 
-TERMS = ("loss", "energy_mae_norm", "force_l2mae_norm")
+# the console line's short label of each loss term (a term without one is printed under its own name)
+TERM_LABELS = {"energy_mae_norm": "E", "force_l2mae_norm": "F", "stress_l2mae_norm": "S"}
 HOST = ("data_wait_s", "new_shape_buckets", "compiles", "cudagraph_records", "compile_s", "gc_full", "gc_s",
         "skipped_samples", "skipped_samples_total")
 
@@ -39,9 +42,10 @@ class StepLogger:
         self.monitor = engine_monitor if (engine_monitor is not None and engine_monitor.enabled) else None
         self.jsonl = open(run_dir / "metrics.jsonl", "a") if is_main else None
         self.sinks = []  # more receivers of every record (e.g. training/wandb_log.py), main rank only
-        # running sums since the last log line: loss terms (3), structures, free atoms, atoms, steps, then
-        # the host-side HOST counters (joined at the log's reduction)
-        self.acc = torch.zeros(len(TERMS) + 4 + len(HOST), dtype=torch.float64, device=device)
+        # running sums since the last log line: the loss terms (named by the first add_step), structures,
+        # free atoms, atoms, steps, then the host-side HOST counters (joined at the log's reduction)
+        self.terms: tuple[str, ...] | None = None
+        self.acc: torch.Tensor | None = None
         self.data_wait_s = 0.0  # seconds the loop waited for the data loader
         self.new_shape_buckets = 0  # added by the trainer (ShapeBuckets); summed over ranks
         self.count_shape_buckets = count_shape_buckets
@@ -56,11 +60,22 @@ class StepLogger:
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
-    def add_step(self, terms: torch.Tensor, counts: torch.Tensor) -> None:
-        """terms: [3] this rank's share of the step's loss terms; counts: [3] *global* step counts."""
-        self.acc[: len(TERMS)] += terms.double()
-        self.acc[len(TERMS): len(TERMS) + 3] += counts  # identical on all ranks: divided by world in log()
-        self.acc[len(TERMS) + 3] += 1
+    def _start(self, names: tuple[str, ...]) -> None:
+        self.terms = names
+        self.acc = torch.zeros(len(names) + 4 + len(HOST), dtype=torch.float64, device=self.device)
+
+    def add_step(self, terms: dict[str, torch.Tensor], counts: torch.Tensor) -> None:
+        """terms: this rank's share of the step's loss terms by name (the same names at every step and
+        on every rank); counts: [3] *global* step counts."""
+        names = tuple(terms)
+        if self.terms is None:
+            self._start(names)
+        elif names != self.terms:
+            raise ValueError(f"StepLogger.add_step: loss terms {names} after {self.terms}")
+        t = len(names)
+        self.acc[:t] += torch.stack(list(terms.values())).double()
+        self.acc[t: t + 3] += counts  # identical on all ranks: divided by world in log()
+        self.acc[t + 3] += 1
         if self.bar is not None:
             self.bar.update(1)
 
@@ -69,7 +84,10 @@ class StepLogger:
 
     def log(self, step: int, epoch: int, lr: float, grad_norm, extra: dict) -> dict:
         """Collective: reduce the interval's sums, write the record on rank 0, reset."""
-        h = len(TERMS) + 4  # acc[h:] are the HOST counters
+        if self.terms is None:  # no step added yet: no loss terms to report
+            self._start(())
+        t = len(self.terms)
+        h = t + 4  # acc[h:] are the HOST counters
         counters = {"data_wait_s": self.data_wait_s, "new_shape_buckets": self.new_shape_buckets}
         counters.update(zip(("compiles", "cudagraph_records", "compile_s"),
                             self.compile_events.take() if self.compile_events is not None else (0, 0, 0.0)))
@@ -83,18 +101,19 @@ class StepLogger:
         sums = all_reduce_sum(self.acc.clone()).tolist()  # the interval's host sync (with wait_max's)
         self.acc.zero_()
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        sums[len(TERMS):h] = [v / world for v in sums[len(TERMS):h]]  # counts: the same on every rank
+        sums[t:h] = [v / world for v in sums[t:h]]  # counts: the same on every rank
         host = dict(zip(HOST, sums[h:]))  # summed over ranks
-        n_steps = max(sums[len(TERMS) + 3], 1.0)
+        n_steps = max(sums[t + 3], 1.0)
         now = time.perf_counter()
         dt = max(now - self.t_last, 1e-9)
         steps_done = step - self.step_last
         rate = steps_done / dt
         remaining = self.total_steps - step
         record = {"step": step, "epoch": epoch, "lr": lr,
-                  **{k: sums[i] / n_steps for i, k in enumerate(TERMS)},
+                  **{k: sums[i] / n_steps for i, k in enumerate(self.terms)},
                   "grad_norm": float(grad_norm) if grad_norm is not None else None,  # tensor: syncs here
-                  "samples_per_s": sums[3] / dt, "free_atoms_per_s": sums[4] / dt, "atoms_per_s": sums[5] / dt,
+                  "samples_per_s": sums[t] / dt, "free_atoms_per_s": sums[t + 1] / dt,
+                  "atoms_per_s": sums[t + 2] / dt,
                   "steps_per_s": rate, "peak_mem_gib": peak_memory_gib(self.device),
                   # share of the interval the training loop waited for batches (mean over ranks):
                   # near 0 when the loader keeps up with the device
@@ -116,8 +135,10 @@ class StepLogger:
         self.t_last, self.step_last = now, step
         if self.is_main:
             self.write(record)
-            msg = (f"step {step}/{self.total_steps} ep {epoch} loss {record['loss']:.4f} "
-                   f"(E {record['energy_mae_norm']:.4f} F {record['force_l2mae_norm']:.4f}) lr {lr:.3e} "
+            parts = " ".join(f"{TERM_LABELS.get(k, k)} {record[k]:.4f}" for k in self.terms if k != "loss")
+            msg = (f"step {step}/{self.total_steps} ep {epoch}"
+                   + (f" loss {record['loss']:.4f}" if "loss" in record else "") + (f" ({parts})" if parts else "")
+                   + f" lr {lr:.3e} "
                    f"gnorm {record['grad_norm'] if record['grad_norm'] is None else round(record['grad_norm'], 3)} "
                    f"{record['samples_per_s']:.1f} samples/s {record['atoms_per_s']:.0f} atoms/s "
                    f"mem {record['peak_mem_gib']:.2f} GiB eta {_fmt_eta(record['eta_s'])}"

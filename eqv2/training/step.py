@@ -10,7 +10,7 @@ import torch
 
 from eqv2.batch import AtomsBatch
 from eqv2.training.dist import all_reduce_max
-from eqv2.training.loss import EnergyForceLoss, global_counts
+from eqv2.training.loss import EnergyForceLoss, global_counts, loss_term_names
 from eqv2.training.optim import clip_gradients
 from eqv2.training.profiling import phase
 from eqv2.training.signals import StopFlag
@@ -55,15 +55,17 @@ def zero_loss_fn(engine):
 def take_step(ctx: StepContext, micro: list[AtomsBatch], grad_norm_needed: bool = False):
     """One optimizer step over `micro` (this rank's micro-batches).
 
-    Returns (loss terms [3] of this rank, global counts [3], micro-batches skipped, stop agreed,
-    gradient norm before clipping or None).
+    Returns (this rank's share of the loss terms by name, `loss_term_names(loss config)`: the loss, the
+    energy, force and, with loss.stress_coef > 0, stress terms; global counts [3]; micro-batches skipped;
+    stop agreed; gradient norm before clipping or None).  Non-finite micro-batches add nothing to the terms.
     The one host sync per micro-batch: whether any rank's loss is non-finite must be known before the
     backward pass; the same all-reduce carries the stop flag so all ranks stop at the same step.
     """
     engine, loss_fn, stop, scale, max_grad_norm = ctx.engine, ctx.loss_fn, ctx.stop, ctx.scale, ctx.max_grad_norm
     with phase("step_counts"):
         counts = global_counts(micro, ctx.free_only, ctx.device)  # [structures, free atoms, atoms] of the global step
-    terms_sum = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+    names = loss_term_names(loss_fn.cfg)
+    terms_sum = torch.zeros(len(names), dtype=torch.float64, device=ctx.device)
     skipped, stop_now, grad_norm = 0, False, None
     for batch in micro:
         torch.compiler.cudagraph_mark_step_begin()  # compile.mode=reduce-overhead: earlier outputs may be reused
@@ -85,7 +87,7 @@ def take_step(ctx: StepContext, micro: list[AtomsBatch], grad_norm_needed: bool 
                 for group in engine.optimizer.param_groups:
                     group["lr"] = 0.0
         else:
-            terms_sum += torch.stack([terms["loss"], terms["energy_mae_norm"], terms["force_l2mae_norm"]]).double()
+            terms_sum += torch.stack([terms[k] for k in names]).double()
         with phase("backward"):
             engine.backward(loss)
         if ((grad_norm_needed or max_grad_norm > 0) and engine.zero_optimization_stage() == 0
@@ -96,4 +98,4 @@ def take_step(ctx: StepContext, micro: list[AtomsBatch], grad_norm_needed: bool 
             engine.step()
     if grad_norm_needed and engine.zero_optimization_stage() > 0:
         grad_norm = engine.get_global_grad_norm()
-    return terms_sum, counts, skipped, stop_now, grad_norm
+    return dict(zip(names, terms_sum.unbind())), counts, skipped, stop_now, grad_norm

@@ -102,11 +102,16 @@ def resolve_targets(cfg, stats, stats_path: str, pretrained, resume_state: dict 
 
 
 def check_zero_stage(cfg, zero_stage: int) -> None:
-    """ZeRO-3 releases each module's gathered weights after its forward; the force loss's double backward
-    differentiates the backward pass that the forward already ran, whose weights are then gone."""
+    """ZeRO-3 keeps each weight gathered only inside its module's forward and backward hooks.  The force
+    pass (autograd.grad with create_graph, inside the forward) records second-order nodes that save the
+    gathered weights (DeepSpeed's ZeRO-3 linear backward multiplies by the weight, layer norm's double
+    backward keeps its weight); ZeRO-3 then re-partitions them to empty tensors, and the second backward
+    reads those: "mat2 must be a matrix" (tests/train/test_gradient_forces_zero.py, docs/finetuning.md)."""
     if cfg.model.forces == "gradient" and zero_stage == 3:
-        raise ConfigError("model.forces: gradient is not supported with ZeRO stage 3 (the force loss's double "
-                          "backward needs weights ZeRO-3 has released); use ZeRO stage 0-2")
+        raise ConfigError("model.forces: gradient is not supported with ZeRO stage 3: ZeRO-3 re-partitions to empty "
+                          "tensors the weights that the force loss's double backward saved, and its second backward "
+                          "fails on them; use ZeRO stage 2 (ds_configs/zero2_bf16.json), which shards the optimizer "
+                          "state and gradients")
 
 
 def check_force_options(cfg) -> None:

@@ -7,7 +7,8 @@ Usage: engine_worker.py OUT SPEC [SPEC ...], SPEC = "stage,grad_accum,activation
 with an optional ",nan": step 1 then carries a NaN energy target in the last rank's last micro-batch,
 ",clip" (a gradient-norm limit of 1e-3, which every step hits; at stage 0 the trainer applies it, at
 stages 1-3 DeepSpeed), or ",pad" (shape buckets, no compilation) or ",cudagraphs" (shape buckets and compilation with CUDA
-graphs, as `compile.mode: reduce-overhead`; CUDA only).
+graphs, as `compile.mode: reduce-overhead`; CUDA only), or ",gradient" (model.forces: gradient, the
+force and stress losses through the double backward; the structures carry stress targets).
 Several specs share one process group, which saves the start-up of a launch per configuration.
 """
 import os
@@ -56,7 +57,7 @@ def structures(step: int) -> list[dict]:
         n = 3 + (k * 5 + step) % 7
         out.append(dict(positions=rng.uniform(0, 4, (n, 3)), numbers=rng.integers(1, 20, n), cell=np.eye(3) * 4,
                         pbc=np.ones(3, bool), energy=rng.normal(), forces=rng.normal(size=(n, 3)),
-                        fixed=np.arange(n) == 0))
+                        fixed=np.arange(n) == 0, stress=rng.normal(size=(3, 3)) * 0.01))
     return out
 
 
@@ -65,11 +66,13 @@ def run(spec: str, dist) -> dict:
     stage, gas, ac, dropout = (int(v) for v in fields[:4])
     nan_step = 1 if fields[4:] == ["nan"] else None
     padded = fields[4:] in (["pad"], ["cudagraphs"])
+    gradient = fields[4:] == ["gradient"]
     if torch.cuda.is_available():  # Inductor's deterministic fallbacks are not meant for graph capture
         torch.use_deterministic_algorithms(fields[4:] != ["cudagraphs"])
     torch.manual_seed(0)
     model = EquiformerV2(ModelConfig(**{**TINY, **({} if dropout else {"alpha_drop": 0.0, "drop_path_rate": 0.0}),
-                                        **({"pad_atoms_multiple": 16, "pad_edges_multiple": 64} if padded else {})}))
+                                        **({"pad_atoms_multiple": 16, "pad_edges_multiple": 64} if padded else {}),
+                                        **({"forces": "gradient"} if gradient else {})}))
     if fields[4:] == ["cudagraphs"]:
         apply_compile(model, CompileConfig(enabled=True, mode="reduce-overhead"))
     apply_activation_checkpointing(model, ActivationCheckpointConfig(enabled=bool(ac), every=1))
@@ -79,8 +82,8 @@ def run(spec: str, dist) -> dict:
     optim_cfg = OptimConfig(lr=1e-2, max_steps=STEPS)
     ds, max_grad_norm = trainer_clipping(ds)  # as train.py
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, optim_cfg), config=ds)
-    loss_fn = EnergyForceLoss(LossConfig(), Normalizers(0.0, 1.0, 1.0))
-    losses, init, skipped_per_step, after = [], gather(engine, stage), [], []
+    loss_fn = EnergyForceLoss(LossConfig(stress_coef=10.0 if gradient else 0.0), Normalizers(0.0, 1.0, 1.0))
+    losses, init, skipped_per_step, after, grad_norms = [], gather(engine, stage), [], [], []
     per = STRUCTS_PER_STEP // (gas * dist.world_size)
     for step in range(STEPS):
         structs = structures(step)
@@ -94,17 +97,18 @@ def run(spec: str, dist) -> dict:
         for group in engine.optimizer.param_groups:  # as train.py: the lr is set at every step
             group["lr"] = optim_cfg.lr
         torch.manual_seed(1000 + step * 10 + dist.rank)
-        terms, counts, skipped, _, _ = take_step(
+        terms, counts, skipped, _, grad_norm = take_step(
             StepContext.for_engine(engine, loss_fn, StopFlag(), float(dist.world_size * gas), True, dist.device,
-                                   max_grad_norm), micro)
+                                   max_grad_norm), micro, grad_norm_needed=gradient)
         skipped_per_step.append(skipped)
+        grad_norms.append(None if grad_norm is None else float(grad_norm))
         if nan_step is not None:
             after.append(gather(engine, stage))
-        total = terms.clone()
+        total = terms["loss"].clone()
         torch.distributed.all_reduce(total)
-        losses.append(total[0].item())
+        losses.append(total.item())
     return {"losses": losses, "params": gather(engine, stage), "init": init, "skipped": skipped_per_step,
-            "after": after, "device": dist.device.type}
+            "after": after, "device": dist.device.type, "grad_norms": grad_norms}
 
 
 def gather(engine, stage: int) -> dict:
