@@ -9,8 +9,9 @@ inputs carry DFT-relaxed targets.
 Results are written per structure as it finishes (OUT/results.<task>.jsonl), and the structures in
 flight (positions, steps, optimizer state) every --checkpoint-every steps and on SIGTERM / SIGUSR1
 (OUT/inflight.<task>.pt; the job then exits 75, to be requeued): a rerun on the same OUT skips the
-finished structures and continues the in-flight ones where they were. With --num-tasks N (a SLURM array: slurm/relax.sh), task i
-relaxes structures i, i+N, ...; under torchrun each rank is a task (RANK of WORLD_SIZE, GPU LOCAL_RANK).
+finished structures and continues the in-flight ones where they were. With --num-tasks N (a SLURM
+array: slurm/relax.sh), task i relaxes structures i, i+N, ...; under torchrun each rank is a task
+(RANK of WORLD_SIZE, GPU LOCAL_RANK).
 The task that finishes last writes is2rs.npz, is2re.npz and metrics.json (`--collect OUT` does it again).
 """
 from __future__ import annotations
