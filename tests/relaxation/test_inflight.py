@@ -126,3 +126,26 @@ def test_damaged_file_is_refused(emt_structures, state, damage):
         inflight.load(path, cfg, 0, 1, {s.sid: s for s in emt_structures}, _fresh(cfg))
     message = str(err.value)
     assert message.startswith(f"{path}: ") and "\n" not in message, message
+
+
+def test_trajectory_continues_after_the_state(emt_structures, tmp_path):
+    """A continued structure's trajectory keeps the frames up to the state (frames a killed job wrote after it
+    are dropped) and appends; one that was not being written starts at the state."""
+    import ase.io
+
+    from eqv2.relaxation.results import Trajectories
+
+    s = emt_structures[0]
+    traj = Trajectories(tmp_path)
+    for k in range(7):  # a killed job wrote 7 frames, its last state was after 4 steps
+        traj.frame(s, s.positions + 0.01 * k, float(k), np.zeros_like(s.positions))
+    traj.close()
+    again = Trajectories(tmp_path)
+    again.resume(s.sid, 4)
+    again.resume("new", 3)  # no file yet
+    again.frame(s, s.positions + 1.0, 10.0, np.zeros_like(s.positions))
+    again.close()
+    frames = ase.io.read(tmp_path / f"{s.sid}.traj", index=":")
+    assert [f.get_potential_energy() for f in frames] == [0.0, 1.0, 2.0, 3.0, 10.0]
+    np.testing.assert_allclose(frames[3].get_positions(), s.positions + 0.03)
+    assert (tmp_path / "new.traj").exists() and len(ase.io.read(tmp_path / "new.traj", index=":")) == 0
