@@ -112,3 +112,34 @@ def test_damaged_state_then_discard(set_file, reference, tmp_path):
     assert fresh.returncode == 0, fresh.stderr
     assert "--discard-inflight: removed" in fresh.stdout and "continued" not in fresh.stdout
     _same_as(out, reference)
+
+
+def test_batch_script_forwards_sigterm(set_file, reference, tmp_path):
+    """slurm/relax.sh run as the batch shell (no SLURM needed for this path): SIGTERM to the shell reaches the
+    relaxation as SIGUSR1, which saves its in-flight state and exits 75, and the script exits 75 saying so;
+    run again, the script finishes the set with the in-flight structures continued."""
+    import os
+    import sys
+
+    from tests.relaxation.test_relax_cli import REPO
+
+    out = tmp_path / "out"
+    env = {**_env(), "CALCULATOR": EMT, "DEVICE": "cpu", "PYTHON": sys.executable, "EQV2_ROOT": str(REPO),
+           "RELAX_ARGS": "--max-structures 2 --trajectories --checkpoint-every 10"}
+    env.pop("SLURM_JOB_ID", None)
+    cmd = ["bash", str(REPO / "slurm" / "relax.sh"), "-", str(set_file), str(out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            start_new_session=True)
+    state, part = out / "inflight.0.pt", out / "results.0.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (state.exists() and part.exists() and part.read_text().count("\n") >= 1):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # to the batch shell only, as SLURM's scancel/preemption signals it
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 75, stderr
+    assert "got SIGTERM: asking the tasks to checkpoint and stop" in stderr and "stopped on SIGUSR1" in stdout, stderr
+    assert state.exists() and part.read_text().count("\n") < 8
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert again.returncode == 0 and "continued from" in again.stdout and "array task 0: done" in again.stderr, again.stderr
+    _same_as(out, reference)
+    assert not os.path.exists(state)
