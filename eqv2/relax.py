@@ -6,9 +6,12 @@ inputs carry DFT-relaxed targets.
     eqv2 relax --calculator ase.calculators.emt:EMT --input set.extxyz --output relax/emt   # any ASE calculator
     eqv2 relax --collect relax/val_id --oracle my_dft:Calculator                              # metrics + AFbT
 
-Results are written per structure as it finishes (OUT/results.<task>.jsonl); a rerun on the same OUT
-continues where the last one stopped. With --num-tasks N (a SLURM array: slurm/relax.sh), task i
-relaxes structures i, i+N, ...; under torchrun each rank is a task (RANK of WORLD_SIZE, GPU LOCAL_RANK).
+Results are written per structure as it finishes (OUT/results.<task>.jsonl), and the structures in
+flight (positions, steps, optimizer state) every --checkpoint-every steps and on SIGTERM / SIGUSR1
+(OUT/inflight.<task>.pt; the job then exits 75, to be requeued): a rerun on the same OUT skips the
+finished structures and continues the in-flight ones where they were. With --num-tasks N (a SLURM
+array: slurm/relax.sh), task i relaxes structures i, i+N, ...; under torchrun each rank is a task
+(RANK of WORLD_SIZE, GPU LOCAL_RANK).
 The task that finishes last writes is2rs.npz, is2re.npz and metrics.json (`--collect OUT` does it again).
 """
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from eqv2.relaxation.engine import AseForces, PotentialForces, RelaxConfig, relax
+from eqv2.relaxation.engine import AseForces, PotentialForces, RelaxConfig, RelaxStats, relax
 from eqv2.relaxation.optimizers import FIREConfig, LBFGSConfig
 
 
@@ -52,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fire-maxstep", type=float, default=f.maxstep)
     p.add_argument("--fire-dtmax", type=float, default=f.dtmax)
     p.add_argument("--trajectories", action="store_true", help="write OUT/trajectories/<sid>.traj (ASE)")
+    p.add_argument("--checkpoint-every", type=int, default=50, metavar="STEPS",
+                   help="write the in-flight state every STEPS optimizer steps (0: only on SIGTERM/SIGUSR1)")
+    p.add_argument("--discard-inflight", action="store_true",
+                   help="ignore OUT/inflight.<task>.pt: relax its structures again from their initial positions")
     p.add_argument("--task-index", type=int, default=0)
     p.add_argument("--num-tasks", type=int, default=1)
     p.add_argument("--limit", type=int, default=0, help="relax only the first N structures of this task")
@@ -94,8 +101,11 @@ def _print_metrics(metrics: dict, out_dir: Path) -> None:
 
 
 def run(args) -> int:
+    from eqv2.relaxation import inflight
+    from eqv2.relaxation.engine import make_optimizer
     from eqv2.relaxation.inputs import read_inputs
     from eqv2.relaxation.results import ResultWriter, Trajectories, load_results
+    from eqv2.training.signals import EXIT_REQUEUE, StopFlag
 
     cfg = _config(args)
     if args.num_tasks == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one task per rank
@@ -104,6 +114,8 @@ def run(args) -> int:
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
     if not 0 <= args.task_index < args.num_tasks:
         raise ValueError(f"--task-index {args.task_index} outside 0..{args.num_tasks - 1} (--num-tasks)")
+    if args.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     out = Path(args.output)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.checkpoint:
@@ -122,15 +134,31 @@ def run(args) -> int:
         mine = itertools.islice(mine, args.limit)
     todo = list(mine)  # read up front (inputs are checked before any work; the bar knows the total)
     skipped = sum(s.sid in done for s in todo)
-    todo = [s for s in todo if s.sid not in done]
+    state_file = inflight.state_path(out, args.task_index)
+    resume = None
+    if state_file.exists() and args.discard_inflight:
+        state_file.unlink()
+        print(f"--discard-inflight: removed {state_file}; its structures start again from their initial positions")
+    elif state_file.exists():
+        fresh = make_optimizer(cfg).new_state(1, 1, torch.zeros(0, 3, dtype=torch.float64))
+        resume = inflight.load(state_file, cfg, args.task_index, args.num_tasks, {s.sid: s for s in todo}, fresh)
+        resume = resume.without(done)  # finished after the state was written
+    continuing = {s.sid for s in resume.structures} if resume else set()
+    todo = [s for s in todo if s.sid not in done and s.sid not in continuing]
 
     writer = ResultWriter(out, args.task_index)
     traj = Trajectories(out / "trajectories") if args.trajectories else None
+    if traj and resume:
+        for s, steps in zip(resume.structures, resume.steps):
+            traj.resume(s.sid, steps)  # one frame per evaluation: `steps` evaluations came before the state
+    stats, flag = RelaxStats(), StopFlag().install()
     start, count, evals = time.time(), 0, 0
-    bar = tqdm(total=len(todo), desc=f"relax task {args.task_index}", unit="structure", file=sys.stderr,
-               disable=not sys.stderr.isatty())
+    bar = tqdm(total=len(todo) + len(continuing), desc=f"relax task {args.task_index}", unit="structure",
+               file=sys.stderr, disable=not sys.stderr.isatty())
     try:
-        for result in relax(todo, forces, cfg, device=device, float_dtype=float_dtype, on_frame=traj.frame if traj else None):
+        for result in relax(todo, forces, cfg, device=device, float_dtype=float_dtype, on_frame=traj.frame if traj else None,
+                            resume=resume, checkpoint_every=args.checkpoint_every, stop=lambda: flag.requested, stats=stats,
+                            checkpoint=lambda snap: inflight.save(state_file, snap, cfg, args.task_index, args.num_tasks)):
             writer.write(result)
             if traj:
                 traj.finish(result.structure.sid)
@@ -139,12 +167,20 @@ def run(args) -> int:
             bar.update()
             bar.set_postfix(evaluations_each=f"{evals / count:.1f}", refresh=False)
     finally:
+        flag.restore()
         bar.close()
         writer.close()
         if traj:
             traj.close()
+    cont = f", {len(stats.resumed)} continued from {state_file}" if stats.resumed else ""
     print(f"task {args.task_index}: relaxed {count} structures in {time.time() - start:.1f} s"
-          f"{f', {skipped} already done' if skipped else ''}; results in {writer.path}")
+          f"{f', {skipped} already done' if skipped else ''}{cont}; {stats.evaluations} structure evaluations; "
+          f"results in {writer.path}")
+    if stats.stopped:
+        left = f"in-flight state in {state_file}" if state_file.exists() else "nothing was in flight"
+        print(f"task {args.task_index}: stopped on {flag.reason}; {left}; run the same command again to continue")
+        return EXIT_REQUEUE
+    state_file.unlink(missing_ok=True)  # nothing is in flight any more
     (out / f".done.{args.task_index}").write_text(f"{args.num_tasks}\n")
     if all((out / f".done.{i}").exists() for i in range(args.num_tasks)):  # the last task to finish collects
         _print_metrics(collect_metrics(out, args.oracle), out)

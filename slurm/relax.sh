@@ -9,8 +9,12 @@
 #
 # INPUT is anything `eqv2 relax --input` reads: an IS2RE/IS2RS LMDB file or folder, a shard manifest.json,
 # an ASE-readable file. Task i of an array of n relaxes structures i, i+n, i+2n, ... of INPUT and writes
-# OUT_DIR/results.<i>.jsonl, one line per structure as it finishes. A requeued, preempted or resubmitted
-# task skips what any task already finished and restarts only the structures that were in flight.
+# OUT_DIR/results.<i>.jsonl, one line per structure as it finishes, and the structures in flight to
+# OUT_DIR/inflight.<i>.pt (every 50 optimizer steps, --checkpoint-every in RELAX_ARGS, and on a stop).
+# SIGUSR1 before the time limit (--signal below) or SIGTERM (scancel, preemption) is forwarded as SIGUSR1:
+# the task writes its in-flight state and exits 75; after a USR1 the job requeues itself. A requeued,
+# preempted or resubmitted task skips what any task already finished and continues the structures that
+# were in flight from their saved positions and optimizer state.
 #
 # Settings (environment):
 #   MAX_ATOMS   atom budget per batch                                    (2000)
@@ -26,6 +30,7 @@
 #SBATCH --cpus-per-task=4          # reading inputs and writing results on the host
 #SBATCH --time=04:00:00            # per array task; a requeue continues where it stopped
 #SBATCH --requeue                  # safe: finished structures are skipped on a rerun
+#SBATCH --signal=B:USR1@120        # SIGUSR1 to this shell 120 s before the time limit: save the in-flight state, requeue
 #SBATCH --open-mode=append         # a requeued task appends to its log
 #SBATCH --output=%x-%A_%a.out      # one log per array task (%A array job id, %a task index)
 set -euo pipefail
@@ -54,6 +59,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 mkdir -p "$OUT"
 cd "$EQV2_ROOT" || eqv2_die "cannot enter EQV2_ROOT=$EQV2_ROOT" 2
 eqv2_log "array task $task of $ntasks: $INPUT -> $OUT/results.$task.jsonl"
-"${PYTHON:-python}" -m eqv2.relax "${force[@]}" --input "$INPUT" --output "$OUT" --task-index "$task" \
+eqv2_run_step "${PYTHON:-python}" -m eqv2.relax "${force[@]}" --input "$INPUT" --output "$OUT" --task-index "$task" \
   --num-tasks "$ntasks" --max-atoms "${MAX_ATOMS:-2000}" "${device[@]}" "${extra[@]}"
+eqv2_finish_step  # exit 75 after a USR1: requeue (the rerun continues the in-flight structures); else its exit code
 eqv2_log "array task $task: done"

@@ -7,6 +7,11 @@ queue, so the batch stays full until the queue runs dry. A structure's result is
 positions of its last evaluation, as ASE's and fairchem's optimizers report them (`steps` steps take
 steps + 1 evaluations).
 
+A stopped job continues where it was: after an optimizer step the engine hands a `Snapshot` of the
+batch (positions, step counts, optimizer state; eqv2/relaxation/inflight.py) to `checkpoint`, every
+`checkpoint_every` steps and when `stop()` says so (it then returns); `relax(resume=snapshot)` starts
+with that batch, so a continued structure takes exactly the steps it would have taken uninterrupted.
+
 Forces come from any `ForceProvider`: `PotentialForces` (an eqv2 model: eV, eV/Å, energy references
 added) or `AseForces` (any ASE calculator, one structure at a time: EMT in the tests, so that the
 engine is checked against ASE's own optimizers on real physics).
@@ -26,6 +31,7 @@ import numpy as np
 import torch
 
 from eqv2.batch import AtomsBatch
+from eqv2.relaxation.inflight import Snapshot
 from eqv2.relaxation.optimizers import (BatchedFIRE, BatchedLBFGS, FIREConfig, LBFGSConfig, extend, segment_max,
                                         select)
 
@@ -70,6 +76,16 @@ class RelaxConfig:
             raise ValueError(f"relax.optimizer must be lbfgs or fire, got {self.optimizer!r}")
         if self.fmax <= 0 or self.steps < 0 or self.max_atoms < 1 or self.max_structures < 0:
             raise ValueError(f"relax: fmax > 0, steps >= 0, max_atoms >= 1, max_structures >= 0 required, got {self}")
+
+
+@dataclass
+class RelaxStats:
+    """What one `relax` call did: structure evaluations, batch iterations, structures continued from a
+    snapshot (with the steps they had taken), and whether it stopped on request."""
+    evaluations: int = 0
+    iterations: int = 0
+    resumed: dict[str, int] = field(default_factory=dict)
+    stopped: bool = False
 
 
 class ForceProvider(Protocol):
@@ -171,19 +187,47 @@ class _Active:
                           ids=[s.sid for s in self.items])
 
 
+def _clone(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
+
+
+def make_optimizer(cfg: RelaxConfig) -> BatchedLBFGS | BatchedFIRE:
+    return BatchedLBFGS(cfg.lbfgs) if cfg.optimizer == "lbfgs" else BatchedFIRE(cfg.fire)
+
+
 def relax(structures: Iterable[Structure], forces: ForceProvider, cfg: RelaxConfig,
           device: torch.device | str = "cpu", float_dtype: torch.dtype = torch.float32,
-          on_frame: Callable[[Structure, np.ndarray, float, np.ndarray], None] | None = None) -> Iterator[Result]:
+          on_frame: Callable[[Structure, np.ndarray, float, np.ndarray], None] | None = None,
+          resume: Snapshot | None = None, checkpoint: Callable[[Snapshot], None] | None = None,
+          checkpoint_every: int = 0, stop: Callable[[], bool] | None = None,
+          stats: RelaxStats | None = None) -> Iterator[Result]:
     """Relax `structures`, yielding each result as its structure finishes (not in input order).
 
     float_dtype: positions and cells as the force provider gets them (the optimizer works in float64).
-    on_frame(structure, positions, energy, forces): called for every evaluation of every structure (trajectories)."""
+    on_frame(structure, positions, energy, forces): called for every evaluation of every structure (trajectories).
+    resume: a snapshot to continue (its structures must not be in `structures` too); checkpoint(snapshot):
+    called after every `checkpoint_every`-th optimizer step (0: never) and, with the batch as it stands, when
+    `stop()` turns true after a step, after which `relax` returns (stats.stopped)."""
     device = torch.device(device)
-    opt = BatchedLBFGS(cfg.lbfgs) if cfg.optimizer == "lbfgs" else BatchedFIRE(cfg.fire)
+    stats = stats if stats is not None else RelaxStats()
+    opt = make_optimizer(cfg)
     queue = iter(structures)
     waiting: deque[Structure] = deque()
     active = _Active(device, float_dtype)
     state = opt.new_state(0, 0, active.pos)
+    if resume is not None and resume.structures:
+        active.add(resume.structures)
+        active.pos = resume.positions.to(device=device, dtype=torch.float64)
+        active.steps = torch.tensor(resume.steps, dtype=torch.int64, device=device)
+        state = ({k: v.to(device) for k, v in resume.optimizer_atoms.items()},
+                 {k: v.to(device) for k, v in resume.optimizer_structs.items()})
+        opt.load_scalars(resume.optimizer_scalars)
+        stats.resumed.update({s.sid: n for s, n in zip(resume.structures, resume.steps)})
+
+    def snapshot() -> Snapshot:
+        return Snapshot(list(active.items), active.steps.tolist(), active.pos.detach().to("cpu", copy=True),
+                        _clone(state[0]), _clone(state[1]), opt.scalars(), stats.iterations)
+
     exhausted = False
     while True:
         new, atoms = [], active.num_atoms
@@ -206,6 +250,7 @@ def relax(structures: Iterable[Structure], forces: ForceProvider, cfg: RelaxConf
         if not active.items:
             return
         energy, f = forces(active.batch())
+        stats.evaluations += len(active.items)
         f = f.to(torch.float64) * (~active.fixed)[:, None]  # fixed atoms feel no force and never move
         fmax = segment_max(f.norm(dim=-1), active.seg, len(active.items))  # [B]
         done = (fmax < cfg.fmax) | (active.steps >= cfg.steps)
@@ -225,3 +270,11 @@ def relax(structures: Iterable[Structure], forces: ForceProvider, cfg: RelaxConf
         if active.items:
             active.pos = opt.step(state, active.pos, f, active.seg)
             active.steps += 1
+            stats.iterations += 1
+            if checkpoint is not None and checkpoint_every and stats.iterations % checkpoint_every == 0:
+                checkpoint(snapshot())
+        if stop is not None and (active.items or waiting or not exhausted) and stop():  # after a step: the
+            if checkpoint is not None:  # snapshot holds what the next iteration would evaluate
+                checkpoint(snapshot())
+            stats.stopped = True
+            return

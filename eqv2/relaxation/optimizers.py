@@ -71,6 +71,13 @@ class BatchedLBFGS:
         self.slot = 0  # ring position written next
         self.filled = 0  # ring slots written so far (at most memory): older slots are zero for every structure
 
+    def scalars(self) -> dict[str, int]:
+        """The optimizer's own state besides the tensors (the ring position), for an in-flight snapshot."""
+        return {"slot": self.slot, "filled": self.filled}
+
+    def load_scalars(self, values: dict[str, int]) -> None:
+        self.slot, self.filled = int(values["slot"]), int(values["filled"])
+
     def new_state(self, n_atoms: int, n_structs: int, like: torch.Tensor) -> State:
         m = self.cfg.memory
         z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=like.device)
@@ -114,6 +121,12 @@ class BatchedLBFGS:
 class BatchedFIRE:
     def __init__(self, cfg: FIREConfig):
         self.cfg = cfg
+
+    def scalars(self) -> dict[str, int]:
+        return {}  # all of FIRE's state is per structure or per atom
+
+    def load_scalars(self, values: dict[str, int]) -> None:
+        pass
 
     def new_state(self, n_atoms: int, n_structs: int, like: torch.Tensor) -> State:
         f64 = dict(dtype=torch.float64, device=like.device)

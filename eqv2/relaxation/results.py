@@ -111,7 +111,8 @@ def _save(path: Path, **arrays) -> None:
 
 class Trajectories:
     """ASE trajectory files `<dir>/<sid>.traj`, one frame per evaluation (energy and forces attached);
-    a structure that starts again (a resumed job) starts its file afresh."""
+    a structure that starts again starts its file afresh, one continued from an in-flight state (`resume`)
+    keeps the frames up to the state and appends."""
 
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
@@ -130,6 +131,23 @@ class Trajectories:
                       constraint=FixAtoms(mask=s.fixed), tags=s.tags)
         atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
         self.open[s.sid].write(atoms)
+
+    def resume(self, sid: str, frames: int) -> None:
+        """Continue `<sid>.traj` after its first `frames` frames (the evaluations before the in-flight state;
+        frames a stopped job wrote after it are dropped)."""
+        from ase.io import Trajectory
+
+        path = self.dir / f"{sid}.traj"
+        kept = []
+        if path.exists():
+            with Trajectory(str(path), "r") as old:
+                kept = [old[i] for i in range(min(frames, len(old)))]
+        tmp = path.with_name(f".{path.name}.tmp")
+        with Trajectory(str(tmp), "w") as new:
+            for atoms in kept:
+                new.write(atoms)
+        os.replace(tmp, path)
+        self.open[sid] = Trajectory(str(path), "a")
 
     def finish(self, sid: str) -> None:
         traj = self.open.pop(sid, None)

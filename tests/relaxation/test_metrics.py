@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from ase.calculators.calculator import Calculator, all_changes
 from ase.calculators.emt import EMT
 
 from eqv2.relaxation.engine import AseForces, RelaxConfig, Result, Structure, relax
@@ -47,6 +48,35 @@ def test_adwt_and_is2re_by_hand():
     assert re["energy_mae_initial_baseline"] == pytest.approx(0.5)
 
 
+class SpringToGrid(Calculator):
+    """A real ASE calculator with known forces: every atom is pulled to its nearest integer grid point,
+    F = -(r - round(r)) eV/Å, so a structure's largest force is the largest displacement put into it."""
+    implemented_properties = ["energy", "forces"]
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        d = self.atoms.get_positions() - np.round(self.atoms.get_positions())
+        self.results = {"energy": 0.5 * float((d * d).sum()), "forces": -d}
+
+
+def _on_grid(sid: str, free_force: float, fixed_force: float) -> Result:
+    """Two free atoms (displaced 0.3 * f and f from the grid along x) and one fixed atom displaced by fixed_force."""
+    pos = np.array([[1.0 + 0.3 * free_force, 1.0, 1.0], [3.0, 2.0 + free_force, 2.0], [5.0 + fixed_force, 5.0, 5.0]])
+    s = Structure(sid=sid, numbers=np.array([29, 29, 29]), positions=pos, cell=np.eye(3) * 20, pbc=np.ones(3, bool),
+                  fixed=np.array([False, False, True]))
+    return Result(s, pos, 0.0, 0.0, 0, True)
+
+
+def test_afbt_by_hand():
+    """Largest free-atom forces 0.0305, 0.1005 and 0.45 eV/Å (the fixed atoms' 0.3 does not count): below
+    t = 0.01 + 0.001 k (k = 0 ... 389) for k >= 21 (369 thresholds), k >= 91 (299) and never; FbT at 0.05: 1 of 3."""
+    results = [_on_grid("a", 0.0305, 0.3), _on_grid("b", 0.1005, 0.3), _on_grid("c", 0.45, 0.0)]
+    m = afbt_metrics(results, SpringToGrid())
+    assert m["average_forces_below_threshold"] == pytest.approx((369 + 299 + 0) / (3 * 390))
+    assert m["forces_below_threshold_0.05"] == pytest.approx(1 / 3)
+    assert m["num_structures"] == 3
+
+
 def test_afbt_with_emt_oracle(emt_structures):
     """EMT-relaxed structures (fmax < 0.02) all have forces below 0.05 by EMT; AFbT counts each threshold above
     each structure's largest force; the initial (rattled) structures score lower."""
@@ -64,3 +94,34 @@ def test_oracle_spec_errors():
         load_oracle("EMT")
     with pytest.raises(ValueError, match="cannot import Nope"):
         load_oracle("ase.calculators.emt:Nope")
+
+
+def test_adwt_equals_fairchems_evaluator(emt_structures):
+    """Our ADwT against fairchem-core's own IS2RS evaluator, fed as its trainer feeds it (free atoms only, the
+    relaxed DFT positions as target): the same threshold grid, minimum image and free-atom mean."""
+    import importlib
+    import sys
+
+    try:
+        import torch_scatter  # noqa: F401  (fairchem imports it at module level; no wheel for current torch)
+    except ImportError:
+        sys.modules["torch_scatter"] = importlib.import_module("tests.model.fairchem_shim.torch_scatter")
+    from fairchem.core.modules.evaluator import average_distance_within_threshold
+
+    rng = np.random.default_rng(0)
+    results = []
+    for i, s in enumerate(emt_structures):
+        pred = s.target_positions + rng.normal(0, 0.02 * (i + 1), size=s.target_positions.shape)
+        pred[0] += s.cell[0]  # a whole cell away: the same atom by minimum image
+        results.append(Result(s, pred, 0.0, 0.0, 0, True))
+    free = [~r.structure.fixed for r in results]
+    cat = lambda arrays: torch.tensor(np.concatenate(arrays))
+    natoms = torch.tensor([int(f.sum()) for f in free])
+    cell = torch.tensor(np.stack([r.structure.cell for r in results]))
+    pbc = torch.tensor([True, True, True])
+    want = average_distance_within_threshold(
+        {"positions": cat([r.positions[f] for r, f in zip(results, free)]), "natoms": natoms, "cell": cell, "pbc": pbc},
+        {"positions": cat([r.structure.target_positions[f] for r, f in zip(results, free)]), "natoms": natoms,
+         "cell": cell, "pbc": pbc})["metric"]
+    got = is2rs_metrics(results)["average_distance_within_threshold"]
+    assert 0.05 < got < 0.95 and got == pytest.approx(want, abs=1e-12)

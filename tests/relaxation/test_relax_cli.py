@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from eqv2.relaxation.results import load_results
-from tests.relaxation.emt_set import ase_relax, initial_atoms, structure_of, write_is2r_extxyz
 
 REPO = Path(__file__).resolve().parents[2]
 EMT = "ase.calculators.emt:EMT"
@@ -27,14 +26,6 @@ def _cmd(*args) -> list[str]:
 
 def _env():
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module")
-def set_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("set") / "set.extxyz"
-    atoms = [initial_atoms(i) for i in range(8)]
-    write_is2r_extxyz(path, [structure_of(a, target=ase_relax(a, 0.02, 300)[0]) for a in atoms])
-    return path
 
 
 def test_relax_writes_results_metrics_and_trajectories(set_file, tmp_path):
