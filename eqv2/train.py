@@ -45,7 +45,7 @@ from eqv2.training.run_state import Checkpointer, Evaluator, Progress
 from eqv2.training.setup import RunData, build_data, prepare_targets
 from eqv2.training.signals import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_REQUEUE, StopFlag
 from eqv2.training.step import StepContext, take_step
-from eqv2.training.wandb_log import WandbSink
+from eqv2.training.wandb_log import WandbSink, require_wandb
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ds_cfg = load_ds_config(args.ds_config)
         cfg, raw = load_run_config(args.config, args.set, ds_cfg["train_micro_batch_size_per_gpu"])
+        require_wandb(cfg.log.wandb)
     except ConfigError as err:
         print(f"eqv2.train: config error: {err}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
