@@ -30,7 +30,7 @@ from eqv2.config import ConfigError, save_yaml, to_dict
 from eqv2.data import PlanError, SampleError, ShardError
 from eqv2.model.graph import GraphInputError
 from eqv2.training import checkpointing as ckpt
-from eqv2.training.build import build_engine, build_model, describe_launch
+from eqv2.training.build import BuiltModel, build_engine, build_model, describe_launch
 from eqv2.training.compile import CompileEvents, ShapeBuckets, compiled_graph_count
 from eqv2.training.config import RunConfig, load_ds_config, load_run_config, resolve_ds_config
 from eqv2.training.dist import DistInfo, all_gather_object, init_distributed, shutdown
@@ -116,7 +116,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
         (run_dir / "ds_config.json").write_text(json.dumps(ds, indent=1))
 
     # --- loop
-    logger, probes = _observers(cfg, dist, run_dir, engine, data, progress.step, bool(built.compiled))
+    logger, probes = _observers(cfg, dist, run_dir, engine, data, progress.step, built)
     step_ctx = StepContext.for_engine(engine, loss_fn, stop, float(dist.world_size * gas),
                                       cfg.loss.train_on_free_atoms, dist.device, max_grad_norm)
     # the step whose checkpoint this run directory holds already: the one resumed from, if it is here
@@ -183,13 +183,13 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
 
 
 def _observers(cfg: RunConfig, dist: DistInfo, run_dir: Path, engine, data: RunData, start_step: int,
-               compiled: bool) -> tuple[StepLogger, Probes]:
+               built: BuiltModel) -> tuple[StepLogger, Probes]:
     """The run's step logger (metrics.jsonl, the progress bar, W&B on the main rank) and its diagnostic
     probes (eqv2/training/probes.py: profiler, gc control, shape-bucket counter)."""
     padded = bool(cfg.model.pad_atoms_multiple or cfg.model.pad_edges_multiple)
     buckets = ShapeBuckets(cfg.model.pad_atoms_multiple, cfg.model.pad_edges_multiple) if padded else None
     collector = GarbageCollection(cfg.gc)
-    compile_events = CompileEvents() if compiled else None
+    compile_events = CompileEvents() if built.compiled else None
     logger = StepLogger(run_dir, dist.device, dist.is_main, data.total_steps, start_step, cfg.log.every_steps,
                         cfg.log.progress_bar, engine.monitor, count_shape_buckets=padded,
                         compile_events=compile_events, collector=collector, data_stream=data.stream)
