@@ -30,7 +30,6 @@ from eqv2.config import ConfigError, save_yaml, to_dict
 from eqv2.data import PlanError, SampleError, ShardError
 from eqv2.model.graph import GraphInputError
 from eqv2.training import checkpointing as ckpt
-from eqv2.training.build import BuiltModel, build_engine, build_model, describe_launch
 from eqv2.training.compile import CompileEvents, ShapeBuckets, compiled_graph_count
 from eqv2.training.config import RunConfig, load_ds_config, load_run_config, resolve_ds_config
 from eqv2.training.dist import DistInfo, all_gather_object, init_distributed, shutdown
@@ -42,7 +41,8 @@ from eqv2.training.probes import Probes
 from eqv2.training.profiling import phase
 from eqv2.training.resume import restore
 from eqv2.training.run_state import Checkpointer, Evaluator, Progress
-from eqv2.training.setup import RunData, build_data, prepare_targets
+from eqv2.training.setup import (BuiltModel, RunData, build_data, build_engine, build_model, describe_launch,
+                                 prepare_targets)
 from eqv2.training.signals import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_REQUEUE, StopFlag
 from eqv2.training.step import StepContext, take_step
 from eqv2.training.wandb_log import WandbSink, require_wandb
