@@ -26,6 +26,21 @@ class WandbConfig:
             raise ConfigError(f"log.wandb.mode: {self.mode!r} is not one of {', '.join(MODES)}")
 
 
+INSTALL_HINT = "log.wandb.enabled: wandb is not installed (pip install 'eqv2[wandb]')"
+
+
+def require_wandb(cfg: WandbConfig) -> None:
+    """With log.wandb.enabled, check that wandb imports: the trainer calls this on every rank at start,
+    before any process group or file of the run exists, so a missing package is one config error on
+    every rank (not an error on the main rank alone while the others wait in a collective)."""
+    if not cfg.enabled:
+        return
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ConfigError(INSTALL_HINT) from None
+
+
 class WandbSink:
     """Receives every metrics.jsonl record (StepLogger.write) on the main rank."""
 
@@ -33,7 +48,7 @@ class WandbSink:
         try:
             import wandb
         except ImportError:
-            raise ConfigError("log.wandb.enabled: wandb is not installed (pip install 'eqv2[wandb]')") from None
+            raise ConfigError(INSTALL_HINT) from None
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name, mode=cfg.mode,
                               dir=str(run_dir), config=config)
 

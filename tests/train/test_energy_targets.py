@@ -18,6 +18,8 @@ from ase.build import add_adsorbate, fcc111
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 
+from eqv2.train import main
+from eqv2.training.signals import EXIT_CONFIG
 from tests.train.conftest import HERE, REPO, records, run_train
 
 # per-atom offsets that make EMT energies look like DFT totals (eV): hundreds of eV per structure
@@ -159,17 +161,19 @@ def test_fine_tuning_keeps_or_refits_the_references(totals, trained, tmp_path):
             assert state["energy_references"][28] == 0.0  # Ni is not in the new data
 
 
-def test_a_model_with_references_needs_the_fitted_target(totals, trained, tmp_path):
+def test_a_model_with_references_needs_the_fitted_target(totals, trained, tmp_path, capsys):
+    # config errors: the trainer's main() in this process (a traceback would fail the test), cheaper than a launch
     _, model = trained
-    rc, out = run_train(_args(totals, tmp_path / "run", 1, "--set", f"init.from_checkpoint={model}"))
-    assert rc == [2] and "set data.energy_target: fitted_references" in out, out
+    assert main(_args(totals, tmp_path / "run", 1, "--set", f"init.from_checkpoint={model}")) == EXIT_CONFIG
+    assert "set data.energy_target: fitted_references" in capsys.readouterr().err
 
 
-def test_old_stats_without_references_are_named(totals, tmp_path):
+def test_old_stats_without_references_are_named(totals, tmp_path, capsys):
     stats = json.loads((totals["train"].parent / "stats.json").read_text())
     for key in ("energy_references", "referenced_energy_mean", "referenced_energy_std"):
         stats.pop(key)
     (tmp_path / "stats.json").write_text(json.dumps(stats))
-    rc, out = run_train(_args(totals, tmp_path / "run", 1, "--set", "data.energy_target=fitted_references",
-                              "--set", f"data.stats={tmp_path / 'stats.json'}"))
-    assert rc == [2] and "has no energy_references" in out and "eqv2 stats" in out, out
+    assert main(_args(totals, tmp_path / "run", 1, "--set", "data.energy_target=fitted_references",
+                      "--set", f"data.stats={tmp_path / 'stats.json'}")) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "has no energy_references" in err and "eqv2 stats" in err, err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -54,3 +55,24 @@ def test_offline_run_logs_train_and_validation_records(demo_data, tmp_path):
 def test_bad_mode_names_the_key():
     with pytest.raises(ConfigError, match="log.wandb.mode"):
         WandbConfig(mode="cloud")
+
+
+def test_missing_wandb_stops_every_rank_at_start_with_the_install_command(demo_data, tmp_path, monkeypatch):
+    """log.wandb.enabled without wandb installed: both ranks exit 2 at start with one line naming the
+    key and the install command, no traceback, and nothing of the run is written.  A `wandb` package
+    on PYTHONPATH whose import raises ImportError stands for the absent one (whether or not wandb is
+    installed here)."""
+    absent = tmp_path / "no_wandb" / "wandb"
+    absent.mkdir(parents=True)
+    (absent / "__init__.py").write_text('raise ImportError("No module named \'wandb\'")\n')
+    monkeypatch.setenv("PYTHONPATH", f"{absent.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    run_dir = tmp_path / "run"
+    rc, out = run_train(["--ds_config", str(HERE / "ds_zero2_cpu.json"), "--config", str(HERE / "tiny_run.yaml"),
+                         *data_args(demo_data), "--set", f"run_dir={run_dir}", "--set", "log.wandb.enabled=true"],
+                        nproc=2, timeout=120)
+    assert rc == [2, 2], out
+    assert "Traceback" not in out, out
+    errors = [line for line in out.splitlines() if "wandb" in line]
+    assert errors == ["eqv2.train: config error: log.wandb.enabled: wandb is not installed "
+                      "(pip install 'eqv2[wandb]')"] * 2, out
+    assert not (run_dir / "config.yaml").exists() and "launch" not in out, out
