@@ -3,7 +3,8 @@
 Random perturbed weights built by fairchem-core 1.10.0, saved in the layout its trainers save
 (legacy `equiformer_v2` with `model_attributes`, and hydra backbone + heads), converted with
 `eqv2 convert` and predicted with `python -m eqv2.predict` (a real process) and
-the ASE calculator.  The reference runs fairchem's own forward with otf_graph on (its radius graph,
+the ASE calculator.  The reference runs fairchem's own forward on the batch its OCPCalculator makes (positions
+wrapped into the cell) with otf_graph on (its radius graph,
 CUDA's tie rule: `fairchem_reference.stable_sort`) and its own Normalizer and LinearReferences modules.
 Frames: the real OC20 structure (12 atoms with neighbour ties), an unrattled ideal slab, a slab with
 fixed ideal layers under a rattled top and adsorbate, a strained bulk crystal (periodic in 3D).
@@ -22,7 +23,6 @@ from ase.build import add_adsorbate, bulk, fcc100, fcc111, molecule
 from eqv2.calculator import EquiformerV2Calculator
 from eqv2.model.config import ModelConfig
 from tests.conftest import REPO
-from tests.model.equivariance import batch_from_atoms
 
 fr = pytest.importorskip("tests.model.fairchem_reference")
 try:
@@ -68,7 +68,7 @@ def legacy_checkpoint(strict: bool, lin_ref: str):
                                   "grad_target": {"mean": torch.tensor(0.0), "std": torch.tensor(F_STD)}}}
 
     def reference(atoms):
-        data = fr.otf_pyg_batch(batch_from_atoms([atoms], torch.float32))
+        data = fr.calculator_batch(atoms)  # as fairchem's OCPCalculator
         with fr.deterministic_frames(LEGACY, HYDRA), fr.stable_sort(), torch.no_grad():
             out = model(data)
         return _denormalise(checkpoint, out["energy"].reshape(-1), out["forces"], data)
@@ -107,7 +107,7 @@ def hydra_checkpoint(strict: bool, generic_heads: bool = False):
                   "elementrefs": {"energy": {"element_references": refs}}}
 
     def reference(atoms):
-        data = fr.otf_pyg_batch(batch_from_atoms([atoms], torch.float32))
+        data = fr.calculator_batch(atoms)  # as fairchem's OCPCalculator
         with fr.deterministic_frames(LEGACY, HYDRA), fr.stable_sort(), torch.no_grad():
             emb = backbone(data)
             energy, forces = heads[0](data, emb)["energy"].reshape(-1), heads[1](data, emb)["forces"]

@@ -168,11 +168,13 @@ def frames(tmp_path):
     return path, ase.io.read(path, index=":")  # the reference sees the positions eqv2 reads from the file
 
 
-# Relative error allowed in float32 (both sides).  These random-weight models' forces and stress move by
-# ~1e-5 relative under changes of the input at float32 round-off: fairchem's own random edge-frame roll
-# changes its forces by 1.3e-5 (dens_published, strained Cu), and its float32 wrap of the positions into
-# the cell (~5e-7 Å) by as much; energies agree to ~3e-7.
-TOLERANCE = 5e-5
+# Relative error allowed in float32 (both sides), as issue 26 asks.  It holds because a converted model
+# reproduces fairchem's float32 round-off where these random-weight models amplify it (docs/fairchem.md,
+# "float32 numerics"): positions wrapped into the cell in float64 before the float32 cast, the Gaussian centres
+# from a float32 linspace, the edges' polar angle from acos (with fairchem's edge-frame roll pinned to eqv2's,
+# fairchem_reference.deterministic_frames: its random roll alone moves its forces by ~1e-5).  Measured worst
+# (python -m diagnostics.fairchem_f32_errors): E 3e-7, F 2.3e-6, stress 1.2e-6; before that, F 2.1e-5, S 1.8e-5.
+TOLERANCE = 1e-5
 
 
 def rel_err(ours, ref) -> float:
