@@ -192,3 +192,20 @@ def test_references_change_the_energy_by_their_sum(oc20_atoms, tmp_path):
     expected = plain["energy"].double() * E_STD + E_MEAN + refs[oc20_atoms.numbers].sum()
     assert abs(float(full["energy"][0]) - float(expected[0])) <= 1e-5 * abs(float(expected[0]))
     assert np.allclose(read_model_file(tmp_path / "eqv2.pt")[4], refs)  # fine-tuning from it keeps them
+
+
+def test_batches_hold_the_positions_fairchem_wraps(oc20_atoms, tmp_path):
+    """eqv2's batches (the calculator, `eqv2 predict`) hold the positions wrapped into the cell as fairchem's
+    AtomsToGraphs wraps them, bit for bit in float32: on the ideal slab, unwrapped positions make eqv2 keep other
+    neighbours among ties than fairchem's calculator (forces 49 % apart).  Structures without a periodic cell
+    vector keep their positions."""
+    from eqv2.calculator import atoms_to_batch
+
+    _, structures = frames(oc20_atoms, tmp_path)
+    for atoms in structures:
+        assert torch.equal(atoms_to_batch([atoms]).pos, fr.calculator_batch(atoms).pos)
+    assert any(not np.allclose(atoms_to_batch([a]).pos.numpy(), a.positions, atol=1e-3) for a in structures)
+    co = molecule("CO")  # no cell, not periodic
+    assert np.array_equal(atoms_to_batch([co]).pos.numpy(), co.positions.astype(np.float32))
+    co.pbc = True  # periodic without cell vectors: left to the model to report
+    assert np.array_equal(atoms_to_batch([co]).pos.numpy(), co.positions.astype(np.float32))
