@@ -9,7 +9,7 @@ its forward so that its Wigner blocks, written into torch.zeros, stay float64; i
 runs in float32, as radius_graph_pbc casts the cell to float32, and the distances are then recomputed in
 float64).  EXACT_POS=1 (default) gives fairchem its wrapped positions in float64 (AtomsToGraphs rounds
 them to float32).  Switches for bisecting: GRID64=1 rebuilds fairchem's SO3_Grid matrices in float64,
-EXACT_RBF=1 its Gaussian centres/width in float64 arithmetic, JD64=1 swaps its Jd.pt (no effect seen:
+EXACT_RBF=1 its Gaussian centres/width in float64 arithmetic, DEGREE64=1 its layer-norm degree weights, JD64=1 swaps its Jd.pt (no effect seen:
 check that the shimmed fairchem reads that module).
 Finding (session 16): with fairchem's three float32-only pieces made float64 (OFFSETS64=1, the default in
 float64: get_pbc_distances' cell_offsets @ cell, which it casts to float32; EXACT_RBF=1: its Gaussian
@@ -20,7 +20,12 @@ rounding (fairchem rounds positions wrapped into the cell, eqv2 the unwrapped on
 random models' sensitivity, not a difference of the functions.  In float32 (F64=0, hydra_published) the
 worst force error is 2.1e-5; WRAP=1 (eqv2 given the wrapped positions) 1.2e-5; WRAP=1 plus eqv2's
 Gaussian centres/width taken from float32 linspace as fairchem's (a temporary edit of
-eqv2/model/radial.py, not committed) 8e-6, stress 1.2e-6, on every frame."""
+eqv2/model/radial.py, not committed) 8e-6, stress 1.2e-6, on every frame.
+Session 17: conversion now follows fairchem there (wrapped positions, float32 Gaussian centres, acos polar
+angle: docs/fairchem.md "float32 numerics"; per-frame float32 errors: python -m diagnostics.fairchem_f32_errors),
+and the float64 remainder (F 1.6e-8) was a fourth float32-built constant, the layer norms'
+balance_degree_weight: with DEGREE64=1 too, E 2e-16, F 7e-10, stress 3e-15 (tests/model/test_fairchem_stress.py
+checks it at 1e-9)."""
 import sys, types, torch, numpy as np  # noqa: E401
 from functools import partial
 sys.argv=[sys.argv[0]]
@@ -65,6 +70,17 @@ for v in list(trainer.normalizers.values()) + list(trainer.elementrefs.values())
 tmp = pathlib.Path(tempfile.mkdtemp())
 dst = T.convert(ckpt, tmp)
 pot = load_model(str(dst), "cpu").eval().to(DT)
+# NUMERICS=fairchem (default in float32): the converted model's fairchem constants (eqv2.fairchem_compat.
+# use_fairchem_numerics, applied by load_model); eqv2 (default in float64): eqv2's own float64-built ones
+if os.environ.get("NUMERICS", "eqv2" if DT == torch.float64 else "fairchem") == "eqv2":
+    from eqv2.model.radial import GaussianRadialBasis
+    cfg = pot.config
+    pot.model.radial_basis = GaussianRadialBasis(cfg.max_radius, cfg.num_distance_basis)
+    pot.model.wigner.fairchem_polar_angle = False
+if os.environ.get("DEGREE64") == "1":  # fairchem's layer-norm degree weights 1/((2l+1)(L+1)), float32-built
+    for m in trainer.model.modules():
+        if getattr(m, "balance_degree_weight", None) is not None:
+            m.balance_degree_weight = 1.0 / torch.round(1.0 / m.balance_degree_weight.double())
 path, structures = T.frames(tmp)
 from fairchem.core.datasets import data_list_collater
 from fairchem.core.preprocessing import AtomsToGraphs

@@ -22,11 +22,25 @@ from eqv2.checkpoint import Potential, load_model
 from eqv2.data.ase_source import fixed_atoms
 
 
+def wrapped_positions(atoms: Atoms) -> np.ndarray:
+    """Positions wrapped into the cell along its periodic axes, in float64 (ASE's wrap_positions, eps=0, on the
+    completed cell, as fairchem's AtomsToGraphs does before its float32 cast).  The function of the positions is
+    unchanged (a lattice translation of an atom); its float32 round-off then is fairchem's.  Unchanged where a
+    periodic axis has no cell vector (the model reports that cell)."""
+    from ase.geometry import wrap_positions
+
+    cell, pbc = np.array(atoms.get_cell(complete=True)), atoms.get_pbc()
+    if not pbc.any() or not np.asarray(atoms.get_cell())[pbc].any(axis=1).all():
+        return atoms.get_positions()
+    return wrap_positions(atoms.get_positions(), cell, pbc=pbc, eps=0)
+
+
 def atoms_to_batch(structures: list[Atoms], ids: list[str] | None = None) -> AtomsBatch:
-    """Batch ASE structures (positions, numbers, cell, pbc; tags and FixAtoms when present)."""
+    """Batch ASE structures (positions wrapped into the cell, numbers, cell, pbc; tags and FixAtoms when
+    present)."""
     arrays = []
     for atoms in structures:
-        arrays.append(dict(positions=atoms.get_positions(), numbers=atoms.get_atomic_numbers(),
+        arrays.append(dict(positions=wrapped_positions(atoms), numbers=atoms.get_atomic_numbers(),
                            cell=np.array(atoms.get_cell()), pbc=atoms.get_pbc(), tags=atoms.get_tags(),
                            fixed=fixed_atoms(atoms)))
     return AtomsBatch.from_arrays(arrays, ids=ids)

@@ -143,6 +143,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> P
     if references is not None and len(references) != cfg.max_num_elements:
         raise ValueError(f"{path}: {len(references)} energy references for an element table of {cfg.max_num_elements}")
     model = EquiformerV2(cfg)
+    from eqv2.fairchem_compat import use_fairchem_numerics, wants_fairchem_numerics
+
+    if wants_fairchem_numerics(meta):  # a converted fairchem checkpoint: its float32-built constants
+        use_fairchem_numerics(model)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the model config: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -348,6 +348,7 @@ def convert_checkpoint(checkpoint: dict[str, Any], weights: str = "ema") -> Conv
         state = hydra_state(state, hparams["heads"], roles, hparams["backbone"])
         if registry_name(hparams["backbone"].get("model")) == "equiformer_v2_dens_backbone":
             notes["dens"] = "DeNS backbone at inference: force-encoding constants folded into the atom embedding"
+    notes["numerics"] = "fairchem"  # see use_fairchem_numerics
     expected = EquiformerV2(cfg).state_dict()
     converted = convert_state_dict(state, expected)
     try:
@@ -355,6 +356,21 @@ def convert_checkpoint(checkpoint: dict[str, Any], weights: str = "ema") -> Conv
     except ValueError:
         norms = None
     return Converted(cfg, converted, norms, notes, model_refs, trainer_refs)
+
+
+def wants_fairchem_numerics(meta: dict[str, Any]) -> bool:
+    """Whether a model file asks for fairchem's constants: `meta["numerics"] == "fairchem"`, which conversion
+    records; files converted before it was recorded (converted_from: fairchem) too."""
+    return meta.get("numerics", "fairchem" if meta.get("converted_from") == "fairchem" else "eqv2") == "fairchem"
+
+
+def use_fairchem_numerics(model) -> None:
+    """Give a converted model the constants fairchem-core computes in float32 where eqv2 computes them in
+    float64 (the Gaussian centres and width), and its polar angle of the edges from acos where eqv2 uses atan2
+    (docs/fairchem.md, "float32 numerics").  Their values, not the
+    function: float32 inference then reproduces fairchem's float32 round-off where it matters."""
+    model.radial_basis.build_as_fairchem()
+    model.wigner.fairchem_polar_angle = True
 
 
 def fairchem_hparams(cfg) -> dict:

@@ -18,7 +18,7 @@ class GaussianRadialBasis(nn.Module):
 
     def __init__(self, cutoff: float, num_basis: int = 600, width_factor: float = 2.0):
         super().__init__()
-        self.num_basis = num_basis
+        self.num_basis, self.cutoff, self.width_factor = num_basis, cutoff, width_factor
         centres = torch.linspace(0.0, cutoff, num_basis, dtype=torch.float64)
         spacing = cutoff / (num_basis - 1)
         self.coeff = -0.5 / (width_factor * spacing) ** 2
@@ -26,6 +26,15 @@ class GaussianRadialBasis(nn.Module):
         # float32 accuracy (measured against fairchem in float64: 1e-7 in the loss, which Adam turns into
         # weight differences of order lr after a step); float32 models see the same values as before
         self.register_buffer("centres", centres, persistent=False)
+
+    def build_as_fairchem(self) -> None:
+        """Centres and width exactly as fairchem-core builds them: centres from a float32 linspace, the width
+        from their float32 spacing (a float64 number from then on).  They differ from the float64-built ones
+        by float32 round-off (up to 4e-7 Å at 12 Å), which moves float32 forces of a converted checkpoint by
+        ~1e-5 relative against fairchem's; only conversion asks for it (eqv2.fairchem_compat)."""
+        centres = torch.linspace(0.0, self.cutoff, self.num_basis, dtype=torch.float32)
+        self.coeff = -0.5 / float(self.width_factor * (centres[1] - centres[0])) ** 2
+        self.centres = centres.to(self.centres.device, torch.float64)  # float64 holds them exactly
 
     def forward(self, distance: torch.Tensor) -> torch.Tensor:
         """distance [E] -> [E, num_basis] (in the dtype of `distance`)."""

@@ -136,6 +136,9 @@ class WignerD(nn.Module):
     def __init__(self, lmax: int):
         super().__init__()
         self.lmax = lmax
+        # converted fairchem checkpoints (eqv2.fairchem_compat.use_fairchem_numerics): the polar angle as fairchem
+        # reads it from the edge frame, acos of the frame's float32 cosine (fairchem_polar_angle)
+        self.fairchem_polar_angle = False
         for l, j in enumerate(_swap_matrices(lmax)):
             self.register_buffer(f"swap_{l}", j, persistent=False)
 
@@ -151,6 +154,8 @@ class WignerD(nn.Module):
         alpha = torch.atan2(direction[:, 0], direction[:, 2])
         # atan2, not acos: acos loses half the digits for edges near the polar axis
         beta = torch.atan2(torch.hypot(direction[:, 0], direction[:, 2]), direction[:, 1])
+        if self.fairchem_polar_angle:
+            beta = fairchem_polar_angle(direction)
         size = (self.lmax + 1) ** 2
         out = edge_vec.new_zeros(edge_vec.shape[0], size, size)
         for l in range(self.lmax + 1):
@@ -159,6 +164,17 @@ class WignerD(nn.Module):
             block = j @ _polar_rotation(-beta, l) @ j @ _polar_rotation(-alpha, l)
             out[:, l * l : (l + 1) ** 2, l * l : (l + 1) ** 2] = block
         return out
+
+
+def fairchem_polar_angle(direction: torch.Tensor) -> torch.Tensor:
+    """[E] polar angles of unit `direction` [E, 3] as fairchem-core computes them for its Wigner-D matrices: the
+    frame's image of +y, (0, cos, sin) for eqv2's zero-roll frame, normalised again and the angle taken by acos
+    (e3nn's xyz_to_angles).  Mathematically the atan2 angle; in float32, near the polar axis, acos turns the
+    cosine's round-off (6e-8) into 6e-8 / sin(beta) rad, which moves forces of a converted model by up to 1e-5
+    relative: converted models follow fairchem here so that their float32 round-off is fairchem's."""
+    image = torch.stack([torch.zeros_like(direction[:, 1]), direction[:, 1],
+                         torch.hypot(direction[:, 0], direction[:, 2])], dim=1)
+    return torch.acos(torch.nn.functional.normalize(image, p=2.0, dim=-1)[:, 1].clamp(-1, 1))
 
 
 class EdgeRotation:

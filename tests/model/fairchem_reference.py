@@ -32,12 +32,17 @@ def import_fairchem():
 
 def eqv2_edge_frames(edge_vec: torch.Tensor) -> torch.Tensor:
     """[E, 3, 3] rotations taking each edge direction to +y with zero roll (eqv2's convention)."""
-    from e3nn import o3
-
     d = edge_vec / edge_vec.norm(dim=1, keepdim=True)
     alpha = torch.atan2(d[:, 0], d[:, 2])
-    beta = torch.atan2(torch.hypot(d[:, 0], d[:, 2]), d[:, 1])
-    return o3.angles_to_matrix(alpha, beta, torch.zeros_like(alpha)).transpose(1, 2)
+    # R = (Ry(alpha) Rx(beta))^T with cos(beta), sin(beta) the direction's own y and (x, z) lengths, not the
+    # cosine of a rounded angle: R e_y = (0, d_y, -hypot(d_x, d_z)), from which fairchem reads its polar angle
+    # (acos), as its own frames give it d_y (eqv2.model.so3.fairchem_polar_angle does the same)
+    cos_b, sin_b = d[:, 1], torch.hypot(d[:, 0], d[:, 2])
+    cos_a, sin_a, zero = torch.cos(alpha), torch.sin(alpha), torch.zeros_like(alpha)
+    m = torch.stack([torch.stack([cos_a, sin_a * sin_b, sin_a * cos_b], -1),
+                     torch.stack([zero, cos_b, -sin_b], -1),
+                     torch.stack([-sin_a, cos_a * sin_b, cos_a * cos_b], -1)], -2)  # Ry(alpha) Rx(beta)
+    return m.transpose(1, 2)
 
 
 @contextlib.contextmanager
@@ -94,6 +99,16 @@ def otf_pyg_batch(batch):
                 batch=batch.batch, pbc=batch.pbc)
     data.num_graphs = batch.num_graphs
     return data
+
+
+def calculator_batch(atoms):
+    """The batch fairchem's OCPCalculator makes of `atoms` (its AtomsToGraphs: positions wrapped into the cell
+    in float64, then float32), without a graph: the reference builds its own (otf_graph)."""
+    from fairchem.core.datasets import data_list_collater
+    from fairchem.core.preprocessing import AtomsToGraphs
+
+    a2g = AtomsToGraphs(r_energy=False, r_forces=False, r_distances=False, r_pbc=True, r_edges=False)
+    return data_list_collater([a2g.convert(atoms)], otf_graph=True)
 
 
 def pyg_batch(batch, graph):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from eqv2.checkpoint import load_model
-from eqv2.fairchem_compat import convert_state_dict
+from eqv2.fairchem_compat import convert_state_dict, use_fairchem_numerics
 from eqv2.model.config import ModelConfig
 from eqv2.model.equiformer_v2 import EquiformerV2, count_parameters
 from eqv2.model.graph import radius_graph_pbc
@@ -63,6 +63,7 @@ def test_same_weights_same_outputs(variant, structures):
     ref = LEGACY.EquiformerV2(**fr.fairchem_hparams(cfg)).eval()
     fr.perturb_(ref, seed=1)
     ours = EquiformerV2(cfg).eval()
+    use_fairchem_numerics(ours)  # as conversion: fairchem's float32-built constants
     ours.load_state_dict(convert_state_dict(ref.state_dict(), ours.state_dict()))
     batch = batch_from_atoms(structures, torch.float32)
     ref_e, ref_f = reference_outputs(ref, batch, cfg)

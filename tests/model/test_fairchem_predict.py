@@ -3,7 +3,8 @@
 Random perturbed weights built by fairchem-core 1.10.0, saved in the layout its trainers save
 (legacy `equiformer_v2` with `model_attributes`, and hydra backbone + heads), converted with
 `eqv2 convert` and predicted with `python -m eqv2.predict` (a real process) and
-the ASE calculator.  The reference runs fairchem's own forward with otf_graph on (its radius graph,
+the ASE calculator.  The reference runs fairchem's own forward on the batch its OCPCalculator makes (positions
+wrapped into the cell) with otf_graph on (its radius graph,
 CUDA's tie rule: `fairchem_reference.stable_sort`) and its own Normalizer and LinearReferences modules.
 Frames: the real OC20 structure (12 atoms with neighbour ties), an unrattled ideal slab, a slab with
 fixed ideal layers under a rattled top and adsorbate, a strained bulk crystal (periodic in 3D).
@@ -22,7 +23,6 @@ from ase.build import add_adsorbate, bulk, fcc100, fcc111, molecule
 from eqv2.calculator import EquiformerV2Calculator
 from eqv2.model.config import ModelConfig
 from tests.conftest import REPO
-from tests.model.equivariance import batch_from_atoms
 
 fr = pytest.importorskip("tests.model.fairchem_reference")
 try:
@@ -68,7 +68,7 @@ def legacy_checkpoint(strict: bool, lin_ref: str):
                                   "grad_target": {"mean": torch.tensor(0.0), "std": torch.tensor(F_STD)}}}
 
     def reference(atoms):
-        data = fr.otf_pyg_batch(batch_from_atoms([atoms], torch.float32))
+        data = fr.calculator_batch(atoms)  # as fairchem's OCPCalculator
         with fr.deterministic_frames(LEGACY, HYDRA), fr.stable_sort(), torch.no_grad():
             out = model(data)
         return _denormalise(checkpoint, out["energy"].reshape(-1), out["forces"], data)
@@ -107,7 +107,7 @@ def hydra_checkpoint(strict: bool, generic_heads: bool = False):
                   "elementrefs": {"energy": {"element_references": refs}}}
 
     def reference(atoms):
-        data = fr.otf_pyg_batch(batch_from_atoms([atoms], torch.float32))
+        data = fr.calculator_batch(atoms)  # as fairchem's OCPCalculator
         with fr.deterministic_frames(LEGACY, HYDRA), fr.stable_sort(), torch.no_grad():
             emb = backbone(data)
             energy, forces = heads[0](data, emb)["energy"].reshape(-1), heads[1](data, emb)["forces"]
@@ -192,3 +192,20 @@ def test_references_change_the_energy_by_their_sum(oc20_atoms, tmp_path):
     expected = plain["energy"].double() * E_STD + E_MEAN + refs[oc20_atoms.numbers].sum()
     assert abs(float(full["energy"][0]) - float(expected[0])) <= 1e-5 * abs(float(expected[0]))
     assert np.allclose(read_model_file(tmp_path / "eqv2.pt")[4], refs)  # fine-tuning from it keeps them
+
+
+def test_batches_hold_the_positions_fairchem_wraps(oc20_atoms, tmp_path):
+    """eqv2's batches (the calculator, `eqv2 predict`) hold the positions wrapped into the cell as fairchem's
+    AtomsToGraphs wraps them, bit for bit in float32: on the ideal slab, unwrapped positions make eqv2 keep other
+    neighbours among ties than fairchem's calculator (forces 49 % apart).  Structures without a periodic cell
+    vector keep their positions."""
+    from eqv2.calculator import atoms_to_batch
+
+    _, structures = frames(oc20_atoms, tmp_path)
+    for atoms in structures:
+        assert torch.equal(atoms_to_batch([atoms]).pos, fr.calculator_batch(atoms).pos)
+    assert any(not np.allclose(atoms_to_batch([a]).pos.numpy(), a.positions, atol=1e-3) for a in structures)
+    co = molecule("CO")  # no cell, not periodic
+    assert np.array_equal(atoms_to_batch([co]).pos.numpy(), co.positions.astype(np.float32))
+    co.pbc = True  # periodic without cell vectors: left to the model to report
+    assert np.array_equal(atoms_to_batch([co]).pos.numpy(), co.positions.astype(np.float32))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import types
+from contextlib import contextmanager
 from functools import partial
 
 import ase.io
@@ -81,9 +82,10 @@ CASES = {  # name -> (backbone, heads, normalised targets)
 }
 
 
-def fairchem_model(case: str, means: dict[str, float] | None = None):
+def fairchem_model(case: str, means: dict[str, float] | None = None, float64: bool = False):
     """(checkpoint dict as fairchem's trainer saves it, reference(atoms) -> (E, F, stress 3x3));
-    means: normaliser means other than the default ones."""
+    means: normaliser means other than the default ones; float64: the reference in float64 with its float32-only
+    steps made float64 (`float64_fairchem`)."""
     from fairchem.core.models.base import HydraModel
     from fairchem.core.modules.normalization.element_references import create_element_references
     from fairchem.core.modules.normalization.normalizer import create_normalizer
@@ -100,6 +102,8 @@ def fairchem_model(case: str, means: dict[str, float] | None = None):
     torch.manual_seed(0)
     model = HydraModel(**{k: _copy(v) for k, v in model_cfg.items()}).eval()
     fr.perturb_(model, seed=41)
+    if float64 and hasattr(model.backbone, "force_embedding"):
+        fold_dens_biases(model.backbone)
     gen = torch.Generator().manual_seed(42)
     # the trainer evaluates with the EMA weights; the raw weights differ, so a wrong EMA mapping shows
     shadow = [p.detach().clone() for p in model.parameters()]
@@ -124,19 +128,113 @@ def fairchem_model(case: str, means: dict[str, float] | None = None):
     OCPTrainer.load_task(trainer)
     trainer._denorm_preds = partial(OCPTrainer._denorm_preds, trainer)
 
-    def reference(atoms):
-        from fairchem.core.datasets import data_list_collater
-        from fairchem.core.preprocessing import AtomsToGraphs
+    if float64:
+        float64_constants(model)
+        for module in [model, *trainer.normalizers.values(), *trainer.elementrefs.values()]:
+            module.to(torch.float64)
 
-        a2g = AtomsToGraphs(r_energy=False, r_forces=False, r_distances=False, r_pbc=True, r_edges=False)
-        batch = data_list_collater([a2g.convert(atoms)], otf_graph=True)  # as fairchem's OCPCalculator
-        backbone = model.backbone
-        with fr.deterministic_frames(LEGACY, HYDRA), torch.no_grad():
+    def reference(atoms):
+        batch = fr.calculator_batch(atoms)  # as fairchem's OCPCalculator
+        if float64:  # the positions AtomsToGraphs wraps, before it rounds them to float32
+            from ase.geometry import wrap_positions
+
+            cell = np.array(atoms.get_cell(complete=True))
+            batch.pos = torch.tensor(wrap_positions(atoms.get_positions(), cell, pbc=atoms.pbc, eps=0))
+            batch.cell = torch.tensor(cell).view(1, 3, 3)
+        with fr.deterministic_frames(LEGACY, HYDRA), torch.no_grad(), float64_fairchem(float64):
             out = OCPTrainer._forward(trainer, batch)  # the stress parts denormalised and assembled here
             out = {k: trainer._denorm_preds(k, out[k], batch) for k in outputs}  # as OCPTrainer.predict
         return tuple(out[k].detach().double().numpy() for k in ("energy", "forces", "stress"))
 
     return checkpoint, reference
+
+
+def fold_dens_biases(backbone) -> None:
+    """The DeNS backbone's inference constants (the force / sigma encodings' biases, what they add for zero
+    inputs) moved into its atom-embedding table as the converter moves them, rounded to float32 as the
+    converted checkpoint stores them: the same function, in weights both sides then hold exactly (in float64 the
+    rounding of the folded table alone moves forces by 6e-9)."""
+    with torch.no_grad():
+        table = backbone.sphere_embedding.weight.double()
+        for name in ("force_embedding", "noise_schedule_sigma_embedding"):
+            layer = getattr(backbone, name, None)
+            if layer is not None and (name == "force_embedding" or backbone.use_noise_schedule_sigma_encoding):
+                table = table + layer.bias.double().reshape(1, -1)
+                layer.bias.zero_()
+        backbone.sphere_embedding.weight.copy_(table.float())
+
+
+def float64_constants(model) -> None:
+    """fairchem's constants that it builds in float32 whatever the model's dtype, rebuilt in float64: the S2-grid
+    matrices (SO3_Grid, built in the default dtype), the Gaussian centres and width (GaussianSmearing's float32
+    linspace) and the degree weights of its layer norms (balance_degree_weight, 1/((2l+1)(L+1)) in float32)."""
+    from fairchem.core.models.equiformer_v2.so3 import SO3_Grid
+    from fairchem.core.models.scn.smearing import GaussianSmearing
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for module in list(model.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, SO3_Grid):  # EquiformerV2 builds them with one resolution, "component"
+                    assert child.lat_resolution == child.long_resolution
+                    setattr(module, name, SO3_Grid(child.lmax, child.mmax, resolution=child.lat_resolution,
+                                                   normalization="component"))
+                weight = getattr(child, "balance_degree_weight", None)
+                if weight is not None:  # 1 / ((2l + 1) (number of degrees)), float32 in fairchem
+                    child.balance_degree_weight = 1.0 / torch.round(1.0 / weight.double())
+                if isinstance(child, GaussianSmearing):  # GaussianSmearing(0, cutoff, 600, 2.0) in EquiformerV2
+                    count, stop = child.offset.numel(), float(child.offset[-1])
+                    child.offset = torch.linspace(0.0, stop, count, dtype=torch.float64)
+                    child.coeff = -0.5 / (2.0 * stop / (count - 1)) ** 2
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@contextmanager
+def float64_fairchem(enabled: bool):
+    """fairchem's forward in float64 (enabled), its float32-only steps made float64: the default dtype float64
+    (its Wigner-D blocks are written into default-dtype zeros) and get_pbc_distances' periodic offsets, which it
+    computes as cell_offsets.float() @ cell.float().  Its neighbour selection (radius_graph_pbc, which casts the
+    cell to float32) still runs in float32, on the positions rounded to float32: the same neighbours as eqv2's."""
+    if not enabled:
+        yield
+        return
+    import fairchem.core.models.base as base
+
+    select, distances = base.radius_graph_pbc, base.get_pbc_distances
+
+    def select32(data, *args, **kwargs):
+        pos, cell = data.pos, data.cell
+        data.pos, data.cell = pos.float(), cell.float()
+        torch.set_default_dtype(torch.float32)
+        try:
+            return select(data, *args, **kwargs)
+        finally:
+            data.pos, data.cell = pos, cell
+            torch.set_default_dtype(torch.float64)
+
+    def distances64(pos, edge_index, cell, cell_offsets, neighbors, return_offsets=False, return_distance_vec=False):
+        row, col = edge_index
+        cell = torch.repeat_interleave(cell, neighbors.to(cell.device), dim=0)
+        offsets = cell_offsets.to(pos.dtype).view(-1, 1, 3).bmm(cell.to(pos.dtype)).view(-1, 3)
+        vec = pos[row] - pos[col] + offsets
+        distance = vec.norm(dim=-1)
+        keep = distance != 0  # as fairchem: self-loops dropped
+        out = {"edge_index": edge_index[:, keep], "distances": distance[keep]}
+        if return_distance_vec:
+            out["distance_vec"] = vec[keep]
+        if return_offsets:
+            out["offsets"] = offsets[keep]
+        return out
+
+    base.radius_graph_pbc, base.get_pbc_distances = select32, distances64
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(torch.float32)
+        base.radius_graph_pbc, base.get_pbc_distances = select, distances
 
 
 def _copy(value):
@@ -168,11 +266,13 @@ def frames(tmp_path):
     return path, ase.io.read(path, index=":")  # the reference sees the positions eqv2 reads from the file
 
 
-# Relative error allowed in float32 (both sides).  These random-weight models' forces and stress move by
-# ~1e-5 relative under changes of the input at float32 round-off: fairchem's own random edge-frame roll
-# changes its forces by 1.3e-5 (dens_published, strained Cu), and its float32 wrap of the positions into
-# the cell (~5e-7 Å) by as much; energies agree to ~3e-7.
-TOLERANCE = 5e-5
+# Relative error allowed in float32 (both sides), as issue 26 asks.  It holds because a converted model
+# reproduces fairchem's float32 round-off where these random-weight models amplify it (docs/fairchem.md,
+# "float32 numerics"): positions wrapped into the cell in float64 before the float32 cast, the Gaussian centres
+# from a float32 linspace, the edges' polar angle from acos (with fairchem's edge-frame roll pinned to eqv2's,
+# fairchem_reference.deterministic_frames: its random roll alone moves its forces by ~1e-5).  Measured worst
+# (python -m diagnostics.fairchem_f32_errors): E 3e-7, F 2.3e-6, stress 1.4e-6; before that, F 2.1e-5, S 1.8e-5.
+TOLERANCE = 1e-5
 
 
 def rel_err(ours, ref) -> float:
@@ -219,6 +319,43 @@ def test_converted_omat_family_predicts_energy_forces_stress_as_fairchem(case, t
         worst = {k: max(worst[k], v) for k, v in errors.items()}
         assert max(errors.values()) <= TOLERANCE, (case, i, errors)
     print(f"{case}: worst relative errors {worst}")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_converted_omat_family_in_float64_is_fairchems_function(case, tmp_path):
+    """In float64, with fairchem's float32-only steps made float64 (its S2-grid matrices, Gaussian centres and
+    width, layer-norm degree weights, periodic offsets) and the wrapped positions not rounded, eqv2's float64 path (a converted model with
+    eqv2's own numerics, meta numerics: eqv2) computes fairchem's function: E, F and stress agree to 1e-9
+    relative on every frame (measured: E 2e-16, F 8e-10, stress 2e-14; the forces' 8e-10 is fairchem's acos of
+    the polar angle, which in float64 still loses digits on the ideal slab's edges within 1e-8 rad of the polar
+    axis: with eqv2 taking acos too, 4e-14).  What remains in float32 (test above) is round-off, not a
+    difference of the functions.  The DeNS constants are folded into the reference's weights as the converter
+    folds them (fold_dens_biases)."""
+    from eqv2.batch import AtomsBatch
+    from eqv2.calculator import wrapped_positions
+    from eqv2.checkpoint import load_model
+
+    checkpoint, reference = fairchem_model(case, float64=True)
+    dst = convert(checkpoint, tmp_path)
+    payload = torch.load(dst, weights_only=True)
+    assert payload["meta"]["numerics"] == "fairchem"
+    payload["meta"]["numerics"] = "eqv2"  # the float64-built constants of eqv2's own models
+    torch.save(payload, dst)
+    potential = load_model(dst).to(torch.float64)
+    _, structures = frames(tmp_path)
+    worst = {"energy": 0.0, "forces": 0.0, "stress": 0.0}
+    for i, atoms in enumerate(structures):
+        ref_e, ref_f, ref_s = reference(atoms)
+        batch = AtomsBatch.from_arrays([dict(positions=wrapped_positions(atoms), numbers=atoms.numbers,
+                                             cell=np.array(atoms.cell), pbc=atoms.pbc)], float_dtype=torch.float64)
+        with torch.no_grad():
+            out = potential(batch)
+        errors = {"energy": rel_err(out["energy"].numpy(), ref_e.reshape(-1)),
+                  "forces": rel_err(out["forces"].numpy(), ref_f),
+                  "stress": rel_err(out["stress"][0].numpy(), ref_s.reshape(3, 3))}
+        worst = {k: max(worst[k], v) for k, v in errors.items()}
+        assert max(errors.values()) <= 1e-9, (case, i, errors)
+    print(f"{case} float64: worst relative errors {worst}")
 
 
 def test_a_converted_omat_model_relaxes_a_crystal_cell_through_ase(tmp_path):
