@@ -324,13 +324,14 @@ def test_converted_omat_family_predicts_energy_forces_stress_as_fairchem(case, t
 @pytest.mark.parametrize("case", list(CASES))
 def test_converted_omat_family_in_float64_is_fairchems_function(case, tmp_path):
     """In float64, with fairchem's float32-only steps made float64 (its S2-grid matrices, Gaussian centres and
-    width, layer-norm degree weights, periodic offsets) and the wrapped positions not rounded, eqv2's float64 path (a converted model with
-    eqv2's own numerics, meta numerics: eqv2) computes fairchem's function: E, F and stress agree to 1e-9
-    relative on every frame (measured: E 2e-16, F 8e-10, stress 2e-14; the forces' 8e-10 is fairchem's acos of
-    the polar angle, which in float64 still loses digits on the ideal slab's edges within 1e-8 rad of the polar
-    axis: with eqv2 taking acos too, 4e-14).  What remains in float32 (test above) is round-off, not a
-    difference of the functions.  The DeNS constants are folded into the reference's weights as the converter
-    folds them (fold_dens_biases)."""
+    width, layer-norm degree weights, periodic offsets) and the wrapped positions not rounded, eqv2's float64
+    path (a converted model with eqv2's own numerics, meta numerics: eqv2) computes fairchem's function: E, F
+    and stress agree to 5e-9 relative on every frame. Measured: E 2e-16, F 8e-10, stress 2e-14. The forces'
+    8e-10 comes from fairchem's acos of the polar angle, which in float64 still loses digits on the ideal
+    slab's edges within 1e-8 rad of the polar axis (with eqv2 taking acos too: 4e-14). 5e-9 leaves a margin
+    for libm's acos on other machines. What remains in float32 (test above) is round-off, not a difference
+    of the functions. The DeNS constants are folded into the reference's weights as the converter folds
+    them (fold_dens_biases)."""
     from eqv2.batch import AtomsBatch
     from eqv2.calculator import wrapped_positions
     from eqv2.checkpoint import load_model
@@ -354,7 +355,7 @@ def test_converted_omat_family_in_float64_is_fairchems_function(case, tmp_path):
                   "forces": rel_err(out["forces"].numpy(), ref_f),
                   "stress": rel_err(out["stress"][0].numpy(), ref_s.reshape(3, 3))}
         worst = {k: max(worst[k], v) for k, v in errors.items()}
-        assert max(errors.values()) <= 1e-9, (case, i, errors)
+        assert max(errors.values()) <= 5e-9, (case, i, errors)
     print(f"{case} float64: worst relative errors {worst}")
 
 
