@@ -30,6 +30,7 @@ import torch._dynamo  # noqa: F401  (before zero.Init: its first import checks t
 
 from eqv2.config import ConfigError, save_yaml, to_dict
 from eqv2.data import PlanError, SampleError, ShardError
+from eqv2.execution import apply_plan, run_plan
 from eqv2.model.graph import GraphBuilder, GraphInputError
 from eqv2.training import checkpointing as ckpt
 from eqv2.training.activation_checkpointing import apply_activation_checkpointing
@@ -153,6 +154,8 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     # swaps, sphere grids) are still computed as written, in float64 on the host
     with deepspeed.zero.Init(config_dict_or_path=ds, enabled=zero_stage == 3, tensor_overrides=[]):
         model = EquiformerV2(cfg.model)
+    plan = run_plan(cfg, ds, dist.device.type, zero_stage)  # kernels and shape buckets (eqv2/execution.py)
+    model = apply_plan(model, plan)
     if zero_stage == 3:
         model.init_partitioned(lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
         # the engine does not move a partitioned model, so the host-built tables go to the device here
@@ -195,8 +198,8 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
         (run_dir / "ds_config.json").write_text(json.dumps(ds, indent=1))
 
     # --- loop
-    padded = bool(cfg.model.pad_atoms_multiple or cfg.model.pad_edges_multiple)
-    buckets = ShapeBuckets(cfg.model.pad_atoms_multiple, cfg.model.pad_edges_multiple) if padded else None
+    padded = bool(plan.pad_atoms_multiple or plan.pad_edges_multiple)
+    buckets = ShapeBuckets(plan.pad_atoms_multiple, plan.pad_edges_multiple) if padded else None
     collector = GarbageCollection(cfg.gc)
     compile_events = CompileEvents() if compiled else None
     logger = StepLogger(run_dir, dist.device, dist.is_main, total_steps, step, cfg.log.every_steps,

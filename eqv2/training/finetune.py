@@ -27,7 +27,7 @@ from torch import nn
 
 from eqv2.checkpoint import read_model_file
 from eqv2.config import ConfigError
-from eqv2.model.config import EXECUTION_KEYS
+from eqv2.execution import EXECUTION_KEYS, paper_config
 from eqv2.normalizers import renamed_legacy
 from eqv2.training import checkpointing as ckpt
 
@@ -100,6 +100,7 @@ def merge_model_config(given: dict | None, pretrained: dict, path: str) -> dict:
     given = given or {}
     if not isinstance(given, dict):
         raise ConfigError(f"model: expected a mapping, got {type(given).__name__}")
+    pretrained = paper_config(pretrained)  # kernel keys of a checkpoint from before the execution plan: dropped
     # direct -> gradient fine-tuning: the energy backbone and head carry over, the direct force head is dropped
     to_gradient = given.get("forces") == "gradient" and pretrained.get("forces", "direct") == "direct"
     differ = [f"model.{k}={v!r} (the checkpoint has {pretrained.get(k)!r})" for k, v in given.items()

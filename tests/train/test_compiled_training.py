@@ -11,7 +11,7 @@ def test_compiled_training_does_not_recompile_as_batches_vary(demo_data, tmp_pat
     """Also with shape buckets: a new padded shape must not recompile (under CUDA graphs it is recorded,
     which is cheap; a recompilation is not)."""
     run_dir = tmp_path / "run"
-    pads = ["--set", "model.pad_atoms_multiple=16", "--set", "model.pad_edges_multiple=64"] if buckets else []
+    pads = ["--set", "execution.pad_atoms_multiple=16", "--set", "execution.pad_edges_multiple=64"] if buckets else []
     # the final validation (eval mode: its own compilations) runs in the bucketed run only; once is enough
     # to show that the compiled model evaluates, and the assertions below are about the training steps
     no_val = [] if buckets else ["--set", 'data.val_manifest=""']
@@ -51,7 +51,7 @@ def test_cuda_graph_modes_need_shape_buckets(mode):
     model = EquiformerV2(ModelConfig(num_layers=1, lmax=2, mmax=1, sphere_channels=8, attn_hidden_channels=8,
                                      num_heads=2, attn_alpha_channels=4, attn_value_channels=4,
                                      ffn_hidden_channels=8, edge_channels=8))
-    with pytest.raises(ConfigError, match=f"compile.mode={mode}.*model.pad_atoms_multiple"):
+    with pytest.raises(ConfigError, match=f"compile.mode={mode}.*execution.pad_atoms_multiple"):
         apply_compile(model, CompileConfig(enabled=True, mode=mode))
 
 
