@@ -215,11 +215,15 @@ def _loss(out):
 
 
 @pytest.mark.slow
-# the shipped configs' kernel choices all together (every custom op traced at once); each kernel's own
-# numerics against the stock path, alone and in pairs, are tested eagerly in test_model.py / test_modules.py
-@pytest.mark.parametrize("cpp_wrapper,kernels", [(False, {}), (True, {}),
+# the reference modules with Inductor's C++ wrapper launching the kernels; the fast plan's kernel choices all
+# together (every custom op traced at once) with Python's wrapper.  Two cases, not the combinations: each
+# compile costs a minute or more on 2 cores (the C++ wrapper with the kernels' custom ops took 520 s), and
+# the reference with Python's wrapper is what tests/train/test_compiled_training.py compiles.  Each kernel's
+# own numerics against the stock path, alone and in pairs, are tested eagerly in test_model.py / test_modules.py
+@pytest.mark.parametrize("cpp_wrapper,kernels", [(True, {}),
                                                  (False, dict(so2_fused_input_grad=True, so2_indexed_radial=True,
-                                                              rotation_align=8, fused_rotation=True))])
+                                                              rotation_align=8, fused_rotation=True,
+                                                              fused_s2_activation=True))])
 def test_compiled_model_matches_eager_and_compiles_once(cpp_wrapper, kernels):
     """Inductor (C++ on CPU) computes the eager model's function and gradients; with activation
     checkpointing on one block; one compiled graph per part serves every block and batch size.
