@@ -144,3 +144,13 @@ def test_cpu_plans_compute_the_reference_function_and_gradients():
         for g, r in zip(grads, ref_grads):
             if r is not None:
                 torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-10)
+
+
+def test_a_pretrained_config_from_before_the_plan_merges_without_its_kernel_keys():
+    """Fine-tuning from a checkpoint whose saved model config still holds kernel and padding keys."""
+    from eqv2.training.finetune import merge_model_config
+
+    old = {**dataclasses.asdict(ModelConfig(**TINY)), "fused_rotation": True, "pad_atoms_multiple": 64,
+           "so2_fused_input_grad": True, "s2_kernel_form": "rows"}
+    merged = merge_model_config({"lmax": 3}, old, "ck")
+    assert not set(merged) & EXECUTION_KEYS and ModelConfig(**merged) == ModelConfig(**TINY)
