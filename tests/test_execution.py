@@ -154,3 +154,17 @@ def test_a_pretrained_config_from_before_the_plan_merges_without_its_kernel_keys
            "so2_fused_input_grad": True, "s2_kernel_form": "rows"}
     merged = merge_model_config({"lmax": 3}, old, "ck")
     assert not set(merged) & EXECUTION_KEYS and ModelConfig(**merged) == ModelConfig(**TINY)
+
+
+def test_a_model_file_from_before_the_plan_reads_as_a_pretrained_paper_config(tmp_path):
+    """Fine-tuning and `eqv2 evaluate` read model files through read_pretrained: the kernel keys are dropped."""
+    from eqv2.checkpoint import Normalizers, save_model
+    from eqv2.training.finetune import read_pretrained
+
+    cfg = ModelConfig(**TINY)
+    save_model(tmp_path / "m.pt", EquiformerV2(cfg), cfg, Normalizers(0.0, 1.0, 1.0))
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    payload["model_config"].update(fused_rotation=True, pad_atoms_multiple=64, rotation_align=8)
+    torch.save(payload, tmp_path / "old.pt")
+    pretrained = read_pretrained(str(tmp_path / "old.pt"), "ema")
+    assert ModelConfig(**pretrained.model_config) == cfg

@@ -68,16 +68,17 @@ class Pretrained:
 
 
 def read_pretrained(path: str, weights: str) -> Pretrained:
-    """The weights, architecture and normalisers of a model file or a run checkpoint (CPU)."""
+    """The weights, architecture and normalisers of a model file or a run checkpoint (CPU); the architecture
+    without the execution keys of files written before the execution plan (eqv2/execution.py)."""
     p = Path(path)
     if p.is_dir():
         tag_dir, _ = ckpt.find_resume(str(p), p)
         state, sd = ckpt.run_weights(tag_dir, weights)
         n = renamed_legacy(state["normalizers"])  # run checkpoints before eqv2.normalizers: force_rms
-        return Pretrained(state["config"]["model"], sd, n, f"{tag_dir} ({weights} weights)",
+        return Pretrained(paper_config(state["config"]["model"]), sd, n, f"{tag_dir} ({weights} weights)",
                           state.get("energy_references"))
     model_config, sd, norms, _, references = read_model_file(p)
-    return Pretrained(model_config, sd, asdict(norms), str(p), references)
+    return Pretrained(paper_config(model_config), sd, asdict(norms), str(p), references)
 
 
 def model_config_of(path: str) -> dict:
