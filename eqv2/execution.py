@@ -87,7 +87,10 @@ def choose_plan(*, device_type: str, dtype: str, lmax: int, mmax: int, zero_stag
       Wigner rows, fused rotations, the fused S2 activation and shape buckets of 64 atoms / 1,024 edges.
     - Gradient forces: no kernel whose backward is not differentiable again (so2_fused_input_grad,
       fused_rotation, fused_s2_activation); an override asking for one is refused by name.
-    lmax / mmax / zero_stage are recorded inputs: the kernels' own dispatch falls back where they do not apply.
+    - ZeRO stage 3 (compile is off there, so no shape buckets): only the fused S2 activation, as the shipped
+      1B L8 config ran before the plan; the other kernels under ZeRO-3's parameter gathering are not yet
+      measured on a GPU (overrides may ask for them).
+    lmax / mmax are recorded inputs: the kernels' own dispatch falls back where they do not apply.
     """
     if forces not in ("direct", "gradient"):
         raise ValueError(f"forces must be 'direct' or 'gradient', got {forces!r}")
@@ -99,9 +102,11 @@ def choose_plan(*, device_type: str, dtype: str, lmax: int, mmax: int, zero_stag
     auto["validate_inputs"] = not graph_ahead
     if device_type == "cuda" and dtype in ("bf16", "fp16"):
         auto.update(pad_atoms_multiple=64, pad_edges_multiple=1024, rotation_align=8, s2_kernel_form="columns")
-        if forces == "direct":
+        if forces == "direct" and zero_stage < 3:
             auto.update(so2_fused_input_grad=True, so2_indexed_radial=True, fused_rotation=True,
                         fused_s2_activation=True)
+        elif forces == "direct":
+            auto.update(pad_atoms_multiple=0, pad_edges_multiple=0, rotation_align=1, fused_s2_activation=True)
     chosen = dict(auto)
     for key, value in dataclasses.asdict(overrides or ExecutionOverrides()).items():
         if value != AUTO:

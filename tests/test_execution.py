@@ -48,6 +48,16 @@ def test_cuda_half_precision_direct_forces_gets_the_fused_kernels_and_buckets():
                                  fused_rotation=True, fused_s2_activation=True, s2_kernel_form="columns")
 
 
+def test_zero3_keeps_the_plan_the_1b_config_ran_before():
+    """Under ZeRO-3 (no compile, so no shape buckets) only the fused S2 activation is chosen; the other kernels
+    can be asked for by name."""
+    plan = choose_plan(device_type="cuda", dtype="bf16", lmax=8, mmax=4, zero_stage=3, graph_ahead=True)
+    assert plan == ExecutionPlan(validate_inputs=False, fused_s2_activation=True)
+    asked = choose_plan(device_type="cuda", dtype="bf16", lmax=8, mmax=4, zero_stage=3,
+                        overrides=ExecutionOverrides(fused_rotation=True))
+    assert asked.fused_rotation and not asked.so2_fused_input_grad
+
+
 def test_gradient_forces_get_no_kernel_that_is_not_twice_differentiable():
     plan = choose_plan(device_type="cuda", dtype="bf16", lmax=6, mmax=2, forces="gradient")
     assert not plan.so2_fused_input_grad and not plan.fused_rotation and not plan.so2_indexed_radial
