@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from eqv2.batch import AtomsBatch
 from eqv2.config import from_dict, load_yaml
+from eqv2.execution import REFERENCE, ExecutionOverrides, ExecutionPlan, apply_plan, choose_plan
 from eqv2.model.config import ModelConfig
 from eqv2.model.equiformer_v2 import EquiformerV2, count_parameters
 from eqv2.model.graph import GraphBuilder
@@ -148,19 +149,10 @@ def profile_steps(step, batches, path: Path, title: str) -> None:
 
 
 def eqv2_step_fn(cfg: ModelConfig, device, dtype, compiled: bool, ac_every: int = 0, mode: str = "default",
-                 memory_budget: float = 1.0, cpp_wrapper: bool = False, fused_input_grad: bool | None = None,
-                 rotation_align: int | None = None, weigh_custom_ops: bool = True, indexed_radial: bool | None = None,
-                 s2_kernel_form: str | None = None):
-    if fused_input_grad is not None:
-        cfg = dataclasses.replace(cfg, so2_fused_input_grad=fused_input_grad,
-                                  so2_indexed_radial=cfg.so2_indexed_radial and fused_input_grad)
-    if indexed_radial is not None:
-        cfg = dataclasses.replace(cfg, so2_indexed_radial=indexed_radial)
-    if rotation_align is not None:
-        cfg = dataclasses.replace(cfg, rotation_align=rotation_align)
-    if s2_kernel_form is not None:
-        cfg = dataclasses.replace(cfg, s2_kernel_form=s2_kernel_form)
-    model = EquiformerV2(cfg).to(device).train()
+                 memory_budget: float = 1.0, cpp_wrapper: bool = False, plan: ExecutionPlan = REFERENCE,
+                 weigh_custom_ops: bool = True):
+    """One training step of `cfg` run by the execution `plan` (eqv2/execution.py), compiled or eager."""
+    model = apply_plan(EquiformerV2(cfg), plan).to(device).train()
     if compiled:
         apply_compile(model, CompileConfig(enabled=True, mode=mode, activation_memory_budget=memory_budget,
                                            weigh_custom_ops=weigh_custom_ops,
@@ -226,6 +218,31 @@ def set_inductor_config(item: str) -> None:
     print(f"torch._inductor.config.{key} = {value!r}")
 
 
+def overrides(args, gradient: bool = False) -> ExecutionOverrides:
+    """The command line's execution-plan overrides; `gradient`: for the gradient-force runs, which leave the
+    kernels whose backward is not differentiable again to the plan (off)."""
+    def switch(value):
+        return "auto" if value is None or gradient else value == "on"
+    pad = args.pad or ("auto", "auto")
+    return ExecutionOverrides(so2_fused_input_grad=switch(args.fused_input_grad),
+                              so2_indexed_radial=switch(args.indexed_radial),
+                              fused_rotation=switch(args.fused_rotation), fused_s2_activation=switch(args.fused_s2),
+                              s2_kernel_form=args.s2_kernel_form or "auto",
+                              rotation_align=args.rotation_align or "auto",
+                              pad_atoms_multiple=pad[0], pad_edges_multiple=pad[1])
+
+
+def plan_label(plan: ExecutionPlan) -> str:
+    """The row-label suffix naming `plan`'s choices (as the rows were named before the plan existed)."""
+    label = "-fusedgrad" if plan.so2_fused_input_grad else ""
+    label += f"-align{plan.rotation_align}" if plan.rotation_align > 1 else ""
+    label += "-idxrad" if plan.so2_indexed_radial else ""
+    label += "-fusedrot" if plan.fused_rotation else ""
+    label += f"-s2{plan.s2_kernel_form}" if plan.fused_s2_activation else "-s2einsum"
+    label += f"-pad{plan.pad_atoms_multiple}x{plan.pad_edges_multiple}" if plan.pad_atoms_multiple else ""
+    return label
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["31M", "153M"], help="31M 83M 153M")
@@ -244,23 +261,27 @@ def main(argv=None) -> int:
                         help="compile.activation_memory_budget of the compiled impl (one value per process)")
     parser.add_argument("--no-weigh-custom-ops", action="store_true",
                         help="compile.weigh_custom_ops=false: torch's default, custom ops free to recompute")
+    # execution-plan overrides (eqv2/execution.py ExecutionOverrides); left out: the plan the trainer would choose
     parser.add_argument("--fused-input-grad", choices=["on", "off"], default=None,
-                        help="model.so2_fused_input_grad: input gradients from eqv2::so2_input_grad (default: the config's)")
+                        help="execution.so2_fused_input_grad: input gradients from eqv2::so2_input_grad (default: auto)")
     parser.add_argument("--indexed-radial", choices=["on", "off"], default=None,
-                        help="model.so2_indexed_radial: the SO(2) radial products by column index tables (needs the "
-                             "fused input grad; default: the config's)")
+                        help="execution.so2_indexed_radial: the SO(2) radial products by column index tables (needs "
+                             "the fused input grad; default: auto)")
     parser.add_argument("--fused-rotation", choices=["on", "off"], default=None,
-                        help="model.fused_rotation: the rotations fused with their gather and scatter (default: the config's)")
+                        help="execution.fused_rotation: the rotations fused with their gather and scatter (default: auto)")
+    parser.add_argument("--fused-s2", choices=["on", "off"], default=None,
+                        help="execution.fused_s2_activation: the fused S2 activation kernel (default: auto)")
     parser.add_argument("--s2-kernel-form", choices=["rows", "columns"], default=None,
-                        help="model.s2_kernel_form: the fused S2 kernels' tile orientation (default: the config's)")
+                        help="execution.s2_kernel_form: the fused S2 kernels' tile orientation (default: auto)")
     parser.add_argument("--rotation-align", type=int, default=None,
-                        help="model.rotation_align: Wigner matrix rows padded to this many elements (default: the config's)")
+                        help="execution.rotation_align: Wigner matrix rows padded to this many elements (default: auto)")
     parser.add_argument("--cpp-wrapper", action="store_true", help="compile.cpp_wrapper: kernels launched from C++")
     parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                         help="set torch._inductor.config KEY (e.g. max_pointwise_cat_inputs=3) for this process: "
                              "A/B of Inductor settings on the device")
-    parser.add_argument("--pad", nargs=2, type=int, default=[0, 0], metavar=("ATOMS", "EDGES"),
-                        help="shape buckets: pad atom and edge counts to these multiples (model.pad_*_multiple)")
+    parser.add_argument("--pad", nargs=2, type=int, default=None, metavar=("ATOMS", "EDGES"),
+                        help="shape buckets: pad atom and edge counts to these multiples (execution.pad_*_multiple; "
+                             "default: auto, 64 / 1024 on CUDA in bf16; 0 0: off)")
     parser.add_argument("--graphs", choices=["loader", "model"], default="loader",
                         help="loader: radius graphs built ahead on the CPU, as the trainer's data-loader workers do "
                              "(data.build_graphs, outside the timed step); model: built in the model's forward pass")
@@ -280,10 +301,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
     for name in args.configs:
-        cfg = from_dict(ModelConfig, {**load_yaml(ROOT / "configs" / "model" / f"eqv2_{name}.yaml"),
-                                      "pad_atoms_multiple": args.pad[0], "pad_edges_multiple": args.pad[1]})
-        if args.fused_rotation is not None:
-            cfg = dataclasses.replace(cfg, fused_rotation=args.fused_rotation == "on")
+        cfg = from_dict(ModelConfig, load_yaml(ROOT / "configs" / "model" / f"eqv2_{name}.yaml"))
+        plan = choose_plan(device_type=device.type, dtype=args.dtype, lmax=cfg.lmax, mmax=cfg.mmax,
+                           graph_ahead=args.graphs == "loader", overrides=overrides(args))
         for bs in args.batch_sizes:
             batches = make_batches(bs, args.warmup + args.steps, args.seed)
             if args.graphs == "loader":  # fairchem builds its graphs in its forward pass (otf_graph), as it trains
@@ -294,35 +314,27 @@ def main(argv=None) -> int:
             budget = f"-mb{args.memory_budget:g}" if args.memory_budget < 1.0 else ""
             budget += "-s2free" if args.no_weigh_custom_ops and args.memory_budget < 1.0 else ""
             extra = budget + ("-cppwrap" if args.cpp_wrapper else "")
-            fused_input_grad = None if args.fused_input_grad is None else args.fused_input_grad == "on"
-            fused = ("-fusedgrad" if fused_input_grad or (fused_input_grad is None and cfg.so2_fused_input_grad) else "")
-            align = args.rotation_align or cfg.rotation_align
-            fused += f"-align{align}" if align > 1 else ""
-            indexed = None if args.indexed_radial is None else args.indexed_radial == "on"
-            fused += "-idxrad" if indexed or (indexed is None and cfg.so2_indexed_radial) else ""
-            fused += "-fusedrot" if cfg.fused_rotation else ""
-            fused += f"-s2{args.s2_kernel_form or cfg.s2_kernel_form}"
-            fused += "-graphinmodel" if args.graphs == "model" else ""
+            fused = plan_label(plan) + ("-graphinmodel" if args.graphs == "model" else "")
             runs = [(f"eqv2-{impl}" + (f"-ac{k}" if k else "") + (extra if impl == "compiled" else "") + fused,
                      lambda impl=impl, k=k: eqv2_step_fn(cfg, device, dtype, impl == "compiled", k, args.mode,
-                                                         args.memory_budget, args.cpp_wrapper, fused_input_grad,
-                                                         args.rotation_align, not args.no_weigh_custom_ops,
-                                                         indexed, args.s2_kernel_form))
+                                                         args.memory_budget, args.cpp_wrapper, plan,
+                                                         not args.no_weigh_custom_ops))
                     for impl in args.impls for k in args.ac_every if "direct" in args.forces]
-            # gradient forces: eager, without the kernels whose backward is not differentiable again
-            gradient_cfg = dataclasses.replace(cfg, forces="gradient", so2_fused_input_grad=False,
-                                               so2_indexed_radial=False, fused_rotation=False)
-            runs += [(f"eqv2-eager" + (f"-ac{k}" if k else "") + f"-align{args.rotation_align or cfg.rotation_align}"
-                      "-gradient",
-                      lambda k=k: eqv2_step_fn(gradient_cfg, device, dtype, False, k, rotation_align=args.rotation_align))
+            # gradient forces: eager, with the plan chosen for them (no kernel whose backward is not
+            # differentiable again)
+            gradient_cfg = dataclasses.replace(cfg, forces="gradient")
+            gradient_plan = choose_plan(device_type=device.type, dtype=args.dtype, lmax=cfg.lmax, mmax=cfg.mmax,
+                                        forces="gradient", graph_ahead=args.graphs == "loader",
+                                        overrides=overrides(args, gradient=True))
+            runs += [(f"eqv2-eager" + (f"-ac{k}" if k else "") + plan_label(gradient_plan) + "-gradient",
+                      lambda k=k: eqv2_step_fn(gradient_cfg, device, dtype, False, k, plan=gradient_plan))
                      for k in args.ac_every if "gradient" in args.forces]
             if args.reference:
                 runs.append(("fairchem-1.10.0", lambda: reference_step_fn(cfg, device)))
             row = {"config": name, "batch": bs, "mean_atoms": atoms / (bs * args.steps)}
             torch.manual_seed(args.seed)
             # the model's FLOPs: eager and unpadded (padding atoms and edges are not model work)
-            unpadded = dataclasses.replace(cfg, pad_atoms_multiple=0, pad_edges_multiple=0)
-            eager_model, eager_step = eqv2_step_fn(unpadded, device, dtype, compiled=False)
+            eager_model, eager_step = eqv2_step_fn(cfg, device, dtype, compiled=False)
             flops = count_flops(eager_step, batches[0]) / bs
             del eager_model, eager_step
             for label, build in runs:

@@ -10,7 +10,7 @@ model, so Inductor settings can be compared within a short device call.
 Variants: `dynamic` compiles with symbolic sizes (as the trainer does after the first batch);
 `dynamic-int32` adds Inductor's `assume_32bit_indexing`; `static` specialises on the edge count;
 `dynamic-fused` and `static-fused` take the input gradient from `eqv2::so2_input_grad`
-(`SO2Convolution.fused_input_grad`) instead of autograd's concatenation of per-order gradients.
+(eqv2/kernels/fused_so2.py `FusedSO2Convolution`) instead of autograd's concatenation of per-order gradients.
 `rotation` and `rotation-aligned` time the edge rotation instead (Sec. 3.3: the per-edge Wigner-D
 products into and out of the edge frame, [E, K, (L+1)^2] x [E, (L+1)^2, C] and back, forward +
 backward, bf16), with the matrices stored unpadded or with rows padded to 16 bytes
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from eqv2.kernels.fused_so2 import FusedSO2Convolution
 from eqv2.model.so2_convolution import SO2Convolution
 from eqv2.model.so3 import CoefficientLayout, EdgeRotation, WignerD, rotation_matrices
 from eqv2.training.compile import inductor_options
@@ -69,7 +70,8 @@ def time_variant(name: str, args, device: torch.device) -> dict:
     dynamic, extra_opts, fused = VARIANTS[name]
     torch.manual_seed(0)
     conv = build(device, args.lmax, args.mmax, args.channels, args.hidden)
-    conv.fused_input_grad = fused
+    if fused:
+        FusedSO2Convolution.swap_into(conv, indexed_radial=False)
     k = conv.layout.num_reduced
     compiled = torch.compile(conv.forward, dynamic=dynamic, fullgraph=True,
                              options={**inductor_options("default"), **extra_opts})

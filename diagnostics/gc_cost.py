@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 from bench.model import eqv2_step_fn, make_batches
+from eqv2.execution import ExecutionPlan
 from eqv2.config import from_dict, load_yaml
 from eqv2.model.config import ModelConfig
 from eqv2.model.graph import GraphBuilder
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="training steps, each on a batch of other sizes")
     p.add_argument("--mode", default="default", choices=["default", "reduce-overhead"], help="compile mode")
     p.add_argument("--pad", nargs=2, type=int, default=[0, 0], metavar=("ATOMS", "EDGES"),
-                   help="shape buckets (model.pad_*_multiple); reduce-overhead needs them")
+                   help="shape buckets (execution.pad_*_multiple); reduce-overhead needs them")
     p.add_argument("--repeats", type=int, default=3, help="full collections timed before and after the freeze")
     p.add_argument("--json", type=Path, help="write the result here")
     args = p.parse_args(argv)
@@ -59,14 +60,14 @@ def main(argv=None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = from_dict(ModelConfig, {**load_yaml(ROOT / "configs" / "model" / f"eqv2_{args.config}.yaml"),
-                                  "pad_atoms_multiple": args.pad[0], "pad_edges_multiple": args.pad[1]})
+    cfg = from_dict(ModelConfig, load_yaml(ROOT / "configs" / "model" / f"eqv2_{args.config}.yaml"))
+    plan = ExecutionPlan(pad_atoms_multiple=args.pad[0], pad_edges_multiple=args.pad[1])
     builder = GraphBuilder.for_model(cfg)
     batches = [builder(b).to(device) for b in make_batches(args.batch_size, args.steps, seed=0)]
     gc.collect()
     before = len(gc.get_objects())
     t0 = time.perf_counter()
-    _, step = eqv2_step_fn(cfg, device, dtype, compiled=True, mode=args.mode)
+    _, step = eqv2_step_fn(cfg, device, dtype, compiled=True, mode=args.mode, plan=plan)
     for batch in batches:
         step(batch)
     if device.type == "cuda":

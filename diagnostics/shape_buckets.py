@@ -25,6 +25,13 @@ from pathlib import Path
 
 
 
+def gpu_plan(cfg):
+    """The execution plan of `cfg` on a CUDA device in bf16 (the trainer's shape buckets there)."""
+    from eqv2.execution import run_plan
+
+    return run_plan(cfg, {"torch_autocast": {"enabled": True}}, "cuda", zero_stage=0)
+
+
 def new_shape_steps(cfg, rank: int, ranks: int, steps: int) -> tuple[list[int], int, list[tuple[int, int]]]:
     """(steps 1..`steps` at which rank `rank` of `ranks` meets a new padded shape, shapes seen, the padded
     (atoms, edges) of its batch at every step; edges 0 when the loader builds no graphs)."""
@@ -34,7 +41,8 @@ def new_shape_steps(cfg, rank: int, ranks: int, steps: int) -> tuple[list[int], 
 
     graphs = GraphBuilder.for_model(cfg.model) \
         if cfg.data.build_graphs else None
-    buckets = ShapeBuckets(cfg.model.pad_atoms_multiple, cfg.model.pad_edges_multiple)
+    plan = gpu_plan(cfg)
+    buckets = ShapeBuckets(plan.pad_atoms_multiple, plan.pad_edges_multiple)
     stream = TrainStream(cfg.data, rank, ranks, graphs)
     new, padded, step, epoch = [], [], 0, 0
     try:
@@ -93,11 +101,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         cfg, _ = load_run_config(args.config, args.set, args.micro_batch)
+        plan = gpu_plan(cfg)
     except ConfigError as err:
         print(f"shape_buckets: config error: {err}", file=sys.stderr)
         return 2
-    if not (cfg.model.pad_atoms_multiple or cfg.model.pad_edges_multiple):
-        print("shape_buckets: the config has no shape buckets (model.pad_atoms_multiple / pad_edges_multiple)",
+    if not (plan.pad_atoms_multiple or plan.pad_edges_multiple):
+        print("shape_buckets: the config has no shape buckets (execution.pad_atoms_multiple / pad_edges_multiple)",
               file=sys.stderr)
         return 2
     per_rank, padded = [], []

@@ -28,7 +28,7 @@ from torch import nn
 
 from eqv2.batch import AtomsBatch
 from eqv2.config import from_dict, to_dict
-from eqv2.execution import choose_plan, paper_config
+from eqv2.execution import apply_plan, choose_plan, paper_config
 from eqv2.model.config import ModelConfig
 from eqv2.model.equiformer_v2 import EquiformerV2
 from eqv2.normalizers import Normalizers, renamed_legacy, structure_references
@@ -137,12 +137,12 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> P
     # checkpoints written before the execution plan carry kernel and padding keys: dropped (they never changed
     # the function); inference runs in float32, where the plan is the reference modules without shape buckets
     cfg = from_dict(ModelConfig, paper_config(model_config), prefix="model_config")
-    cfg = choose_plan(device_type=torch.device(device).type, dtype="fp32", lmax=cfg.lmax, mmax=cfg.mmax,
-                      forces=cfg.forces).model_config(cfg)
+    plan = choose_plan(device_type=torch.device(device).type, dtype="fp32", lmax=cfg.lmax, mmax=cfg.mmax,
+                       forces=cfg.forces)
     references = payload.get("energy_references")
     if references is not None and len(references) != cfg.max_num_elements:
         raise ValueError(f"{path}: {len(references)} energy references for an element table of {cfg.max_num_elements}")
-    model = EquiformerV2(cfg)
+    model = apply_plan(EquiformerV2(cfg), plan)
     from eqv2.fairchem_compat import use_fairchem_numerics, wants_fairchem_numerics
 
     if wants_fairchem_numerics(meta):  # a converted fairchem checkpoint: its float32-built constants

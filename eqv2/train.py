@@ -186,8 +186,9 @@ def _observers(cfg: RunConfig, dist: DistInfo, run_dir: Path, engine, data: RunD
                built: BuiltModel) -> tuple[StepLogger, Probes]:
     """The run's step logger (metrics.jsonl, the progress bar, W&B on the main rank) and its diagnostic
     probes (eqv2/training/probes.py: profiler, gc control, shape-bucket counter)."""
-    padded = bool(cfg.model.pad_atoms_multiple or cfg.model.pad_edges_multiple)
-    buckets = ShapeBuckets(cfg.model.pad_atoms_multiple, cfg.model.pad_edges_multiple) if padded else None
+    plan = built.plan
+    padded = bool(plan.pad_atoms_multiple or plan.pad_edges_multiple)
+    buckets = ShapeBuckets(plan.pad_atoms_multiple, plan.pad_edges_multiple) if padded else None
     collector = GarbageCollection(cfg.gc)
     compile_events = CompileEvents() if built.compiled else None
     logger = StepLogger(run_dir, dist.device, dist.is_main, data.total_steps, start_step, cfg.log.every_steps,

@@ -58,10 +58,10 @@ def test_bad_reference_tables_and_versions_are_named(model, tmp_path):
 
 
 def test_exported_files_carry_the_paper_config_only(model, tmp_path):
-    from eqv2.model.config import EXECUTION_KEYS
-    fast = ModelConfig(**{**eqv2.config.to_dict(CFG), "pad_atoms_multiple": 64, "pad_edges_multiple": 1024,
-                          "rotation_align": 8, "validate_inputs": False})
-    save_model(tmp_path / "m.pt", model, fast, NORMS)
+    from eqv2.execution import EXECUTION_KEYS, ExecutionPlan, apply_plan
+    apply_plan(model, ExecutionPlan(pad_atoms_multiple=64, pad_edges_multiple=1024, rotation_align=8,
+                                    validate_inputs=False))
+    save_model(tmp_path / "m.pt", model, CFG, NORMS)
     saved = torch.load(tmp_path / "m.pt", weights_only=True)["model_config"]
     assert not set(saved) & EXECUTION_KEYS, sorted(set(saved) & EXECUTION_KEYS)
 
@@ -76,8 +76,8 @@ def test_an_old_file_with_kernel_keys_loads_without_shape_buckets(model, tmp_pat
                                    s2_kernel_form="rows", validate_inputs=False)
     torch.save(payload, tmp_path / "old.pt")
     old, new = eqv2.load_model(tmp_path / "old.pt"), eqv2.load_model(tmp_path / "new.pt")
-    assert old.config.pad_atoms_multiple == 0 and old.config.pad_edges_multiple == 0
-    assert not old.config.so2_fused_input_grad and not old.config.fused_rotation and old.config.validate_inputs
+    from eqv2.execution import REFERENCE
+    assert old.model.plan == REFERENCE == new.model.plan  # no shape buckets, no kernels, inputs checked
     assert old.config == new.config
     batch = atoms_to_batch([oc20_atoms])
     torch.testing.assert_close(old(batch)["energy"], new(batch)["energy"], rtol=0, atol=0)

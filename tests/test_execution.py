@@ -7,8 +7,15 @@ import dataclasses
 import pytest
 import torch
 
-from eqv2.execution import REFERENCE, ExecutionOverrides, ExecutionPlan, choose_plan, paper_config
-from eqv2.model.config import EXECUTION_KEYS, ModelConfig
+from eqv2.execution import (EXECUTION_KEYS, REFERENCE, ExecutionOverrides, ExecutionPlan, apply_plan, choose_plan,
+                            paper_config)
+from eqv2.kernels.fused_rotation import FusedEdgeRotation
+from eqv2.kernels.fused_s2_activation import FusedS2Grid
+from eqv2.kernels.fused_so2 import FusedSO2Convolution
+from eqv2.model.activation import S2Grid
+from eqv2.model.config import ModelConfig
+from eqv2.model.so2_convolution import SO2Convolution
+from eqv2.model.so3 import EdgeRotation
 from eqv2.model.equiformer_v2 import EquiformerV2
 from tests.model.equivariance import batch_from_atoms
 from tests.model.fairchem_reference import slab_structures
@@ -18,9 +25,15 @@ TINY = dict(num_layers=2, lmax=3, mmax=2, sphere_channels=8, attn_hidden_channel
             drop_path_rate=0.0, max_radius=6.0)
 
 
-def test_plan_fields_are_exactly_the_execution_keys():
+OLD_MODEL_KEYS = {"validate_inputs", "pad_atoms_multiple", "pad_edges_multiple", "so2_fused_input_grad",
+                  "so2_indexed_radial", "rotation_align", "fused_rotation", "s2_kernel_form"}
+
+
+def test_plan_fields_are_exactly_the_execution_keys_and_none_is_a_model_key():
     assert {f.name for f in dataclasses.fields(ExecutionPlan)} == set(EXECUTION_KEYS)
     assert {f.name for f in dataclasses.fields(ExecutionOverrides)} == set(EXECUTION_KEYS)
+    assert OLD_MODEL_KEYS <= EXECUTION_KEYS  # every key the model config held before is dropped from old files
+    assert not {f.name for f in dataclasses.fields(ModelConfig)} & EXECUTION_KEYS
 
 
 @pytest.mark.parametrize("device_type,dtype", [("cpu", "fp32"), ("cpu", "bf16"), ("cuda", "fp32")])
@@ -32,12 +45,23 @@ def test_cuda_half_precision_direct_forces_gets_the_fused_kernels_and_buckets():
     plan = choose_plan(device_type="cuda", dtype="bf16", lmax=6, mmax=2, zero_stage=2, graph_ahead=True)
     assert plan == ExecutionPlan(validate_inputs=False, pad_atoms_multiple=64, pad_edges_multiple=1024,
                                  so2_fused_input_grad=True, so2_indexed_radial=True, rotation_align=8,
-                                 fused_rotation=True, s2_kernel_form="columns")
+                                 fused_rotation=True, fused_s2_activation=True, s2_kernel_form="columns")
+
+
+def test_zero3_keeps_the_plan_the_1b_config_ran_before():
+    """Under ZeRO-3 (no compile, so no shape buckets) only the fused S2 activation is chosen; the other kernels
+    can be asked for by name."""
+    plan = choose_plan(device_type="cuda", dtype="bf16", lmax=8, mmax=4, zero_stage=3, graph_ahead=True)
+    assert plan == ExecutionPlan(validate_inputs=False, fused_s2_activation=True)
+    asked = choose_plan(device_type="cuda", dtype="bf16", lmax=8, mmax=4, zero_stage=3,
+                        overrides=ExecutionOverrides(fused_rotation=True))
+    assert asked.fused_rotation and not asked.so2_fused_input_grad
 
 
 def test_gradient_forces_get_no_kernel_that_is_not_twice_differentiable():
     plan = choose_plan(device_type="cuda", dtype="bf16", lmax=6, mmax=2, forces="gradient")
     assert not plan.so2_fused_input_grad and not plan.fused_rotation and not plan.so2_indexed_radial
+    assert not plan.fused_s2_activation
     assert plan.pad_atoms_multiple == 64 and plan.rotation_align == 8  # these stay: same function, any order
     with pytest.raises(ValueError, match="execution.fused_rotation: not supported with forces: gradient"):
         choose_plan(device_type="cuda", dtype="bf16", lmax=6, mmax=2, forces="gradient",
@@ -77,10 +101,30 @@ def test_bad_choice_inputs_and_values_are_named():
 
 
 def test_paper_config_drops_only_the_execution_keys():
-    saved = dataclasses.asdict(ModelConfig(**TINY, pad_atoms_multiple=64, rotation_align=8))
+    saved = {**dataclasses.asdict(ModelConfig(**TINY)), **dataclasses.asdict(ExecutionPlan(pad_atoms_multiple=64))}
     kept = paper_config(saved)
     assert set(saved) - set(kept) == set(EXECUTION_KEYS)
     assert ModelConfig(**kept) == ModelConfig(**TINY)  # loads into a config; the loading run's plan decides the rest
+
+
+def test_apply_plan_swaps_the_kernel_classes_in_and_out_keeping_the_parameters():
+    model = EquiformerV2(ModelConfig(**TINY))
+    names = list(model.state_dict())
+    params = [id(p) for p in model.parameters()]
+    fast = ExecutionPlan(so2_fused_input_grad=True, so2_indexed_radial=True, fused_rotation=True,
+                         fused_s2_activation=True, s2_kernel_form="rows", rotation_align=8)
+    for plan, classes in ((fast, (FusedSO2Convolution, FusedS2Grid, FusedEdgeRotation)),
+                          (REFERENCE, (SO2Convolution, S2Grid, EdgeRotation))):
+        assert apply_plan(model, plan) is model and model.plan == plan
+        convs = [m for m in model.modules() if isinstance(m, SO2Convolution)]
+        grids = [m for m in model.modules() if isinstance(m, S2Grid)]
+        assert convs and grids and model.rotation_type is classes[2]
+        assert {type(m) for m in convs} == {classes[0]} and {type(m) for m in grids} == {classes[1]}
+        assert model.rotation_align == plan.rotation_align
+        assert list(model.state_dict()) == names and [id(p) for p in model.parameters()] == params
+        if plan is fast:
+            assert all(g.kernel_form == "rows" for g in grids)
+            assert all(c.indexed_radial for c in convs if c.radial is not None)
 
 
 def test_cpu_plans_compute_the_reference_function_and_gradients():
@@ -88,7 +132,7 @@ def test_cpu_plans_compute_the_reference_function_and_gradients():
     shape buckets) against the reference modules in float64: energies, forces and parameter gradients."""
     torch.manual_seed(0)
     base = ModelConfig(**TINY)
-    ref_model = EquiformerV2(REFERENCE.model_config(base)).double()
+    ref_model = apply_plan(EquiformerV2(base), REFERENCE).double()
     batch = batch_from_atoms(slab_structures(5, 2), torch.float64)
     plans = [ExecutionPlan(so2_fused_input_grad=True, so2_indexed_radial=True, rotation_align=8),
              ExecutionPlan(so2_fused_input_grad=True, rotation_align=4, pad_atoms_multiple=64, pad_edges_multiple=1024)]
@@ -101,8 +145,8 @@ def test_cpu_plans_compute_the_reference_function_and_gradients():
 
     ref, ref_grads = run(ref_model)
     for plan in plans:
-        model = EquiformerV2(plan.model_config(base)).double()
-        assert {k: getattr(model.cfg, k) for k in EXECUTION_KEYS} == dataclasses.asdict(plan)  # the plan is run
+        model = apply_plan(EquiformerV2(base), plan).double()
+        assert model.plan == plan and model.cfg == base  # the plan is run; the model config stays the paper's
         model.load_state_dict(ref_model.state_dict())
         out, grads = run(model)
         for key in ("energy", "forces"):
@@ -110,3 +154,27 @@ def test_cpu_plans_compute_the_reference_function_and_gradients():
         for g, r in zip(grads, ref_grads):
             if r is not None:
                 torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-10)
+
+
+def test_a_pretrained_config_from_before_the_plan_merges_without_its_kernel_keys():
+    """Fine-tuning from a checkpoint whose saved model config still holds kernel and padding keys."""
+    from eqv2.training.finetune import merge_model_config
+
+    old = {**dataclasses.asdict(ModelConfig(**TINY)), "fused_rotation": True, "pad_atoms_multiple": 64,
+           "so2_fused_input_grad": True, "s2_kernel_form": "rows"}
+    merged = merge_model_config({"lmax": 3}, old, "ck")
+    assert not set(merged) & EXECUTION_KEYS and ModelConfig(**merged) == ModelConfig(**TINY)
+
+
+def test_a_model_file_from_before_the_plan_reads_as_a_pretrained_paper_config(tmp_path):
+    """Fine-tuning and `eqv2 evaluate` read model files through read_pretrained: the kernel keys are dropped."""
+    from eqv2.checkpoint import Normalizers, save_model
+    from eqv2.training.finetune import read_pretrained
+
+    cfg = ModelConfig(**TINY)
+    save_model(tmp_path / "m.pt", EquiformerV2(cfg), cfg, Normalizers(0.0, 1.0, 1.0))
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    payload["model_config"].update(fused_rotation=True, pad_atoms_multiple=64, rotation_align=8)
+    torch.save(payload, tmp_path / "old.pt")
+    pretrained = read_pretrained(str(tmp_path / "old.pt"), "ema")
+    assert ModelConfig(**pretrained.model_config) == cfg

@@ -24,7 +24,8 @@ def _scaling(tmp_path: Path, demo_data: Path, *extra: str) -> subprocess.Complet
 def test_weak_scaling_runs_one_and_two_ranks(tmp_path, demo_data):
     # shape buckets wide enough that every 2-structure batch of the demo data pads to one shape: each
     # rank meets exactly one new shape, at its first step
-    proc = _scaling(tmp_path, demo_data, "--set", "model.pad_atoms_multiple=512", "--set", "model.pad_edges_multiple=4096")
+    proc = _scaling(tmp_path, demo_data, "--set", "execution.pad_atoms_multiple=512",
+                    "--set", "execution.pad_edges_multiple=4096")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.loads((tmp_path / "scaling.json").read_text())["weak_scaling"]
     assert [r["ranks"] for r in rows] == [1, 2]

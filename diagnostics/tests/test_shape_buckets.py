@@ -10,7 +10,8 @@ def test_the_tool_predicts_the_shapes_the_trainer_logs(tmp_path, demo_data):
     ds = json.loads((HERE / "ds_zero2_cpu.json").read_text())
     ds["gradient_accumulation_steps"] = 1  # one micro-batch per step, as the tool assumes
     (tmp_path / "ds.json").write_text(json.dumps(ds))
-    sets = [*data_args(demo_data), "--set", "model.pad_atoms_multiple=16", "--set", "model.pad_edges_multiple=64"]
+    sets = [*data_args(demo_data), "--set", "execution.pad_atoms_multiple=16",
+            "--set", "execution.pad_edges_multiple=64"]
     run_dir = tmp_path / "run"
     rc, out = run_train(["--ds_config", str(tmp_path / "ds.json"), "--config", str(HERE / "tiny_run.yaml"), *sets,
                          "--set", f"run_dir={run_dir}", "--set", "optim.max_steps=10",
@@ -51,6 +52,7 @@ def test_imbalance_is_the_slowest_rank_over_the_mean():
 
 def test_a_config_without_shape_buckets_is_refused(demo_data):
     proc = subprocess.run([sys.executable, "-m", "diagnostics.shape_buckets", "--config",
-                           str(HERE / "tiny_run.yaml"), "--micro-batch", "2", "--steps", "4", *data_args(demo_data)],
+                           str(HERE / "tiny_run.yaml"), "--micro-batch", "2", "--steps", "4", *data_args(demo_data),
+                           "--set", "execution.pad_atoms_multiple=0", "--set", "execution.pad_edges_multiple=0"],
                           capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 2 and "model.pad_atoms_multiple" in proc.stderr
+    assert proc.returncode == 2 and "execution.pad_atoms_multiple" in proc.stderr

@@ -21,7 +21,6 @@ import functools
 import torch
 from torch import nn
 
-from eqv2.model.fused_s2_activation import kernel_available, s2_silu
 from eqv2.model.so3 import CoefficientLayout, degree_index, float64_constants
 
 
@@ -56,11 +55,8 @@ class S2Grid(nn.Module):
     features hold (all (L+1)^2 for node features, the kept m-primary ones for edge features).
     """
 
-    def __init__(self, lmax: int, mmax: int, resolution: int | None, coefficients: torch.Tensor,
-                 kernel_form: str = "columns"):
+    def __init__(self, lmax: int, mmax: int, resolution: int | None, coefficients: torch.Tensor):
         super().__init__()
-        self.kernel_form = kernel_form  # the fused kernels' form (model.s2_kernel_form)
-        self.fused = True  # the fused kernel where it serves (off for gradient forces: EquiformerV2 sets it)
         to_mat, from_mat = _grid_matrices(lmax, mmax, resolution)
         g = to_mat.shape[0] * to_mat.shape[1]
         # kept in float64 so float64 models are exact; cast to the feature dtype on use
@@ -79,21 +75,19 @@ class S2Grid(nn.Module):
         return torch.einsum("gk,zgc->zkc", self.from_grid_mat.to(grid.dtype), grid)
 
     def silu(self, x: torch.Tensor) -> torch.Tensor:
-        """[Z, K, C] -> from_grid(SiLU(to_grid(x))) [Z, K, C].  On CUDA in bf16/fp16 the fused kernel
-        (fused_s2_activation.py) computes it without writing the [Z, G, C] grid; else two einsums."""
-        if self.fused and kernel_available(x):
-            return s2_silu(x, self.to_grid_mat.to(x.dtype), self.from_grid_mat.to(x.dtype), self.kernel_form)
+        """[Z, K, C] -> from_grid(SiLU(to_grid(x))) [Z, K, C]: two einsums (the execution plan may swap in
+        eqv2/kernels/fused_s2_activation.py's FusedS2Grid, which does not write the [Z, G, C] grid)."""
         return self.from_grid(nn.functional.silu(self.to_grid(x)))
 
 
-def node_grid(lmax: int, resolution: int | None, kernel_form: str = "columns") -> S2Grid:
+def node_grid(lmax: int, resolution: int | None) -> S2Grid:
     """Grid for full node features in l-primary order."""
-    return S2Grid(lmax, lmax, resolution, torch.arange((lmax + 1) ** 2), kernel_form)
+    return S2Grid(lmax, lmax, resolution, torch.arange((lmax + 1) ** 2))
 
 
-def edge_grid(layout: CoefficientLayout, resolution: int | None, kernel_form: str = "columns") -> S2Grid:
+def edge_grid(layout: CoefficientLayout, resolution: int | None) -> S2Grid:
     """Grid for rotated edge features in the layout's m-primary order."""
-    return S2Grid(layout.lmax, layout.mmax, resolution, layout.reduced_to_full, kernel_form)
+    return S2Grid(layout.lmax, layout.mmax, resolution, layout.reduced_to_full)
 
 
 class S2Activation(nn.Module):

@@ -1,7 +1,8 @@
 """`ModelConfig`: every hyperparameter of EquiformerV2 (paper Sec. 4-5, Table 1a ablation switches).
 
 Defaults are those of the published OC20 models; configs/model/eqv2_{31M,83M,153M}.yaml set the
-rest.  Load with `eqv2.config.from_dict(ModelConfig, mapping)`, which rejects unknown keys.
+rest.  Load with `eqv2.config.from_dict(ModelConfig, mapping)`, which rejects unknown keys.  How the model is
+executed (kernels, shape buckets, input checks) is not a hyperparameter: eqv2/execution.py chooses it.
 """
 from __future__ import annotations
 
@@ -79,33 +80,10 @@ class ModelConfig:
     energy_reduce: Literal["sum", "mean"] = "sum"
     # direct stress head of the OMat24-family models (converted from fairchem; not trained by eqv2); None: none
     stress_head: Rank2HeadConfig | None = None
-    validate_inputs: bool = True  # check structures and graph built here (host syncs); a batch with a graph
-    # built ahead (GraphBuilder, the trainer's data loader) was checked there
-    # shape buckets (0: off): pad the atom / edge counts of each batch up to these multiples with an inert
-    # dummy structure, so compiled code and CUDA graphs see few distinct shapes; outputs are unchanged
-    pad_atoms_multiple: int = 0
-    pad_edges_multiple: int = 0
-    # kernel choices (same function, bit-identical in float64; for speed on GPUs):
-    # SO(2) convolutions take their input gradient from one custom op (eqv2::so2_input_grad) instead of
-    # autograd's concatenation of per-order gradients
-    so2_fused_input_grad: bool = False
-    # with it: the radial products of the SO(2) convolutions by column index tables over whole rows
-    # (no per-order slices and concatenations; so2_convolution.py)
-    so2_indexed_radial: bool = False
-    # rows of the per-edge Wigner matrices padded to a multiple of this many elements (8: 16-byte bf16 rows)
-    rotation_align: int = 1
-    # the attention's and edge-degree embedding's rotations fused with their gather and scatter (Triton,
-    # fused_rotation.py; CUDA bf16/fp16 only, elsewhere the stock operations)
-    fused_rotation: bool = False
-    # the fused S2 activation kernels' form (fused_s2_activation.py; CUDA bf16/fp16 only): tiles with a
-    # coefficient per row ("rows") or a (structure, channel) column per row ("columns", faster on the H200)
-    s2_kernel_form: Literal["rows", "columns"] = "columns"
 
     def __post_init__(self) -> None:
         if not 0 <= self.mmax <= self.lmax:
             raise ValueError(f"mmax must be in [0, lmax]: lmax={self.lmax}, mmax={self.mmax}")
-        if self.so2_indexed_radial and not self.so2_fused_input_grad:
-            raise ValueError("so2_indexed_radial needs so2_fused_input_grad (it is a form of that path)")
         if self.forces == "gradient" and self.stress_head is not None:
             raise ValueError("stress_head with forces: gradient: the stress would come from both the head and the "
                              "strain derivative; use one (stress_head: null, or forces: direct)")
@@ -118,23 +96,7 @@ class ModelConfig:
                      "edge_channels", "num_distance_basis", "max_neighbors"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.rotation_align < 1:
-            raise ValueError(f"rotation_align must be >= 1 (1: no padding), got {self.rotation_align}")
-        for name in ("pad_atoms_multiple", "pad_edges_multiple"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (0: no padding), got {getattr(self, name)}")
         if self.max_radius <= 0:
             raise ValueError(f"max_radius must be positive, got {self.max_radius}")
-        if self.forces == "gradient":
-            for name in ("so2_fused_input_grad", "fused_rotation"):  # their backward is not differentiable again
-                if getattr(self, name):
-                    raise ValueError(f"{name} is not supported with forces: gradient (the force loss needs the "
-                                     "kernel's backward differentiated again); set it to false")
         if self.grid_resolution is not None and self.grid_resolution < 2 * (self.lmax + 1) - 2:
             raise ValueError(f"grid_resolution {self.grid_resolution} is too coarse for lmax {self.lmax}")
-
-
-# How the model is executed, not which function it computes: may differ between a checkpoint and the
-# run that resumes it.
-EXECUTION_KEYS = frozenset({"validate_inputs", "pad_atoms_multiple", "pad_edges_multiple", "so2_fused_input_grad",
-                            "so2_indexed_radial", "rotation_align", "fused_rotation", "s2_kernel_form"})

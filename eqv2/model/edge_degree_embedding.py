@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from eqv2.model.config import ModelConfig
-from eqv2.model.graph_attention import rotated_back_and_summed
 from eqv2.model.radial import AtomEdgeEmbedding, RadialFunction
 from eqv2.model.so3 import CoefficientLayout, EdgeRotation
 
@@ -41,5 +40,5 @@ class EdgeDegreeEmbedding(nn.Module):
         rotated = torch.cat([m0, rest], dim=1)  # [E, K, C] in the edge frame, only m = 0 non-zero
         if rotation.envelope is not None:  # model.cutoff_envelope: edges fade out at the cutoff
             rotated = rotated * rotation.envelope.to(rotated.dtype)[:, None, None]
-        summed = rotated_back_and_summed(rotation, rotated, edge_index[1], num_nodes)
+        summed = rotation.rotate_scatter(rotated, edge_index[1], num_nodes)
         return summed / self.avg_degree  # [N, (L+1)^2, C]

@@ -12,8 +12,13 @@ Departures from the reference implementation (fairchem), none of which change th
 - rotated edge features are kept in m-primary order throughout (no permutation matmuls);
 - nothing is stored on modules during forward; geometry, Wigner-D matrices, normalisation
   statistics, softmax and neighbour sums stay in float32 under bf16 autocast;
-- optionally (`pad_atoms_multiple`, `pad_edges_multiple`) the graph is padded to shape buckets with an
-  inert dummy structure, for compiled code and CUDA graphs; outputs are sliced back to the real atoms.
+- optionally (`pad_atoms_multiple`, `pad_edges_multiple`, set by the execution plan) the graph is padded
+  to shape buckets with an inert dummy structure, for compiled code and CUDA graphs; outputs are sliced
+  back to the real atoms.
+
+How the model is executed is not part of `ModelConfig`: `eqv2.execution.apply_plan` sets the attributes
+below (`validate_inputs`, shape buckets, `rotation_align`, `rotation_type`) and swaps the custom-kernel
+modules of eqv2/kernels/ into a built model; the defaults are the paper modules as written.
 """
 from __future__ import annotations
 
@@ -23,8 +28,6 @@ import torch
 from torch import nn
 
 from eqv2.batch import AtomsBatch
-from eqv2.model import fused_rotation
-from eqv2.model.activation import S2Grid
 from eqv2.model.conservative import edge_wigner, gradient_outputs, polynomial_envelope
 from eqv2.model.config import ModelConfig
 from eqv2.model.edge_degree_embedding import EdgeDegreeEmbedding
@@ -62,12 +65,13 @@ class EquiformerV2(nn.Module):
         direct = cfg.regress_forces and cfg.forces == "direct"
         self.force_head = EquivariantGraphAttention(cfg, 1, alpha_drop=0.0) if direct else None
         self.stress_head = Rank2SymmetricTensorHead(cfg, cfg.stress_head) if cfg.stress_head is not None else None
-        for module in self.modules():
-            if isinstance(module, SO2Convolution):
-                module.fused_input_grad = cfg.so2_fused_input_grad
-                module.indexed_radial = cfg.so2_indexed_radial
-            if isinstance(module, S2Grid):  # the fused S2 kernel's backward is not differentiable again
-                module.fused = cfg.forces == "direct"
+        # execution (eqv2/execution.py apply_plan; these defaults are the reference plan): host-side checks of
+        # a graph searched here, shape buckets (0: off), Wigner rows padded to a multiple of `rotation_align`
+        # elements, and the class of the per-batch edge rotation
+        self.validate_inputs = True
+        self.pad_atoms_multiple, self.pad_edges_multiple = 0, 0
+        self.rotation_align = 1
+        self.rotation_type = EdgeRotation
         self._init_weights(self.modules())
 
     @torch.no_grad()
@@ -124,7 +128,7 @@ class EquiformerV2(nn.Module):
                                  f"enforce_max_neighbors_strictly) = {batch.graph_spec}, the model has {spec}")
             return graph_from_offsets(pos, batch.cell, batch.batch, batch.edge_index, batch.cell_offset)
         return search_graph(batch, pos, cfg.max_radius, cfg.max_neighbors, cfg.max_num_elements,
-                            cfg.enforce_max_neighbors_strictly, cfg.validate_inputs)
+                            cfg.enforce_max_neighbors_strictly, self.validate_inputs)
 
     def edge_frames(self, edge_vec: torch.Tensor, distance: torch.Tensor, dtype: torch.dtype):
         """Per-edge quantities every block shares (Sec. 3.3): the rotations to and from each edge's
@@ -136,7 +140,7 @@ class EquiformerV2(nn.Module):
         tables = (self.rotation_index, self.rotation_degree)
         # gradient forces: differentiable frames without a singular direction along the axes (conservative.py)
         wigner = self.wigner(edge_vec) if self.cfg.forces == "direct" else edge_wigner(self.wigner, edge_vec)
-        to_edge, from_edge = rotation_matrices(wigner, self.layout, dtype, self.cfg.rotation_align, tables)
+        to_edge, from_edge = rotation_matrices(wigner, self.layout, dtype, self.rotation_align, tables)
         return to_edge, from_edge, self.radial_basis(distance).to(dtype)
 
     def forward(self, batch: AtomsBatch) -> dict[str, torch.Tensor]:
@@ -156,18 +160,16 @@ class EquiformerV2(nn.Module):
         with full_precision(pos.device.type):
             graph = self._graph(batch, pos)
             graph_of_atom, num_real_nodes, num_real_graphs = batch.batch, num_nodes, num_graphs
-            if cfg.pad_atoms_multiple or cfg.pad_edges_multiple:
-                graph, num_pad = pad_graph(graph, num_nodes, cfg.pad_atoms_multiple, cfg.pad_edges_multiple,
+            if self.pad_atoms_multiple or self.pad_edges_multiple:
+                graph, num_pad = pad_graph(graph, num_nodes, self.pad_atoms_multiple, self.pad_edges_multiple,
                                            cfg.max_radius / 2)
                 z = torch.cat([z, z.new_ones(num_pad)])  # padding atoms: hydrogen, in structure `num_graphs`
                 graph_of_atom = torch.cat([graph_of_atom, graph_of_atom.new_full((num_pad,), num_graphs)])
                 num_nodes, num_graphs = num_nodes + num_pad, num_graphs + 1
             to_edge, from_edge, distance_basis = self.edge_frames(graph.edge_vec, graph.distance, dtype)
         edge_index = graph.edge_index
-        # the fused kernels' segmented sums take the edges grouped by atom (two sorts, shared by all blocks)
-        order = fused_rotation.EdgeOrder.of(edge_index) if cfg.fused_rotation else None
         envelope = polynomial_envelope(graph.distance, cfg.max_radius) if cfg.cutoff_envelope == "polynomial" else None
-        rotation = EdgeRotation(to_edge, from_edge, order, envelope)
+        rotation = self.rotation_type.for_edges(to_edge, from_edge, edge_index, envelope)  # shared by all blocks
         x = torch.zeros(num_nodes, (cfg.lmax + 1) ** 2, cfg.sphere_channels, device=pos.device, dtype=pos.dtype)
         x[:, 0, :] = self.atom_embedding(z).to(pos.dtype)
         x = x + self.edge_degree_embedding(z, distance_basis, edge_index, rotation, num_nodes).to(pos.dtype)

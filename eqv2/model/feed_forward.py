@@ -24,7 +24,7 @@ class FeedForwardNetwork(nn.Module):
         c, h, lmax = cfg.sphere_channels, cfg.ffn_hidden_channels, cfg.lmax
         self.use_grid_mlp, self.activation = cfg.use_grid_mlp, cfg.activation
         self.so3_linear_1 = SO3Linear(c, h, lmax)
-        self.grid = node_grid(lmax, cfg.grid_resolution, cfg.s2_kernel_form) \
+        self.grid = node_grid(lmax, cfg.grid_resolution) \
             if (cfg.use_grid_mlp or cfg.activation != "gate") else None
         self.scalar_mlp = None
         self.gating_linear = None

@@ -15,7 +15,6 @@ import math
 import torch
 from torch import nn
 
-from eqv2.model import fused_rotation
 from eqv2.model.activation import GateActivation, S2Activation, SeparableS2Activation, SmoothLeakyReLU, edge_grid
 from eqv2.model.config import ModelConfig
 from eqv2.model.radial import AtomEdgeEmbedding
@@ -41,39 +40,6 @@ def segment_softmax(logits: torch.Tensor, segment: torch.Tensor, num_segments: i
         expo = expo * weights.to(expo.dtype)[:, None]
     total = logits.new_zeros((num_segments, logits.shape[1])).index_add_(0, segment, expo)
     return (expo / (total.index_select(0, segment) + 1e-16)).to(dtype)
-
-
-def scatter_sum(messages: torch.Tensor, target: torch.Tensor, num_nodes: int) -> torch.Tensor:
-    """Sum messages [E, ...] into nodes [num_nodes, ...], accumulating in float32 or better."""
-    acc_dtype = torch.float32 if messages.dtype in (torch.float16, torch.bfloat16) else messages.dtype
-    out = messages.new_zeros((num_nodes, *messages.shape[1:]), dtype=acc_dtype)
-    return out.index_add_(0, target, messages.to(acc_dtype))
-
-
-def _fused(rotation: EdgeRotation, matrices: torch.Tensor) -> bool:
-    """Whether the fused kernels (fused_rotation.py) serve this rotation: the model grouped the edges for
-    them (`model.fused_rotation`) and they run on the matrices' device and dtype."""
-    return rotation.order is not None and fused_rotation.kernel_available(matrices)
-
-
-def rotated_pairs(rotation: EdgeRotation, x: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Both atoms' features of each edge in the edge frame: rotate(cat(x[source], x[target])) [E, K, 2C].
-    The gather happens in x's dtype (float32 under autocast), so that the backward pass sums each node's
-    edge gradients in it; the rotation casts the edge copies to the compute dtype.  One kernel where the
-    fused kernels serve the rotation."""
-    if _fused(rotation, rotation.to_edge):
-        return fused_rotation.gather_rotate(x, source, target, rotation.to_edge, rotation.order.by_source,
-                                            rotation.order.by_target)
-    return rotation.rotate(torch.cat([x.index_select(0, source), x.index_select(0, target)], dim=2))
-
-
-def rotated_back_and_summed(rotation: EdgeRotation, m: torch.Tensor, target: torch.Tensor,
-                            num_nodes: int) -> torch.Tensor:
-    """Edge-frame messages m [E, K, C] rotated back and summed into their target atoms:
-    [num_nodes, (L+1)^2, C], float32 or better.  One kernel where the fused kernels serve the rotation."""
-    if _fused(rotation, rotation.from_edge):
-        return fused_rotation.rotate_scatter(m, rotation.from_edge, target, rotation.order.by_target, num_nodes)
-    return scatter_sum(rotation.rotate_inv(m), target, num_nodes)
 
 
 class EquivariantGraphAttention(nn.Module):
@@ -104,7 +70,7 @@ class EquivariantGraphAttention(nn.Module):
             self.act = SeparableS2Activation()
         else:
             self.act = S2Activation()
-        self.grid = edge_grid(self.layout, cfg.grid_resolution, cfg.s2_kernel_form) if cfg.activation != "gate" else None
+        self.grid = edge_grid(self.layout, cfg.grid_resolution) if cfg.activation != "gate" else None
         self.so2_conv_2 = SO2Convolution(hidden, self.num_heads * self.value_channels, self.layout, None)
         self.proj = SO3Linear(self.num_heads * self.value_channels, output_channels, cfg.lmax)
 
@@ -120,7 +86,7 @@ class EquivariantGraphAttention(nn.Module):
         source, target = edge_index[0], edge_index[1]
         edge_scalars = self.edge_scalars(distance_basis, atomic_numbers, edge_index)  # [E, F]
         num_nodes, node_dtype = x.shape[0], x.dtype
-        message = rotated_pairs(rotation, x, source, target)  # [E, K, 2C]
+        message = rotation.gather_rotate(x, source, target)  # [E, K, 2C]
         message, extra = self.so2_conv_1(message, edge_scalars)  # [E, K, hidden], [E, H*A + gating]
         n_alpha = self.num_heads * self.alpha_channels
         alpha_features = extra.narrow(1, 0, n_alpha)
@@ -140,6 +106,6 @@ class EquivariantGraphAttention(nn.Module):
             alpha = self.alpha_dropout(alpha)
         value = message.reshape(message.shape[0], message.shape[1], self.num_heads, self.value_channels)
         message = (value * alpha.to(value.dtype)[:, None, :, None]).reshape(message.shape)
-        aggregated = rotated_back_and_summed(rotation, message, target, num_nodes)
+        aggregated = rotation.rotate_scatter(message, target, num_nodes)
         aggregated = aggregated.to(node_dtype)  # [N, (L+1)^2, H*V]
         return self.proj(aggregated)

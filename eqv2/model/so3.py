@@ -181,17 +181,24 @@ class EdgeRotation:
     """The rotation of one batch of edges, restricted to the kept orders (Sec. 3.3).
 
     `rotate` maps node features [E, (L+1)^2, C] to the edge frame in m-primary order [E, K, C];
-    `rotate_inv` maps m-primary edge features [E, K, C] back to [E, (L+1)^2, C].  Both matrices are
+    `rotate_inv` maps m-primary edge features [E, K, C] back to [E, (L+1)^2, C]; `gather_rotate` and
+    `rotate_scatter` are the attention's gather-then-rotate and rotate-back-then-sum.  Both matrices are
     computed once per forward pass in the Wigner-D dtype (float32 or float64), cast once to the compute
-    dtype `dtype` (bfloat16 under autocast) and shared by every block.
+    dtype `dtype` (bfloat16 under autocast) and shared by every block.  The execution plan may make the
+    model use a subclass with fused kernels (eqv2/kernels/fused_rotation.py FusedEdgeRotation).
     """
 
-    def __init__(self, to_edge: torch.Tensor, from_edge: torch.Tensor, order=None, envelope=None):
-        """to_edge [E, K, (L+1)^2], from_edge [E, (L+1)^2, K] as `rotation_matrices` makes them; order: the
-        edges grouped by atom (`fused_rotation.EdgeOrder`) when the fused rotation kernels are used;
-        envelope [E]: the smooth-cutoff weight of each edge's messages (model.cutoff_envelope) or None."""
-        self.to_edge, self.from_edge, self.dtype, self.order = to_edge, from_edge, to_edge.dtype, order
+    def __init__(self, to_edge: torch.Tensor, from_edge: torch.Tensor, envelope: torch.Tensor | None = None):
+        """to_edge [E, K, (L+1)^2], from_edge [E, (L+1)^2, K] as `rotation_matrices` makes them; envelope [E]:
+        the smooth-cutoff weight of each edge's messages (model.cutoff_envelope) or None."""
+        self.to_edge, self.from_edge, self.dtype = to_edge, from_edge, to_edge.dtype
         self.envelope = envelope
+
+    @classmethod
+    def for_edges(cls, to_edge: torch.Tensor, from_edge: torch.Tensor, edge_index: torch.Tensor,
+                  envelope: torch.Tensor | None = None) -> "EdgeRotation":
+        """The rotation of the edges `edge_index` [2, E] (the model's one constructor call per forward pass)."""
+        return cls(to_edge, from_edge, envelope)
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """[E, (L+1)^2, C] -> [E, K, C] in the compute dtype."""
@@ -200,6 +207,24 @@ class EdgeRotation:
     def rotate_inv(self, x: torch.Tensor) -> torch.Tensor:
         """[E, K, C] -> [E, (L+1)^2, C] in the compute dtype."""
         return torch.bmm(self.from_edge, x.to(self.dtype))
+
+    def gather_rotate(self, x: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Both atoms' features of each edge in the edge frame: rotate(cat(x[source], x[target])) [E, K, 2C].
+        The gather happens in x's dtype (float32 under autocast), so that the backward pass sums each node's
+        edge gradients in it; the rotation casts the edge copies to the compute dtype."""
+        return self.rotate(torch.cat([x.index_select(0, source), x.index_select(0, target)], dim=2))
+
+    def rotate_scatter(self, m: torch.Tensor, target: torch.Tensor, num_nodes: int) -> torch.Tensor:
+        """Edge-frame messages m [E, K, C] rotated back and summed into their target atoms:
+        [num_nodes, (L+1)^2, C], float32 or better."""
+        return scatter_sum(self.rotate_inv(m), target, num_nodes)
+
+
+def scatter_sum(messages: torch.Tensor, target: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    """Sum messages [E, ...] into nodes [num_nodes, ...], accumulating in float32 or better."""
+    acc_dtype = torch.float32 if messages.dtype in (torch.float16, torch.bfloat16) else messages.dtype
+    out = messages.new_zeros((num_nodes, *messages.shape[1:]), dtype=acc_dtype)
+    return out.index_add_(0, target, messages.to(acc_dtype))
 
 
 def rotation_matrices(wigner: torch.Tensor, layout: CoefficientLayout, dtype: torch.dtype | None = None,

@@ -42,6 +42,7 @@ def export(tag_dir: Path, out: Path, weights: str) -> dict:
     """Write the model of run checkpoint `tag_dir` (its config, normalisers and `weights`) to `out`."""
     from eqv2.checkpoint import Normalizers, save_model
     from eqv2.config import from_dict
+    from eqv2.execution import paper_config
     from eqv2.model.config import ModelConfig
     from eqv2.model.equiformer_v2 import EquiformerV2
     from eqv2.training import checkpointing as ckpt
@@ -50,7 +51,8 @@ def export(tag_dir: Path, out: Path, weights: str) -> dict:
         state, sd = ckpt.run_weights(tag_dir, weights)
     except ckpt.CheckpointError as err:
         raise UserError(str(err)) from None
-    model_cfg = from_dict(ModelConfig, state["config"]["model"], prefix="model")
+    # a run from before the execution plan saved kernel and padding keys with its model: dropped
+    model_cfg = from_dict(ModelConfig, paper_config(state["config"]["model"]), prefix="model")
     model = EquiformerV2(model_cfg)
     model.load_state_dict(sd, strict=True)  # checks that names and shapes match the config
     normalizers = Normalizers.from_mapping(state["normalizers"])  # older run checkpoints: force_rms

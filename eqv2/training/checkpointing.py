@@ -33,7 +33,7 @@ from typing import BinaryIO, Callable
 
 import torch
 
-from eqv2.model.config import EXECUTION_KEYS
+from eqv2.execution import EXECUTION_KEYS
 from eqv2.training.dist import all_gather_object, barrier
 from eqv2.training.ema import assemble_partitions
 

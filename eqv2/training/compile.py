@@ -13,7 +13,8 @@ checkpoints — are unchanged and module hooks run outside the compiled region; 
 `edge_frames` (Wigner-D matrices, rotation matrices, distance basis: dozens of small eager kernels
 otherwise, and under CUDA graphs its outputs stay in the graph pool instead of being copied into
 every block's graph).  Graph construction (data-dependent shapes, once per forward) stays eager.
-Compile before applying activation checkpointing: checkpointing then wraps the compiled forward (recomputing it in the
+Compile after applying the execution plan (eqv2/execution.py: it swaps kernel modules in) and before applying
+activation checkpointing: checkpointing then wraps the compiled forward (recomputing it in the
 backward pass) instead of being traced into the graph.
 
 `enabled: null` (auto) compiles on CUDA devices unless ZeRO stage 3 is used: ZeRO-3 gathers
@@ -38,7 +39,7 @@ from eqv2.model.graph import bucket_shape
 class CompileConfig:
     enabled: bool | None = None  # null: on for CUDA devices with ZeRO stage <= 2, off otherwise
     # Inductor mode; reduce-overhead adds CUDA graphs (one recording per shape: needs the model's shape
-    # buckets, model.pad_atoms_multiple and model.pad_edges_multiple); max-autotune: Triton templates
+    # buckets, execution.pad_atoms_multiple and execution.pad_edges_multiple); max-autotune: Triton templates
     # tried for the matrix products as well, with CUDA graphs (same need; much longer compilation)
     mode: Literal["default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"] = "default"
     # null: automatic (first compile static, the next one marks the dims that changed, atoms and edges,
@@ -80,11 +81,11 @@ def compiled_parts(model: nn.Module) -> list[str]:
 
 def apply_compile(model: nn.Module, cfg: CompileConfig) -> list[str]:
     """Compile the repeated parts of `model` in place; returns their names."""
-    model_cfg = getattr(model, "cfg", None)
-    if cfg.mode in ("reduce-overhead", "max-autotune") and not (getattr(model_cfg, "pad_atoms_multiple", 0)
-                                                                and getattr(model_cfg, "pad_edges_multiple", 0)):
-        raise ConfigError(f"compile.mode={cfg.mode} records a CUDA graph per batch shape: set "
-                          "model.pad_atoms_multiple and model.pad_edges_multiple (shape buckets) too")
+    if cfg.mode in ("reduce-overhead", "max-autotune") and not (getattr(model, "pad_atoms_multiple", 0)
+                                                                and getattr(model, "pad_edges_multiple", 0)):
+        raise ConfigError(f"compile.mode={cfg.mode} records a CUDA graph per batch shape: it needs shape buckets, "
+                          "execution.pad_atoms_multiple and execution.pad_edges_multiple (on CUDA in bf16 they "
+                          "are chosen automatically)")
     names = compiled_parts(model)
     for name in names:
         owner, attr = (model, name) if name == "edge_frames" else (model.get_submodule(name), "forward")
@@ -159,7 +160,7 @@ def compiled_graph_count() -> int:
 
 
 class ShapeBuckets:
-    """The padded shapes (model.pad_atoms_multiple / pad_edges_multiple) this rank's training batches
+    """The padded shapes (execution.pad_atoms_multiple / pad_edges_multiple) this rank's training batches
     have had.  Under CUDA graphs each new shape is recorded once (~0.4 s for the 153M model on an
     H200, measured between log intervals) and the other ranks wait for it; the trainer logs
     how many new ones each interval met (`new_shape_buckets`, summed over ranks), so that throughput

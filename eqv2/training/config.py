@@ -20,6 +20,7 @@ from typing import Literal
 
 from eqv2.config import ConfigError, apply_overrides, from_dict, load_yaml
 from eqv2.data.config import DataConfig
+from eqv2.execution import ExecutionOverrides, moved_model_key
 from eqv2.model.config import ModelConfig
 from eqv2.resources import find_config
 from eqv2.normalizers import renamed_legacy
@@ -72,6 +73,9 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     activation_checkpointing: ActivationCheckpointConfig = field(default_factory=ActivationCheckpointConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)  # torch.compile of the blocks (GPU default)
+    # kernels, shape buckets and input checks ("auto": chosen from device, dtype, model and ZeRO stage;
+    # eqv2/execution.py, docs/execution.md); set single keys for experiments
+    execution: ExecutionOverrides = field(default_factory=ExecutionOverrides)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -101,8 +105,7 @@ def _sci_floats(overrides: list[str]) -> list[str]:
 
 def _inline_model(model):
     """`model:` as a mapping: a model YAML's path, or {base: path, key: value, ...} (the base file with
-    those keys replaced: how a run config sets execution keys such as shape buckets on a published
-    architecture); a mapping without `base` is used as it is."""
+    those keys replaced); a mapping without `base` is used as it is."""
     if isinstance(model, str):
         model = {"base": model}
     if not isinstance(model, dict) or "base" not in model:
@@ -120,6 +123,9 @@ def load_run_config(path: str | Path, overrides: list[str], micro_batch: int) ->
     if isinstance(raw.get("normalizers"), dict):  # configs written before eqv2.normalizers: force_rms
         raw["normalizers"] = renamed_legacy(raw["normalizers"])
     apply_overrides(raw, overrides)
+    moved = moved_model_key(raw.get("model"))  # kernel and padding keys lived under model: before
+    if moved:
+        raise ConfigError(moved)
     init = raw.get("init")
     if isinstance(init, dict) and init.get("from_checkpoint"):  # the architecture is the checkpoint's
         path = str(init["from_checkpoint"])

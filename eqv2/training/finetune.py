@@ -27,7 +27,7 @@ from torch import nn
 
 from eqv2.checkpoint import read_model_file
 from eqv2.config import ConfigError
-from eqv2.model.config import EXECUTION_KEYS
+from eqv2.execution import EXECUTION_KEYS, paper_config
 from eqv2.normalizers import renamed_legacy
 from eqv2.training import checkpointing as ckpt
 
@@ -68,16 +68,17 @@ class Pretrained:
 
 
 def read_pretrained(path: str, weights: str) -> Pretrained:
-    """The weights, architecture and normalisers of a model file or a run checkpoint (CPU)."""
+    """The weights, architecture and normalisers of a model file or a run checkpoint (CPU); the architecture
+    without the execution keys of files written before the execution plan (eqv2/execution.py)."""
     p = Path(path)
     if p.is_dir():
         tag_dir, _ = ckpt.find_resume(str(p), p)
         state, sd = ckpt.run_weights(tag_dir, weights)
         n = renamed_legacy(state["normalizers"])  # run checkpoints before eqv2.normalizers: force_rms
-        return Pretrained(state["config"]["model"], sd, n, f"{tag_dir} ({weights} weights)",
+        return Pretrained(paper_config(state["config"]["model"]), sd, n, f"{tag_dir} ({weights} weights)",
                           state.get("energy_references"))
     model_config, sd, norms, _, references = read_model_file(p)
-    return Pretrained(model_config, sd, asdict(norms), str(p), references)
+    return Pretrained(paper_config(model_config), sd, asdict(norms), str(p), references)
 
 
 def model_config_of(path: str) -> dict:
@@ -100,6 +101,7 @@ def merge_model_config(given: dict | None, pretrained: dict, path: str) -> dict:
     given = given or {}
     if not isinstance(given, dict):
         raise ConfigError(f"model: expected a mapping, got {type(given).__name__}")
+    pretrained = paper_config(pretrained)  # kernel keys of a checkpoint from before the execution plan: dropped
     # direct -> gradient fine-tuning: the energy backbone and head carry over, the direct force head is dropped
     to_gradient = given.get("forces") == "gradient" and pretrained.get("forces", "direct") == "direct"
     differ = [f"model.{k}={v!r} (the checkpoint has {pretrained.get(k)!r})" for k, v in given.items()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from eqv2.config import ConfigError
+from eqv2.execution import ExecutionPlan, apply_plan, run_plan
 from eqv2.model.graph import GraphBuilder
 from eqv2.training import checkpointing as ckpt
 from eqv2.training.activation_checkpointing import apply_activation_checkpointing
@@ -88,6 +89,7 @@ class BuiltModel:
     frozen: int  # parameters frozen by init.freeze
     compiled: list  # the compiled parts (apply_compile); empty: eager
     wrapped: list  # the blocks under activation checkpointing
+    plan: ExecutionPlan  # the kernels and shape buckets applied (eqv2/execution.py)
 
 
 def build_model(cfg: RunConfig, ds: dict, dist: DistInfo, pretrained: Pretrained | None) -> BuiltModel:
@@ -106,6 +108,8 @@ def build_model(cfg: RunConfig, ds: dict, dist: DistInfo, pretrained: Pretrained
     # swaps, sphere grids) are still computed as written, in float64 on the host
     with deepspeed.zero.Init(config_dict_or_path=ds, enabled=zero_stage == 3, tensor_overrides=[]):
         model = EquiformerV2(cfg.model)
+    plan = run_plan(cfg, ds, dist.device.type, zero_stage)  # kernels and shape buckets (eqv2/execution.py)
+    model = apply_plan(model, plan)
     if zero_stage == 3:
         model.init_partitioned(lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
         # the engine does not move a partitioned model, so the host-built tables go to the device here
@@ -125,7 +129,7 @@ def build_model(cfg: RunConfig, ds: dict, dist: DistInfo, pretrained: Pretrained
     compiled = apply_compile(model, cfg.compile) \
         if cfg.compile.resolve(dist.device, zero_stage) and cfg.model.forces == "direct" else []
     wrapped = apply_activation_checkpointing(model, cfg.activation_checkpointing)  # wraps the compiled forwards
-    return BuiltModel(model, zero_stage, num_params, frozen, compiled, wrapped)
+    return BuiltModel(model, zero_stage, num_params, frozen, compiled, wrapped, plan)
 
 
 def build_engine(cfg: RunConfig, ds: dict, dist: DistInfo, built: BuiltModel) -> tuple[object, EMA | None, float]:

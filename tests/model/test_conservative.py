@@ -168,9 +168,12 @@ def test_the_envelope_makes_the_energy_continuous_at_the_cutoff(envelope, contin
 
 
 def test_fused_kernels_without_a_double_backward_are_refused():
-    for key in ("so2_fused_input_grad", "fused_rotation"):
-        with pytest.raises(ValueError, match=f"{key} is not supported with forces: gradient"):
-            ModelConfig(**{**TINY, key: True})
+    from eqv2.execution import ExecutionPlan, apply_plan
+
+    model = EquiformerV2(ModelConfig(**{**TINY, "forces": "gradient"}))
+    for key in ("so2_fused_input_grad", "fused_rotation", "fused_s2_activation"):
+        with pytest.raises(ValueError, match=f"execution.{key}: not supported with forces: gradient"):
+            apply_plan(model, ExecutionPlan(**{key: True}))
 
 
 def test_a_gradient_model_has_no_direct_head():

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from eqv2.config import ConfigError
+from eqv2.execution import ExecutionPlan, apply_plan
 from eqv2.model.config import ModelConfig
 from eqv2.model.equiformer_v2 import EquiformerV2
 from eqv2.training.activation_checkpointing import ActivationCheckpointConfig, apply_activation_checkpointing
@@ -28,7 +29,7 @@ HAS_TRITON = subprocess.run([sys.executable, "-c", "import triton"], capture_out
 INTERPRETED = textwrap.dedent("""
     import torch
     from eqv2.model.activation import edge_grid, node_grid
-    from eqv2.model.fused_s2_activation import s2_silu
+    from eqv2.kernels.fused_s2_activation import s2_silu
     from eqv2.model.so3 import CoefficientLayout
 
     torch.manual_seed(0)
@@ -48,7 +49,7 @@ INTERPRETED = textwrap.dedent("""
                         float((g - g_ref).abs().max() / g_ref.abs().max()))
     # every tile setting the GPU autotuner may pick, forward and backward kernels, in both tile forms;
     # K = 37 in a block of 64
-    from eqv2.model.fused_s2_activation import FORMS, TUNING, _launch, _s2_silu_bwd, _s2_silu_fwd
+    from eqv2.kernels.fused_s2_activation import FORMS, TUNING, _launch, _s2_silu_bwd, _s2_silu_fwd
     assert FORMS == ("rows", "columns")
     to_mat, from_mat = grids[0].to_grid_mat.double(), grids[0].from_grid_mat.double()
     for config, form in [(tune, form) for tune in TUNING for form in FORMS]:
@@ -80,7 +81,7 @@ def test_fused_s2_kernel_matches_einsum_in_triton_interpreter():
 
 FUSED_ROTATION = """
 import torch
-from eqv2.model.fused_rotation import EdgeOrder, gather_rotate, rotate_scatter
+from eqv2.kernels.fused_rotation import EdgeOrder, gather_rotate, rotate_scatter
 from eqv2.model.so3 import CoefficientLayout, WignerD, rotation_matrices
 torch.manual_seed(0)
 worst = 0.0
@@ -107,7 +108,7 @@ for lmax, mmax, n, e, c, align in [(6, 3, 7, 23, 24, 8), (4, 2, 5, 11, 64, 1), (
         worst = max(worst, float((a - b).abs().max() / b.abs().max()))
 # every tile setting the GPU autotuner may pick, both kernels, one and two indices; 70 edges so that
 # groups cross the segmented sum's edge runs (16 to 64 edges per program), one atom with no edge
-from eqv2.model.fused_rotation import SEGMENT_TUNING, TUNING, _gather, _scatter
+from eqv2.kernels.fused_rotation import SEGMENT_TUNING, TUNING, _gather, _scatter
 layout = CoefficientLayout(4, 2)
 to_edge, _ = rotation_matrices(WignerD(4).double()(torch.randn(70, 3, dtype=torch.float64)), layout, torch.float64, 8)
 src, dst = torch.randint(0, 5, (70,)), torch.randint(0, 5, (70,))
@@ -131,9 +132,10 @@ for config in SEGMENT_TUNING:
     worst = max(worst, float((acc - acc_ref).abs().max() / acc_ref.abs().max()),
                 float((one - one_ref).abs().max() / one_ref.abs().max()))
 print("WORST", worst)
-# the model with model.fused_rotation: the interpreter serves CPU float64 tensors, so the availability
+# the model with execution.fused_rotation: the interpreter serves CPU float64 tensors, so the availability
 # check is widened for this process; same outputs and gradients as the stock operations
-import eqv2.model.fused_rotation as fr
+import eqv2.kernels.fused_rotation as fr
+from eqv2.execution import ExecutionPlan, apply_plan
 from eqv2.model.config import ModelConfig
 from eqv2.model.equiformer_v2 import EquiformerV2
 from tests.model.equivariance import batch_from_atoms
@@ -145,7 +147,8 @@ for fused in (False, True):
     model = EquiformerV2(ModelConfig(num_layers=2, lmax=3, mmax=2, sphere_channels=8, attn_hidden_channels=8,
                                      attn_alpha_channels=4, attn_value_channels=2, ffn_hidden_channels=8,
                                      edge_channels=8, num_heads=2, max_radius=5.0, alpha_drop=0.0,
-                                     drop_path_rate=0.0, rotation_align=8, fused_rotation=fused)).double()
+                                     drop_path_rate=0.0))
+    model = apply_plan(model, ExecutionPlan(rotation_align=8, fused_rotation=fused)).double()
     batch = batch_from_atoms(slab_structures(0, 2), torch.float64)
     out = model(batch)
     (out["energy"].sum() + out["forces"].pow(2).sum()).backward()
@@ -159,7 +162,7 @@ print("MODEL", model_worst)
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (pip install triton) for its interpreter")
 def test_fused_rotation_kernels_match_the_stock_operations_in_triton_interpreter():
     """gather_rotate / rotate_scatter and their backward kernels (float64, aligned matrix rows, repeated
-    indices) against bmm + gather / scatter; then the model with model.fused_rotation against the stock
+    indices) against bmm + gather / scatter; then the model with execution.fused_rotation against the stock
     path, outputs and every gradient."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", FUSED_ROTATION], env=env, capture_output=True, text=True, timeout=600)
@@ -171,7 +174,7 @@ def test_fused_rotation_kernels_match_the_stock_operations_in_triton_interpreter
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_fused_s2_kernel_rejects_mismatched_shapes():
-    from eqv2.model.fused_s2_activation import s2_silu
+    from eqv2.kernels.fused_s2_activation import s2_silu
 
     with pytest.raises(ValueError, match="need \\[Z, K, C\\]"):
         s2_silu(torch.zeros(2, 5, 3), torch.zeros(10, 4), torch.zeros(10, 4))
@@ -189,7 +192,7 @@ def test_fused_s2_op_flops_are_counted_like_the_einsum_path():
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
-    from eqv2.model.fused_s2_activation import s2_silu
+    from eqv2.kernels.fused_s2_activation import s2_silu
 
     z, k, c, g = 5, 29, 8, 40
     with FakeTensorMode():  # shapes only: the kernel itself needs a GPU
@@ -212,11 +215,15 @@ def _loss(out):
 
 
 @pytest.mark.slow
-# the shipped configs' kernel choices all together (every custom op traced at once); each kernel's own
-# numerics against the stock path, alone and in pairs, are tested eagerly in test_model.py / test_modules.py
-@pytest.mark.parametrize("cpp_wrapper,kernels", [(False, {}), (True, {}),
+# the reference modules with Inductor's C++ wrapper launching the kernels; the fast plan's kernel choices all
+# together (every custom op traced at once) with Python's wrapper.  Two cases, not the combinations: each
+# compile costs a minute or more on 2 cores (the C++ wrapper with the kernels' custom ops took 520 s), and
+# the reference with Python's wrapper is what tests/train/test_compiled_training.py compiles.  Each kernel's
+# own numerics against the stock path, alone and in pairs, are tested eagerly in test_model.py / test_modules.py
+@pytest.mark.parametrize("cpp_wrapper,kernels", [(True, {}),
                                                  (False, dict(so2_fused_input_grad=True, so2_indexed_radial=True,
-                                                              rotation_align=8, fused_rotation=True))])
+                                                              rotation_align=8, fused_rotation=True,
+                                                              fused_s2_activation=True))])
 def test_compiled_model_matches_eager_and_compiles_once(cpp_wrapper, kernels):
     """Inductor (C++ on CPU) computes the eager model's function and gradients; with activation
     checkpointing on one block; one compiled graph per part serves every block and batch size.
@@ -227,9 +234,9 @@ def test_compiled_model_matches_eager_and_compiles_once(cpp_wrapper, kernels):
     torch._dynamo.reset()
     dynamo_utils.counters.clear()
     torch.manual_seed(0)
-    cfg = ModelConfig(**{**TINY, "drop_path_rate": 0.3, **kernels})  # stochastic depth on: drawn outside the blocks
-    eager = EquiformerV2(cfg).train()
-    fast = EquiformerV2(cfg).train()
+    cfg = ModelConfig(**{**TINY, "drop_path_rate": 0.3})  # stochastic depth on: drawn outside the blocks
+    eager = apply_plan(EquiformerV2(cfg), ExecutionPlan(**kernels)).train()
+    fast = apply_plan(EquiformerV2(cfg), ExecutionPlan(**kernels)).train()
     fast.load_state_dict(eager.state_dict())
     names = apply_compile(fast, CompileConfig(enabled=True, cpp_wrapper=cpp_wrapper))
     apply_activation_checkpointing(fast, ActivationCheckpointConfig(enabled=True, every=2))  # wraps compiled code
@@ -305,9 +312,9 @@ def test_compile_must_precede_activation_checkpointing():
 
 
 def test_cuda_graphs_need_shape_buckets():
-    with pytest.raises(ConfigError, match="model.pad_atoms_multiple and model.pad_edges_multiple"):
+    with pytest.raises(ConfigError, match="execution.pad_atoms_multiple and execution.pad_edges_multiple"):
         apply_compile(EquiformerV2(ModelConfig(**TINY)), CompileConfig(enabled=True, mode="reduce-overhead"))
-    padded = EquiformerV2(ModelConfig(**TINY, pad_atoms_multiple=32, pad_edges_multiple=256))
+    padded = apply_plan(EquiformerV2(ModelConfig(**TINY)), ExecutionPlan(pad_atoms_multiple=32, pad_edges_multiple=256))
     assert len(apply_compile(padded, CompileConfig(enabled=True, mode="reduce-overhead"))) == 7  # 3 blocks, 4 parts
 
 
@@ -336,7 +343,7 @@ WEIGHED = textwrap.dedent("""
     import torch
     from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
     from torch._functorch.partitioners import min_cut_rematerialization_partition
-    from eqv2.model.fused_s2_activation import s2_silu
+    from eqv2.kernels.fused_s2_activation import s2_silu
     from eqv2.training.compile import _with_memory_budget
 
     graphs = {}

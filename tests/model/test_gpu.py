@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from eqv2.execution import ExecutionPlan, apply_plan, choose_plan
 from eqv2.model.config import ModelConfig
 from eqv2.model.equiformer_v2 import EquiformerV2
 from tests.model.equivariance import batch_from_atoms, max_equivariance_error, random_rotations
@@ -72,7 +73,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_fused_s2_kernel_bf16_matches_einsum():
     from eqv2.model.activation import edge_grid
-    from eqv2.model.fused_s2_activation import kernel_available, s2_silu
+    from eqv2.kernels.fused_s2_activation import kernel_available, s2_silu
     from eqv2.model.so3 import CoefficientLayout
 
     grid = edge_grid(CoefficientLayout(6, 3), 18).cuda()
@@ -95,7 +96,7 @@ def test_every_s2_kernel_tile_setting_matches_einsum(lmax, mmax, full):
     """Each setting the autotuner may pick, launched explicitly at the models' coefficient counts
     (K 29, 37, 49, 19) and channel widths 64 and 128, forward and backward, in every kernel form."""
     from eqv2.model.activation import edge_grid, node_grid
-    from eqv2.model.fused_s2_activation import FORMS, TUNING, _launch, _s2_silu_bwd, _s2_silu_fwd
+    from eqv2.kernels.fused_s2_activation import FORMS, TUNING, _launch, _s2_silu_bwd, _s2_silu_fwd
     from eqv2.model.so3 import CoefficientLayout
 
     grid = (node_grid(lmax, 18) if full else edge_grid(CoefficientLayout(lmax, mmax), 18)).cuda()
@@ -118,8 +119,8 @@ def test_fused_rotation_kernels_bf16_match_the_stock_operations():
     """gather_rotate / rotate_scatter on tensor cores against the stock bf16 path (bmm over gathered copies,
     scatter_sum), forward and backward, at the 153M attention's sizes (L 6, M 3, aligned rows); the
     targets sorted as the graph builder returns them, the last 1,000 edges into one padding atom."""
-    from eqv2.model.fused_rotation import EdgeOrder, gather_rotate, rotate_scatter
-    from eqv2.model.graph_attention import scatter_sum
+    from eqv2.kernels.fused_rotation import EdgeOrder, gather_rotate, rotate_scatter
+    from eqv2.model.so3 import scatter_sum
     from eqv2.model.so3 import CoefficientLayout, WignerD, rotation_matrices
 
     torch.manual_seed(0)
@@ -159,20 +160,18 @@ def test_compiled_bf16_fast_path_matches_eager_reference_and_is_equivariant(fuse
                                                                               fused_rotation, indexed_radial,
                                                                               s2_form):
     """Same weights: the fast path (compiled, fused S2 kernel, bf16; with and without the SO(2) input
-    gradient op, row-aligned Wigner matrices and the fused rotation kernels) is as close to the float32 eager reference as bf16
-    eager autocast is, for energies, forces and every gradient; and its rotation error is no larger
+    gradient op, row-aligned Wigner matrices and the fused rotation kernels) is as close to the float32 eager
+    reference (the paper modules, no plan applied) as bf16 eager autocast of the reference is, for energies, forces and every gradient; and its rotation error is no larger
     than bf16 eager's (within 10 %)."""
     from eqv2.training.compile import CompileConfig, apply_compile
 
     torch.manual_seed(0)
     cfg = ModelConfig(**{**FAST_CFG, "max_radius": 6.0, "max_neighbors": 1000})
     ref_model = EquiformerV2(cfg).cuda().train()
-    fast_model = EquiformerV2(ModelConfig(**{**FAST_CFG, "max_radius": 6.0, "max_neighbors": 1000,
-                                             "so2_fused_input_grad": fused_input_grad,
-                                             "rotation_align": rotation_align,
-                                             "fused_rotation": fused_rotation,
-                                             "so2_indexed_radial": indexed_radial,
-                                             "s2_kernel_form": s2_form})).cuda().train()
+    plan = ExecutionPlan(so2_fused_input_grad=fused_input_grad, rotation_align=rotation_align,
+                         fused_rotation=fused_rotation, so2_indexed_radial=indexed_radial, fused_s2_activation=True,
+                         s2_kernel_form=s2_form)
+    fast_model = apply_plan(EquiformerV2(cfg), plan).cuda().train()
     fast_model.load_state_dict(ref_model.state_dict())
     apply_compile(fast_model, CompileConfig(enabled=True))
     results = {}
@@ -224,7 +223,8 @@ def test_cuda_graphs_over_shape_buckets_match_eager():
     torch.manual_seed(0)
     base = {**FAST_CFG, "max_radius": 6.0, "max_neighbors": 1000}
     ref_model = EquiformerV2(ModelConfig(**base)).cuda().train()
-    fast_model = EquiformerV2(ModelConfig(**base, pad_atoms_multiple=64, pad_edges_multiple=1024)).cuda().train()
+    fast_model = apply_plan(EquiformerV2(ModelConfig(**base)),
+                            ExecutionPlan(pad_atoms_multiple=64, pad_edges_multiple=1024)).cuda().train()
     fast_model.load_state_dict(ref_model.state_dict())
     apply_compile(fast_model, CompileConfig(enabled=True, mode="reduce-overhead"))
     apply_activation_checkpointing(fast_model, ActivationCheckpointConfig(enabled=True, every=2))
@@ -249,9 +249,9 @@ def test_training_step_with_graph_built_ahead_has_no_host_sync():
     from eqv2.model.graph import GraphBuilder
 
     torch.manual_seed(0)
-    cfg = ModelConfig(**{**CFG, "drop_path_rate": 0.1, "alpha_drop": 0.1, "pad_atoms_multiple": 64,
-                         "pad_edges_multiple": 1024})
-    model = EquiformerV2(cfg).cuda().train()
+    cfg = ModelConfig(**{**CFG, "drop_path_rate": 0.1, "alpha_drop": 0.1})
+    plan = choose_plan(device_type="cuda", dtype="bf16", lmax=cfg.lmax, mmax=cfg.mmax, graph_ahead=True)
+    model = apply_plan(EquiformerV2(cfg), plan).cuda().train()  # the trainer's plan: buckets and fused kernels
     batch = GraphBuilder(cfg.max_radius, cfg.max_neighbors, cfg.max_num_elements)(
         batch_from_atoms(slab_structures(2, 4), torch.float32)).to("cuda")
     for sync_mode in ("default", "error"):  # the first pass initialises CUDA libraries (may sync once)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from ase import Atoms
 
+from eqv2.execution import ExecutionPlan, apply_plan
 from eqv2.model.config import ModelConfig
 from eqv2.model.equiformer_v2 import EquiformerV2
 from eqv2.model.graph import GraphBuilder, GraphInputError, graph_from_offsets, radius_graph_pbc
@@ -38,8 +39,9 @@ def _outputs_and_grads(model, batch):
 @pytest.mark.parametrize("pad", [(0, 0), (16, 64)])
 def test_graph_built_ahead_gives_the_same_outputs_and_gradients(pad):
     torch.manual_seed(0)
-    cfg = ModelConfig(**SMALL, pad_atoms_multiple=pad[0], pad_edges_multiple=pad[1])
-    model = EquiformerV2(cfg).double().train()
+    cfg = ModelConfig(**SMALL)
+    model = apply_plan(EquiformerV2(cfg), ExecutionPlan(pad_atoms_multiple=pad[0], pad_edges_multiple=pad[1]))
+    model = model.double().train()
     batch = batch_from_atoms(slab_structures(3, 3), torch.float64)
     ahead = _builder(cfg)(batch)
     assert ahead.edge_index.shape[1] > 0 and ahead.graph_spec == (5.0, 12, cfg.max_num_elements, True)

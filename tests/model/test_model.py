@@ -11,6 +11,7 @@ from ase import Atoms
 from ase.build import bulk
 
 from eqv2.config import ConfigError, from_dict, load_yaml
+from eqv2.execution import REFERENCE, ExecutionPlan, apply_plan
 from eqv2.model.config import ModelConfig
 from eqv2.model.equiformer_v2 import EquiformerV2, count_parameters
 from eqv2.model.graph import GraphInputError
@@ -22,9 +23,9 @@ TINY = dict(num_layers=2, lmax=3, mmax=2, sphere_channels=12, attn_hidden_channe
             max_neighbors=1000, alpha_drop=0.0, drop_path_rate=0.0)
 
 
-def tiny(**kw) -> EquiformerV2:
+def tiny(plan: ExecutionPlan = REFERENCE, **kw) -> EquiformerV2:
     torch.manual_seed(0)
-    return EquiformerV2(ModelConfig(**{**TINY, **kw})).double().eval()
+    return apply_plan(EquiformerV2(ModelConfig(**{**TINY, **kw})), plan).double().eval()
 
 
 @pytest.mark.parametrize("name,count", [("eqv2_31M", 31_058_690), ("eqv2_83M", 83_164_802), ("eqv2_153M", 153_602_690)])
@@ -158,18 +159,19 @@ def _outputs_and_gradients(m, b) -> tuple:
 
 
 def test_so2_input_gradient_op_leaves_the_model_unchanged(oc20_atoms):
-    """With `fused_input_grad` on in every SO(2) convolution, energies, forces and every parameter
-    gradient of the model are bit-identical (float64, eager)."""
+    """With the fused input gradient (and its indexed form) in every SO(2) convolution, energies, forces and
+    every parameter gradient of the model are bit-identical (float64, eager)."""
+    from eqv2.kernels.fused_so2 import FusedSO2Convolution
     from eqv2.model.so2_convolution import SO2Convolution
 
     b = batch_from_atoms([oc20_atoms], torch.float64)
     results = []
     for fused, indexed in ((False, False), (True, False), (True, True)):
-        # the config keys reach every SO(2) convolution
-        m = tiny(so2_fused_input_grad=fused, so2_indexed_radial=indexed).train()
+        # the plan reaches every SO(2) convolution
+        m = tiny(ExecutionPlan(so2_fused_input_grad=fused, so2_indexed_radial=indexed)).train()
         convs = [module for module in m.modules() if isinstance(module, SO2Convolution)]
-        assert len(convs) > 2 and all((conv.fused_input_grad, conv.indexed_radial) == (fused, indexed)
-                                      for conv in convs)
+        assert len(convs) > 2 and all((isinstance(conv, FusedSO2Convolution), getattr(conv, "indexed_radial", False))
+                                      == (fused, indexed) for conv in convs)
         results.append(_outputs_and_gradients(m, b))
     for other in results[1:]:
         for a, c in zip(results[0], other):
@@ -182,7 +184,7 @@ def test_rotation_align_leaves_the_model_unchanged(oc20_atoms):
     b = batch_from_atoms([oc20_atoms], torch.float64)
     results = []
     for align in (1, 8):
-        m = tiny(rotation_align=align).train()
+        m = tiny(ExecutionPlan(rotation_align=align)).train()
         results.append(_outputs_and_gradients(m, b))
     for a, c in zip(*results):
         assert torch.equal(a, c)
@@ -200,7 +202,7 @@ def test_rotation_matrices_are_cast_once_to_the_autocast_dtype(kernels):
 
     def run(force_dtype):
         torch.manual_seed(0)
-        model = EquiformerV2(ModelConfig(**{**TINY, **kernels})).train()  # float32, as trained
+        model = apply_plan(EquiformerV2(ModelConfig(**TINY)), ExecutionPlan(**kernels)).train()  # float32, as trained
         frames = model.edge_frames
 
         def edge_frames(edge_vec, distance, dtype):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from eqv2.execution import ExecutionPlan, apply_plan
 from eqv2.model.config import ModelConfig
 from eqv2.model.equiformer_v2 import EquiformerV2
 from eqv2.model.graph import GraphBuilder
@@ -57,13 +58,13 @@ def _spy_host_data(monkeypatch) -> list[str]:
 def test_training_step_reads_nothing_back_and_copies_nothing_to_the_device(kernels, monkeypatch):
     cfg = ModelConfig(num_layers=2, lmax=4, mmax=2, sphere_channels=16, attn_hidden_channels=8, attn_alpha_channels=8,
                       attn_value_channels=4, ffn_hidden_channels=16, edge_channels=16, num_heads=2, max_radius=6.0,
-                      alpha_drop=0.1, drop_path_rate=0.1, proj_drop=0.1, pad_atoms_multiple=16,
-                      pad_edges_multiple=64, **kernels)
+                      alpha_drop=0.1, drop_path_rate=0.1, proj_drop=0.1)
+    plan = ExecutionPlan(pad_atoms_multiple=16, pad_edges_multiple=64, **kernels)
     from dataclasses import replace
 
     from eqv2.training.loss import EnergyForceLoss, LossConfig, Normalizers, global_counts
 
-    model = EquiformerV2(cfg).train().to("meta")
+    model = apply_plan(EquiformerV2(cfg), plan).train().to("meta")
     batch = GraphBuilder(6.0, cfg.max_neighbors, cfg.max_num_elements)(
         batch_from_atoms(slab_structures(0, 2), torch.float32))
     n = batch.pos.shape[0]

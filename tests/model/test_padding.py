@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from eqv2.execution import ExecutionOverrides, ExecutionPlan, apply_plan, choose_plan
 from eqv2.model.config import ModelConfig
 from eqv2.model.equiformer_v2 import EquiformerV2
 from eqv2.model.graph import pad_graph, radius_graph_pbc
@@ -26,8 +27,9 @@ def _run(model, batch):
 def test_padded_model_computes_the_same_function(atoms_multiple, edges_multiple):
     torch.manual_seed(0)
     plain = EquiformerV2(ModelConfig(**SMALL)).double().train()
-    padded = EquiformerV2(ModelConfig(**SMALL, pad_atoms_multiple=atoms_multiple,
-                                      pad_edges_multiple=edges_multiple)).double().train()
+    padded = apply_plan(EquiformerV2(ModelConfig(**SMALL)), ExecutionPlan(pad_atoms_multiple=atoms_multiple,
+                                                                          pad_edges_multiple=edges_multiple))
+    padded = padded.double().train()
     padded.load_state_dict(plain.state_dict())
     seen = []
     padded.blocks[0].register_forward_hook(lambda m, args, out: seen.append((args[0].shape[0], args[3].shape[1])))
@@ -59,5 +61,8 @@ def test_pad_graph_appends_self_loops_of_the_first_padding_atom():
 
 
 def test_negative_padding_multiple_is_rejected():
-    with pytest.raises(ValueError, match="pad_edges_multiple must be >= 0"):
-        ModelConfig(**SMALL, pad_edges_multiple=-1)
+    with pytest.raises(ValueError, match="execution.pad_edges_multiple must be >= 0"):
+        choose_plan(device_type="cpu", dtype="fp32", lmax=3, mmax=2,
+                    overrides=ExecutionOverrides(pad_edges_multiple=-1))
+    with pytest.raises(ValueError, match="execution.pad_edges_multiple must be >= 0"):
+        apply_plan(EquiformerV2(ModelConfig(**SMALL)), ExecutionPlan(pad_edges_multiple=-1))

@@ -7,6 +7,7 @@ import pytest
 import torch
 from ase.build import bulk
 
+from eqv2.execution import ExecutionPlan, apply_plan
 from eqv2.model.config import ModelConfig, Rank2HeadConfig
 from eqv2.model.equiformer_v2 import EquiformerV2
 from eqv2.model.rank2_head import _anisotropic_basis, symmetric_tensor
@@ -48,8 +49,8 @@ def test_shape_buckets_do_not_change_the_stress_or_a_mean_energy(head):
     batch = batch_from_atoms(crystals, torch.float64)
     torch.manual_seed(0)
     plain = EquiformerV2(ModelConfig(**TINY, stress_head=head, energy_reduce="mean")).double().eval()
-    padded = EquiformerV2(ModelConfig(**TINY, stress_head=head, energy_reduce="mean", pad_atoms_multiple=16,
-                                      pad_edges_multiple=256)).double().eval()
+    padded = apply_plan(EquiformerV2(ModelConfig(**TINY, stress_head=head, energy_reduce="mean")),
+                        ExecutionPlan(pad_atoms_multiple=16, pad_edges_multiple=256)).double().eval()
     padded.load_state_dict(plain.state_dict())
     with torch.no_grad():
         a, b = plain(batch), padded(batch)

@@ -31,6 +31,7 @@ if torch.cuda.is_available():
 import deepspeed  # noqa: E402
 
 from eqv2.batch import AtomsBatch  # noqa: E402
+from eqv2.execution import ExecutionPlan, apply_plan  # noqa: E402
 from eqv2.model.config import ModelConfig  # noqa: E402
 from eqv2.model.equiformer_v2 import EquiformerV2  # noqa: E402
 from eqv2.training.step import StepContext, take_step  # noqa: E402
@@ -71,8 +72,9 @@ def run(spec: str, dist) -> dict:
         torch.use_deterministic_algorithms(fields[4:] != ["cudagraphs"])
     torch.manual_seed(0)
     model = EquiformerV2(ModelConfig(**{**TINY, **({} if dropout else {"alpha_drop": 0.0, "drop_path_rate": 0.0}),
-                                        **({"pad_atoms_multiple": 16, "pad_edges_multiple": 64} if padded else {}),
                                         **({"forces": "gradient"} if gradient else {})}))
+    if padded:
+        apply_plan(model, ExecutionPlan(pad_atoms_multiple=16, pad_edges_multiple=64))
     if fields[4:] == ["cudagraphs"]:
         apply_compile(model, CompileConfig(enabled=True, mode="reduce-overhead"))
     apply_activation_checkpointing(model, ActivationCheckpointConfig(enabled=bool(ac), every=1))

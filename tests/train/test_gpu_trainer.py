@@ -23,9 +23,8 @@ def test_trainer_on_cuda_graphs_evaluates_its_ema_weights(demo_data, tmp_path):
     rc, out = run_train(["--ds_config", "ds_configs/zero0_bf16.json", "--config", "configs/train/demo.yaml",
                          *data_args(demo_data), "--set", f"run_dir={run_dir}", "--set", "optim.max_steps=60",
                          "--set", "eval.every_steps=30", "--set", "log.every_steps=10",
-                         "--set", "compile.mode=reduce-overhead", "--set", "model.pad_atoms_multiple=32",
-                         "--set", "model.pad_edges_multiple=512", "--set", "model.so2_fused_input_grad=true",
-                         "--set", "model.rotation_align=8", "--set", "model.fused_rotation=true"], timeout=900)
+                         "--set", "compile.mode=reduce-overhead", "--set", "execution.pad_atoms_multiple=32",
+                         "--set", "execution.pad_edges_multiple=512"], timeout=900)
     assert rc == [0], out[-5000:]
     assert "on cuda/nccl" in out and "compiled:" in out, out[-3000:]
     train, evals = records(run_dir)

@@ -137,7 +137,9 @@ def test_stress_loss_without_stress_in_the_data_names_the_key(demo_data, tmp_pat
 @pytest.mark.parametrize("extra, message", [
     (["--set", "loss.stress_coef=1.0"], "loss.stress_coef=1.0 needs model.forces: gradient"),
     (GRADIENT + ["--set", "compile.enabled=true"], "compile.enabled=true is not supported with model.forces: gradient"),
-    (GRADIENT + ["--set", "model.fused_rotation=true"], "fused_rotation is not supported with forces: gradient"),
+    (GRADIENT + ["--set", "execution.fused_rotation=true"],
+     "execution.fused_rotation: not supported with forces: gradient"),
+    (["--set", "model.fused_rotation=true"], "model.fused_rotation: moved to execution.fused_rotation"),
     (GRADIENT + ["--set", "normalizers={energy_mean: 0.0, energy_std: 1.0, forces_std: 0.5}"],
      "normalizers.forces_std=0.5 must equal normalizers.energy_std=1.0"),
 ])

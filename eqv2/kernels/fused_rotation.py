@@ -2,7 +2,7 @@
 
 The attention block rotates the features of each edge's two atoms into the edge frame and, after the
 SO(2) convolutions, rotates the messages back and sums them into the target atoms.  Done with stock
-operations (graph_attention.py), that is a gather writing [E, (L+1)^2, 2C] copies of node features,
+operations (`so3.EdgeRotation`), that is a gather writing [E, (L+1)^2, 2C] copies of node features,
 a batched product reading them, and after the block a product writing [E, (L+1)^2, C] messages that a
 scatter reads again: four passes over the largest tensors of the model.
 
@@ -28,8 +28,9 @@ They make two custom ops, each the other's backward:
 Products run on tensor cores in the matrices' dtype (bf16 under autocast: the gathered features are
 cast to it, as `EdgeRotation.rotate` casts them) with float32 accumulation; the scatter sums in
 float32 without rounding each edge's message to bf16 first.  The rotation matrices carry no gradient
-(forces are predicted directly); asking for one is an error.  Used when `model.fused_rotation` is set
-and the features are CUDA bf16/fp16; the tests run the kernels in Triton's interpreter on the CPU.
+(forces are predicted directly); asking for one is an error.  `FusedEdgeRotation` (below) serves the
+model's rotations when the execution plan sets `fused_rotation` (eqv2/execution.py) and the features are
+CUDA bf16/fp16; the tests run the kernels in Triton's interpreter on the CPU.
 """
 from __future__ import annotations
 
@@ -37,13 +38,14 @@ from dataclasses import dataclass
 
 import torch
 
-from eqv2.model import fused_s2_activation
-from eqv2.model.fused_s2_activation import _interpreted
+from eqv2.kernels import fused_s2_activation
+from eqv2.kernels.fused_s2_activation import _interpreted
+from eqv2.model.so3 import EdgeRotation
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs: graph_attention.py keeps to the stock operations
+except ImportError:  # CPU-only installs: FusedEdgeRotation keeps to the stock operations
     triton = None
 
 # the fused ops serve the same tensors as the fused S2 kernel: CUDA, bf16/fp16, Triton installed
@@ -283,7 +285,7 @@ def _(grad, from_edge, dst):
 def _no_matrix_gradient(ctx, index: int, name: str) -> None:
     if ctx.needs_input_grad[index]:
         raise RuntimeError(f"eqv2::{name}: the rotation matrices carry no gradient (forces are predicted "
-                           "directly); detach them or turn model.fused_rotation off")
+                           "directly); detach them or turn execution.fused_rotation off")
 
 
 def _gather_rotate_setup(ctx, inputs, output):
@@ -337,3 +339,28 @@ def _register_flop_formulas() -> None:
 
 
 _register_flop_formulas()
+
+
+class FusedEdgeRotation(EdgeRotation):
+    """`so3.EdgeRotation` whose gather-rotate and rotate-scatter are the fused kernels above where they serve
+    the matrices (CUDA bf16/fp16, Triton installed), else the stock operations.  The execution plan sets it as
+    the model's `rotation_type` (eqv2/execution.py apply_plan); the edges' grouping by atom (`EdgeOrder`, two
+    sorts) is made once per forward pass and shared by every block."""
+
+    def __init__(self, to_edge, from_edge, order: EdgeOrder, envelope=None):
+        super().__init__(to_edge, from_edge, envelope)
+        self.order = order
+
+    @classmethod
+    def for_edges(cls, to_edge, from_edge, edge_index, envelope=None) -> "FusedEdgeRotation":
+        return cls(to_edge, from_edge, EdgeOrder.of(edge_index), envelope)
+
+    def gather_rotate(self, x, source, target):
+        if kernel_available(self.to_edge):
+            return gather_rotate(x, source, target, self.to_edge, self.order.by_source, self.order.by_target)
+        return super().gather_rotate(x, source, target)
+
+    def rotate_scatter(self, m, target, num_nodes):
+        if kernel_available(self.from_edge):
+            return rotate_scatter(m, self.from_edge, target, self.order.by_target, num_nodes)
+        return super().rotate_scatter(m, target, num_nodes)

@@ -12,13 +12,15 @@ on tensor cores with bf16/fp16 inputs and float32 accumulation (float32 inputs: 
 SiLU and its derivative are evaluated in float32.  The tile sizes and warp count are autotuned on the
 GPU per (K, C) at the first call (TUNING); on the H200 the untuned 64 x 64 tiles ran the 153M
 attention's activation at about 94 TFLOP/s, a tenth of the chip's bf16 rate.  Two forms
-(`model.s2_kernel_form`) compute the same: tiles with a coefficient per row ("rows") or a (structure,
+(`execution.s2_kernel_form`) compute the same: tiles with a coefficient per row ("rows") or a (structure,
 channel) column per row ("columns", the default: on the H200 its forward + backward took 766 us where
 the rows took 865 us, at the 153M attention's K = 37, C = 64, Z = 12288; docs/perf-notes.md, session 10).
 
 Registered as the custom ops `eqv2::s2_silu` / `eqv2::s2_silu_backward`, so torch.compile treats
-them as opaque calls and autograd sees one node.  The einsum path in activation.py is the reference
-implementation; tests compare the two (CPU via the Triton interpreter, GPU via the device).
+them as opaque calls and autograd sees one node.  `FusedS2Grid` (below) is
+swapped into a built model by the execution plan (`fused_s2_activation`, eqv2/execution.py); the einsum
+path of activation.py's `S2Grid` is the reference implementation; tests compare the two (CPU via the
+Triton interpreter, GPU via the device).
 """
 from __future__ import annotations
 
@@ -26,10 +28,12 @@ import os
 
 import torch
 
+from eqv2.model.activation import S2Grid
+
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs: activation.py keeps to the einsum path
+except ImportError:  # CPU-only installs: FusedS2Grid keeps to the einsum path
     triton = None
 
 
@@ -118,7 +122,7 @@ if triton is not None:
         tl.store(dx_ptr + offs, acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-# kernel forms (model.s2_kernel_form): the tiles' orientation.  Session 9 also had the 153M attention's
+# kernel forms (execution.s2_kernel_form): the tiles' orientation.  Session 9 also had the 153M attention's
 # K = 37 coefficients split in two blocks (32 + 16 instead of 64): with row tiles slower on the H200
 # (881 against 865 us forward + backward), with column tiles an illegal memory access in torch 2.11's
 # Triton; removed (docs/perf-notes.md, session 10).
@@ -241,3 +245,22 @@ def _register_flop_formulas() -> None:
 
 
 _register_flop_formulas()
+
+
+class FusedS2Grid(S2Grid):
+    """`activation.S2Grid` whose `silu` is the fused kernel where it serves the features (CUDA bf16/fp16, Triton
+    installed), in the tile form `kernel_form`; elsewhere the reference einsums.  Its backward is not
+    differentiable again: the plan does not use it with gradient forces."""
+
+    kernel_form = "columns"
+
+    @classmethod
+    def swap_into(cls, grid: S2Grid, kernel_form: str) -> None:
+        """Make the built `grid` (buffers and all) this class, in place."""
+        grid.__class__ = cls
+        grid.kernel_form = kernel_form
+
+    def silu(self, x: torch.Tensor) -> torch.Tensor:
+        if kernel_available(x):
+            return s2_silu(x, self.to_grid_mat.to(x.dtype), self.from_grid_mat.to(x.dtype), self.kernel_form)
+        return super().silu(x)
