@@ -181,8 +181,24 @@ class _Active:
         self.cell, self.pbc, self.natoms = (t[struct_index] for t in (self.cell, self.pbc, self.natoms))
         return atom_index, struct_index
 
+    def wrapped_positions(self) -> torch.Tensor:
+        """The positions wrapped into the cell along the periodic axes, in float64 on the device, as
+        `eqv2.calculator.wrapped_positions` (ASE's wrap_positions, eps=0) gives the ASE calculator's and
+        fairchem's batches: the same function of the positions, the same float32 round-off, so the same
+        choice among tied neighbours. The optimizer keeps the unwrapped positions (continuous paths).
+        Structures with no periodic axis or a singular cell are left as they are."""
+        cell = self.cell[self.seg]  # [N, 3, 3]
+        usable = self.pbc.any(dim=1) & (torch.linalg.det(self.cell).abs() > 1e-12)  # [B]
+        eye = torch.eye(3, dtype=cell.dtype, device=cell.device)
+        inverse = torch.linalg.inv(torch.where(usable[:, None, None], self.cell, eye))[self.seg]
+        frac = torch.einsum("ni,nij->nj", self.pos, inverse)
+        frac = torch.where(self.pbc[self.seg], torch.remainder(frac, 1.0), frac)
+        wrapped = torch.einsum("ni,nij->nj", frac, cell)
+        return torch.where(usable[self.seg, None], wrapped, self.pos)
+
     def batch(self) -> AtomsBatch:
-        return AtomsBatch(pos=self.pos.to(self.float_dtype), atomic_numbers=self.numbers, cell=self.cell.to(self.float_dtype),
+        return AtomsBatch(pos=self.wrapped_positions().to(self.float_dtype), atomic_numbers=self.numbers,
+                          cell=self.cell.to(self.float_dtype),
                           pbc=self.pbc, natoms=self.natoms, batch=self.seg, tags=self.tags, fixed=self.fixed,
                           ids=[s.sid for s in self.items])
 

@@ -98,3 +98,41 @@ def test_step_limit(emt_structures):
 def test_bad_config_names_the_key():
     with pytest.raises(ValueError, match="optimizer"):
         RelaxConfig(optimizer="bfgs")
+
+
+def test_the_model_sees_wrapped_positions_and_the_optimizer_keeps_its_own():
+    """Atoms moved out of the cell by lattice vectors: the force provider gets the positions wrapped into the
+    cell as the ASE calculator's batches hold them (eqv2.calculator.atoms_to_batch: the same float32 inputs, so
+    the same tied neighbours), the energies are those of the unmoved structure, and the results keep the
+    optimizer's unwrapped positions."""
+    from eqv2.calculator import atoms_to_batch
+    from tests.relaxation.emt_set import initial_atoms, structure_of
+
+    atoms = [initial_atoms(i) for i in range(3)]
+    moved = []
+    for a in atoms:
+        b = a.copy()
+        cell, pos = np.array(b.get_cell()), b.get_positions()
+        pos[::2] += cell[0] - 2 * cell[1]  # out of the cell along both periodic axes
+        pos[1::3] -= cell[0]
+        b.set_positions(pos)
+        moved.append(b)
+    seen = []
+
+    class Recording(AseForces):
+        def __call__(self, batch):
+            seen.append(batch.pos.clone())
+            return super().__call__(batch)
+
+    cfg = RelaxConfig(fmax=1e-9, steps=0)
+    got = {r.structure.sid: r for r in relax([structure_of(b) for b in moved], Recording(EMT()), cfg)}
+    want = _run([structure_of(a) for a in atoms], cfg)
+    got64 = _run([structure_of(b) for b in moved], cfg)  # float64 inputs: the energies of the unmoved structures
+    expected = atoms_to_batch(moved).pos
+    assert not torch.equal(expected, torch.as_tensor(np.concatenate([b.get_positions() for b in moved]), dtype=torch.float32))
+    torch.testing.assert_close(seen[0], expected, rtol=0, atol=2e-6)
+    for b in moved:
+        sid = b.info["sid"]
+        assert got64[sid].energy == pytest.approx(want[sid].energy, abs=1e-9)
+        assert got[sid].energy == pytest.approx(want[sid].energy, abs=1e-5)  # float32 inputs
+        np.testing.assert_array_equal(got[sid].positions, b.get_positions())
