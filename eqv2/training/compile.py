@@ -17,9 +17,19 @@ Compile after applying the execution plan (eqv2/execution.py: it swaps kernel mo
 activation checkpointing: checkpointing then wraps the compiled forward (recomputing it in the
 backward pass) instead of being traced into the graph.
 
-`enabled: null` (auto) compiles on CUDA devices unless ZeRO stage 3 is used: ZeRO-3 gathers
-parameters in module hooks, which a compiled block would trace.  The eager model is the reference
-path: tests check that the compiled model computes the same function.
+`enabled: null` (auto) compiles on CUDA devices, at every ZeRO stage.  Under ZeRO stage 3 (`zero_stage=3`)
+DeepSpeed gathers each module's parameters in hooks on that module, which a compiled forward must not
+trace: each compiled module (blocks, heads) is flagged a ZeRO-3 leaf module (`deepspeed.utils.
+set_z3_leaf_module`, before the engine is built), so DeepSpeed registers its hooks on that module alone,
+gathers the parameters of its whole subtree in one collective before the compiled forward runs and
+reduces their gradients after its backward (a full backward hook on the module); the submodules inside the
+compiled region have no hooks.  Activation checkpointing composes: its recomputation calls the compiled
+forward inside the backward pass, after the module's pre-backward hook has gathered the parameters again.
+Two parts stay eager under ZeRO-3: the edge frames (a method of the root module calling submodules that
+carry DeepSpeed's hooks) and the edge-degree embedding (none of its inputs carries a gradient, so a full
+backward hook on it would fire before its parameters' gradients exist); and a model with frozen
+parameters (init.freeze) is not compiled there (a compiled module's input may then carry no gradient).
+The eager model is the reference path: tests check that the compiled model computes the same function.
 """
 from __future__ import annotations
 
@@ -37,7 +47,7 @@ from eqv2.model.graph import bucket_shape
 
 @dataclass
 class CompileConfig:
-    enabled: bool | None = None  # null: on for CUDA devices with ZeRO stage <= 2, off otherwise
+    enabled: bool | None = None  # null: on for CUDA devices (every ZeRO stage), off otherwise
     # Inductor mode; reduce-overhead adds CUDA graphs (one recording per shape: needs the model's shape
     # buckets, execution.pad_atoms_multiple and execution.pad_edges_multiple); max-autotune: Triton templates
     # tried for the matrix products as well, with CUDA graphs (same need; much longer compilation)
@@ -60,33 +70,48 @@ class CompileConfig:
         if not 0.0 < self.activation_memory_budget <= 1.0:
             raise ConfigError(f"compile.activation_memory_budget must be in (0, 1], got {self.activation_memory_budget}")
 
-    def resolve(self, device: torch.device, zero_stage: int = 0) -> bool:
+    def resolve(self, device: torch.device, zero_stage: int = 0, frozen: int = 0) -> bool:
+        """Whether to compile; `frozen`: how many parameters init.freeze froze (ZeRO-3 compiles only a model
+        without frozen ones: its leaf modules' gradient reduction needs every compiled input to carry a gradient)."""
+        if zero_stage == 3 and frozen:
+            if self.enabled:
+                raise ConfigError(f"compile.enabled=true is not supported with ZeRO stage 3 and frozen parameters "
+                                  f"({frozen} frozen by init.freeze); set compile.enabled to null or false")
+            return False
         if self.enabled is None:
-            return device.type == "cuda" and zero_stage < 3
-        if self.enabled and zero_stage == 3:
-            raise ConfigError("compile.enabled=true is not supported with ZeRO stage 3 (its parameter-gathering "
-                             "hooks would be traced); set compile.enabled to null or false")
+            return device.type == "cuda"
         return self.enabled
 
 
-def compiled_parts(model: nn.Module) -> list[str]:
+def compiled_parts(model: nn.Module, zero_stage: int = 0) -> list[str]:
     """Names of what `apply_compile` compiles: submodules (their forward) and the model's `edge_frames`
-    (the per-edge rotation matrices and distance basis)."""
+    (the per-edge rotation matrices and distance basis); under ZeRO-3 the blocks and heads only."""
     names = [f"blocks.{i}" for i in range(len(model.blocks))]
-    for name in ("edge_degree_embedding", "energy_head", "force_head"):
+    parts = ("energy_head", "force_head") if zero_stage == 3 else ("edge_degree_embedding", "energy_head", "force_head")
+    for name in parts:
         if getattr(model, name, None) is not None:
             names.append(name)
-    return names + ["edge_frames"]
+    return names if zero_stage == 3 else names + ["edge_frames"]
 
 
-def apply_compile(model: nn.Module, cfg: CompileConfig) -> list[str]:
-    """Compile the repeated parts of `model` in place; returns their names."""
+def apply_compile(model: nn.Module, cfg: CompileConfig, zero_stage: int = 0) -> list[str]:
+    """Compile the repeated parts of `model` in place; returns their names.  `zero_stage=3`: the model is to
+    run under DeepSpeed ZeRO-3 (call this before `deepspeed.initialize`): the compiled modules are made its
+    leaf modules, so that its parameter-gathering hooks run outside the compiled forwards."""
     if cfg.mode in ("reduce-overhead", "max-autotune") and not (getattr(model, "pad_atoms_multiple", 0)
                                                                 and getattr(model, "pad_edges_multiple", 0)):
         raise ConfigError(f"compile.mode={cfg.mode} records a CUDA graph per batch shape: it needs shape buckets, "
                           "execution.pad_atoms_multiple and execution.pad_edges_multiple (on CUDA in bf16 they "
                           "are chosen automatically)")
-    names = compiled_parts(model)
+    names = compiled_parts(model, zero_stage)
+    if zero_stage == 3:
+        from deepspeed.utils import set_z3_leaf_module
+
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        if frozen:
+            raise ConfigError(f"compile under ZeRO stage 3 needs every parameter trainable; {frozen[0]} is frozen")
+        for name in names:
+            set_z3_leaf_module(model.get_submodule(name), True)
     for name in names:
         owner, attr = (model, name) if name == "edge_frames" else (model.get_submodule(name), "forward")
         if attr in vars(owner):

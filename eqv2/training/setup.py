@@ -126,8 +126,8 @@ def build_model(cfg: RunConfig, ds: dict, dist: DistInfo, pretrained: Pretrained
     frozen = freeze(model, cfg.init)  # resumed or not: frozen parts stay frozen
     num_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ds_numel: ZeRO-3 full size
     # gradient forces: no compile by default (check_force_options refuses compile.enabled=true)
-    compiled = apply_compile(model, cfg.compile) \
-        if cfg.compile.resolve(dist.device, zero_stage) and cfg.model.forces == "direct" else []
+    compiled = apply_compile(model, cfg.compile, zero_stage) \
+        if cfg.compile.resolve(dist.device, zero_stage, frozen) and cfg.model.forces == "direct" else []
     wrapped = apply_activation_checkpointing(model, cfg.activation_checkpointing)  # wraps the compiled forwards
     return BuiltModel(model, zero_stage, num_params, frozen, compiled, wrapped, plan)
 

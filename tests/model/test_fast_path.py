@@ -332,10 +332,29 @@ def test_compile_config_resolution():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert CompileConfig().resolve(cuda, zero_stage=2) is True
     assert CompileConfig().resolve(cpu, zero_stage=0) is False
-    assert CompileConfig().resolve(cuda, zero_stage=3) is False
+    assert CompileConfig().resolve(cuda, zero_stage=3) is True  # compiled blocks as ZeRO-3 leaf modules
+    assert CompileConfig(enabled=True).resolve(cpu, zero_stage=3) is True
     assert CompileConfig(enabled=True).resolve(cpu) is True
-    with pytest.raises(ConfigError, match="ZeRO stage 3"):
-        CompileConfig(enabled=True).resolve(cuda, zero_stage=3)
+    assert CompileConfig().resolve(cuda, zero_stage=3, frozen=10) is False  # frozen parameters: eager
+    assert CompileConfig().resolve(cuda, zero_stage=2, frozen=10) is True
+    with pytest.raises(ConfigError, match="ZeRO stage 3 and frozen parameters"):
+        CompileConfig(enabled=True).resolve(cuda, zero_stage=3, frozen=10)
+
+
+def test_zero3_compiles_blocks_and_heads_as_leaf_modules():
+    """Under ZeRO-3 the compiled modules become DeepSpeed leaf modules (its hooks on them alone, outside the
+    compiled forward); the edge frames and edge-degree embedding stay eager; frozen parameters are refused."""
+    from deepspeed.utils import z3_leaf_module
+
+    model = EquiformerV2(ModelConfig(**TINY))
+    names = apply_compile(model, CompileConfig(enabled=True), zero_stage=3)
+    assert names == ["blocks.0", "blocks.1", "blocks.2", "energy_head", "force_head"]
+    assert {n for n, m in model.named_modules() if z3_leaf_module(m)} == set(names)
+    assert "edge_frames" not in vars(model) and "forward" not in vars(model.edge_degree_embedding)
+    frozen = EquiformerV2(ModelConfig(**TINY))
+    frozen.atom_embedding.weight.requires_grad_(False)
+    with pytest.raises(ConfigError, match="atom_embedding.weight is frozen"):
+        apply_compile(frozen, CompileConfig(enabled=True), zero_stage=3)
 
 
 WEIGHED = textwrap.dedent("""

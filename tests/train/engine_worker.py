@@ -8,7 +8,9 @@ with an optional ",nan": step 1 then carries a NaN energy target in the last ran
 ",clip" (a gradient-norm limit of 1e-3, which every step hits; at stage 0 the trainer applies it, at
 stages 1-3 DeepSpeed), or ",pad" (shape buckets, no compilation) or ",cudagraphs" (shape buckets and compilation with CUDA
 graphs, as `compile.mode: reduce-overhead`; CUDA only), or ",gradient" (model.forces: gradient, the
-force and stress losses through the double backward; the structures carry stress targets).
+force and stress losses through the double backward; the structures carry stress targets), or ",compile" (the
+blocks and heads compiled, Inductor, as the trainer's build_model does at that ZeRO stage: under ZeRO-3 as
+leaf modules; with activation_ckpt 1, blocks 0, 2, ... are checkpointed around their compiled forward).
 Several specs share one process group, which saves the start-up of a launch per configuration.
 """
 import os
@@ -77,7 +79,12 @@ def run(spec: str, dist) -> dict:
         apply_plan(model, ExecutionPlan(pad_atoms_multiple=16, pad_edges_multiple=64))
     if fields[4:] == ["cudagraphs"]:
         apply_compile(model, CompileConfig(enabled=True, mode="reduce-overhead"))
-    apply_activation_checkpointing(model, ActivationCheckpointConfig(enabled=bool(ac), every=1))
+    if fields[4:] == ["compile"]:
+        torch._dynamo.reset()
+        apply_compile(model, CompileConfig(enabled=True), zero_stage=stage)
+    # compiled: every other block, so that checkpointed and plain compiled blocks both run
+    every = 2 if fields[4:] == ["compile"] else 1
+    apply_activation_checkpointing(model, ActivationCheckpointConfig(enabled=bool(ac), every=every))
     ds = {"train_micro_batch_size_per_gpu": STRUCTS_PER_STEP // (gas * dist.world_size),
           "gradient_accumulation_steps": gas, "gradient_clipping": 1e-3 if fields[4:] == ["clip"] else 100.0,
           "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}
@@ -123,7 +130,8 @@ def gather(engine, stage: int) -> dict:
 
 if __name__ == "__main__":
     dist_info = init_distributed()
-    results = {spec: run(spec, dist_info) for spec in sys.argv[2:]}
+    argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
+    results = {spec: run(spec, dist_info) for spec in argv[1:]}
     if dist_info.rank == 0:
-        torch.save(results, sys.argv[1])
+        torch.save(results, argv[0])
     shutdown(clean=True)  # left to interpreter exit, gloo's threads can abort a rank (exit -6)
