@@ -91,7 +91,8 @@ def test_fused_s2_kernel_bf16_matches_einsum():
     assert _rel(out, ref) < 1e-2 and _rel(grad, ref_grad) < 1e-2, (_rel(out, ref), _rel(grad, ref_grad))
 
 
-@pytest.mark.parametrize("lmax,mmax,full", [(6, 2, False), (6, 3, False), (6, 6, True), (4, 2, False)])
+@pytest.mark.parametrize("lmax,mmax,full", [(6, 2, False), (6, 3, False), (6, 6, True), (4, 2, False),
+                                              (8, 4, False), (8, 8, True), (7, 3, False)])
 def test_every_s2_kernel_tile_setting_matches_einsum(lmax, mmax, full):
     """Each setting the autotuner may pick, launched explicitly at the models' coefficient counts
     (K 29, 37, 49, 19) and channel widths 64 and 128, forward and backward, in every kernel form."""
@@ -115,7 +116,8 @@ def test_every_s2_kernel_tile_setting_matches_einsum(lmax, mmax, full):
             assert _rel(out, ref) < 1e-2 and _rel(grad, ref_grad) < 1e-2, (config, form, channels, _rel(out, ref))
 
 
-def test_fused_rotation_kernels_bf16_match_the_stock_operations():
+@pytest.mark.parametrize("lmax,mmax", [(6, 3), (8, 4), (5, 2)])
+def test_fused_rotation_kernels_bf16_match_the_stock_operations(lmax, mmax):
     """gather_rotate / rotate_scatter on tensor cores against the stock bf16 path (bmm over gathered copies,
     scatter_sum), forward and backward, at the 153M attention's sizes (L 6, M 3, aligned rows); the
     targets sorted as the graph builder returns them, the last 1,000 edges into one padding atom."""
@@ -125,18 +127,19 @@ def test_fused_rotation_kernels_bf16_match_the_stock_operations():
 
     torch.manual_seed(0)
     n, e, c = 700, 14000, 128
-    wigner = WignerD(6).cuda()(torch.randn(e, 3, device="cuda"))
-    to_edge, from_edge = rotation_matrices(wigner, CoefficientLayout(6, 3), torch.bfloat16, 8)
+    layout = CoefficientLayout(lmax, mmax)
+    wigner = WignerD(lmax).cuda()(torch.randn(e, 3, device="cuda"))
+    to_edge, from_edge = rotation_matrices(wigner, layout, torch.bfloat16, 8)
     src, dst = torch.randint(0, n, (e,), device="cuda"), torch.randint(0, n - 1, (e,), device="cuda").sort().values
     dst[-1000:] = n - 1
     order = EdgeOrder.of(torch.stack([src, dst]))
-    x = torch.randn(n, 49, c, device="cuda", requires_grad=True)
+    x = torch.randn(n, (lmax + 1) ** 2, c, device="cuda", requires_grad=True)
     out = gather_rotate(x, src, dst, to_edge, order.by_source, order.by_target)
     ref = torch.bmm(to_edge, torch.cat([x[src], x[dst]], dim=2).bfloat16())
     g = torch.randn_like(ref)
     (gx,) = torch.autograd.grad(out, x, g)
     (gx_ref,) = torch.autograd.grad(ref, x, g)
-    m = torch.randn(e, 37, c, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    m = torch.randn(e, layout.num_reduced, c, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     agg = rotate_scatter(m, from_edge, dst, order.by_target, n)
     agg_ref = scatter_sum(torch.bmm(from_edge, m), dst, n)
     h = torch.randn_like(agg_ref)
