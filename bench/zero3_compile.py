@@ -27,6 +27,7 @@ def run(mode: str, args) -> dict:
     run_dir = args.work / mode
     sets = {"run_dir": run_dir, "data.train_manifest": args.data / "train" / "manifest.json",
             "data.val_manifest": args.data / "val" / "manifest.json", "optim.max_steps": args.steps,
+            "optim.max_epochs": "null", "optim.warmup_epochs": "null", "optim.warmup_steps": 2,
             "log.every_steps": args.log_every, "eval.every_steps": 10**6, "eval.max_batches": 1,
             "checkpoint.every_steps": 10**6, "checkpoint.save_at_end": "false",
             "compile.enabled": "true" if mode == "compiled" else "false"}
