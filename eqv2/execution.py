@@ -34,6 +34,7 @@ class ExecutionPlan:
     s2_kernel_form: Literal["rows", "columns"] = "columns"  # the fused S2 kernels' tile orientation
 
 
+KERNEL_LMAX, KERNEL_MMAX = 8, 4  # the range the Triton kernels are tested over (tests/kernels/, GPU and interpreter)
 REFERENCE = ExecutionPlan()  # the paper modules as written: what CPU and float32 runs use
 # every execution key; those a model config held before they moved here are dropped from old files
 EXECUTION_KEYS = frozenset(f.name for f in dataclasses.fields(ExecutionPlan))
@@ -87,10 +88,12 @@ def choose_plan(*, device_type: str, dtype: str, lmax: int, mmax: int, zero_stag
       Wigner rows, fused rotations, the fused S2 activation and shape buckets of 64 atoms / 1,024 edges.
     - Gradient forces: no kernel whose backward is not differentiable again (so2_fused_input_grad,
       fused_rotation, fused_s2_activation); an override asking for one is refused by name.
-    - ZeRO stage 3 (compile is off there, so no shape buckets): only the fused S2 activation, as the shipped
-      1B L8 config ran before the plan; the other kernels under ZeRO-3's parameter gathering are not yet
-      measured on a GPU (overrides may ask for them).
-    lmax / mmax are recorded inputs: the kernels' own dispatch falls back where they do not apply.
+    - Any ZeRO stage: the same (compiled blocks run under ZeRO-3 as DeepSpeed leaf modules, training/compile.py,
+      so shape buckets serve there too); the kernels are module classes and do not see the partitioning.
+    - L_max / M_max: the Triton kernels (fused rotation, fused S2 activation) size their tiles from the
+      coefficient counts and are tested up to L_max 8 / M_max 4 (tests/kernels/); beyond that range they are
+      left off (the reference modules run) unless an override asks for them.  The fused SO(2) input gradient
+      is torch operations per order m and serves every L_max / M_max.
     """
     if forces not in ("direct", "gradient"):
         raise ValueError(f"forces must be 'direct' or 'gradient', got {forces!r}")
@@ -102,11 +105,10 @@ def choose_plan(*, device_type: str, dtype: str, lmax: int, mmax: int, zero_stag
     auto["validate_inputs"] = not graph_ahead
     if device_type == "cuda" and dtype in ("bf16", "fp16"):
         auto.update(pad_atoms_multiple=64, pad_edges_multiple=1024, rotation_align=8, s2_kernel_form="columns")
-        if forces == "direct" and zero_stage < 3:
-            auto.update(so2_fused_input_grad=True, so2_indexed_radial=True, fused_rotation=True,
-                        fused_s2_activation=True)
-        elif forces == "direct":
-            auto.update(pad_atoms_multiple=0, pad_edges_multiple=0, rotation_align=1, fused_s2_activation=True)
+        if forces == "direct":
+            triton_ok = lmax <= KERNEL_LMAX and mmax <= KERNEL_MMAX
+            auto.update(so2_fused_input_grad=True, so2_indexed_radial=True, fused_rotation=triton_ok,
+                        fused_s2_activation=triton_ok)
     chosen = dict(auto)
     for key, value in dataclasses.asdict(overrides or ExecutionOverrides()).items():
         if value != AUTO:

@@ -48,14 +48,29 @@ def test_cuda_half_precision_direct_forces_gets_the_fused_kernels_and_buckets():
                                  fused_rotation=True, fused_s2_activation=True, s2_kernel_form="columns")
 
 
-def test_zero3_keeps_the_plan_the_1b_config_ran_before():
-    """Under ZeRO-3 (no compile, so no shape buckets) only the fused S2 activation is chosen; the other kernels
-    can be asked for by name."""
-    plan = choose_plan(device_type="cuda", dtype="bf16", lmax=8, mmax=4, zero_stage=3, graph_ahead=True)
-    assert plan == ExecutionPlan(validate_inputs=False, fused_s2_activation=True)
-    asked = choose_plan(device_type="cuda", dtype="bf16", lmax=8, mmax=4, zero_stage=3,
+FAST = ExecutionPlan(validate_inputs=False, pad_atoms_multiple=64, pad_edges_multiple=1024, so2_fused_input_grad=True,
+                     so2_indexed_radial=True, rotation_align=8, fused_rotation=True, fused_s2_activation=True)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+def test_every_zero_stage_gets_the_fast_plan_up_to_lmax_8_mmax_4(zero_stage):
+    """Compiled blocks run under ZeRO-3 (leaf modules), so ZeRO-3 gets the shape buckets and every kernel too,
+    at every L_max <= 8 / M_max <= 4 (the 1B L8 config: 8 / 4)."""
+    for lmax, mmax in [(8, 4), (6, 2), (4, 4), (2, 1)]:
+        plan = choose_plan(device_type="cuda", dtype="bf16", lmax=lmax, mmax=mmax, zero_stage=zero_stage,
+                           graph_ahead=True)
+        assert plan == FAST, (lmax, mmax)
+
+
+@pytest.mark.parametrize("lmax, mmax", [(9, 4), (8, 5), (10, 6)])
+def test_triton_kernels_off_beyond_their_tested_range(lmax, mmax):
+    """Beyond L_max 8 / M_max 4 the Triton kernels (fused rotation, fused S2 activation) are left off; the
+    fused SO(2) input gradient (torch operations) and the shape buckets stay; an override may ask for them."""
+    plan = choose_plan(device_type="cuda", dtype="bf16", lmax=lmax, mmax=mmax, zero_stage=3, graph_ahead=True)
+    assert plan == dataclasses.replace(FAST, fused_rotation=False, fused_s2_activation=False)
+    asked = choose_plan(device_type="cuda", dtype="bf16", lmax=lmax, mmax=mmax,
                         overrides=ExecutionOverrides(fused_rotation=True))
-    assert asked.fused_rotation and not asked.so2_fused_input_grad
+    assert asked.fused_rotation and not asked.fused_s2_activation
 
 
 def test_gradient_forces_get_no_kernel_that_is_not_twice_differentiable():
