@@ -140,3 +140,36 @@ def test_cuda_fast_path_fused_compiled_bf16_matches_fp32(checkpoint):
             assert err < 5e-2 and err <= 2 * base + 1e-3, (key, err, base)
     assert len(fast.checks) == 3 and all(c.ok for c in fast.checks) and not fast.fell_back, lines
     torch._dynamo.reset()
+
+
+def test_predict_cli_precision_and_a_refused_check(checkpoint, tmp_path, capsys):
+    import ase.io
+    import numpy as np
+
+    from eqv2.predict import main
+
+    frames = tmp_path / "frames.extxyz"
+    ase.io.write(frames, slab_structures(2, 3))
+    common = ["--checkpoint", str(checkpoint), "--input", str(frames), "--device", "cpu", "-q"]
+    assert main([*common, "--output", str(tmp_path / "ref.npz"), "--precision", "fp32"]) == 0
+    assert main([*common, "--output", str(tmp_path / "bf16.npz"), "--precision", "bf16"]) == 0
+    err = capsys.readouterr().err
+    assert "precision check (bf16 vs fp32, 3 structures)" in err and "within" in err
+    ref, low = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "bf16.npz")
+    assert 0 < np.abs(low["forces"] - ref["forces"]).max() < 5e-2
+    assert main([*common, "--output", str(tmp_path / "x.npz"), "--precision", "bf16",
+                 "--precision-tolerance", "1e-12", "1"]) == 2
+    assert "OUTSIDE the tolerance" in capsys.readouterr().err
+
+
+def test_calculator_inference_option(checkpoint, oc20_atoms):
+    from eqv2.calculator import EquiformerV2Calculator
+
+    ref, low = oc20_atoms.copy(), oc20_atoms.copy()
+    ref.calc = EquiformerV2Calculator(checkpoint, device="cpu")
+    low.calc = EquiformerV2Calculator(checkpoint, device="cpu",
+                                      inference=InferenceOptions(precision="bf16", compile="off"))
+    assert low.calc.potential.precision == "bf16" and len(low) > 0
+    e_ref, e_low = ref.get_potential_energy(), low.get_potential_energy()
+    assert e_low != e_ref and abs(e_low - e_ref) / len(ref) < 5e-3
+    assert len(low.calc.potential.checks) == 1 and low.calc.potential.checks[0].ok
