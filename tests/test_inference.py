@@ -117,17 +117,26 @@ def test_prepare_twice_is_refused(checkpoint):
         prepare(fast, "cpu")
 
 
+GPU_CFG = ModelConfig(num_layers=2, lmax=6, mmax=3, sphere_channels=32, attn_hidden_channels=16, attn_alpha_channels=8,
+                      attn_value_channels=4, ffn_hidden_channels=32, edge_channels=32, num_heads=4, max_radius=6.0,
+                      max_neighbors=1000)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_fast_path_fused_compiled_bf16_matches_fp32(checkpoint):
+def test_cuda_fast_path_fused_compiled_bf16_matches_fp32(tmp_path):
     """The whole CUDA fast path (the plan's fused kernels and shape buckets, compiled with CUDA graphs, bf16)
-    against float32 on the same batches: within the default tolerance, and as close as bf16 eager autocast."""
+    against float32 on the same batches: as close as bf16 eager autocast of the reference modules, and the
+    check records every batch (random weights: no physical tolerance applies, so none is judged)."""
     torch._dynamo.reset()
-    lines = []
-    fast = load_for_inference(checkpoint, "cuda", InferenceOptions(precision="auto", check_batches=3), log=lines.append)
+    torch.manual_seed(0)
+    save_model(tmp_path / "gpu.pt", EquiformerV2(GPU_CFG), GPU_CFG, NORMS)
+    options = InferenceOptions(precision="auto", check_batches=3, energy_tolerance=1e9, forces_tolerance=1e9)
+    fast = load_for_inference(tmp_path / "gpu.pt", "cuda", options, log=lambda line: None)
     assert fast.precision == "bf16" and fast.mode == "reduce-overhead" and fast.plan.fused_s2_activation
-    ref = eqv2.load_model(checkpoint, "cuda")
-    for n, seed in ((3, 0), (4, 1), (3, 0)):  # the third replays the first batch's recorded graphs
+    assert fast.plan.fused_rotation and fast.plan.pad_atoms_multiple == 64
+    ref = eqv2.load_model(tmp_path / "gpu.pt", "cuda")
+    for n, seed in ((3, 0), (4, 1), (3, 0), (3, 0)):  # the last ones replay the first batch's recorded graphs
         batch = _batch(n, seed).to("cuda")
         out = fast(batch)
         with torch.no_grad():
@@ -135,10 +144,11 @@ def test_cuda_fast_path_fused_compiled_bf16_matches_fp32(checkpoint):
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 eager = ref(batch)
         for key in ("energy", "forces"):
+            assert out[key].dtype == torch.float32
             err = float((out[key] - want[key]).norm() / want[key].norm())
             base = float((eager[key].float() - want[key]).norm() / want[key].norm())
-            assert err < 5e-2 and err <= 2 * base + 1e-3, (key, err, base)
-    assert len(fast.checks) == 3 and all(c.ok for c in fast.checks) and not fast.fell_back, lines
+            assert err < 5e-2 and err <= 2 * base + 1e-3, (n, key, err, base)
+    assert len(fast.checks) == 3 and not fast.fell_back and fast.reference is None
     torch._dynamo.reset()
 
 
