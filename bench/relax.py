@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=["31M:16", "153M:8"], help="NAME:BATCH (eqv2/configs/model/eqv2_NAME.yaml) or CONFIG.yaml:BATCH")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--rounds", type=int, default=2, help="full batches relaxed per measurement")
-    p.add_argument("--eqv2-dtype", nargs="+", choices=["fp32", "bf16", "fast"], default=["fp32", "bf16", "fast"])
+    p.add_argument("--eqv2-dtype", nargs="+", choices=["fp32", "bf16", "fast"], default=["fast", "bf16", "fp32"])
     p.add_argument("--reference", action="store_true", help="also time fairchem-core 1.10.0's batched LBFGS")
     p.add_argument("--mixed", action="store_true", help="also the refill efficiency on a mixed split (eqv2, first dtype)")
     p.add_argument("--mixed-batches", type=int, default=4, help="batches' worth of structures in the mixed split")
