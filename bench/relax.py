@@ -7,7 +7,9 @@ on the same OC20-sized structures and the same (random) weights, in one process.
 Structures: bench/model.py's OC20-like adsorbate+slab systems (~72 atoms), the lower half of each slab fixed.
 Every structure runs exactly --steps LBFGS steps (fmax 0: none converges), the OC20/fairchem settings
 (maxstep 0.04, memory 50, damping 1, alpha 70). eqv2: `eqv2.relaxation.engine.relax` with the batch as its
-structure budget (--eqv2-dtype fp32 or bf16 autocast). fairchem: its `OptimizableBatch` + torch `LBFGS`
+structure budget (--eqv2-dtype: fp32, bf16 autocast of the eager reference modules, or fast: `eqv2.inference` in
+bf16, i.e. the execution plan's fused kernels, compiled with CUDA graphs per shape bucket, its first batch
+checked against fp32 and the differences recorded). fairchem: its `OptimizableBatch` + torch `LBFGS`
 (its relaxation code path), the model under fp16 autocast as its trainer predicts with amp; 1.10's
 OptimizableBatch is abstract under ASE 3.29 (ASE's Optimizable gained methods its LBFGS never calls), so a
 subclass fills them in. GPU-s per relaxation = wall seconds of the timed rounds / structures relaxed.
@@ -17,7 +19,8 @@ weights give no real convergence, so the provider zeroes its forces then), --mix
 of structures flow through the engine. Two efficiencies against the structure-evaluations/s of a batch that
 never changes: `efficiency_vs_full_batch`, the whole flow (its drain included: once the queue is empty the
 batch empties too), and `efficiency_while_queue_feeds`, the iterations while the batch is still full
-(retirement and refill included), which is what a split of thousands of structures sees.
+(retirement and refill included), which is what a split of thousands of structures sees. The mixed flow runs twice and the second pass is
+timed (the first: `cold`, with its compilations and CUDA-graph recordings of the batch sizes the refill meets).
 """
 from __future__ import annotations
 
@@ -75,18 +78,33 @@ def models(name: str, device):
     return ref, Potential(ours, Normalizers(energy_mean=0.0, energy_std=1.0, forces_std=1.0)).to(device).eval()
 
 
+def fast_path(potential, device):
+    """eqv2.inference's fast path (bf16, the plan's kernels, compiled) on a copy of `potential`; its first batch
+    is compared with fp32 and the differences recorded (random weights: no tolerance applies)."""
+    import copy
+
+    from eqv2.inference import InferenceOptions, prepare
+
+    options = InferenceOptions(precision="bf16", check_batches=1, energy_tolerance=1e30, forces_tolerance=1e30)
+    return prepare(copy.deepcopy(potential), device, options, log=lambda line: print(line, flush=True))
+
+
 def time_eqv2(potential, items, batch: int, steps: int, dtype: str, device, limits: dict | None = None) -> dict:
     """limits: sid -> evaluations after which that structure reports zero forces (converges); None: never."""
     provider = PotentialForces(potential)
-    evals = [0]
+    low = dtype == "bf16"  # "fast": the InferencePotential runs its own autocast
+    evals, model_s = [0], [0.0]  # structure evaluations; seconds inside the force provider (the model)
     seen: dict[str, int] = {}
     calls: list[tuple[float, int]] = []  # (start time, structures evaluated) of every evaluation
 
     def forces(b):
         evals[0] += b.num_graphs
         calls.append((time.perf_counter(), b.num_graphs))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=low):
             e, f = provider(b)
+        if device.type == "cuda":  # the engine waits for the forces right after (its convergence test) anyway
+            torch.cuda.synchronize()
+        model_s[0] += time.perf_counter() - calls[-1][0]
         f = f.float()
         if limits is not None:
             for sid in b.ids:
@@ -98,7 +116,7 @@ def time_eqv2(potential, items, batch: int, steps: int, dtype: str, device, limi
     cfg = RelaxConfig(fmax=1e-30, steps=steps, max_structures=batch, max_atoms=1 << 30)
     warm = [Structure(**{**s.__dict__, "sid": f"warm{s.sid}"}) for s in items[:batch]]
     list(relax(warm, forces, RelaxConfig(fmax=1e-30, steps=3, max_structures=batch, max_atoms=1 << 30), device=device))
-    evals[0] = 0
+    evals[0], model_s[0] = 0, 0.0
     calls.clear()
     torch.cuda.synchronize() if device.type == "cuda" else None
     torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
@@ -113,7 +131,8 @@ def time_eqv2(potential, items, batch: int, steps: int, dtype: str, device, limi
     full = [(t1 - t0, n) for (t0, n), (t1, _) in zip(calls, calls[1:] + [(t0 + wall, 0)]) if n == batch]
     full_rate = sum(n for _, n in full) / sum(d for d, _ in full) if full else 0.0
     return {"gpu_s_per_relaxation": wall / len(done), "structures": len(done), "wall_s": wall,
-            "evaluations_per_s": evals[0] / wall, "full_batch_evaluations_per_s": full_rate, "peak_gib": peak}
+            "evaluations_per_s": evals[0] / wall, "full_batch_evaluations_per_s": full_rate, "peak_gib": peak,
+            "model_fraction": model_s[0] / wall}  # the rest: optimizer steps, convergence tests, refills
 
 
 class _Trainer:
@@ -171,12 +190,19 @@ def time_fairchem(model, items, batch: int, steps: int, device) -> dict:
     return {"gpu_s_per_relaxation": wall / len(items), "structures": len(items), "wall_s": wall, "peak_gib": peak}
 
 
+def dump(path: Path | None, rows: list) -> None:
+    """Written after every measurement: a run cut short keeps what it measured."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"results": rows}, indent=2) + "\n")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["31M:16", "153M:8"], help="NAME:BATCH (eqv2/configs/model/eqv2_NAME.yaml) or CONFIG.yaml:BATCH")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--rounds", type=int, default=2, help="full batches relaxed per measurement")
-    p.add_argument("--eqv2-dtype", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    p.add_argument("--eqv2-dtype", nargs="+", choices=["fp32", "bf16", "fast"], default=["fast", "bf16", "fp32"])
     p.add_argument("--reference", action="store_true", help="also time fairchem-core 1.10.0's batched LBFGS")
     p.add_argument("--mixed", action="store_true", help="also the refill efficiency on a mixed split (eqv2, first dtype)")
     p.add_argument("--mixed-batches", type=int, default=4, help="batches' worth of structures in the mixed split")
@@ -192,20 +218,29 @@ def main(argv=None) -> int:
         ref, potential = models(name, device)
         row = {"model": name, "batch": batch, "steps": args.steps, "mean_atoms": float(np.mean([len(s.numbers) for s in items])),
                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+        runners = {}
         for dtype in args.eqv2_dtype:
-            row[f"eqv2_{dtype}"] = time_eqv2(potential, items, batch, args.steps, dtype, device)
+            runners[dtype] = fast_path(potential, device) if dtype == "fast" else potential
+            row[f"eqv2_{dtype}"] = time_eqv2(runners[dtype], items, batch, args.steps, dtype, device)
+            if dtype == "fast":
+                row["eqv2_fast"].update(inference=runners[dtype].describe(),
+                                        check_vs_fp32=[c.__dict__ for c in runners[dtype].checks])
             print(name, batch, f"eqv2 {dtype}", row[f"eqv2_{dtype}"], flush=True)
+            dump(args.json, rows + [row])
         if args.mixed:
             dtype = args.eqv2_dtype[0]
             flow = structures(batch * args.mixed_batches, seed=1)
             rng = np.random.default_rng(0)
             limits = {s.sid: int(rng.integers(args.steps // 4, args.steps + 1)) for s in flow}
-            mixed = time_eqv2(potential, flow, batch, args.steps, dtype, device, limits)
+            cold = time_eqv2(runners[dtype], flow, batch, args.steps, dtype, device, limits)
+            mixed = time_eqv2(runners[dtype], flow, batch, args.steps, dtype, device, limits)
+            mixed["cold"] = cold
             full = row[f"eqv2_{dtype}"]
             mixed["efficiency_vs_full_batch"] = mixed["evaluations_per_s"] / full["evaluations_per_s"]
             mixed["efficiency_while_queue_feeds"] = mixed["full_batch_evaluations_per_s"] / full["evaluations_per_s"]
             row[f"eqv2_{dtype}_mixed"] = mixed
             print(name, batch, f"eqv2 {dtype} mixed", mixed, flush=True)
+        dump(args.json, rows + [row])
         if args.reference and ref is not None:
             try:
                 row["fairchem_amp16"] = time_fairchem(ref, items, batch, args.steps, device)
@@ -213,7 +248,8 @@ def main(argv=None) -> int:
                 row["fairchem_amp16"] = {"error": f"{type(err).__name__}: {err}"[:500]}
             print(name, batch, "fairchem", row["fairchem_amp16"], flush=True)
         rows.append(row)
-        del ref, potential
+        del ref, potential, runners
+        torch._dynamo.reset()  # the next model's compilations start a fresh cache
         torch.cuda.empty_cache() if device.type == "cuda" else None
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,9 @@ stress output, stress (ASE's Voigt order and sign, eV/Å^3).
     from eqv2.calculator import EquiformerV2Calculator
     atoms.calc = EquiformerV2Calculator("model.pt")          # GPU when available
     atoms.get_potential_energy(); atoms.get_forces()
+    # on a GPU, the fast path (bf16, fused kernels, compiled; first call checked against float32):
+    from eqv2.inference import InferenceOptions
+    atoms.calc = EquiformerV2Calculator("model.pt", inference=InferenceOptions(precision="auto"))
 
 The energy is what the model was trained on: for OC20 S2EF models, the DFT energy referenced to
 the gas-phase/slab references (adsorption-style), as in the published models.
@@ -67,19 +70,26 @@ def cpu_threads(threads: int | None):
 class EquiformerV2Calculator(Calculator):
     """threads: torch's intra-op threads while a CPU calculation runs (None: torch's own setting, one per
     core). One by default: on a loaded 2-core machine the 31M model took 3.8 s per OC20 structure
-    (34 atoms) with one thread and 9.3 s with two, and ASE workflows often run one calculator per core."""
+    (34 atoms) with one thread and 9.3 s with two, and ASE workflows often run one calculator per core.
+    inference: how the model runs (eqv2.inference.InferenceOptions; None: the float32 reference path); a
+    checkpoint given as an already prepared `InferencePotential` runs as it was prepared."""
 
     implemented_properties = ["energy", "free_energy", "forces"]
 
     def __init__(self, checkpoint: str | Potential, device: str | torch.device | None = None,
-                 threads: int | None = 1, **kwargs):
+                 threads: int | None = 1, inference=None, **kwargs):
         super().__init__(**kwargs)
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1 or None, got {threads}")
         self.threads = threads
         self.device = torch.device(device) if device is not None else default_device()
-        self.potential = checkpoint if isinstance(checkpoint, Potential) else load_model(checkpoint, self.device)
+        from eqv2.inference import InferencePotential, prepare
+
+        self.potential = checkpoint if isinstance(checkpoint, (Potential, InferencePotential)) \
+            else load_model(checkpoint, self.device)
         self.potential = self.potential.to(self.device).eval()
+        if inference is not None and not isinstance(self.potential, InferencePotential):
+            self.potential = prepare(self.potential, self.device, inference)
         if self.potential.config.forces == "gradient" or self.potential.config.stress_head is not None:
             # stress from the energy's strain derivative, or a direct stress head (converted OMat24-family models)
             self.implemented_properties = [*self.implemented_properties, "stress"]

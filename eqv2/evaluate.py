@@ -6,6 +6,7 @@
     eqv2 evaluate --checkpoint runs/demo/checkpoints --weights live --split val=data/demo/val/manifest.json
     eqv2 evaluate --checkpoint runs/demo/checkpoints/step_00000400 --split val=... --limit 20   # a quick look
     torchrun --nproc_per_node 8 -m eqv2.evaluate --checkpoint model.pt --split ...           # on 8 GPUs
+    eqv2 evaluate --checkpoint model.pt --split val=... --precision fp32                    # the reference path
 
 The checkpoint is a model file (`eqv2 export`, `eqv2 convert`), a run's
 `checkpoints/` directory (its newest complete checkpoint) or one `step_*` directory (EMA weights by
@@ -14,6 +15,10 @@ EwT, the baselines): each split's every structure is counted exactly once over a
 launcher the trainer accepts), and with several splits their plain mean is reported as `average`,
 as the paper averages the four OC20 validation splits. Results: a printed table and, with --json, a
 file. --limit N evaluates only the first N batches of every rank (the result says so).
+On CUDA the model runs the fast path by default (eqv2/inference.py: bf16 with the precision-sensitive parts in
+float32, the fused kernels, compiled with CUDA graphs per shape bucket), each rank's first batch checked against
+float32 (--check-precision N, --precision-tolerance; outside it, precision auto falls back to float32 and bf16
+stops); on the CPU, and with --precision fp32, the float32 reference path.
 """
 from __future__ import annotations
 
@@ -88,13 +93,11 @@ def evaluate_split(potential, name: str, manifest: str, args, dist, graphs) -> d
     writer = PredictionWriter() if args.predictions else None
     unlabelled = 0.0
     bar = tqdm(total=total, unit="batch", disable=True if not dist.is_main else show_progress(args.quiet), desc=name)
-    autocast = torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     for i, batch in enumerate(val_batches(cfg, dist.rank, dist.world_size, graphs)):
         if i >= total:
             break
         batch = batch.to(dist.device, non_blocking=True)
-        with autocast:
-            pred = {k: v.float() for k, v in potential(batch).items()}
+        pred = potential(batch)  # eqv2.inference: float32 outputs whatever the precision
         if batch.energy is None or batch.forces is None:
             unlabelled = 1.0
         else:
@@ -145,7 +148,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="structures per batch")
     parser.add_argument("--max-atoms", type=int, default=0, help="atom budget per batch instead of --batch-size")
     parser.add_argument("--limit", type=int, default=0, help="only the first N batches of every rank")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast on the GPU")
     parser.add_argument("--all-atoms", action="store_true", help="force metrics over all atoms, not only free ones")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--predictions", type=Path, help="write each split's predictions as DIR/<split>.npz "
@@ -154,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prediction-dtype", choices=("float16", "float32"), default="float16")
     parser.add_argument("--submission", type=Path, help="also join the splits id, ood_ads, ood_cat, ood_both into "
                         "the OC20 evaluation server's S2EF file (needs --predictions)")
+    from eqv2.inference import add_arguments, options_from_args, prepare
+
+    add_arguments(parser)
     add_quiet(parser)
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.max_atoms < 0 or args.limit < 0:
@@ -166,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     from eqv2.training.dist import init_distributed, shutdown
 
     try:
+        options = options_from_args(args)
         splits = parse_splits(args.split)
         potential = load_potential(args.checkpoint, args.weights)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
@@ -174,7 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     dist = init_distributed()
     code = 1
     try:
-        potential = potential.to(dist.device).eval()
+        potential = prepare(potential.to(dist.device).eval(), dist.device, options,
+                            log=lambda line: print(f"eqv2 evaluate (rank {dist.rank}): {line}", file=sys.stderr))
+        if dist.is_main:
+            print(f"eqv2 evaluate: {potential.describe()}", file=sys.stderr)
         graphs = GraphBuilder.for_model(potential.config)
         if args.submission:
             from eqv2.predictions import OC20_SPLITS
@@ -203,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 args.json.write_text(json.dumps({"checkpoint": str(args.checkpoint), "weights": args.weights,
                                                  "world_size": dist.world_size, "splits": splits,
+                                                 "inference": potential.describe(),
+                                                 "precision_checks": [c.__dict__ for c in potential.checks],
                                                  "results": results}, indent=2))
         code = 0
     except (SampleError, GraphInputError, ValueError) as err:

@@ -5,6 +5,9 @@
 The .npz holds `energy` [n_structures] (eV), `forces` [total_atoms, 3] (eV/Å, frames
 concatenated in order), `natoms` [n_structures], and for models with a stress output `stress`
 [n_structures, 3, 3] (eV/Å^3, ASE's sign convention).  Structures are batched by an atom budget.
+On CUDA the model runs the fast path by default (eqv2/inference.py: bf16, fused kernels, compiled), its first
+batch checked against float32 (a line on stderr; outside the tolerance it falls back to float32);
+--precision fp32 runs the float32 reference path.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import numpy as np
 import torch
 
 from eqv2.calculator import atoms_to_batch, default_device
-from eqv2.checkpoint import load_model
+from eqv2.inference import add_arguments, load_for_inference, options_from_args
 from eqv2.tools.common import add_quiet, fail
 from eqv2.tools.common import parser as cli_parser
 
@@ -67,19 +70,24 @@ def predict(potential, frames, device, max_atoms: int = 2000, quiet: bool = True
 def main(argv: list[str] | None = None) -> int:
     parser = cli_parser("predict", __doc__, [
         "eqv2 predict --checkpoint model.pt --input frames.extxyz --output out.npz",
-        "eqv2 predict --checkpoint model.pt --input relax.traj --output relax.npz --device cpu --max-atoms 500"])
+        "eqv2 predict --checkpoint model.pt --input relax.traj --output relax.npz --device cpu --max-atoms 500",
+        "eqv2 predict --checkpoint model.pt --input frames.extxyz --output out.npz --precision fp32   # reference path",
+        "eqv2 predict --checkpoint model.pt --input frames.extxyz --output out.npz --check-precision 5"])
     parser.add_argument("--checkpoint", required=True, type=Path, help="eqv2 model checkpoint")
     parser.add_argument("--input", required=True, type=Path, help="any ASE-readable file (all frames)")
     parser.add_argument("--output", required=True, type=Path, help=".npz to write")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--max-atoms", type=int, default=2000, help="atom budget per batch")
+    add_arguments(parser)
     add_quiet(parser)
     args = parser.parse_args(argv)
     if args.max_atoms < 1:
         parser.error(f"--max-atoms must be >= 1, got {args.max_atoms}")
     device = torch.device(args.device) if args.device else default_device()
     try:
-        potential = load_model(args.checkpoint, device)
+        potential = load_for_inference(args.checkpoint, device, options_from_args(args))
+        if not args.quiet:
+            print(potential.describe(), file=sys.stderr)
         frames = read_frames(args.input)
         energy, forces, stress = predict(potential, frames, device, args.max_atoms, args.quiet)
     except (FileNotFoundError, ValueError) as err:

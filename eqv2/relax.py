@@ -5,6 +5,7 @@ inputs carry DFT-relaxed targets.
     eqv2 relax --checkpoint model.pt --input init.extxyz --output relax/mine --optimizer fire --trajectories
     eqv2 relax --calculator ase.calculators.emt:EMT --input set.extxyz --output relax/emt   # any ASE calculator
     eqv2 relax --collect relax/val_id --oracle my_dft:Calculator                              # metrics + AFbT
+    eqv2 relax --checkpoint model.pt --input init.extxyz --output relax/ref --precision fp32  # float32 reference path
 
 Results are written per structure as it finishes (OUT/results.<task>.jsonl), and the structures in
 flight (positions, steps, optimizer state) every --checkpoint-every steps and on SIGTERM / SIGUSR1
@@ -13,6 +14,9 @@ finished structures and continues the in-flight ones where they were. With --num
 array: slurm/relax.sh), task i relaxes structures i, i+N, ...; under torchrun each rank is a task
 (RANK of WORLD_SIZE, GPU LOCAL_RANK).
 The task that finishes last writes is2rs.npz, is2re.npz and metrics.json (`--collect OUT` does it again).
+On CUDA the model runs the fast path by default (eqv2/inference.py: bf16, fused kernels, compiled with CUDA
+graphs per shape bucket; the first batch checked against float32, falling back to it outside the tolerance);
+the optimizer always works in float64 and gives the model float32 positions.
 """
 from __future__ import annotations
 
@@ -64,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="relax only the first N structures of this task")
     p.add_argument("--oracle", metavar="MODULE:CLASS", help="ASE calculator for AFbT single points (e.g. DFT)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    from eqv2.inference import add_arguments
+
+    add_arguments(p)
     return p
 
 
@@ -119,9 +126,11 @@ def run(args) -> int:
     out = Path(args.output)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.checkpoint:
-        from eqv2.checkpoint import load_model
+        from eqv2.inference import load_for_inference, options_from_args
 
-        forces, float_dtype = PotentialForces(load_model(args.checkpoint, device)), torch.float32
+        potential = load_for_inference(args.checkpoint, device, options_from_args(args))
+        print(f"task {args.task_index}: {potential.describe()}", file=sys.stderr)
+        forces, float_dtype = PotentialForces(potential), torch.float32
     else:
         from eqv2.relaxation.metrics import load_oracle
 

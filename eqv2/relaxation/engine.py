@@ -94,7 +94,8 @@ class ForceProvider(Protocol):
 
 
 class PotentialForces:
-    """An eqv2 `Potential` (from `eqv2.load_model`) as a force provider."""
+    """An eqv2 `Potential` (from `eqv2.load_model`, the float32 reference path) or `InferencePotential`
+    (`eqv2.inference.load_for_inference`: bf16, fused kernels, compiled per shape bucket) as a force provider."""
 
     def __init__(self, potential: torch.nn.Module):
         self.potential = potential.eval()

@@ -85,6 +85,23 @@ def test_limit_is_marked_partial(demo_data, exported, tmp_path):
     assert got["num_structures"] == 16 and got["complete"] is False and "(--limit)" in proc.stdout
 
 
+def test_bf16_is_checked_against_fp32_and_close(demo_data, exported, tmp_path):
+    """--precision bf16 (CPU autocast here; the fused kernels and compilation are CUDA's): the first batch is
+    compared with float32 and reported, the JSON records it, and the trained demo model's metrics move little."""
+    split = f"val={demo_data / 'val' / 'manifest.json'}"
+    runs = {p: _evaluate("--checkpoint", str(exported), "--split", split, "--limit", "2", "--precision", p,
+                         "--json", str(tmp_path / f"{p}.json")) for p in ("fp32", "bf16")}
+    assert all(r.returncode == 0 for r in runs.values()), runs["bf16"].stderr
+    assert "precision check (bf16 vs fp32" in runs["bf16"].stderr and "within the tolerance" in runs["bf16"].stderr
+    low, ref = (json.loads((tmp_path / f"{p}.json").read_text()) for p in ("bf16", "fp32"))
+    assert low["inference"].startswith("inference: bf16") and low["precision_checks"][0]["ok"]
+    assert ref["precision_checks"] == [] and "fp32, eager" in ref["inference"]
+    a, b = low["results"]["val"], ref["results"]["val"]
+    assert a["energy_mae"] != b["energy_mae"]
+    assert abs(a["energy_mae"] - b["energy_mae"]) < 0.05 * b["energy_mae"] + 1e-3
+    assert abs(a["forces_mae"] - b["forces_mae"]) < 0.05 * b["forces_mae"] + 1e-3
+
+
 @pytest.mark.parametrize("args, message", [
     (["--split", "val"], "--split 'val': expected NAME=MANIFEST"),
     (["--split", "val=/nope/manifest.json"], "--split val: manifest not found: /nope/manifest.json"),
