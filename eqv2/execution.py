@@ -4,9 +4,9 @@
 picks an `ExecutionPlan` from the device, dtype, L_max / M_max, ZeRO stage and forces mode; a run config's
 `execution:` section (`ExecutionOverrides`, every field "auto" by default, unknown keys rejected by name)
 overrides single choices for experiments.  `apply_plan` makes a built `EquiformerV2` run that plan: it swaps the
-custom-kernel classes of eqv2/kernels/ into its modules and sets its execution attributes (input checks, shape
-buckets, Wigner row alignment, edge-rotation class), the way activation checkpointing and compilation are
-applied (eqv2/training/).  `paper_config(d)` drops execution keys from a config saved before they moved here
+custom-kernel classes of eqv2/kernels/ into its modules, sets its execution attributes (input checks, Wigner row
+alignment, edge-rotation class) and installs the shape buckets' forward hooks (eqv2/buckets.py), the way
+activation checkpointing and compilation are applied (eqv2/training/).  `paper_config(d)` drops execution keys from a config saved before they moved here
 (they never changed the function the model computes, so old checkpoints lose nothing).
 """
 from __future__ import annotations
@@ -139,6 +139,7 @@ def apply_plan(model: nn.Module, plan: ExecutionPlan) -> nn.Module:
     """Make the built EquiformerV2 `model` run `plan`, in place; returns it.  Parameters, their names and the
     state dict do not change (checkpoints stay interchangeable between plans); a model given another plan
     later runs that one.  Apply it before compilation and activation checkpointing (they wrap the forwards)."""
+    from eqv2.buckets import install_bucket_hooks
     from eqv2.kernels.fused_rotation import FusedEdgeRotation
     from eqv2.kernels.fused_s2_activation import FusedS2Grid
     from eqv2.kernels.fused_so2 import FusedSO2Convolution
@@ -148,7 +149,7 @@ def apply_plan(model: nn.Module, plan: ExecutionPlan) -> nn.Module:
 
     check_plan(plan, model.cfg.forces)
     model.validate_inputs = plan.validate_inputs
-    model.pad_atoms_multiple, model.pad_edges_multiple = plan.pad_atoms_multiple, plan.pad_edges_multiple
+    install_bucket_hooks(model, plan)  # shape buckets: forward hooks, outputs for the real structures only
     model.rotation_align = plan.rotation_align
     model.rotation_type = FusedEdgeRotation if plan.fused_rotation else EdgeRotation
     for module in model.modules():
