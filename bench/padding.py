@@ -106,11 +106,10 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
         rows.append(row)
         print(json.dumps(row), flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-        args.json.write_text(json.dumps({"device": name, "torch": torch.__version__,
-                                         "rows": rows}, indent=1))
+        if args.json:  # after every config: a run cut short keeps what it measured
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+            args.json.write_text(json.dumps({"device": gpu, "torch": torch.__version__, "rows": rows}, indent=1))
     return 0
 
 
