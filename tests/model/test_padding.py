@@ -3,6 +3,7 @@ function as the paper model (outputs and gradients, float64), whether the batch'
 the loader workers do) or by the plan's hooks; the paper model itself pads nothing."""
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -116,6 +117,8 @@ def test_plan_without_buckets_removes_the_hooks():
     model = apply_plan(EquiformerV2(ModelConfig(**SMALL)), ExecutionPlan(pad_atoms_multiple=16))
     assert model._forward_pre_hooks and model._forward_hooks
     keys = set(model.state_dict())
+    copied = apply_plan(copy.deepcopy(model), REFERENCE)  # a copy's hooks are its own
+    assert not copied._forward_pre_hooks and model._forward_pre_hooks and model._forward_hooks
     apply_plan(model, REFERENCE)
     assert not model._forward_pre_hooks and not model._forward_hooks
     assert set(model.state_dict()) == keys == set(EquiformerV2(ModelConfig(**SMALL)).state_dict())
