@@ -13,8 +13,8 @@ GradScaler, as it trains) and the ratio is printed.
         [--profile ops.txt] [--graphs loader|model]
 
 eqv2's graphs are built ahead on the CPU by default (`--graphs loader`), and padded there to the plan's shape
-buckets, as the trainer's data-loader workers do (data.build_graphs), so the timed step starts from the graph; fairchem builds its
-graph inside its forward pass (otf_graph), as its OC20 training configs do.
+buckets, as the trainer's data-loader workers do (data.build_graphs), so the timed step starts from the graph;
+fairchem builds its graph inside its forward pass (otf_graph), as its OC20 training configs do.
 
 --forces direct gradient: also time gradient (conservative) forces, model.forces: gradient, whose force
 loss needs a double backward; eager only (torch.compile cannot differentiate twice; the fused SO(2)
