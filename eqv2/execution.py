@@ -150,6 +150,8 @@ def apply_plan(model: nn.Module, plan: ExecutionPlan) -> nn.Module:
     check_plan(plan, model.cfg.forces)
     model.validate_inputs = plan.validate_inputs
     install_bucket_hooks(model, plan)  # shape buckets: forward hooks, outputs for the real structures only
+    # the buckets also as attributes, for callers that read them from the model (its forward does not)
+    model.pad_atoms_multiple, model.pad_edges_multiple = plan.pad_atoms_multiple, plan.pad_edges_multiple
     model.rotation_align = plan.rotation_align
     model.rotation_type = FusedEdgeRotation if plan.fused_rotation else EdgeRotation
     for module in model.modules():
