@@ -4,9 +4,9 @@
 picks an `ExecutionPlan` from the device, dtype, L_max / M_max, ZeRO stage and forces mode; a run config's
 `execution:` section (`ExecutionOverrides`, every field "auto" by default, unknown keys rejected by name)
 overrides single choices for experiments.  `apply_plan` makes a built `EquiformerV2` run that plan: it swaps the
-custom-kernel classes of eqv2/kernels/ into its modules, sets its execution attributes (input checks, Wigner row
-alignment, edge-rotation class) and installs the shape buckets' forward hooks (eqv2/buckets.py), the way
-activation checkpointing and compilation are applied (eqv2/training/).  `paper_config(d)` drops execution keys from a config saved before they moved here
+custom-kernel classes of eqv2/kernels/ into its modules and sets its execution attributes (input checks, shape
+buckets, Wigner row alignment, edge-rotation class), the way activation checkpointing and compilation are
+applied (eqv2/training/).  `paper_config(d)` drops execution keys from a config saved before they moved here
 (they never changed the function the model computes, so old checkpoints lose nothing).
 """
 from __future__ import annotations

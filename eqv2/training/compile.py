@@ -33,7 +33,6 @@ from torch import nn
 
 from eqv2.buckets import bucket_shape
 from eqv2.config import ConfigError
-from eqv2.execution import plan_of
 
 
 @dataclass
@@ -82,8 +81,8 @@ def compiled_parts(model: nn.Module) -> list[str]:
 
 def apply_compile(model: nn.Module, cfg: CompileConfig) -> list[str]:
     """Compile the repeated parts of `model` in place; returns their names."""
-    plan = plan_of(model)
-    if cfg.mode in ("reduce-overhead", "max-autotune") and not (plan.pad_atoms_multiple and plan.pad_edges_multiple):
+    if cfg.mode in ("reduce-overhead", "max-autotune") and not (getattr(model, "pad_atoms_multiple", 0)
+                                                                and getattr(model, "pad_edges_multiple", 0)):
         raise ConfigError(f"compile.mode={cfg.mode} records a CUDA graph per batch shape: it needs shape buckets, "
                           "execution.pad_atoms_multiple and execution.pad_edges_multiple (on CUDA in bf16 they "
                           "are chosen automatically)")
