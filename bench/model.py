@@ -12,9 +12,9 @@ GradScaler, as it trains) and the ratio is printed.
         [--ac-every 0 2] [--memory-budget 0.5] [--mode reduce-overhead --pad 64 2048] [--cpp-wrapper] [--json out.json]
         [--profile ops.txt] [--graphs loader|model]
 
-eqv2's graphs are built ahead on the CPU by default (`--graphs loader`), as the trainer's data-loader
-workers build them (data.build_graphs), so the timed step starts from the graph; fairchem builds its
-graph inside its forward pass (otf_graph), as its OC20 training configs do.
+eqv2's graphs are built ahead on the CPU by default (`--graphs loader`), and padded there to the plan's shape
+buckets, as the trainer's data-loader workers do (data.build_graphs), so the timed step starts from the graph;
+fairchem builds its graph inside its forward pass (otf_graph), as its OC20 training configs do.
 
 --forces direct gradient: also time gradient (conservative) forces, model.forces: gradient, whose force
 loss needs a double backward; eager only (torch.compile cannot differentiate twice; the fused SO(2)
@@ -40,6 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 from eqv2.batch import AtomsBatch
+from eqv2.buckets import loader_prepare
 from eqv2.config import from_dict, load_yaml
 from eqv2.execution import REFERENCE, ExecutionOverrides, ExecutionPlan, apply_plan, choose_plan
 from eqv2.model.config import ModelConfig
@@ -307,8 +308,8 @@ def main(argv=None) -> int:
         for bs in args.batch_sizes:
             batches = make_batches(bs, args.warmup + args.steps, args.seed)
             if args.graphs == "loader":  # fairchem builds its graphs in its forward pass (otf_graph), as it trains
-                builder = GraphBuilder.for_model(cfg)
-                batches = [builder(b) for b in batches]
+                prepare = loader_prepare(GraphBuilder.for_model(cfg), plan)  # graphs and shape buckets, as the
+                batches = [prepare(b) for b in batches]  # trainer's loader workers build them
             batches = [b.to(device) for b in batches]
             atoms = sum(int(b.natoms.sum()) for b in batches[args.warmup:])
             budget = f"-mb{args.memory_budget:g}" if args.memory_budget < 1.0 else ""

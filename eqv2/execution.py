@@ -141,6 +141,7 @@ def apply_plan(model: nn.Module, plan: ExecutionPlan) -> nn.Module:
     """Make the built EquiformerV2 `model` run `plan`, in place; returns it.  Parameters, their names and the
     state dict do not change (checkpoints stay interchangeable between plans); a model given another plan
     later runs that one.  Apply it before compilation and activation checkpointing (they wrap the forwards)."""
+    from eqv2.buckets import install_bucket_hooks
     from eqv2.kernels.fused_rotation import FusedEdgeRotation
     from eqv2.kernels.fused_s2_activation import FusedS2Grid
     from eqv2.kernels.fused_so2 import FusedSO2Convolution
@@ -150,6 +151,8 @@ def apply_plan(model: nn.Module, plan: ExecutionPlan) -> nn.Module:
 
     check_plan(plan, model.cfg.forces)
     model.validate_inputs = plan.validate_inputs
+    install_bucket_hooks(model, plan)  # shape buckets: forward hooks, outputs for the real structures only
+    # the buckets also as attributes, for callers that read them from the model (its forward does not)
     model.pad_atoms_multiple, model.pad_edges_multiple = plan.pad_atoms_multiple, plan.pad_edges_multiple
     model.rotation_align = plan.rotation_align
     model.rotation_type = FusedEdgeRotation if plan.fused_rotation else EdgeRotation

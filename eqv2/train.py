@@ -42,7 +42,7 @@ from eqv2.training.profiling import phase
 from eqv2.training.resume import restore
 from eqv2.training.run_state import Checkpointer, Evaluator, Progress
 from eqv2.training.setup import (BuiltModel, RunData, build_data, build_engine, build_model, describe_launch,
-                                 prepare_targets)
+                                 execution_plan, prepare_targets)
 from eqv2.training.signals import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_REQUEUE, StopFlag
 from eqv2.training.step import StepContext, take_step
 from eqv2.training.wandb_log import WandbSink, require_wandb
@@ -102,8 +102,9 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     targets, pretrained = prepare_targets(cfg, resume)  # normalisers, energy references, graph statistics
 
     # --- data, model, engine
-    data = build_data(cfg, dist, gas)
-    built = build_model(cfg, ds, dist, pretrained)
+    plan = execution_plan(cfg, ds, dist)  # kernels and shape buckets (eqv2/execution.py)
+    data = build_data(cfg, dist, gas, plan)  # the loader workers pad batches to the plan's shape buckets
+    built = build_model(cfg, ds, dist, pretrained, plan)
     engine, ema, max_grad_norm = build_engine(cfg, ds, dist, built)
     loss_fn = EnergyForceLoss(cfg.loss, targets.normalizers, targets.reference_tensor(dist.device))
     if dist.is_main:
@@ -122,7 +123,7 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     # the step whose checkpoint this run directory holds already: the one resumed from, if it is here
     saved_step = progress.step if resume and resume.tag_dir.parent.resolve() == ckpt_dir.resolve() else -1
     checkpointer = Checkpointer(cfg, engine, ema, data.stream, targets, dist, ckpt_dir, data.total_steps, saved_step)
-    evaluate_and_track = Evaluator(cfg, engine, ema, data.graphs, targets, dist, logger, checkpointer)
+    evaluate_and_track = Evaluator(cfg, engine, ema, data.prepare, targets, dist, logger, checkpointer)
     if cfg.eval.at_start and progress.step == 0:
         evaluate_and_track(progress)
     engine.train()

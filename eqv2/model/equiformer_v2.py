@@ -11,14 +11,14 @@ Departures from the reference implementation (fairchem), none of which change th
 - the roll of each edge frame about the edge is fixed instead of drawn at random inside forward;
 - rotated edge features are kept in m-primary order throughout (no permutation matmuls);
 - nothing is stored on modules during forward; geometry, Wigner-D matrices, normalisation
-  statistics, softmax and neighbour sums stay in float32 under bf16 autocast;
-- optionally (`pad_atoms_multiple`, `pad_edges_multiple`, set by the execution plan) the graph is padded
-  to shape buckets with an inert dummy structure, for compiled code and CUDA graphs; outputs are sliced
-  back to the real atoms.
+  statistics, softmax and neighbour sums stay in float32 under bf16 autocast.
 
 How the model is executed is not part of `ModelConfig`: `eqv2.execution.apply_plan` sets the attributes
-below (`validate_inputs`, shape buckets, `rotation_align`, `rotation_type`) and swaps the custom-kernel
-modules of eqv2/kernels/ into a built model; the defaults are the paper modules as written.
+below (`validate_inputs`, `rotation_align`, `rotation_type`) and swaps the custom-kernel modules of
+eqv2/kernels/ into a built model; the defaults are the paper modules as written.  Shape buckets (padding
+with an inert dummy structure for compiled code and CUDA graphs) are made where batches are built, or by
+hooks the plan installs around this forward (eqv2/buckets.py); the forward computes every structure it is
+given.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from eqv2.model.conservative import edge_wigner, gradient_outputs, polynomial_en
 from eqv2.model.config import ModelConfig
 from eqv2.model.edge_degree_embedding import EdgeDegreeEmbedding
 from eqv2.model.feed_forward import FeedForwardNetwork
-from eqv2.model.graph import RadiusGraph, graph_from_offsets, pad_graph, search_graph
+from eqv2.model.graph import RadiusGraph, graph_from_offsets, search_graph
 from eqv2.model.graph_attention import EquivariantGraphAttention
 from eqv2.model.layer_norm import make_norm
 from eqv2.model.radial import AtomEdgeEmbedding, GaussianRadialBasis, RadialFunction
@@ -66,10 +66,9 @@ class EquiformerV2(nn.Module):
         self.force_head = EquivariantGraphAttention(cfg, 1, alpha_drop=0.0) if direct else None
         self.stress_head = Rank2SymmetricTensorHead(cfg, cfg.stress_head) if cfg.stress_head is not None else None
         # execution (eqv2/execution.py apply_plan; these defaults are the reference plan): host-side checks of
-        # a graph searched here, shape buckets (0: off), Wigner rows padded to a multiple of `rotation_align`
-        # elements, and the class of the per-batch edge rotation
+        # a graph searched here, Wigner rows padded to a multiple of `rotation_align` elements, and the class
+        # of the per-batch edge rotation
         self.validate_inputs = True
-        self.pad_atoms_multiple, self.pad_edges_multiple = 0, 0
         self.rotation_align = 1
         self.rotation_type = EdgeRotation
         self._init_weights(self.modules())
@@ -159,13 +158,7 @@ class EquiformerV2(nn.Module):
         dtype = compute_dtype(pos)
         with full_precision(pos.device.type):
             graph = self._graph(batch, pos)
-            graph_of_atom, num_real_nodes, num_real_graphs = batch.batch, num_nodes, num_graphs
-            if self.pad_atoms_multiple or self.pad_edges_multiple:
-                graph, num_pad = pad_graph(graph, num_nodes, self.pad_atoms_multiple, self.pad_edges_multiple,
-                                           cfg.max_radius / 2)
-                z = torch.cat([z, z.new_ones(num_pad)])  # padding atoms: hydrogen, in structure `num_graphs`
-                graph_of_atom = torch.cat([graph_of_atom, graph_of_atom.new_full((num_pad,), num_graphs)])
-                num_nodes, num_graphs = num_nodes + num_pad, num_graphs + 1
+            graph_of_atom = batch.batch
             to_edge, from_edge, distance_basis = self.edge_frames(graph.edge_vec, graph.distance, dtype)
         edge_index = graph.edge_index
         envelope = polynomial_envelope(graph.distance, cfg.max_radius) if cfg.cutoff_envelope == "polynomial" else None
@@ -185,13 +178,13 @@ class EquiformerV2(nn.Module):
             energy = energy / torch.bincount(graph_of_atom, minlength=num_graphs).clamp(min=1).to(energy.dtype)
         else:
             energy = energy / cfg.avg_num_nodes
-        out = {"energy": energy.narrow(0, 0, num_real_graphs)}
+        out = {"energy": energy}
         if self.stress_head is not None:  # normalised parts; the Potential assembles the tensor (rank2_head.py)
             parts = self.stress_head(x, edge_index, graph.edge_vec, graph_of_atom, num_graphs)
-            out.update({k: v.narrow(0, 0, num_real_graphs).to(energy.dtype) for k, v in parts.items()})
+            out.update({k: v.to(energy.dtype) for k, v in parts.items()})
         if self.force_head is not None:
             forces = self.force_head(x, z, distance_basis, edge_index, rotation)  # [N, (L+1)^2, 1]
-            forces = forces.narrow(0, 0, num_real_nodes).narrow(1, 1, 3)  # degree 1 = (x, y, z)
+            forces = forces.narrow(1, 1, 3)  # degree 1 = (x, y, z)
             out["forces"] = forces.reshape(-1, 3).to(energy.dtype)
         return out
 

@@ -235,39 +235,6 @@ def search_graph(batch, pos: torch.Tensor, max_radius: float, max_neighbors: int
     return graph
 
 
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
-def bucket_shape(num_atoms: int, num_edges: int, atoms_multiple: int, edges_multiple: int) -> tuple[int, int]:
-    """(atoms, edges) of a batch with `num_atoms` atoms and `num_edges` edges once `pad_graph` has padded
-    it: each count plus at least one, rounded up to its multiple (a multiple of 1 when 0)."""
-    return _round_up(num_atoms + 1, max(atoms_multiple, 1)), _round_up(num_edges + 1, max(edges_multiple, 1))
-
-
-def pad_graph(graph: RadiusGraph, num_atoms: int, atoms_multiple: int, edges_multiple: int,
-              pad_distance: float) -> tuple[RadiusGraph, int]:
-    """Pad a batch's graph to shape buckets: returns the graph with its edge count rounded up to a
-    multiple of `edges_multiple` and the number of padding atoms that rounds `num_atoms` up to a multiple
-    of `atoms_multiple` (a multiple of 1 when 0).  There is at least one padding atom and one padding
-    edge; every padding edge is a self-loop of the first padding atom with a fixed edge vector of length
-    `pad_distance` along z.  The caller puts the padding atoms in a dummy structure of their own, so no
-    real atom sends or receives a padding message and real outputs are unchanged.
-    """
-    num_edges = graph.edge_index.shape[1]
-    atoms, edges = bucket_shape(num_atoms, num_edges, atoms_multiple, edges_multiple)
-    pad_atoms, pad_edges = atoms - num_atoms, edges - num_edges
-    index = graph.edge_index.new_full((2, pad_edges), num_atoms)
-    vec = graph.edge_vec.new_zeros(pad_edges, 3)
-    vec[:, 2] = pad_distance
-    return RadiusGraph(
-        edge_index=torch.cat([graph.edge_index, index], dim=1),
-        edge_vec=torch.cat([graph.edge_vec, vec]),
-        distance=torch.cat([graph.distance, graph.distance.new_full((pad_edges,), pad_distance)]),
-        cell_offset=torch.cat([graph.cell_offset, graph.cell_offset.new_zeros(pad_edges, 3)]),
-    ), pad_atoms
-
-
 def validate_structures(
     pos: torch.Tensor,
     atomic_numbers: torch.Tensor,

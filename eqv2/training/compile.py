@@ -41,8 +41,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from eqv2.buckets import bucket_shape
 from eqv2.config import ConfigError
-from eqv2.model.graph import bucket_shape
 
 
 @dataclass

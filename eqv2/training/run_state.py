@@ -7,11 +7,12 @@ from __future__ import annotations
 import contextlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from eqv2.batch import AtomsBatch
 from eqv2.config import to_dict
-from eqv2.model.graph import GraphBuilder
 from eqv2.training import checkpointing as ckpt
 from eqv2.training.config import RunConfig
 from eqv2.training.dist import DistInfo, all_gather_object
@@ -66,9 +67,9 @@ class Evaluator:
     """Validates every split of `cfg.data` (`evaluate`), logs the metrics and, with
     checkpoint.save_best, saves and marks the checkpoint of a new best primary metric on split "val"."""
 
-    def __init__(self, cfg: RunConfig, engine, ema: EMA | None, graphs: GraphBuilder | None,
+    def __init__(self, cfg: RunConfig, engine, ema: EMA | None, prepare: Callable[[AtomsBatch], AtomsBatch] | None,
                  targets: Targets, dist: DistInfo, logger, checkpointer: Checkpointer) -> None:
-        self.cfg, self.engine, self.ema, self.graphs, self.dist = cfg, engine, ema, graphs, dist
+        self.cfg, self.engine, self.ema, self.prepare, self.dist = cfg, engine, ema, prepare, dist
         self.normalizers, self.references = targets.normalizers, targets.reference_tensor(dist.device)
         self.logger, self.checkpointer = logger, checkpointer  # logger: eqv2.training.monitor.StepLogger
 
@@ -78,7 +79,7 @@ class Evaluator:
             return
         for name, split_cfg in cfg.data.val_splits():
             split_metrics = evaluate(self.engine, cfg, split_cfg, self.ema, self.normalizers, self.dist,
-                                     self.graphs, self.references)
+                                     self.prepare, self.references)
             self.logger.log_eval(progress.step, name, split_metrics)
             if name == "val":  # the primary split picks the best checkpoint
                 metrics = split_metrics
@@ -92,7 +93,7 @@ class Evaluator:
 
 @torch.no_grad()
 def evaluate(engine, cfg: RunConfig, split_cfg, ema: EMA | None, normalizers: Normalizers, dist: DistInfo,
-             graphs: GraphBuilder | None, references: torch.Tensor | None = None) -> dict:
+             prepare: Callable[[AtomsBatch], AtomsBatch] | None, references: torch.Tensor | None = None) -> dict:
     """Metrics of one validation split (`split_cfg`: its data config; EMA weights by default), exact
     over ranks, in the units of the data (energy references added back)."""
     from eqv2.data import val_batches
@@ -100,7 +101,7 @@ def evaluate(engine, cfg: RunConfig, split_cfg, ema: EMA | None, normalizers: No
     metrics = S2EFMetrics(dist.device, cfg.loss.train_on_free_atoms, normalizers.energy_mean, references)
     engine.eval()
     with ema.swapped_in() if (ema is not None and cfg.eval.use_ema) else contextlib.nullcontext():
-        for i, batch in enumerate(val_batches(split_cfg, dist.rank, dist.world_size, graphs)):
+        for i, batch in enumerate(val_batches(split_cfg, dist.rank, dist.world_size, prepare)):
             if cfg.eval.max_batches and i >= cfg.eval.max_batches:
                 break
             batch = batch.to(dist.device, non_blocking=True)

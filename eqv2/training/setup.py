@@ -1,15 +1,19 @@
 """The trainer's start-up, in the order eqv2/train.py calls it: what the run fits (`prepare_targets`:
-normalisers, energy references, graph statistics), the data it trains on (`build_data`), the model
-(`build_model`: the one place that builds, initialises, freezes, compiles and wraps the model, so how it
-executes is decided there) and the DeepSpeed engine (`build_engine`)."""
+normalisers, energy references, graph statistics), how it executes (`execution_plan`: kernels and shape
+buckets), the data it trains on (`build_data`: the loader workers build the radius graphs and pad to the
+plan's shape buckets), the model (`build_model`: the one place that builds, initialises, freezes, compiles
+and wraps the model) and the DeepSpeed engine (`build_engine`)."""
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
+from eqv2.batch import AtomsBatch
+from eqv2.buckets import loader_prepare
 from eqv2.config import ConfigError
 from eqv2.execution import ExecutionPlan, apply_plan, run_plan
 from eqv2.model.graph import GraphBuilder
@@ -53,24 +57,36 @@ def prepare_targets(cfg: RunConfig, resume: ckpt.ResumePoint | None) -> tuple[Ta
     return targets, pretrained
 
 
+def zero_stage_of(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def execution_plan(cfg: RunConfig, ds: dict, dist: DistInfo) -> ExecutionPlan:
+    """The run's kernels and shape buckets (eqv2/execution.py run_plan), for the loader and the model."""
+    return run_plan(cfg, ds, dist.device.type, zero_stage_of(ds))
+
+
 @dataclass
 class RunData:
     """This rank's training stream and the run's length in optimizer steps."""
     stream: object  # eqv2.data.TrainStream
-    graphs: GraphBuilder | None  # radius graphs built in the loader workers (data.build_graphs), else None
+    # what the loader workers do to each batch, also for validation: radius graphs (data.build_graphs), padded
+    # to the plan's shape buckets if it has them (eqv2/buckets.py); None: nothing (the model builds the graph)
+    prepare: Callable[[AtomsBatch], AtomsBatch] | None
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
 
 
-def build_data(cfg: RunConfig, dist: DistInfo, gas: int) -> RunData:
+def build_data(cfg: RunConfig, dist: DistInfo, gas: int, plan: ExecutionPlan) -> RunData:
     """Opens this rank's training stream and plans every validation split (a bad split fails here,
     before training); `gas`: DeepSpeed's gradient_accumulation_steps."""
     from eqv2.data import TrainStream, num_val_batches
 
-    # radius graphs built on the CPU in the loader workers, with the model's cutoff (data.build_graphs)
-    graphs = GraphBuilder.for_model(cfg.model) if cfg.data.build_graphs else None
-    stream = TrainStream(cfg.data, dist.rank, dist.world_size, graphs)
+    # radius graphs built on the CPU in the loader workers, with the model's cutoff (data.build_graphs), and
+    # there padded to the plan's shape buckets: the main process does no padding work
+    prepare = loader_prepare(GraphBuilder.for_model(cfg.model) if cfg.data.build_graphs else None, plan)
+    stream = TrainStream(cfg.data, dist.rank, dist.world_size, prepare)
     steps_per_epoch = stream.steps_in_epoch(0) // gas
     if steps_per_epoch < 1:
         raise ConfigError(f"data: an epoch has {stream.steps_in_epoch(0)} batches per rank, fewer than "
@@ -78,7 +94,7 @@ def build_data(cfg: RunConfig, dist: DistInfo, gas: int) -> RunData:
     for _, split_cfg in cfg.data.val_splits():
         num_val_batches(split_cfg, dist.world_size)
     total_steps, warmup_steps = cfg.optim.resolve_steps(steps_per_epoch)
-    return RunData(stream, graphs, steps_per_epoch, total_steps, warmup_steps)
+    return RunData(stream, prepare, steps_per_epoch, total_steps, warmup_steps)
 
 
 @dataclass
@@ -92,15 +108,17 @@ class BuiltModel:
     plan: ExecutionPlan  # the kernels and shape buckets applied (eqv2/execution.py)
 
 
-def build_model(cfg: RunConfig, ds: dict, dist: DistInfo, pretrained: Pretrained | None) -> BuiltModel:
+def build_model(cfg: RunConfig, ds: dict, dist: DistInfo, pretrained: Pretrained | None,
+                plan: ExecutionPlan) -> BuiltModel:
     """The EquiformerV2 of `cfg.model`, seeded by `cfg.seed`, initialised from `pretrained` (a
-    fine-tuning run) and ready for the engine: partitioned at ZeRO-3, frozen, compiled and wrapped."""
+    fine-tuning run) and ready for the engine: running `plan`, partitioned at ZeRO-3, frozen, compiled and
+    wrapped."""
     import deepspeed
 
     from eqv2.model.equiformer_v2 import EquiformerV2
 
     torch.manual_seed(cfg.seed)
-    zero_stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    zero_stage = zero_stage_of(ds)
     check_zero_stage(cfg, zero_stage)
     # ZeRO-3: every parameter is partitioned as soon as its module is built, so no rank ever holds the
     # whole model; the initialisation steps that touch built submodules are then redone on gathered
@@ -108,8 +126,7 @@ def build_model(cfg: RunConfig, ds: dict, dist: DistInfo, pretrained: Pretrained
     # swaps, sphere grids) are still computed as written, in float64 on the host
     with deepspeed.zero.Init(config_dict_or_path=ds, enabled=zero_stage == 3, tensor_overrides=[]):
         model = EquiformerV2(cfg.model)
-    plan = run_plan(cfg, ds, dist.device.type, zero_stage)  # kernels and shape buckets (eqv2/execution.py)
-    model = apply_plan(model, plan)
+    model = apply_plan(model, plan)  # kernels; shape buckets for batches not padded by the loader
     if zero_stage == 3:
         model.init_partitioned(lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
         # the engine does not move a partitioned model, so the host-built tables go to the device here

@@ -86,3 +86,58 @@ def test_on_error_skip_refuses_a_batch_with_no_good_structure(tmp_path):
     from eqv2.data import SampleError
     with pytest.raises(SampleError, match="every sample of a batch was rejected .*coincide"):
         list(TrainStream(cfg, 0, 1, BUILDER).epoch_batches(0))
+
+
+def test_batches_padded_in_the_workers_give_the_unpadded_step(tmp_path, monkeypatch):
+    """Shape buckets under data.build_graphs: the loader workers (separate processes) pad each batch; the
+    main process receives it with its bucket of the plan's shape, pads nothing, and one step (loss and
+    gradients) on it under the plan with buckets is the step of the unpadded batch under the reference plan."""
+    import torch
+
+    import eqv2.buckets
+    from eqv2.buckets import fits, loader_prepare
+    from eqv2.execution import REFERENCE, ExecutionPlan, apply_plan
+    from eqv2.model.config import ModelConfig
+    from eqv2.model.equiformer_v2 import EquiformerV2
+    from eqv2.training.compile import ShapeBuckets
+    from eqv2.training.loss import EnergyForceLoss, LossConfig, Normalizers, global_counts
+
+    write_uneven(tmp_path, with_energy(oc20_frames(8, seed=5)), [4, 4])
+    cfg = DataConfig(train_manifest=str(tmp_path / "manifest.json"), batch_size=3, num_workers=2)
+    model_cfg = ModelConfig(num_layers=1, lmax=2, mmax=1, sphere_channels=8, attn_hidden_channels=8,
+                            attn_alpha_channels=4, attn_value_channels=2, ffn_hidden_channels=8, edge_channels=8,
+                            num_heads=2, alpha_drop=0.0, drop_path_rate=0.0, max_radius=6.0, max_neighbors=20)
+    plan = ExecutionPlan(pad_atoms_multiple=64, pad_edges_multiple=1024)
+    graphs = GraphBuilder.for_model(model_cfg)
+    padded = list(TrainStream(cfg, 0, 1, loader_prepare(graphs, plan)).epoch_batches(0))
+    plain = list(TrainStream(cfg, 0, 1, graphs).epoch_batches(0))
+    assert len(padded) == len(plain) == 4
+    buckets = ShapeBuckets(64, 1024)
+    for batch, ref in zip(padded, plain):
+        bucket = batch.bucket
+        assert bucket is not None and fits(batch, 64, 1024) and batch._views_of(bucket)  # views survived pickling
+        assert bucket.pos.shape[0] % 64 == 0 and bucket.edge_index.shape[1] % 1024 == 0
+        assert buckets.shape(batch) == (bucket.pos.shape[0], bucket.num_graphs, bucket.edge_index.shape[1])
+        assert batch.ids == ref.ids and torch.equal(batch.pos, ref.pos) and torch.equal(batch.edge_index, ref.edge_index)
+        assert batch.pos.shape == batch.forces.shape and batch.energy.shape == batch.natoms.shape  # targets: real only
+
+    torch.manual_seed(0)
+    reference = apply_plan(EquiformerV2(model_cfg), REFERENCE).train()
+    bucketed = apply_plan(EquiformerV2(model_cfg), plan).train()
+    bucketed.load_state_dict(reference.state_dict())
+    loss_fn = EnergyForceLoss(LossConfig(), Normalizers(-0.7, 2.9, 2.9))
+    monkeypatch.setattr(eqv2.buckets, "pad_to_bucket", lambda *a: pytest.fail("padding in the main process"))
+
+    def step(model, batches):
+        model.zero_grad(set_to_none=True)
+        counts = global_counts(batches, False, torch.device("cpu"))
+        total = sum(loss_fn(model(b), b, counts, 1.0)[0] for b in batches)
+        total.backward()
+        return total.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = step(bucketed, padded)
+    ref_loss, ref_grads = step(reference, plain)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-7)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)

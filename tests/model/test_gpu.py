@@ -231,9 +231,14 @@ def test_cuda_graphs_over_shape_buckets_match_eager():
     fast_model.load_state_dict(ref_model.state_dict())
     apply_compile(fast_model, CompileConfig(enabled=True, mode="reduce-overhead"))
     apply_activation_checkpointing(fast_model, ActivationCheckpointConfig(enabled=True, every=2))
-    for n in (4, 5, 4, 6, 5):  # shapes repeat: later steps replay recorded graphs
+    from eqv2.buckets import pad_to_bucket
+
+    for i, n in enumerate((4, 5, 4, 6, 5, 4)):  # shapes repeat: later steps replay recorded graphs
         batch = batch_from_atoms(slab_structures(n, n), torch.float32)
-        ahead = GraphBuilder(6.0, 1000, fast_model.cfg.max_num_elements)(batch).to("cuda")
+        ahead = GraphBuilder(6.0, 1000, fast_model.cfg.max_num_elements)(batch)
+        if i % 2:  # the bucket built with the batch, as the loader workers do (else by the plan's hooks)
+            ahead = pad_to_bucket(ahead, 64, 1024)
+        ahead = ahead.to("cuda")
         results = []
         for model, inputs in ((ref_model, batch.to("cuda")), (fast_model, ahead)):
             torch.compiler.cudagraph_mark_step_begin()
@@ -246,9 +251,12 @@ def test_cuda_graphs_over_shape_buckets_match_eager():
             assert err < 1e-4, f"batch {n} {key}: {err:.2e}"
 
 
-def test_training_step_with_graph_built_ahead_has_no_host_sync():
-    """With the graph built in the loader (GraphBuilder) and shape buckets, forward and backward of the
-    model queue GPU work without waiting on it: torch's sync debug mode turns any sync into an error."""
+@pytest.mark.parametrize("bucket_ahead", [False, True])
+def test_training_step_with_graph_built_ahead_has_no_host_sync(bucket_ahead):
+    """With the graph built in the loader (GraphBuilder) and shape buckets (built there too, or by the plan's
+    hooks on the device), forward and backward of the model queue GPU work without waiting on it: torch's
+    sync debug mode turns any sync into an error."""
+    from eqv2.buckets import pad_to_bucket
     from eqv2.model.graph import GraphBuilder
 
     torch.manual_seed(0)
@@ -256,7 +264,10 @@ def test_training_step_with_graph_built_ahead_has_no_host_sync():
     plan = choose_plan(device_type="cuda", dtype="bf16", lmax=cfg.lmax, mmax=cfg.mmax, graph_ahead=True)
     model = apply_plan(EquiformerV2(cfg), plan).cuda().train()  # the trainer's plan: buckets and fused kernels
     batch = GraphBuilder(cfg.max_radius, cfg.max_neighbors, cfg.max_num_elements)(
-        batch_from_atoms(slab_structures(2, 4), torch.float32)).to("cuda")
+        batch_from_atoms(slab_structures(2, 4), torch.float32))
+    if bucket_ahead:
+        batch = pad_to_bucket(batch, plan.pad_atoms_multiple, plan.pad_edges_multiple)
+    batch = batch.to("cuda")
     for sync_mode in ("default", "error"):  # the first pass initialises CUDA libraries (may sync once)
         torch.cuda.set_sync_debug_mode(sync_mode)
         try:
@@ -275,10 +286,20 @@ def test_loader_batches_arrive_pinned_and_copy_without_blocking(tmp_path):
     from eqv2.model.graph import GraphBuilder
     from tests.data.conftest import oc20_frames, with_energy, write_uneven
 
+    from eqv2.buckets import loader_prepare
+
     write_uneven(tmp_path, with_energy(oc20_frames(8, seed=2)), [4, 4])
     cfg = DataConfig(train_manifest=str(tmp_path / "manifest.json"), batch_size=2, num_workers=2)
     batches = list(TrainStream(cfg, 0, 1, GraphBuilder(6.0, 20, 90)).epoch_batches(0))
-    assert len(batches) == 4
+    padded = list(TrainStream(cfg, 0, 1, loader_prepare(GraphBuilder(6.0, 20, 90), ExecutionPlan(
+        pad_atoms_multiple=64, pad_edges_multiple=1024))).epoch_batches(0))
+    assert len(batches) == len(padded) == 4
+    for batch in padded:  # shape buckets built in the workers: the bucket pinned, the batch's views of it kept
+        bucket = batch.bucket
+        assert all(t.is_pinned() for t in vars(bucket).values() if isinstance(t, torch.Tensor))
+        assert batch._views_of(bucket) and batch.pos.is_pinned()
+        on_gpu = batch.to("cuda", non_blocking=True)
+        assert on_gpu._views_of(on_gpu.bucket) and torch.equal(on_gpu.bucket.edge_index.cpu(), bucket.edge_index)
     for batch in batches:
         tensors = [v for v in vars(batch).values() if isinstance(v, torch.Tensor)]
         assert len(tensors) >= 8 and all(t.is_pinned() for t in tensors)

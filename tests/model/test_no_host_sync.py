@@ -4,8 +4,8 @@ Run on PyTorch's `meta` device, where tensors have shapes but no data: any host 
 (`.item()`, `bool(t)`, `int(t)`, `.tolist()`, data-dependent shapes such as `nonzero`) raises, so a pass
 that completes makes none.  A dispatch mode also records every operation that moves data between
 devices (a constant table copied from the host each step is, on a GPU, a synchronous copy that waits
-for all queued work).  Graphs come from the loader (GraphBuilder), as in training, with shape buckets,
-dropout and stochastic depth on.  The GPU counterpart runs under torch.cuda.set_sync_debug_mode.
+for all queued work).  Graphs come from the loader (GraphBuilder), as in training, with shape buckets (built
+with the batch as the loader workers do, or by the plan's hooks), dropout and stochastic depth on.  The GPU counterpart runs under torch.cuda.set_sync_debug_mode.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from eqv2.buckets import pad_to_bucket
 from eqv2.execution import ExecutionPlan, apply_plan
 from eqv2.model.config import ModelConfig
 from eqv2.model.equiformer_v2 import EquiformerV2
@@ -54,8 +55,10 @@ def _spy_host_data(monkeypatch) -> list[str]:
     return made
 
 
-@pytest.mark.parametrize("kernels", [dict(), dict(so2_fused_input_grad=True, rotation_align=8)])
-def test_training_step_reads_nothing_back_and_copies_nothing_to_the_device(kernels, monkeypatch):
+@pytest.mark.parametrize("kernels, ahead", [(dict(), False), (dict(), True),
+                                             (dict(so2_fused_input_grad=True, rotation_align=8), True)])
+def test_training_step_reads_nothing_back_and_copies_nothing_to_the_device(kernels, ahead, monkeypatch):
+    """ahead: the batch's shape bucket built with it (as the loader workers do), else by the plan's hooks."""
     cfg = ModelConfig(num_layers=2, lmax=4, mmax=2, sphere_channels=16, attn_hidden_channels=8, attn_alpha_channels=8,
                       attn_value_channels=4, ffn_hidden_channels=16, edge_channels=16, num_heads=2, max_radius=6.0,
                       alpha_drop=0.1, drop_path_rate=0.1, proj_drop=0.1)
@@ -68,7 +71,11 @@ def test_training_step_reads_nothing_back_and_copies_nothing_to_the_device(kerne
     batch = GraphBuilder(6.0, cfg.max_neighbors, cfg.max_num_elements)(
         batch_from_atoms(slab_structures(0, 2), torch.float32))
     n = batch.pos.shape[0]
-    batch = replace(batch, energy=torch.zeros(2), forces=torch.zeros(n, 3), fixed=torch.arange(n) % 3 == 0).to("meta")
+    batch = replace(batch, energy=torch.zeros(2), forces=torch.zeros(n, 3), fixed=torch.arange(n) % 3 == 0)
+    if ahead:
+        batch = pad_to_bucket(batch, plan.pad_atoms_multiple, plan.pad_edges_multiple)
+    batch = batch.to("meta")
+    assert (batch.bucket is not None) == ahead
     loss_fn = EnergyForceLoss(LossConfig(), Normalizers(-0.7, 2.9, 2.9))
     mode, made = CrossDeviceOps(), _spy_host_data(monkeypatch)
     with mode:  # the trainer's micro-batch: step counts, forward, loss, backward

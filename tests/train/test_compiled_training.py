@@ -55,12 +55,14 @@ def test_cuda_graph_modes_need_shape_buckets(mode):
 
 
 def test_shape_buckets_count_each_padded_shape_once():
-    """ShapeBuckets keys a host batch by the shape pad_graph gives it: atoms and edges rounded up to their
+    """ShapeBuckets keys a host batch by the shape pad_to_bucket gives it: atoms and edges rounded up to their
     multiples (plus one padding atom and edge), and the structure count."""
     import torch
 
+    from dataclasses import replace
+
     from eqv2.batch import AtomsBatch
-    from eqv2.model.graph import RadiusGraph, bucket_shape, pad_graph
+    from eqv2.buckets import bucket_shape, pad_to_bucket
     from eqv2.training.compile import ShapeBuckets
 
     def batch(natoms: list[int], edges: int | None) -> AtomsBatch:
@@ -77,8 +79,8 @@ def test_shape_buckets_count_each_padded_shape_once():
     assert buckets.count_new([batch([5, 6], 64)]) == 1  # 64 edges + 1 -> 128
     assert buckets.count_new([batch([5, 3, 3], 40)]) == 1  # three structures: another shape
     assert buckets.count_new([batch([5, 6], None), batch([6, 5], None)]) == 1  # edges unknown on the host
-    # the same rounding as the padding the model applies
-    graph = RadiusGraph(edge_index=torch.zeros(2, 64, dtype=torch.long), edge_vec=torch.zeros(64, 3),
-                        distance=torch.zeros(64), cell_offset=torch.zeros(64, 3, dtype=torch.long))
-    padded, pad_atoms = pad_graph(graph, 16, 16, 64, 1.0)
-    assert (16 + pad_atoms, padded.edge_index.shape[1]) == bucket_shape(16, 64, 16, 64) == (32, 128)
+    # the same rounding as the padding made where batches are built
+    host = replace(batch([10, 6], 64), cell_offset=torch.zeros(64, 3, dtype=torch.long), graph_spec=(6.0, 20, 90, True))
+    bucket = pad_to_bucket(host, 16, 64).bucket
+    assert (bucket.pos.shape[0], bucket.num_graphs, bucket.edge_index.shape[1]) == buckets.shape(host) == (32, 3, 128)
+    assert bucket_shape(16, 64, 16, 64) == (32, 128)

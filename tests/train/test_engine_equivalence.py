@@ -50,11 +50,17 @@ def assert_same_run(a: dict, b: dict, atol: float) -> None:
 @pytest.fixture(scope="module")
 def two_rank_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("eq") / "two.pt"
-    return launch(2, out, ["0,1,0,1", "3,1,0,1", "0,1,1,1", "2,1,0,0", "2,1,0,0,nan", "0,1,0,0,clip", "1,1,0,0,clip"])
+    return launch(2, out, ["0,1,0,1", "3,1,0,1", "0,1,1,1", "2,1,0,0", "2,1,0,0,nan", "0,1,0,0,clip", "1,1,0,0,clip",
+                              "3,1,0,0,pad"])
 
 
 def test_zero3_matches_plain(two_rank_runs):
     assert_same_run(two_rank_runs["0,1,0,1"], two_rank_runs["3,1,0,1"], atol=1e-6)
+
+
+def test_shape_buckets_under_zero3_match_plain(two_rank_runs):
+    """The plan's bucket hooks on the engine's module, its parameters partitioned: the unpadded trajectory."""
+    assert_same_run(two_rank_runs["2,1,0,0"], two_rank_runs["3,1,0,0,pad"], atol=1e-6)
 
 
 def test_activation_checkpointing_matches_plain(two_rank_runs):

@@ -112,14 +112,19 @@ def test_structure_that_cannot_be_a_graph_stops_the_run_naming_it(capsys, tmp_pa
 
 
 def test_graphs_built_in_the_loader_train_like_graphs_built_by_the_model(demo_data, tmp_path):
-    losses = {}
-    for build in (True, False):
-        run_dir = tmp_path / str(build)
-        args = common_args(demo_data, run_dir) + ["--set", "optim.max_steps=4", "--set", f"data.build_graphs={build}"]
-        rc, out = run_train(args)
+    """Also with shape buckets, made in the loader with the graphs: the same losses (no dropout: its masks are
+    drawn over the padded shapes)."""
+    losses, pads = {}, ["--set", "execution.pad_atoms_multiple=16", "--set", "execution.pad_edges_multiple=64"]
+    no_dropout = ["--set", "model.alpha_drop=0.0", "--set", "model.drop_path_rate=0.0"]
+    for name, sets in (("loader", ["--set", "data.build_graphs=true"]), ("model", ["--set", "data.build_graphs=false"]),
+                       ("loader_buckets", ["--set", "data.build_graphs=true", *pads])):
+        run_dir = tmp_path / name
+        rc, out = run_train(common_args(demo_data, run_dir) + ["--set", "optim.max_steps=4", *no_dropout, *sets])
         assert rc == [0], out
         train, _ = records(run_dir)
-        losses[build] = [train[s]["loss"] for s in sorted(train)]
-    assert len(losses[True]) == 4
-    for a, b in zip(losses[True], losses[False]):
-        assert abs(a - b) <= 1e-5 * abs(b), losses
+        losses[name] = [train[s]["loss"] for s in sorted(train)]
+        assert ("new_shape_buckets" in train[1]) == (name == "loader_buckets")  # buckets on in that run only
+    assert len(losses["loader"]) == 4
+    for name in ("model", "loader_buckets"):
+        for a, b in zip(losses[name], losses["loader"]):
+            assert abs(a - b) <= 1e-5 * abs(b), losses
