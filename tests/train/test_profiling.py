@@ -1,5 +1,8 @@
 """`log.profile_steps`: the trainer records the chosen steps with the torch profiler into the run directory."""
+import json
+
 from eqv2.train import main
+from eqv2.training.startup import PHASES
 from eqv2.training.signals import EXIT_CONFIG
 from tests.train.conftest import HERE, data_args, run_train
 
@@ -19,6 +22,25 @@ def test_profile_steps_writes_the_op_table(demo_data, tmp_path):
     assert "Self CPU" in text
     for name in ("forward", "backward", "optimizer_step", "nonfinite_check", "ema"):  # the step's phases
         assert f"step/{name}" in text.split("\n-")[0], name
+    # the same steps by category (training/profile_breakdown.py), and the start-up phases of the launch
+    table = json.loads((run_dir / "profile_rank0.json").read_text())
+    assert table["steps"] == 2 and table["device"] == "cpu"
+    ms = table["ms_per_step"]
+    for cat in ("rotations", "linear_layers", "optimizer_step", "ema", "loss", "s2_activation", "layer_norms"):
+        assert ms[cat] > 0, (cat, ms)
+    assert abs(sum(table["share"].values()) - 1.0) < 1e-2
+    # host reads are counted with the phase they are in; none in the model's passes, the loss or the EMA
+    # (on the CPU the loader's and the CPU AdamW's own reads are counted too: no device there)
+    reads = table["host"]["syncs_per_step_by_phase"]
+    assert reads and all(k.startswith("aten::_local_scalar_dense in ") for k in reads), reads
+    assert not [k for k in reads if k.split(" in ")[1] in ("forward", "backward", "loss", "ema", "clip")], reads
+    assert table["ms_per_step"]["communication"] > 0  # ZeRO-2's gradient all-reduce (gloo)
+    startup = json.loads((run_dir / "startup.json").read_text())
+    assert set(PHASES) < set(startup) and all(startup[k] >= 0 for k in PHASES)
+    assert abs(sum(startup[k] for k in PHASES) - startup["launch_to_first_step_s"]) < 0.01
+    assert startup["imports_init_s"] > 0.5  # torch and deepspeed were imported in it (a fresh process)
+    first = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][0]
+    assert first["startup"] == startup
 
 
 def test_bad_profile_steps_name_the_key(capsys, demo_data):
