@@ -40,7 +40,7 @@ MODULE_CATEGORY = {"TransformerBlock": "block_other", "EdgeDegreeEmbedding": "em
                    "S2Grid": "s2_activation", "FusedS2Grid": "s2_activation", "GateActivation": "s2_activation",
                    "EquivariantLayerNorm": "layer_norms", "SeparableLayerNorm": "layer_norms",
                    "SeparableRMSNorm": "layer_norms", "WignerD": "graph_and_edge_frames",
-                   "GaussianRadialBasis": "graph_and_edge_frames", "RadialFunction": "graph_and_edge_frames"}
+                   "GaussianRadialBasis": "graph_and_edge_frames", "RadialFunction": "graph_and_edge_frames", "Head": "heads"}
 OP_RULES = [  # (pattern on an operator's name, category): the custom kernels and the dense rotations
     (re.compile(r"^eqv2::(gather_rotate|rotate_scatter)"), "rotations"),
     (re.compile(r"^aten::bmm$"), "rotations"),  # in the model, bmm is the per-edge Wigner product
@@ -54,6 +54,7 @@ KERNEL_RULES = [  # on kernel names, where no operator or module decided
     (re.compile(r"s2_silu"), "s2_activation"),
     (re.compile(r"layer_norm|rsqrt"), "layer_norms"),
     (re.compile(r"softmax"), "attention"),
+    (re.compile(r"gemm|nvjet|cutlass|xmma|cublas", re.I), "linear_layers"),  # the matrix products in a block
 ]
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 READS = ("aten::_local_scalar_dense",)
@@ -79,8 +80,11 @@ def _own_category(event) -> str | None:
     """The category the event's own operator / module chain gives, without phases or backward links:
     the custom kernels and the dense rotations by operator, else the innermost module range of a
     category, else a linear layer's operator, else the block it ran in."""
+    chain = list(_ancestors(event))
+    if any(anc.name == MODULE + "Head" for anc in chain):  # the output heads, whatever runs inside them
+        return "heads"
     generic, block = None, None
-    for anc in _ancestors(event):
+    for anc in chain:
         for pattern, cat in OP_RULES:
             if pattern.search(anc.name):
                 if cat != "linear_layers":
@@ -132,7 +136,7 @@ def breakdown(events, steps: int, gpu: bool) -> dict:
         cat = node_category(node) if node is not None else None
         if cat is None or cat == "block_other":
             cat = _own_category(op) if node is None else cat
-        if cat is None or cat in ("block_other", "graph_and_edge_frames"):
+        if cat is None or cat == "block_other":  # compiled blocks (CUDA graphs too): by kernel name
             for pattern, kcat in KERNEL_RULES:
                 if pattern.search(name):
                     return kcat
@@ -142,15 +146,16 @@ def breakdown(events, steps: int, gpu: bool) -> dict:
     by_phase: dict[str, float] = defaultdict(float)
     top: dict[tuple[str, str], float] = defaultdict(float)
     if gpu:
-        launcher = {}
-        for e in cpu:  # the operator that launched each kernel: kernels carry their correlation id in `id`
-            if e.kernels:
-                launcher.setdefault(e.id, e)
+        # the operator that launched each kernel: the op the kernel's linked correlation id names (torch
+        # attaches the kernel to it), else the parent of the runtime call (cudaLaunchKernel, cuLaunchKernel,
+        # cudaMemcpyAsync, ...) that shares the kernel's correlation id
+        with_kernels = {e.id: e for e in cpu if e.kernels}
+        runtime = {e.id: e for e in cpu if e.name.startswith("cu")}
         kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.name.startswith(PHASE)
                    and not e.name.startswith(MODULE)]
         units = []
         for k in kernels:
-            op = _launching_op(k, launcher)
+            op = _launching_op(k, with_kernels, runtime)
             t = op.time_range.start if op is not None else k.time_range.start
             units.append((op, k.name, t, k.time_range.end - k.time_range.start))
         busy, gaps = busy_and_gaps_us([(k.time_range.start, k.time_range.end) for k in kernels])
@@ -195,14 +200,13 @@ def _communication(op, name: str) -> bool:
     return "nccl" in name.lower() or any(a.name.startswith("c10d::") for a in _ancestors(op))
 
 
-def _launching_op(kernel, launcher: dict):
-    """The CPU operator that launched `kernel` (its linked correlation id), else None."""
-    corr = getattr(kernel, "linked_correlation_id", 0) or kernel.id
-    runtime = launcher.get(corr)
-    if runtime is None:
-        return None
-    # the runtime call (cudaLaunchKernel) sits under the operator: prefer the innermost named operator
-    for anc in _ancestors(runtime):
-        if not anc.name.startswith("cuda"):
-            return anc
-    return runtime
+def _launching_op(kernel, with_kernels: dict, runtime: dict):
+    """The CPU operator that launched `kernel`, else None."""
+    corr = getattr(kernel, "linked_correlation_id", 0)
+    op = with_kernels.get(corr) if corr else None
+    if op is None and kernel.id in runtime:
+        call = runtime[kernel.id]
+        op = call.cpu_parent or call
+    while op is not None and op.name.startswith("cu") and op.cpu_parent is not None:
+        op = op.cpu_parent  # a driver call under a runtime call: the operator above them
+    return op

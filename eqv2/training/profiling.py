@@ -119,7 +119,7 @@ def module_ranges(model: torch.nn.Module, compiled: list[str]) -> list:
                 any(name.startswith(part + ".") for part in compiled):
             continue
         stack: list = []
-        label = MODULE + type(module).__name__
+        label = MODULE + ("Head" if name in HEADS else type(module).__name__)
 
         def enter(mod, args, stack=stack, label=label):
             rf = torch.profiler.record_function(label)
@@ -134,6 +134,7 @@ def module_ranges(model: torch.nn.Module, compiled: list[str]) -> list:
     return handles
 
 
+HEADS = ("energy_head", "force_head", "stress_head")  # the model's output heads, one category
 MODULE = "mod/"  # prefix of the module ranges (training/profile_breakdown.py reads them)
 
 
