@@ -337,6 +337,10 @@ def main(argv=None) -> int:
             # the model's FLOPs: eager and unpadded (padding atoms and edges are not model work)
             eager_model, eager_step = eqv2_step_fn(cfg, device, dtype, compiled=False)
             flops = count_flops(eager_step, batches[0]) / bs
+            # the architecture's FLOPs per structure and per atom of these batches (bench/run.py's MFU)
+            row["eqv2_tflop_per_sample"] = flops / 1e12
+            row["eqv2_tflop_per_atom"] = flops * bs / (atoms_first := int(batches[0].natoms.sum())) / 1e12
+            row["flop_atoms"] = atoms_first
             del eager_model, eager_step
             for label, build in runs:
                 torch.manual_seed(args.seed)

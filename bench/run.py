@@ -75,10 +75,27 @@ def reference(args, model: str, work: Path) -> dict:
     cmd = [sys.executable, "-m", "bench.model", "--configs", model, "--batch-sizes", str(args.micro_batch),
            "--steps", str(args.reference_steps), "--warmup", "4", "--impls", "--reference", "--json", str(out)]
     run(cmd, work / f"{model}_fairchem.log", args.timeout)
-    row = json.loads(out.read_text())["results"][0]["fairchem-1.10.0"]
+    result = json.loads(out.read_text())["results"][0]
+    row = result["fairchem-1.10.0"]
     if "error" in row:
         raise RuntimeError(f"fairchem {model}: {row['error']}")
+    # FLOPs of the architecture (eqv2's eager step, counted by bench/model.py on the first batch)
+    row["tflop_per_atom"] = result["eqv2_tflop_per_atom"]
+    row["mfu"] = row["atoms_per_s"] * row["tflop_per_atom"] * 1e12 / (PEAK_TFLOPS * 1e12)
     return row
+
+
+PEAK_TFLOPS = 989.0  # H200 (and H100 SXM) dense bf16 peak: MFU = FLOP/s of the model's FLOPs / this
+
+
+def trainer_mfu(t: dict, f: dict | None) -> float | None:
+    """MFU of the trainer's steady rate: steady samples/s x its atoms per sample x the architecture's
+    FLOPs per atom (from the reference call's FLOP count) over the bf16 dense peak."""
+    steady = t.get("steady_samples_per_s_per_rank")
+    if not (f and steady and t.get("samples_per_s")):
+        return None
+    atoms_per_sample = t["atoms_per_s"] / t["samples_per_s"]
+    return steady * atoms_per_sample * f["tflop_per_atom"] * 1e12 / (PEAK_TFLOPS * 1e12)
 
 
 def commit() -> str:
@@ -95,9 +112,12 @@ def commit() -> str:
 def table(rows: list[dict], gpu: str, sha: str, args) -> str:
     lines = [f"Machine: {gpu}; commit {sha}; micro-batch {args.micro_batch}, {args.steps} steps "
              f"(steady: after {args.skip}), `{args.ds_config}`.",
-             "", "| model | params | trainer end to end (samples/s) | trainer steady (samples/s) | trainer peak GiB "
-             "| fairchem 1.10.0 step (samples/s) | fairchem peak GiB | steady / fairchem |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"MFU against {PEAK_TFLOPS:.0f} TFLOP/s (bf16 dense), the architecture's FLOPs counted on eqv2's "
+             "eager step for both trainers.",
+             "", "| model | params | trainer end to end (samples/s) | trainer steady (samples/s) | trainer MFU "
+             "| launch to first step (s) | trainer peak GiB "
+             "| fairchem 1.10.0 step (samples/s) | fairchem MFU | fairchem peak GiB | steady / fairchem |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t, f = r["trainer"], r.get("fairchem")
         steady = t.get("steady_samples_per_s_per_rank")
@@ -105,8 +125,13 @@ def table(rows: list[dict], gpu: str, sha: str, args) -> str:
         lines.append(f"| {r['run']} | {f['params'] / 1e6:.1f}M |" if f else f"| {r['run']} | – |")
         lines[-1] += (f" {t['end_to_end_samples_per_s']:.1f} | {steady:.1f} |" if steady else
                       f" {t['end_to_end_samples_per_s']:.1f} | – |")
+        mfu = trainer_mfu(t, f)
+        first = t.get("startup", {}).get("launch_to_first_step_s")
+        lines[-1] += f" {100 * mfu:.1f} % |" if mfu is not None else " – |"
+        lines[-1] += f" {first:.0f} |" if first is not None else " – |"
         lines[-1] += f" {t['peak_mem_gib_rank0']:.1f} |"
-        lines[-1] += f" {f['samples_per_s']:.1f} | {f['peak_gib']:.1f} | {ratio} |" if f else " – | – | – |"
+        lines[-1] += (f" {f['samples_per_s']:.1f} | {100 * f['mfu']:.1f} % | {f['peak_gib']:.1f} | {ratio} |" if f
+                      else " – | – | – | – |")
     return "\n".join(lines)
 
 

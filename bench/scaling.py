@@ -156,6 +156,8 @@ def weak_scaling(args, work: Path) -> list[dict]:
             raise RuntimeError(f"{n} ranks: no logging interval after --skip {args.skip} steps and outside "
                                f"log.profile_steps; raise --steps or lower --skip / --log-every")
         row = {"ranks": n, **summarise(timed, n), "wall_s": wall}
+        if (run_dir / "startup.json").is_file():  # launch to first step by phase (training/startup.py)
+            row["startup"] = json.loads((run_dir / "startup.json").read_text())
         rows.append(row)
         steady = ""
         if row.get("steady_intervals"):

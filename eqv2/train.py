@@ -43,6 +43,7 @@ from eqv2.training.resume import restore
 from eqv2.training.run_state import Checkpointer, Evaluator, Progress
 from eqv2.training.setup import (BuiltModel, RunData, build_data, build_engine, build_model, describe_launch,
                                  execution_plan, prepare_targets)
+from eqv2.training.startup import StartupClock
 from eqv2.training.signals import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_REQUEUE, StopFlag
 from eqv2.training.step import StepContext, take_step
 from eqv2.training.wandb_log import WandbSink, require_wandb
@@ -93,6 +94,8 @@ class NonFiniteError(RuntimeError):
 def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, stop: StopFlag) -> int:
     run_dir, ckpt_dir = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
     launched = time.perf_counter()
+    clock = StartupClock()  # launch to first step, by phase (training/startup.py)
+    clock.mark("imports_init_s")
 
     # --- config: the resume point, decided before anything of the run directory is written and before
     # the engine exists (universal loading is an engine setting); then what the run fits
@@ -100,12 +103,16 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
     ds = resolve_ds_config(ds_cfg, run_dir, load_universal=bool(resume and resume.universal))
     gas = ds["gradient_accumulation_steps"]
     targets, pretrained = prepare_targets(cfg, resume)  # normalisers, energy references, graph statistics
+    clock.mark("setup_s")
 
     # --- data, model, engine
     plan = execution_plan(cfg, ds, dist)  # kernels and shape buckets (eqv2/execution.py)
     data = build_data(cfg, dist, gas, plan)  # the loader workers pad batches to the plan's shape buckets
+    clock.mark("data_s")
     built = build_model(cfg, ds, dist, pretrained, plan)
+    clock.mark("model_s")
     engine, ema, max_grad_norm = build_engine(cfg, ds, dist, built)
+    clock.mark("engine_s")
     loss_fn = EnergyForceLoss(cfg.loss, targets.normalizers, targets.reference_tensor(dist.device))
     if dist.is_main:
         print(describe_launch(dist, built, engine, ds, data), flush=True)
@@ -128,6 +135,8 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
         evaluate_and_track(progress)
     engine.train()
     probes.on_start()
+    clock.mark("resume_s")
+    startup = None
     try:
         while progress.step < data.total_steps:
             for micro in _timed(_groups(data.stream.epoch_batches(progress.epoch), gas), logger):
@@ -139,6 +148,10 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
                 log_now = logger.due(progress.step + 1)
                 terms, counts, skipped, stop_now, grad_norm = take_step(step_ctx, micro, grad_norm_needed=log_now)
                 progress.step += 1
+                if clock is not None:  # the first step of this launch: start-up ends here
+                    startup, clock = clock.first_step_done(dist.device), None
+                    if dist.is_main:
+                        StartupClock.write(run_dir, startup)
                 probes.after_step(progress.step)
                 progress.nonfinite += skipped > 0  # steps with at least one non-finite micro-batch
                 if ema is not None and skipped < gas:
@@ -148,6 +161,8 @@ def train(cfg: RunConfig, ds_cfg: dict, resume_arg: str | None, dist: DistInfo, 
                     logger.add_step(terms, counts)
                 if log_now:
                     extra = {"nonfinite_steps": progress.nonfinite}
+                    if startup is not None:  # the first record of this launch carries its start-up phases
+                        extra["startup"], startup = startup, None
                     if built.compiled:  # a count that keeps growing means recompilation (see docs/training.md)
                         extra["compiled_graphs"] = compiled_graph_count()
                     logger.log(progress.step, progress.epoch, lr, grad_norm, extra)
@@ -198,7 +213,7 @@ def _observers(cfg: RunConfig, dist: DistInfo, run_dir: Path, engine, data: RunD
     if dist.is_main and cfg.log.wandb.enabled:
         logger.sinks.append(WandbSink(cfg.log.wandb, run_dir, to_dict(cfg)))
     probes = Probes.for_run(cfg.log.profile_steps, run_dir, dist.rank, dist.device, logger, collector,
-                            compile_events, buckets)
+                            compile_events, buckets, built.model, built.compiled)
     return logger, probes
 
 

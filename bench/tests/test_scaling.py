@@ -45,6 +45,7 @@ def test_weak_scaling_runs_one_and_two_ranks(tmp_path, demo_data):
         # the slowest rank's wait is logged beside the mean over ranks
         assert all(r["data_wait_max_frac"] >= r["data_wait_frac"] - 1e-12 for r in recs if "split" not in r), recs
         assert row["data_wait_max_frac"] >= row["data_wait_frac"]
+        assert row["startup"]["launch_to_first_step_s"] > row["startup"]["first_step_s"] > 0  # training/startup.py
     # each rank count trained its own run directory, and wrote no checkpoint (not timed, minutes for a large model)
     assert (tmp_path / "work" / "weak_2" / "metrics.jsonl").exists()
     assert not [p for n in (1, 2) for p in (tmp_path / "work" / f"weak_{n}" / "checkpoints").glob("step_*")]

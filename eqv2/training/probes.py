@@ -98,9 +98,10 @@ class Probes:
     @classmethod
     def for_run(cls, profile_steps: list[int] | None, run_dir: Path, rank: int, device, logger,
                 collector: GarbageCollection, compile_events: CompileEvents | None,
-                buckets: ShapeBuckets | None) -> Probes:
+                buckets: ShapeBuckets | None, model=None, compiled: list[str] | tuple = ()) -> Probes:
+        """model, compiled: the module ranges of the profile's categories (training/profiling.py)."""
         probes: list[Probe] = [GarbageProbe(collector, compile_events),
-                               ProfilerProbe(StepProfiler(profile_steps, run_dir, rank, device))]
+                               ProfilerProbe(StepProfiler(profile_steps, run_dir, rank, device, model, compiled))]
         if buckets is not None:
             probes.append(ShapeBucketProbe(buckets, logger))
         return cls(probes)

@@ -4,8 +4,11 @@
 and writes `profile_rank<r>.txt` into the run directory: the operator and kernel table sorted by device
 time (GPU) or host time (CPU), plus the wall-clock seconds per profiled step and, on a GPU, the time
 some kernel was running (the union of kernel intervals) and the idle gaps between: GPU busy well below
-wall time means the step waits on the host; a second table then shows where the host time goes.  Profiling
-slows the profiled steps; the throughput logged for their interval is not representative.
+wall time means the step waits on the host; a second table then shows where the host time goes.  Beside it,
+`profile_rank<r>.json` holds the same steps by category (rotations, SO(2) convolutions, S² activation,
+attention, norms, optimizer step, EMA, clipping, communication, ...: training/profile_breakdown.py) and the
+host synchronisations per step.  Profiling slows the profiled steps; the throughput logged for their
+interval is not representative.
 
 The trainer marks the phases of a step (`PHASE` ranges: batch copy, step counts, forward, loss,
 non-finite check, backward, optimizer step, EMA); the report gives each phase's host milliseconds per
@@ -14,6 +17,7 @@ time is where the step waits on the host.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -33,10 +37,13 @@ def check_profile_steps(steps: list[int] | None) -> None:
 class StepProfiler:
     """Start before step `first`, stop after step `last`; a no-op when `steps` is None."""
 
-    def __init__(self, steps: list[int] | None, run_dir: Path, rank: int, device: torch.device):
+    def __init__(self, steps: list[int] | None, run_dir: Path, rank: int, device: torch.device,
+                 model: torch.nn.Module | None = None, compiled: list[str] | tuple = ()):
         self.first, self.last = steps if steps else (0, -1)
         self.path = Path(run_dir) / f"profile_rank{rank}.txt"
         self.device = device
+        self.model, self.compiled = model, list(compiled)
+        self.hooks: list = []
         self.prof = None
         self.t0 = 0.0
 
@@ -49,6 +56,7 @@ class StepProfiler:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
         self.prof = profile(activities=activities)
         self.prof.__enter__()
+        self.hooks = module_ranges(self.model, self.compiled) if self.model is not None else []
         self.t0 = time.perf_counter()
 
     def after(self, step: int) -> None:
@@ -58,6 +66,7 @@ class StepProfiler:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         wall = time.perf_counter() - self.t0
+        self._unhook()
         self.prof.__exit__(None, None, None)
         n = self.last - self.first + 1
         head = f"steps {self.first}-{self.last}: {wall / n * 1e3:.1f} ms wall per step (profiler overhead included)\n"
@@ -80,13 +89,53 @@ class StepProfiler:
         else:
             tables = averages.table(sort_by="self_cpu_time_total", row_limit=80)
         self.path.write_text(f"{head}{tables}\n")
+        from eqv2.training.profile_breakdown import breakdown
+
+        table = {"first_step": self.first, "last_step": self.last, "wall_ms_per_step": round(wall / n * 1e3, 3),
+                 **breakdown(self.prof.events(), n, gpu=self.device.type == "cuda")}
+        self.path.with_suffix(".json").write_text(json.dumps(table, indent=1) + "\n")
         self.prof = None
+
+    def _unhook(self) -> None:
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks = []
 
     def close(self) -> None:
         """Stop a profile the run ended inside of (stop signal, error) without writing it."""
         if self.prof is not None:
+            self._unhook()
             self.prof.__exit__(None, None, None)
             self.prof = None
+
+
+def module_ranges(model: torch.nn.Module, compiled: list[str]) -> list:
+    """Put a `mod/<class name>` profiler range around the forward of every module of `model` that runs
+    outside compiled code (inside a compiled part a range would not be recorded, and a hook added there
+    after compilation is not traced); returns the hook handles to remove."""
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.ModuleList, torch.nn.ModuleDict, torch.nn.Sequential)) or \
+                any(name.startswith(part + ".") for part in compiled):
+            continue
+        stack: list = []
+        label = MODULE + ("Head" if name in HEADS else type(module).__name__)
+
+        def enter(mod, args, stack=stack, label=label):
+            rf = torch.profiler.record_function(label)
+            rf.__enter__()
+            stack.append(rf)
+
+        def leave(mod, args, out, stack=stack):
+            if stack:
+                stack.pop().__exit__(None, None, None)
+
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    return handles
+
+
+HEADS = ("energy_head", "force_head", "stress_head")  # the model's output heads, one category
+MODULE = "mod/"  # prefix of the module ranges (training/profile_breakdown.py reads them)
 
 
 def phase(name: str):
