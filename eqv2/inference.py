@@ -130,6 +130,7 @@ class InferencePotential(nn.Module):
         self.reference = copy.deepcopy(potential) if checking else None
         self.plan = inference_plan(potential, device, self.precision, options.kernels)
         apply_plan(potential.model, self.plan)
+        self.mode: str | None = None  # the compile mode, set by _compile
         self.compiled = self._compile(potential.model)
         self.potential = potential
         self.checks: list[PrecisionCheck] = []
@@ -177,7 +178,7 @@ class InferencePotential(nn.Module):
     def forward(self, batch: AtomsBatch) -> dict[str, torch.Tensor]:
         if self.fell_back:
             return self._run(self.potential, batch, False)
-        if self.compiled and getattr(self, "mode", "") == "reduce-overhead":
+        if self.mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # the previous call's graph outputs may be reused
         grad = torch.enable_grad() if torch.is_grad_enabled() else torch.no_grad()
         with torch.no_grad() if self.config.forces == "direct" else grad:
