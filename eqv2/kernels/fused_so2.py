@@ -37,7 +37,9 @@ class FusedSO2Convolution(SO2Convolution):
                 conv.register_buffer(name, table.to(device), persistent=False)
 
     def forward(self, x: torch.Tensor, edge_scalars: torch.Tensor | None):
-        if self.radial is None:
+        if self.radial is None or not torch.is_grad_enabled():
+            # without autograd the custom node buys nothing (its gain is the backward pass), and Dynamo
+            # cannot trace an autograd.Function's forward under no_grad (it drops ctx: torch 2.11, 2.13)
             return super().forward(x, edge_scalars)
         num_edges = x.shape[0]
         radial = self.radial(edge_scalars)  # [E, R]: per order m, the weights of x_m (shared by +m and -m)

@@ -45,13 +45,20 @@ class StopFlag:
         self.reason: str | None = None
         self._previous: dict[int, object] = {}
         self._watch_done = threading.Event()
+        self._lock = threading.Lock()
+        self._watched: list[tuple[int, int, str]] = []
+        self._parent = os.getppid()
 
-    def install(self, signals=(signal.SIGUSR1, signal.SIGTERM), watch_launcher: bool = True) -> "StopFlag":
+    def install(self, signals=(signal.SIGUSR1, signal.SIGTERM), watch_launcher: bool = True,
+                launchers: list[tuple[int, int, str]] | None = None) -> "StopFlag":
+        """Handle `signals`; with `watch_launcher`, also watch `launchers` ((pid, start, name); by default
+        this process's launcher ancestors) and stop as for SIGTERM when one exits."""
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
-        watched = launcher_processes() if watch_launcher else []
-        if watched:
-            threading.Thread(target=self._watch, args=(watched,), name="eqv2-launcher-watch", daemon=True).start()
+        self._watched = (launcher_processes() if launchers is None else launchers) if watch_launcher else []
+        self._parent = os.getppid()
+        if self._watched:
+            threading.Thread(target=self._watch, name="eqv2-launcher-watch", daemon=True).start()
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -59,18 +66,25 @@ class StopFlag:
             self.signum = signum
             self.reason = signal.Signals(signum).name
 
-    def _watch(self, watched: list[tuple[int, int, str]]) -> None:
-        parent = os.getppid()
+    def _watch(self) -> None:
         while not self._watch_done.wait(WATCH_INTERVAL_S):
-            for pid, start, name in watched:
-                if not process_alive(pid, start) or (pid == parent and os.getppid() != parent):
+            if self.look_at_launcher():
+                return
+
+    def look_at_launcher(self) -> bool:
+        """One look at the watched launcher processes (the watch thread's, or a rank's own when the
+        ranks agreed to stop before its watch saw the exit another rank saw): True if one exited."""
+        for pid, start, name in self._watched:
+            if not process_alive(pid, start) or (pid == self._parent and os.getppid() != self._parent):
+                with self._lock:
                     if self.signum is None:  # else a signal came first (`timeout` signals the ranks too)
                         self.signum = signal.SIGTERM
                         self.reason = f"launcher (pid {pid}, {name}) exited"
                         if os.environ.get("LOCAL_RANK", "0") == "0":  # one line per node
                             print(f"eqv2.train (rank {os.environ.get('RANK', '0')}): {self.reason}: stopping as "
                                   f"for SIGTERM", file=sys.stderr, flush=True)
-                    return
+                return True
+        return False
 
     @property
     def requested(self) -> bool:
@@ -81,6 +95,8 @@ class StopFlag:
         rename: a reader sees all of it or nothing)."""
         if not is_main:
             return
+        if self.signum is None:  # the stop was another rank's: the launcher's exit may be why
+            self.look_at_launcher()
         path = Path(run_dir) / STOP_RECORD
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         record = {"step": step, "tag": tag, "reason": self.reason or "signal on another rank",
