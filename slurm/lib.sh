@@ -47,14 +47,16 @@ eqv2_nccl_env() {
 }
 
 # torch.compile's on-disk caches (Inductor's compiled FX graphs and AOTAutograd artifacts, Triton
-# kernels, autotuning results) in the run directory instead of each node's /tmp, unless the user set
-# TORCHINDUCTOR_CACHE_DIR: a requeued or resubmitted job, which may land on other nodes, then loads its
-# compiled graphs instead of compiling them again (on one H200 a warm cache cut the 153M trainer's first
-# 20 steps from ~250 s to ~80 s; docs/perf-notes.md, session 12).  Entries are keyed by graph, torch version
-# and device, and written by rename, so ranks and nodes can share the directory; on a file system that
-# is slow with many small files, point TORCHINDUCTOR_CACHE_DIR at node-local disk instead.
+# kernels, autotuning results) on the shared file system instead of each node's /tmp, unless the user set
+# TORCHINDUCTOR_CACHE_DIR: EQV2_COMPILE_CACHE, by default `compile_cache` beside the run directory (in its
+# parent), so that a requeued or resubmitted job, which may land on other nodes, and any other run of the
+# same config under the same parent load their compiled graphs instead of compiling them again (on one H200
+# a warm cache cut the 153M trainer's first 20 steps from ~250 s to ~80 s; docs/perf-notes.md, session 12;
+# each run's startup.json counts the cache's hits and misses).  Entries are keyed by graph, torch version and
+# device, and written by rename, so ranks, nodes and runs can share the directory; on a file system that
+# is slow with many small files, point EQV2_COMPILE_CACHE at node-local disk instead.
 eqv2_compile_cache() {
-  export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$1/compile_cache}
+  export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-${EQV2_COMPILE_CACHE:-$(dirname "$1")/compile_cache}}
   mkdir -p "$TORCHINDUCTOR_CACHE_DIR"
 }
 

@@ -13,7 +13,8 @@ are included.  The phases, in order:
 - `resume_s`: restoring a checkpoint and writing the resolved configs, up to the loop's start;
 - `first_step_s`: the first optimizer step, to the end of its GPU work (the first batch's wait, the
   compilation of the blocks and any CUDA-graph recording happen here);
-- `launch_to_first_step_s`: the sum, process start → first step done.
+- `launch_to_first_step_s`: the sum, process start → first step done;
+- `compile_cache`: the on-disk compile cache's directory and its hits and misses up to then.
 
 Written once by the main rank: `startup.json` in the run directory and a `startup` entry in the first
 metrics.jsonl record (bench/scaling.py and bench/run.py read the file).
@@ -74,9 +75,24 @@ class StartupClock:
         out = {name: round(self.phases.get(name, 0.0), 3) for name in PHASES}
         out["launch_to_first_step_s"] = round(self.last - self.start, 3)
         out["process_start_epoch"] = round(self.start, 3)
+        out["compile_cache"] = compile_cache_state()
         return out
 
     @staticmethod
     def write(run_dir: Path, record: dict) -> None:
         path = Path(run_dir) / "startup.json"
         path.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def compile_cache_state() -> dict:
+    """Where torch.compile's on-disk caches are and how the compilations so far used them: Inductor's
+    compiled-graph cache (hits: graphs loaded instead of compiled, e.g. by a requeued job or another run of
+    the same config sharing the directory, slurm/lib.sh) and AOTAutograd's.  Zero counts: nothing compiled."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    inductor = counters["inductor"]
+    aot = counters["aot_autograd"]
+    return {"dir": cache_dir(), "fxgraph_hits": int(inductor["fxgraph_cache_hit"]),
+            "fxgraph_misses": int(inductor["fxgraph_cache_miss"]),
+            "aot_autograd_hits": int(aot["autograd_cache_hit"]), "aot_autograd_misses": int(aot["autograd_cache_miss"])}

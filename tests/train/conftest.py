@@ -56,14 +56,15 @@ def data_args(data: Path) -> list[str]:
             "--set", f"data.val_manifest={data / 'val' / 'manifest.json'}"]
 
 
-def start_ranks(nproc: int, args: list[str]) -> list[subprocess.Popen]:
-    """Start `nproc` trainer processes the way srun/torchrun do: RANK/WORLD_SIZE/... in the environment."""
+def start_ranks(nproc: int, args: list[str], extra_env: dict[str, str] | None = None) -> list[subprocess.Popen]:
+    """Start `nproc` trainer processes the way srun/torchrun do: RANK/WORLD_SIZE/... in the environment
+    (plus `extra_env`)."""
     port = free_port()
     procs = []
     for rank in range(nproc):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-               "PYTHONUNBUFFERED": "1"}
+               "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         procs.append(subprocess.Popen([sys.executable, str(TRAIN), *args], env=env, cwd=REPO, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     return procs
@@ -74,8 +75,9 @@ def wait_ranks(procs: list[subprocess.Popen], timeout: float = 300) -> tuple[lis
     return [p.returncode for p in procs], "\n".join(outs)
 
 
-def run_train(args: list[str], nproc: int = 1, timeout: float = 300) -> tuple[list[int], str]:
-    return wait_ranks(start_ranks(nproc, args), timeout)
+def run_train(args: list[str], nproc: int = 1, timeout: float = 300,
+              env: dict[str, str] | None = None) -> tuple[list[int], str]:
+    return wait_ranks(start_ranks(nproc, args, env), timeout)
 
 
 def records(run_dir: Path) -> tuple[dict[int, dict], list[dict]]:

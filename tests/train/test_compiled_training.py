@@ -1,5 +1,7 @@
 """The trainer with compiled blocks (CPU Inductor): batches of varying atom, edge and structure counts
 must not recompile the blocks after the first two compilations (static, then symbolic)."""
+import json
+
 import pytest
 
 from tests.train.conftest import HERE, data_args, records, run_train
@@ -11,15 +13,24 @@ def test_compiled_training_does_not_recompile_as_batches_vary(demo_data, tmp_pat
     graphs it is recorded, which is cheap; a recompilation is not).  One run (each costs over a minute on 2
     cores; a run without buckets compiled the same parts): the padded shapes vary from batch to batch, which
     the 10 graphs below show (5 parts compiled static, then symbolic), and the final validation runs the
-    compiled model in eval mode."""
+    compiled model in eval mode.  Then a second run of the same config in another run directory with the
+    same on-disk compile cache (as slurm/lib.sh shares one between the runs under one parent directory)
+    loads its first step's graphs from the cache instead of compiling them (startup.json's counts)."""
     run_dir = tmp_path / "run"
     pads = ["--set", "execution.pad_atoms_multiple=16", "--set", "execution.pad_edges_multiple=64"]
-    rc, out = run_train(["--ds_config", str(HERE / "ds_zero2_cpu.json"), "--config", str(HERE / "tiny_run.yaml"),
-                         *data_args(demo_data), "--set", f"run_dir={run_dir}", "--set", "optim.max_steps=14",
-                         "--set", "compile.enabled=true", "--set", "checkpoint.every_steps=1000",
-                         "--set", "data.max_atoms=80", "--set", "data.pack_batches=false", *pads],
-                        timeout=900)  # batches by atoms, unpacked so that their sizes vary: 2-4 structures each
+    cache = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "compile_cache")}  # cold: nothing from other tests
+
+    def launch(run_dir, steps):
+        return run_train(["--ds_config", str(HERE / "ds_zero2_cpu.json"), "--config", str(HERE / "tiny_run.yaml"),
+                          *data_args(demo_data), "--set", f"run_dir={run_dir}", "--set", f"optim.max_steps={steps}",
+                          "--set", "compile.enabled=true", "--set", "checkpoint.every_steps=1000",
+                          "--set", "data.max_atoms=80", "--set", "data.pack_batches=false", *pads],
+                         timeout=900, env=cache)  # batches by atoms, unpacked so that their sizes vary: 2-4 structures each
+
+    rc, out = launch(run_dir, 14)
     assert rc == [0], out[-3000:]
+    cold = json.loads((run_dir / "startup.json").read_text())["compile_cache"]
+    assert cold["dir"] == cache["TORCHINDUCTOR_CACHE_DIR"] and cold["fxgraph_misses"] > 0 and cold["fxgraph_hits"] == 0, cold
     assert "compiled: 6 parts" in out  # 2 blocks, the edge-degree embedding, 2 heads, the edge frames
     train, _ = records(run_dir)
     graphs = {step: rec["compiled_graphs"] for step, rec in train.items()}
@@ -38,6 +49,11 @@ def test_compiled_training_does_not_recompile_as_batches_vary(demo_data, tmp_pat
     assert "eval val step 14" in out, out[-3000:]
     # the batches did fall into several buckets after the compilations
     assert sum(rec["new_shape_buckets"] for s, rec in train.items() if s > 2) > 0, train
+
+    rc, out = launch(tmp_path / "run2", 1)
+    assert rc == [0], out[-3000:]
+    warm = json.loads((tmp_path / "run2" / "startup.json").read_text())["compile_cache"]
+    assert warm["fxgraph_hits"] >= cold["fxgraph_misses"] and warm["fxgraph_misses"] == 0, (cold, warm)
 
 
 @pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
