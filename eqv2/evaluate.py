@@ -84,7 +84,7 @@ def evaluate_split(potential, name: str, manifest: str, args, dist, graphs) -> d
 
     batch_size = 0 if args.max_atoms else args.batch_size
     cfg = DataConfig(train_manifest=manifest, val_manifest=manifest, batch_size=batch_size, max_atoms=args.max_atoms,
-                     num_workers=0, require_labels=False)
+                     num_workers=args.workers, require_labels=False)
     full = num_val_batches(cfg, dist.world_size)
     total = min(full, args.limit) if args.limit else full
     refs = potential.energy_references  # the mean baseline as the trainer's: energy mean (+ references)
@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="structures per batch")
     parser.add_argument("--max-atoms", type=int, default=0, help="atom budget per batch instead of --batch-size")
     parser.add_argument("--limit", type=int, default=0, help="only the first N batches of every rank")
+    parser.add_argument("--workers", type=int, default=0, help="loader processes per rank: they read the shards, "
+                        "build the radius graphs and pad each batch to its shape bucket (0: the rank itself)")
     parser.add_argument("--all-atoms", action="store_true", help="force metrics over all atoms, not only free ones")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--predictions", type=Path, help="write each split's predictions as DIR/<split>.npz "
@@ -161,11 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     add_quiet(parser)
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.max_atoms < 0 or args.limit < 0:
-        parser.error("--batch-size must be >= 1, --max-atoms and --limit >= 0")
+    if args.batch_size < 1 or args.max_atoms < 0 or args.limit < 0 or args.workers < 0:
+        parser.error("--batch-size must be >= 1, --max-atoms, --limit and --workers >= 0")
     if args.submission and not args.predictions:
         parser.error("--submission needs --predictions DIR (where the split files go)")
     from eqv2.data.format import SampleError
+    from eqv2.buckets import loader_prepare
     from eqv2.model.graph import GraphBuilder, GraphInputError
     from eqv2.training.checkpointing import CheckpointError
     from eqv2.training.dist import init_distributed, shutdown
@@ -184,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
                             log=lambda line: print(f"eqv2 evaluate (rank {dist.rank}): {line}", file=sys.stderr))
         if dist.is_main:
             print(f"eqv2 evaluate: {potential.describe()}", file=sys.stderr)
-        graphs = GraphBuilder.for_model(potential.config)
+        # the loader builds each batch's graph and pads it to the plan's shape bucket (in its workers with
+        # --workers), so the model's bucket hooks find the bucket made and the rank only runs the model
+        graphs = loader_prepare(GraphBuilder.for_model(potential.config), potential.plan)
         if args.submission:
             from eqv2.predictions import OC20_SPLITS
 
