@@ -26,8 +26,7 @@ angle: docs/fairchem.md "float32 numerics"; per-frame float32 errors: python -m 
 and the float64 remainder (F 1.6e-8) was a fourth float32-built constant, the layer norms'
 balance_degree_weight: with DEGREE64=1 too, E 2e-16, F 7e-10, stress 3e-15 (tests/model/test_fairchem_stress.py
 checks it at 1e-9)."""
-import sys, types, torch, numpy as np  # noqa: E401
-from functools import partial
+import sys, torch, numpy as np  # noqa: E401
 sys.argv=[sys.argv[0]]
 import tests.model.test_fairchem_stress as T
 import fairchem.core.models.equiformer_v2.equiformer_v2_dens  # noqa: F401  (registers the DeNS names)
@@ -85,29 +84,9 @@ path, structures = T.frames(tmp)
 from fairchem.core.datasets import data_list_collater
 from fairchem.core.preprocessing import AtomsToGraphs
 import fairchem.core.models.base as FB
-_rg = FB.radius_graph_pbc
-def _rg32(data, *a, **k):
-    pos, cell = data.pos, data.cell
-    data.pos, data.cell = pos.float(), cell.float()
-    dd = torch.get_default_dtype(); torch.set_default_dtype(torch.float32)
-    try: return _rg(data, *a, **k)
-    finally: data.pos, data.cell = pos, cell; torch.set_default_dtype(dd)
-FB.radius_graph_pbc = _rg32
+FB.radius_graph_pbc = fr.float32_selection(FB.radius_graph_pbc)
 if DT == torch.float64 and os.environ.get("OFFSETS64", "1") == "1":
-    # fairchem's get_pbc_distances computes cell_offsets @ cell in float32 whatever the dtype (.float()):
-    # edge lengths off by up to 8e-7 A in a float64 run; here in the positions' dtype
-    def _pbc64(pos, edge_index, cell, cell_offsets, neighbors, return_offsets=False, return_distance_vec=False):
-        row, col = edge_index
-        cell = torch.repeat_interleave(cell, neighbors.to(cell.device), dim=0)
-        offsets = cell_offsets.to(pos.dtype).view(-1, 1, 3).bmm(cell.to(pos.dtype)).view(-1, 3)
-        vec = pos[row] - pos[col] + offsets
-        dist = vec.norm(dim=-1)
-        keep = dist != 0
-        out = {"edge_index": edge_index[:, keep], "distances": dist[keep]}
-        if return_distance_vec: out["distance_vec"] = vec[keep]
-        if return_offsets: out["offsets"] = offsets[keep]
-        return out
-    FB.get_pbc_distances = _pbc64
+    FB.get_pbc_distances = fr.pbc_distances64  # offsets in float64 (fairchem's own: cell_offsets @ cell in float32)
 def ref(atoms):
     a2g = AtomsToGraphs(r_energy=False, r_forces=False, r_distances=False, r_pbc=True, r_edges=False)
     batch = data_list_collater([a2g.convert(atoms)], otf_graph=True)

@@ -1,6 +1,6 @@
 """The fused S2 activation (eqv2/kernels/fused_s2_activation.py) against the einsum path, in the Triton interpreter on
-CPU (float64), at L_max up to 8 / M_max 4; its FLOP count and shape checks.  The bf16 GPU checks are in
-tests/model/test_gpu.py."""
+CPU (float64), at L_max up to 8 / M_max 4; its FLOP count and shape checks; and in bf16 on CUDA (marked gpu, run
+through the device tool), at every tile setting the autotuner may pick."""
 from __future__ import annotations
 
 import os
@@ -14,6 +14,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 HAS_TRITON = subprocess.run([sys.executable, "-c", "import triton"], capture_output=True).returncode == 0
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 INTERPRETED = textwrap.dedent("""
@@ -101,3 +106,55 @@ def test_fused_s2_op_flops_are_counted_like_the_einsum_path():
     # model FLOPs: 2 products forward, 2 backward (the kernel's recomputation is not counted)
     assert fused.get_total_flops() == reference.get_total_flops() == 4 * 2 * z * g * k * c
     assert other_form.get_total_flops() == fused.get_total_flops()
+
+
+# --- on CUDA, bf16 (the device tool): against the float32 einsum path
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_fused_s2_kernel_bf16_matches_einsum():
+    from eqv2.model.activation import edge_grid
+    from eqv2.kernels.fused_s2_activation import kernel_available, s2_silu
+    from eqv2.model.so3 import CoefficientLayout
+
+    grid = edge_grid(CoefficientLayout(6, 3), 18).cuda()
+    to_mat, from_mat = grid.to_grid_mat.float(), grid.from_grid_mat.float()
+    x = torch.randn(3001, to_mat.shape[1], 64, device="cuda")
+    ref_x = x.clone().requires_grad_()
+    ref = torch.einsum("gk,zgc->zkc", from_mat, torch.nn.functional.silu(torch.einsum("gk,zkc->zgc", to_mat, ref_x)))
+    dy = torch.randn_like(ref)
+    (ref_grad,) = torch.autograd.grad(ref, ref_x, dy)
+    low_x = x.bfloat16().requires_grad_()
+    assert kernel_available(low_x)
+    out = s2_silu(low_x, to_mat.bfloat16(), from_mat.bfloat16())
+    (grad,) = torch.autograd.grad(out, low_x, dy.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert _rel(out, ref) < 1e-2 and _rel(grad, ref_grad) < 1e-2, (_rel(out, ref), _rel(grad, ref_grad))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("lmax,mmax,full", [(6, 2, False), (6, 3, False), (6, 6, True), (4, 2, False),
+                                              (8, 4, False), (8, 8, True), (7, 3, False)])
+def test_every_s2_kernel_tile_setting_matches_einsum(lmax, mmax, full):
+    """Each setting the autotuner may pick, launched explicitly at the models' coefficient counts
+    (K 29, 37, 49, 19) and channel widths 64 and 128, forward and backward, in every kernel form."""
+    from eqv2.model.activation import edge_grid, node_grid
+    from eqv2.kernels.fused_s2_activation import FORMS, TUNING, _launch, _s2_silu_bwd, _s2_silu_fwd
+    from eqv2.model.so3 import CoefficientLayout
+
+    grid = (node_grid(lmax, 18) if full else edge_grid(CoefficientLayout(lmax, mmax), 18)).cuda()
+    t, f = grid.to_grid_mat.float(), grid.from_grid_mat.float()
+    for channels in (64, 128):
+        x = torch.randn(2999, t.shape[1], channels, device="cuda")
+        dy = torch.randn_like(x)
+        ref_x = x.clone().requires_grad_()
+        ref = torch.einsum("gk,zgc->zkc", f, torch.nn.functional.silu(torch.einsum("gk,zkc->zgc", t, ref_x)))
+        (ref_grad,) = torch.autograd.grad(ref, ref_x, dy)
+        xb, tb, fb = x.bfloat16(), t.bfloat16(), f.bfloat16()
+        for config, form in [(tune, form) for tune in TUNING for form in FORMS]:
+            out = _launch(_s2_silu_fwd, [xb, tb, fb], torch.empty_like(xb), tb, config, form)
+            grad = _launch(_s2_silu_bwd, [xb, dy.bfloat16(), tb, fb], torch.empty_like(xb), tb, config, form)
+            torch.cuda.synchronize()
+            assert _rel(out, ref) < 1e-2 and _rel(grad, ref_grad) < 1e-2, (config, form, channels, _rel(out, ref))

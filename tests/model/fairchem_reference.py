@@ -91,6 +91,42 @@ def fairchem_graph(batch, max_radius: float, max_neighbors: int, strict: bool):
         return builder.generate_graph(otf_pyg_batch(batch))
 
 
+def pbc_distances64(pos, edge_index, cell, cell_offsets, neighbors, return_offsets=False, return_distance_vec=False):
+    """fairchem's `get_pbc_distances` (fairchem.core.models.base) with the periodic offsets in the positions'
+    dtype: fairchem computes cell_offsets @ cell in float32 whatever the dtype (.float()), which puts edge
+    lengths off by up to 8e-7 A in a float64 run.  Same arguments and outputs; self-loops dropped as there."""
+    row, col = edge_index
+    cell = torch.repeat_interleave(cell, neighbors.to(cell.device), dim=0)
+    offsets = cell_offsets.to(pos.dtype).view(-1, 1, 3).bmm(cell.to(pos.dtype)).view(-1, 3)
+    vec = pos[row] - pos[col] + offsets
+    distance = vec.norm(dim=-1)
+    keep = distance != 0
+    out = {"edge_index": edge_index[:, keep], "distances": distance[keep]}
+    if return_distance_vec:
+        out["distance_vec"] = vec[keep]
+    if return_offsets:
+        out["offsets"] = offsets[keep]
+    return out
+
+
+def float32_selection(select):
+    """fairchem's neighbour selection `select` (its `radius_graph_pbc`, which casts the cell to float32) run on
+    the positions and cell rounded to float32, under the float32 default dtype, whatever the caller's dtype:
+    in a float64 run it then picks the same neighbours as eqv2's float32 graph."""
+
+    def select32(data, *args, **kwargs):
+        pos, cell, previous = data.pos, data.cell, torch.get_default_dtype()
+        data.pos, data.cell = pos.float(), cell.float()
+        torch.set_default_dtype(torch.float32)
+        try:
+            return select(data, *args, **kwargs)
+        finally:
+            data.pos, data.cell = pos, cell
+            torch.set_default_dtype(previous)
+
+    return select32
+
+
 def otf_pyg_batch(batch):
     """torch_geometric Batch of an eqv2 batch without a graph: the reference builds its own (otf_graph)."""
     from torch_geometric.data import Data

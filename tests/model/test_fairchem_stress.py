@@ -204,31 +204,7 @@ def float64_fairchem(enabled: bool):
 
     select, distances = base.radius_graph_pbc, base.get_pbc_distances
 
-    def select32(data, *args, **kwargs):
-        pos, cell = data.pos, data.cell
-        data.pos, data.cell = pos.float(), cell.float()
-        torch.set_default_dtype(torch.float32)
-        try:
-            return select(data, *args, **kwargs)
-        finally:
-            data.pos, data.cell = pos, cell
-            torch.set_default_dtype(torch.float64)
-
-    def distances64(pos, edge_index, cell, cell_offsets, neighbors, return_offsets=False, return_distance_vec=False):
-        row, col = edge_index
-        cell = torch.repeat_interleave(cell, neighbors.to(cell.device), dim=0)
-        offsets = cell_offsets.to(pos.dtype).view(-1, 1, 3).bmm(cell.to(pos.dtype)).view(-1, 3)
-        vec = pos[row] - pos[col] + offsets
-        distance = vec.norm(dim=-1)
-        keep = distance != 0  # as fairchem: self-loops dropped
-        out = {"edge_index": edge_index[:, keep], "distances": distance[keep]}
-        if return_distance_vec:
-            out["distance_vec"] = vec[keep]
-        if return_offsets:
-            out["offsets"] = offsets[keep]
-        return out
-
-    base.radius_graph_pbc, base.get_pbc_distances = select32, distances64
+    base.radius_graph_pbc, base.get_pbc_distances = fr.float32_selection(select), fr.pbc_distances64
     torch.set_default_dtype(torch.float64)
     try:
         yield

@@ -1,7 +1,7 @@
 """The fast path on CPU: the compiled model (the kernels' own tests are in tests/kernels/).
 
-GPU checks of the same (bf16 kernels on tensor cores, compiled bf16 model vs eager reference) are in
-test_gpu.py and run through the device tool.
+GPU checks of the same (compiled bf16 model vs eager reference) are in test_gpu.py, those of the bf16 kernels on
+tensor cores in tests/kernels/; both run through the device tool.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _loss(out):
 # together (every custom op traced at once) with Python's wrapper.  Two cases, not the combinations: each
 # compile costs a minute or more on 2 cores (the C++ wrapper with the kernels' custom ops took 520 s), and
 # the reference with Python's wrapper is what tests/train/test_compiled_training.py compiles.  Each kernel's
-# own numerics against the stock path, alone and in pairs, are tested eagerly in test_model.py / test_modules.py
+# own numerics against the stock path, alone and in pairs, are tested eagerly in test_model.py / tests/kernels/
 @pytest.mark.parametrize("cpp_wrapper,kernels", [(True, {}),
                                                  (False, dict(so2_fused_input_grad=True, so2_indexed_radial=True,
                                                               rotation_align=8, fused_rotation=True,

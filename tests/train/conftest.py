@@ -93,6 +93,24 @@ def records(run_dir: Path) -> tuple[dict[int, dict], list[dict]]:
     return train, evals
 
 
+def demo_val_metrics(model, demo_data: Path, batch_size: int, device: str = "cpu", bf16: bool = False) -> dict:
+    """The trainer's S2EF metrics of `model` on the demo data's validation split, computed here on one rank (bf16:
+    under bf16 autocast), to compare with what a run logged."""
+    import torch
+
+    from eqv2.data import DataConfig, val_batches
+    from eqv2.training.metrics import S2EFMetrics
+
+    cfg = DataConfig(train_manifest=str(demo_data / "train" / "manifest.json"),
+                     val_manifest=str(demo_data / "val" / "manifest.json"), batch_size=batch_size, num_workers=0)
+    metrics = S2EFMetrics(torch.device(device))
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        for batch in val_batches(cfg, 0, 1):
+            batch = batch.to(device)
+            metrics.update(model(batch), batch)
+    return metrics.compute()
+
+
 HERE = Path(__file__).parent
 DEMO_STEPS = 250
 MAX_STEPS = 40  # of the 2-rank reference run

@@ -1,12 +1,9 @@
 """`eqv2 export`: a training checkpoint becomes a plain model that predicts what the trainer measured."""
 
 import pytest
-import torch
 
 import eqv2
-from eqv2.data import DataConfig, val_batches
-from eqv2.training.metrics import S2EFMetrics
-from tests.train.conftest import DEMO_STEPS, MAX_STEPS, records
+from tests.train.conftest import DEMO_STEPS, MAX_STEPS, demo_val_metrics, records
 from tests.verbs import run_eqv2
 
 
@@ -19,13 +16,7 @@ def test_exported_ema_model_reproduces_the_trainers_validation(demo_run, demo_da
     export([str(demo_run / "checkpoints"), "-o", str(out)])
     model = eqv2.load_model(out)
     assert model.meta["weights"] == "ema" and model.meta["step"] == DEMO_STEPS
-    cfg = DataConfig(train_manifest=str(demo_data / "train" / "manifest.json"),
-                     val_manifest=str(demo_data / "val" / "manifest.json"), batch_size=8, num_workers=0)
-    metrics = S2EFMetrics(torch.device("cpu"))
-    with torch.no_grad():
-        for batch in val_batches(cfg, 0, 1):
-            metrics.update(model(batch), batch)
-    got = metrics.compute()
+    got = demo_val_metrics(model, demo_data, batch_size=8)
     _, evals = records(demo_run)
     final = evals[-1]
     assert got["num_structures"] == final["num_structures"]

@@ -10,9 +10,7 @@ import pytest
 import torch
 
 import eqv2
-from eqv2.data import DataConfig, val_batches
-from eqv2.training.metrics import S2EFMetrics
-from tests.train.conftest import data_args, records, run_train
+from tests.train.conftest import data_args, demo_val_metrics, records, run_train
 from tests.train.test_export import export
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -38,14 +36,7 @@ def test_trainer_on_cuda_graphs_evaluates_its_ema_weights(demo_data, tmp_path):
     exported = tmp_path / "demo.pt"
     export([str(run_dir / "checkpoints"), "-o", str(exported)])
     model = eqv2.load_model(exported).cuda()
-    cfg = DataConfig(train_manifest=str(demo_data / "train" / "manifest.json"),
-                     val_manifest=str(demo_data / "val" / "manifest.json"), batch_size=4, num_workers=0)
-    metrics = S2EFMetrics(torch.device("cuda"))
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        for batch in val_batches(cfg, 0, 1):
-            batch = batch.to("cuda")
-            metrics.update(model(batch), batch)
-    got = metrics.compute()
+    got = demo_val_metrics(model, demo_data, batch_size=4, device="cuda", bf16=True)
     final = evals[-1]
     assert got["num_structures"] == final["num_structures"]
     assert got["forces_mae"] == pytest.approx(final["forces_mae"], rel=2e-2)

@@ -23,9 +23,7 @@ import torch
 import yaml
 
 import eqv2
-from eqv2.data import DataConfig, val_batches
-from eqv2.training.metrics import S2EFMetrics
-from tests.train.conftest import HERE, REPO, data_args
+from tests.train.conftest import HERE, REPO, data_args, demo_val_metrics
 from tests.train.conftest import DEMO_STEPS, MAX_STEPS, last_step, records, run_train, start_ranks, wait_ranks
 from tests.train.conftest import common_args as _common
 from tests.verbs import run_eqv2
@@ -134,13 +132,7 @@ def test_zero3_ema_evaluation_export_and_resume_on_one_rank(demo_data, tmp_path)
     model_file = tmp_path / "z3.pt"
     run_eqv2("export", two / "checkpoints", "-o", model_file, check=True)
     model = eqv2.load_model(model_file)
-    cfg = DataConfig(train_manifest=str(demo_data / "train" / "manifest.json"),
-                     val_manifest=str(demo_data / "val" / "manifest.json"), batch_size=2, num_workers=0)
-    metrics = S2EFMetrics(torch.device("cpu"))
-    with torch.no_grad():
-        for batch in val_batches(cfg, 0, 1):
-            metrics.update(model(batch), batch)
-    got = metrics.compute()
+    got = demo_val_metrics(model, demo_data, batch_size=2)
     for key in ("forces_mae", "energy_mae", "forces_cos"):
         assert got[key] == pytest.approx(final[key], rel=1e-4), key
 
