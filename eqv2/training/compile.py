@@ -3,9 +3,9 @@
 The eager EquiformerV2 step is launch-bound on a GPU: each of the 20 blocks issues hundreds of small
 kernels (narrow/cat/cast/elementwise) around its matrix products.  Compiling each block with Inductor
 fuses those into a few Triton kernels, and lets the partitioner recompute cheap elementwise results in
-the backward pass instead of saving them.  Every block has the same code, so with dynamic shapes the
-block is compiled once (twice: the second time with the atom and edge counts symbolic) and
-reused by all blocks and all batch sizes.
+the backward pass instead of saving them.  Every block has the same code, so with the atom and edge counts
+symbolic from the first compilation (`BATCH_DIMS`) the block is compiled once and reused by all blocks and
+all batch sizes.
 
 What is compiled: the `forward` of every `model.blocks[i]`, of the edge-degree embedding and of the
 energy and force heads, replaced in place on the module instance, so parameter names — and
@@ -52,8 +52,9 @@ class CompileConfig:
     # buckets, execution.pad_atoms_multiple and execution.pad_edges_multiple); max-autotune: Triton templates
     # tried for the matrix products as well, with CUDA graphs (same need; much longer compilation)
     mode: Literal["default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"] = "default"
-    # null: automatic (first compile static, the next one marks the dims that changed, atoms and edges,
-    # dynamic; channel widths stay static); true: every dim symbolic; false: recompile per shape
+    # null: the atom, edge and structure counts symbolic from the first compilation (BATCH_DIMS; channel widths
+    # stay static), so each part compiles once for every batch shape; true: every dim symbolic; false:
+    # recompile per shape
     dynamic: bool | None = None
     # fraction of the compiled parts' activations the backward pass may keep (torch's min-cut partitioner
     # then recomputes the cheapest rest, elementwise ops and gathers before matrix products); 1.0: all
@@ -117,12 +118,62 @@ def apply_compile(model: nn.Module, cfg: CompileConfig, zero_stage: int = 0) -> 
         if attr in vars(owner):
             raise RuntimeError(f"{name}.{attr} is already wrapped (activation checkpointing?): apply_compile "
                                "must come first, so that the wrapper calls the compiled forward")
-        compiled = torch.compile(getattr(owner, attr), options=inductor_options(cfg.mode, cfg.cpp_wrapper),
+        plain = getattr(owner, attr)
+        compiled = torch.compile(plain, options=inductor_options(cfg.mode, cfg.cpp_wrapper),
                                  dynamic=cfg.dynamic, fullgraph=True)
         if cfg.activation_memory_budget < 1.0:
             compiled = _with_memory_budget(compiled, cfg.activation_memory_budget, cfg.weigh_custom_ops)
+        if cfg.dynamic is None:
+            compiled = _batch_dims_symbolic(compiled, plain)
         setattr(owner, attr, compiled)
     return names
+
+
+# The dims of the compiled parts' tensor arguments that change from batch to batch, by parameter name (the
+# paper modules' forward signatures): atoms (x, atomic_numbers, drop_scale's second dim) and edges (the rest).
+# Every tensor inside an object argument (the edge rotation: its matrices, envelope and edge order) has the
+# edges on dim 0.  A tensor argument of another name keeps Dynamo's automatic dynamic shapes (compiled static
+# first, then once more with the dims that changed symbolic).
+BATCH_DIMS = {"x": 0, "atomic_numbers": 0, "drop_scale": 1, "distance_basis": 0, "edge_index": 1, "edge_vec": 0,
+              "distance": 0}
+
+
+def _batch_dims_symbolic(compiled, plain):
+    """`compiled`, called with the batch dims of its arguments marked dynamic (`maybe_mark_dynamic`: Dynamo may
+    still specialise one where the code needs a fixed size), so that its first compilation is the symbolic one
+    every later batch shape reuses.  Without the marks, Dynamo compiles each part for the first batch's exact
+    shapes and again, symbolic, at the second: twice the compile time before the first steady step.  Marking
+    costs a few microseconds of host time per call."""
+    import inspect
+
+    names = list(inspect.signature(plain).parameters)
+    marked = [(i, BATCH_DIMS.get(name)) for i, name in enumerate(names)]
+    by_name = {name: i for i, name in enumerate(names)}
+    mark = torch._dynamo.maybe_mark_dynamic
+
+    def mark_object(obj, depth: int = 0) -> None:
+        for value in vars(obj).values():
+            if isinstance(value, torch.Tensor):
+                if value.dim():
+                    mark(value, 0)
+            elif depth < 1 and hasattr(value, "__dict__") and not isinstance(value, (type, nn.Module)):
+                mark_object(value, depth + 1)
+
+    def mark_arg(value, dim) -> None:
+        if isinstance(value, torch.Tensor):
+            if dim is not None and value.dim() > dim:
+                mark(value, dim)
+        elif hasattr(value, "__dict__") and not isinstance(value, (type, nn.Module)):
+            mark_object(value)
+
+    @functools.wraps(compiled)
+    def call(*args, **kwargs):
+        for value, (_, dim) in zip(args, marked):
+            mark_arg(value, dim)
+        for name, value in kwargs.items():
+            mark_arg(value, BATCH_DIMS.get(name) if name in by_name else None)
+        return compiled(*args, **kwargs)
+    return call
 
 
 def inductor_options(mode: str, cpp_wrapper: bool = False) -> dict:
@@ -177,8 +228,9 @@ def _with_memory_budget(compiled, budget: float, weigh_custom_ops: bool = True):
 
 
 def compiled_graph_count() -> int:
-    """Graphs Dynamo has compiled in this process so far (each compiled part: once with static shapes,
-    once with symbolic atom and edge counts, once more for no-grad evaluation); logged by the trainer."""
+    """Graphs Dynamo has compiled in this process so far (each compiled part once, with symbolic atom and edge
+    counts, the edge-degree embedding twice (its atom count is a Python int, specialised at the first call),
+    once more for no-grad evaluation); logged by the trainer."""
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
