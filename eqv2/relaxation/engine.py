@@ -32,8 +32,8 @@ import torch
 
 from eqv2.batch import AtomsBatch
 from eqv2.relaxation.inflight import Snapshot
-from eqv2.relaxation.optimizers import (BatchedFIRE, BatchedLBFGS, FIREConfig, LBFGSConfig, extend, segment_max,
-                                        select)
+from eqv2.relaxation.optimizers import (BatchedFIRE, BatchedLBFGS, FIREConfig, LBFGSConfig, extend, persistent,
+                                        segment_max, select)
 
 
 @dataclass
@@ -236,14 +236,15 @@ def relax(structures: Iterable[Structure], forces: ForceProvider, cfg: RelaxConf
         active.add(resume.structures)
         active.pos = resume.positions.to(device=device, dtype=torch.float64)
         active.steps = torch.tensor(resume.steps, dtype=torch.int64, device=device)
-        state = ({k: v.to(device) for k, v in resume.optimizer_atoms.items()},
-                 {k: v.to(device) for k, v in resume.optimizer_structs.items()})
+        state = opt.restore(({k: v.to(device) for k, v in resume.optimizer_atoms.items()},
+                             {k: v.to(device) for k, v in resume.optimizer_structs.items()}), active.seg)
         opt.load_scalars(resume.optimizer_scalars)
         stats.resumed.update({s.sid: n for s, n in zip(resume.structures, resume.steps)})
 
     def snapshot() -> Snapshot:
+        kept = persistent(state)
         return Snapshot(list(active.items), active.steps.tolist(), active.pos.detach().to("cpu", copy=True),
-                        _clone(state[0]), _clone(state[1]), opt.scalars(), stats.iterations)
+                        _clone(kept[0]), _clone(kept[1]), opt.scalars(), stats.iterations)
 
     exhausted = False
     while True:
