@@ -32,8 +32,8 @@ import torch
 
 from eqv2.batch import AtomsBatch
 from eqv2.relaxation.inflight import Snapshot
-from eqv2.relaxation.optimizers import (BatchedFIRE, BatchedLBFGS, FIREConfig, LBFGSConfig, extend, persistent,
-                                        segment_max, select)
+from eqv2.relaxation.optimizers import (BatchedFIRE, BatchedLBFGS, FIREConfig, LBFGSConfig, extend, segment_max,
+                                        select)
 
 
 @dataclass
@@ -191,7 +191,8 @@ class _Active:
         cell = self.cell[self.seg]  # [N, 3, 3]
         usable = self.pbc.any(dim=1) & (torch.linalg.det(self.cell).abs() > 1e-12)  # [B]
         eye = torch.eye(3, dtype=cell.dtype, device=cell.device)
-        inverse = torch.linalg.inv(torch.where(usable[:, None, None], self.cell, eye))[self.seg]
+        # inv_ex: linalg.inv checks for singular matrices, a host sync on CUDA every step (none can be singular here)
+        inverse = torch.linalg.inv_ex(torch.where(usable[:, None, None], self.cell, eye)).inverse[self.seg]
         frac = torch.einsum("ni,nij->nj", self.pos, inverse)
         frac = torch.where(self.pbc[self.seg], torch.remainder(frac, 1.0), frac)
         wrapped = torch.einsum("ni,nij->nj", frac, cell)
@@ -242,9 +243,8 @@ def relax(structures: Iterable[Structure], forces: ForceProvider, cfg: RelaxConf
         stats.resumed.update({s.sid: n for s, n in zip(resume.structures, resume.steps)})
 
     def snapshot() -> Snapshot:
-        kept = persistent(state)
         return Snapshot(list(active.items), active.steps.tolist(), active.pos.detach().to("cpu", copy=True),
-                        _clone(kept[0]), _clone(kept[1]), opt.scalars(), stats.iterations)
+                        _clone(state[0]), _clone(state[1]), opt.scalars(), stats.iterations)
 
     exhausted = False
     while True:

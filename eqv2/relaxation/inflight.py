@@ -147,7 +147,7 @@ def _checked(path: Path, rec: dict, cfg: "RelaxConfig", task: int, num_tasks: in
         raise _fail(path, "atom or step counts do not match its structures (a damaged file)")
     tensors = {"positions": (rec["positions"], torch.zeros(n_atoms, 3, dtype=torch.float64))}
     for group, want, n in (("optimizer_atoms", expected[0], n_atoms), ("optimizer_structs", expected[1], n_structs)):
-        want = {k: v for k, v in want.items() if k not in DERIVED}  # recomputed on resume, never saved
+        want = {k: v for k, v in want.items() if k in rec[group] or k not in DERIVED}  # older files: recomputed
         if set(rec[group]) != set(want):
             raise _fail(path, f"{group} holds {sorted(rec[group])}, this optimizer needs {sorted(want)}")
         tensors.update({f"{group}.{k}": (rec[group][k], want[k].new_zeros((n, *want[k].shape[1:]))) for k in want})

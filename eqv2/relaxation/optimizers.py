@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 State = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]  # (per-atom tensors, per-structure tensors)
-DERIVED = frozenset({"sty", "yty"})  # state recomputed from the rest on resume (`restore`), left out of snapshots
+DERIVED = frozenset({"sty", "yty"})  # state a snapshot may lack (written before it existed): `restore` recomputes it
 
 
 def segment_sum(values: torch.Tensor, seg: torch.Tensor, n: int) -> torch.Tensor:
@@ -98,9 +98,11 @@ class BatchedLBFGS:
         return atoms, structs
 
     def restore(self, state: State, seg: torch.Tensor) -> State:
-        """A state read from a snapshot (which holds no Gram matrices: `persistent`) with SᵀY and YᵀY
-        recomputed from its pairs."""
+        """A state read from a snapshot, with SᵀY and YᵀY recomputed from its pairs where it has none (a
+        snapshot of eqv2 before the compact form; a current one has them, so a resume is bitwise exact)."""
         atoms, structs = state
+        if DERIVED <= structs.keys():
+            return state
         n = structs["rho"].shape[0]
         gram = lambda a, b: segment_sum(torch.einsum("nik,njk->nij", a, b), seg, n)
         return atoms, {**structs, "sty": gram(atoms["s"], atoms["y"]), "yty": gram(atoms["y"], atoms["y"])}
@@ -211,11 +213,6 @@ def select(state: State, atom_index: torch.Tensor, struct_index: torch.Tensor) -
     """The state of the kept atoms and structures (indices into dim 0)."""
     atoms, structs = state
     return {k: v[atom_index] for k, v in atoms.items()}, {k: v[struct_index] for k, v in structs.items()}
-
-
-def persistent(state: State) -> State:
-    """The state less what `restore` recomputes: what an in-flight snapshot holds."""
-    return state[0], {k: v for k, v in state[1].items() if k not in DERIVED}
 
 
 def extend(state: State, new: State) -> State:
