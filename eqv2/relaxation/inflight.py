@@ -4,14 +4,16 @@ continues them where they were instead of starting them again from their initial
 A `Snapshot` holds, for every structure in the batch, its id, a digest of its input (numbers, initial
 positions, cell, pbc, fixed atoms), its current positions, the optimizer steps it has taken (which is
 also the number of trajectory frames written for it) and its rows of the optimizer state (LBFGS: the
-curvature pairs, rho, last positions and forces; FIRE: velocities, time step, mixing and downhill count),
+curvature pairs, rho, their Gram matrices SᵀY and YᵀY, last positions and forces; FIRE: velocities, time
+step, mixing and downhill count),
 plus the optimizer's scalars (the LBFGS ring position). The engine takes one after an optimizer step
 (every `--checkpoint-every` steps and when a stop is asked for); `save` writes it as
 `OUT/inflight.<task>.pt` under a temporary name, fsyncs and renames it, so a kill leaves the previous
 whole file or the new one. `load` checks it against this run before anything is trusted: the file's
 kind and version, the task, the optimizer settings and, for each structure, that this task's input has
 a structure of that id with the same digest; a file that fails any check is refused with one line
-naming it (`--discard-inflight` starts those structures afresh instead).
+naming it (`--discard-inflight` starts those structures afresh instead). A file written before the LBFGS
+Gram matrices were state (`optimizers.DERIVED`) still loads: the engine recomputes them from the pairs.
 """
 from __future__ import annotations
 

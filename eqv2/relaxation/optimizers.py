@@ -2,9 +2,10 @@
 
 Atoms of all structures are concatenated (`seg[i]` is atom i's structure, as `AtomsBatch.batch`); every
 per-structure quantity (dot products, step limits, FIRE's time step) is a segment reduction, so one
-step is a fixed number of kernels whatever the batch holds. The state of each optimizer is two dicts of
-tensors, one with atoms and one with structures on dim 0, so that the engine can drop converged
-structures and append new ones with a gather and a concatenation (`select`, `extend`).
+step is a fixed number of kernels whatever the batch holds (for LBFGS, whatever its memory too). The
+state of each optimizer is two dicts of tensors, one with atoms and one with structures on dim 0, so
+that the engine can drop converged structures and append new ones with a gather and a concatenation
+(`select`, `extend`).
 
 LBFGS is the one ASE and fairchem use for OC20 (no line search; the step of each structure is scaled
 so that its largest atom displacement is at most `maxstep`, then multiplied by `damping`; initial
@@ -67,8 +68,8 @@ class BatchedLBFGS:
     iteration); a structure that joins has all-zero slots (rho = 0), which contribute nothing, so it sees
     exactly its own last `memory` pairs, as ASE's LBFGS does.
 
-    The step is ASE's two-loop recursion computed in the compact form of the L-BFGS inverse Hessian (Byrd,
-    Nocedal & Schnabel 1994, eq. 3.13 with H0 = I/alpha): with S, Y a structure's pairs oldest first,
+    The step is what ASE's two-loop recursion computes, in the compact form of the L-BFGS inverse Hessian
+    (Byrd, Nocedal & Schnabel 1994) with H0 = I/alpha: with S, Y a structure's pairs oldest first,
     R = triu(SᵀY) and D = diag(SᵀY), H g = H0 g + S p - H0 Y u, u = R⁻¹ Sᵀg, p = R⁻ᵀ((D + H0 YᵀY) u - H0 Yᵀg).
     The per-structure Gram matrices SᵀY and YᵀY ([B, m, m], state `sty`, `yty`) get one row and column per
     step; an unused slot (rho = 0: zero s and y) has a zero row and column and 1 on R's diagonal, so it
@@ -148,8 +149,11 @@ def lbfgs_step(atoms: dict[str, torch.Tensor], structs: dict[str, torch.Tensor],
     u = torch.linalg.solve_triangular(r, a[..., None], upper=True)  # [B, m, 1]
     w = sty_c.diagonal(dim1=1, dim2=2)[..., None] * u + h * (torch.bmm(yty_c, u) - b[..., None])
     p = torch.linalg.solve_triangular(r.mT, w, upper=False)
-    coef = p.new_empty(n, order.shape[0], 2).index_copy_(1, order, torch.cat([p, -h * u], 2)).index_select(0, seg)
-    hg = h * g + torch.einsum("nm,nmk->nk", coef[..., 0], s) + torch.einsum("nm,nmk->nk", coef[..., 1], y)  # ring order
+    # summed oldest to newest, not in ring order: a structure's step does not depend on where the ring stood when
+    # it joined (a rerun or a resume gives the same bits as the uninterrupted run)
+    coef = torch.cat([p, -h * u], 2).index_select(0, seg)  # [N, m, 2]
+    s_c, y_c = s.index_select(1, order), y.index_select(1, order)
+    hg = h * g + torch.einsum("nm,nmk->nk", coef[..., 0], s_c) + torch.einsum("nm,nmk->nk", coef[..., 1], y_c)
     dr = -hg  # [N, 3]
     longest = segment_max(dr.norm(dim=-1), seg, n)  # [B]
     scale = torch.where(longest > cfg.maxstep, cfg.maxstep / longest.clamp_min(1e-300), 1.0)

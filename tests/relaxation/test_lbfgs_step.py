@@ -2,16 +2,16 @@
 reference, the two-loop recursion this project used before (kept here only as the reference): the same steps
 to 1e-10 relative over 70 steps of Morse clusters of different sizes with fixed atoms, structures joining late
 and leaving mid-run (`extend`, `select`), the ring wrapped (memory < steps) and pairs of negative curvature;
-the Gram matrices a resume recomputes equal the ones kept step by step; and a step is the same fixed set of
-operations whatever the memory and however many slots are filled."""
+the Gram matrices a resume recomputes equal the ones kept step by step; a step is the same fixed set of
+operations whatever the memory and however many slots are filled, and torch.compile traces it as one graph."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from eqv2.relaxation.optimizers import (DERIVED, BatchedLBFGS, LBFGSConfig, extend, segment_max, segment_sum,
-                                        select)
+from eqv2.relaxation.optimizers import (DERIVED, BatchedLBFGS, LBFGSConfig, extend, lbfgs_step, segment_max,
+                                        segment_sum, select)
 
 
 class TwoLoopLBFGS:
@@ -184,3 +184,50 @@ def test_a_step_is_the_same_operations_whatever_the_history():
     assert all(ops == per_step[0] for ops in per_step), [len(ops) for ops in per_step]
     assert len(per_step[0]) < 150, len(per_step[0])
     assert not {"item", "_local_scalar_dense", "nonzero"} & set(per_step[0])  # no host synchronisation
+
+
+def test_the_step_traces_as_one_graph():
+    """`lbfgs_step` (the step's tensor work) is traced whole by torch.compile (fullgraph: no graph break, so no
+    host synchronisation or data-dependent Python), once for all steps as the ring turns (the ring position is
+    a tensor), and computes what the eager step computes."""
+    torch._dynamo.reset()
+    batch = Batch()
+    batch.add([5, 9, 13])
+    cfg = LBFGSConfig(memory=4)
+    eager = BatchedLBFGS(cfg)
+    state = eager.new_state(batch.pos.shape[0], 3, batch.pos)
+    twin = eager.new_state(batch.pos.shape[0], 3, batch.pos)
+    compiled = torch.compile(lbfgs_step, fullgraph=True, backend="aot_eager", dynamic=False)
+    order, seg = (torch.arange(4) + 1) % 4, batch.seg
+    torch._dynamo.utils.counters.clear()
+    for _ in range(9):
+        forces = morse_forces(batch.pos, seg, batch.fixed)
+        want = eager.step(state, batch.pos, forces, seg)
+        got = compiled(twin[0], twin[1], order, batch.pos, forces, seg, cfg)
+        order = order.roll(-1)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        batch.pos = want
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_a_structure_steps_the_same_bits_wherever_the_ring_stood():
+    """A structure that joins a running optimizer (after others took 11 steps and left) takes bit for bit the
+    steps it takes in a fresh one: what a rerun of a killed relaxation job relies on."""
+    cfg = LBFGSConfig(memory=7)
+
+    def run(warm_up: int) -> list[torch.Tensor]:
+        opt, batch = BatchedLBFGS(cfg), Batch()
+        batch.add([5])
+        state = opt.new_state(5, 1, batch.pos)
+        for _ in range(warm_up):
+            batch.pos = opt.step(state, batch.pos, morse_forces(batch.pos, batch.seg, batch.fixed), batch.seg)
+        batch.add([9])  # the same structure (seed 1) in both runs
+        state = select(extend(state, opt.new_state(9, 1, batch.pos)), *batch.keep([False, True]))
+        out = []
+        for _ in range(20):
+            batch.pos = opt.step(state, batch.pos, morse_forces(batch.pos, batch.seg, batch.fixed), batch.seg)
+            out.append(batch.pos)
+        return out
+
+    for fresh, joined in zip(run(0), run(11)):
+        assert torch.equal(fresh, joined)
