@@ -191,7 +191,8 @@ class _Active:
         cell = self.cell[self.seg]  # [N, 3, 3]
         usable = self.pbc.any(dim=1) & (torch.linalg.det(self.cell).abs() > 1e-12)  # [B]
         eye = torch.eye(3, dtype=cell.dtype, device=cell.device)
-        inverse = torch.linalg.inv(torch.where(usable[:, None, None], self.cell, eye))[self.seg]
+        # inv_ex: linalg.inv checks for singular matrices, a host sync on CUDA every step (none can be singular here)
+        inverse = torch.linalg.inv_ex(torch.where(usable[:, None, None], self.cell, eye)).inverse[self.seg]
         frac = torch.einsum("ni,nij->nj", self.pos, inverse)
         frac = torch.where(self.pbc[self.seg], torch.remainder(frac, 1.0), frac)
         wrapped = torch.einsum("ni,nij->nj", frac, cell)
@@ -236,8 +237,8 @@ def relax(structures: Iterable[Structure], forces: ForceProvider, cfg: RelaxConf
         active.add(resume.structures)
         active.pos = resume.positions.to(device=device, dtype=torch.float64)
         active.steps = torch.tensor(resume.steps, dtype=torch.int64, device=device)
-        state = ({k: v.to(device) for k, v in resume.optimizer_atoms.items()},
-                 {k: v.to(device) for k, v in resume.optimizer_structs.items()})
+        state = opt.restore(({k: v.to(device) for k, v in resume.optimizer_atoms.items()},
+                             {k: v.to(device) for k, v in resume.optimizer_structs.items()}), active.seg)
         opt.load_scalars(resume.optimizer_scalars)
         stats.resumed.update({s.sid: n for s, n in zip(resume.structures, resume.steps)})
 

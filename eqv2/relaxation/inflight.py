@@ -4,14 +4,16 @@ continues them where they were instead of starting them again from their initial
 A `Snapshot` holds, for every structure in the batch, its id, a digest of its input (numbers, initial
 positions, cell, pbc, fixed atoms), its current positions, the optimizer steps it has taken (which is
 also the number of trajectory frames written for it) and its rows of the optimizer state (LBFGS: the
-curvature pairs, rho, last positions and forces; FIRE: velocities, time step, mixing and downhill count),
+curvature pairs, rho, their Gram matrices SᵀY and YᵀY, last positions and forces; FIRE: velocities, time
+step, mixing and downhill count),
 plus the optimizer's scalars (the LBFGS ring position). The engine takes one after an optimizer step
 (every `--checkpoint-every` steps and when a stop is asked for); `save` writes it as
 `OUT/inflight.<task>.pt` under a temporary name, fsyncs and renames it, so a kill leaves the previous
 whole file or the new one. `load` checks it against this run before anything is trusted: the file's
 kind and version, the task, the optimizer settings and, for each structure, that this task's input has
 a structure of that id with the same digest; a file that fails any check is refused with one line
-naming it (`--discard-inflight` starts those structures afresh instead).
+naming it (`--discard-inflight` starts those structures afresh instead). A file written before the LBFGS
+Gram matrices were state (`optimizers.DERIVED`) still loads: the engine recomputes them from the pairs.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+from eqv2.relaxation.optimizers import DERIVED
 
 if TYPE_CHECKING:
     from eqv2.relaxation.engine import RelaxConfig, Structure
@@ -145,6 +149,7 @@ def _checked(path: Path, rec: dict, cfg: "RelaxConfig", task: int, num_tasks: in
         raise _fail(path, "atom or step counts do not match its structures (a damaged file)")
     tensors = {"positions": (rec["positions"], torch.zeros(n_atoms, 3, dtype=torch.float64))}
     for group, want, n in (("optimizer_atoms", expected[0], n_atoms), ("optimizer_structs", expected[1], n_structs)):
+        want = {k: v for k, v in want.items() if k in rec[group] or k not in DERIVED}  # older files: recomputed
         if set(rec[group]) != set(want):
             raise _fail(path, f"{group} holds {sorted(rec[group])}, this optimizer needs {sorted(want)}")
         tensors.update({f"{group}.{k}": (rec[group][k], want[k].new_zeros((n, *want[k].shape[1:]))) for k in want})
