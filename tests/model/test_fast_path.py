@@ -94,24 +94,22 @@ def test_compiled_fused_so2_runs_without_autograd():
     """The trainer's evaluation (and inference) runs the compiled model under no_grad.  Dynamo cannot trace
     the fused SO(2) node's forward there (an autograd.Function's forward under no_grad lost its ctx: the
     demo trainer's CUDA-graph evaluation failed in save_for_backward, 2026-12-04), so without autograd
-    the convolution takes the reference path: the same outputs as eager, no graph break, then training
-    with the fused node still compiles."""
+    the convolution takes the reference path: the same outputs as eager and no graph break (every part is
+    compiled fullgraph).  Training through the fused node compiled: test_compiled_model_matches_eager_...
+    One block, forward only: a cold compilation of this costs ~1 min on 2 cores."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    cfg = ModelConfig(**{**TINY, "num_layers": 2, "lmax": 2, "mmax": 1})  # the demo config's degrees
+    cfg = ModelConfig(**{**TINY, "num_layers": 1, "lmax": 2, "mmax": 1})  # the demo config's degrees
     plan = ExecutionPlan(so2_fused_input_grad=True, so2_indexed_radial=True)
     eager = apply_plan(EquiformerV2(cfg), plan).eval()
     fast = apply_plan(EquiformerV2(cfg), plan).eval()
     fast.load_state_dict(eager.state_dict())
-    apply_compile(fast, CompileConfig(enabled=True))  # every part fullgraph
+    apply_compile(fast, CompileConfig(enabled=True))
     batch = batch_from_atoms(slab_structures(2, 2), torch.float32)
     with torch.no_grad():
         ref, out = eager(batch), fast(batch)
     for key in ("energy", "forces"):
         assert float((out[key] - ref[key]).norm() / ref[key].norm()) < 1e-5, key
-    fast.train()
-    _loss(fast(batch)).backward()
-    assert all(p.grad is not None for p in fast.blocks.parameters() if p.requires_grad)
 
 
 @pytest.mark.slow
