@@ -8,7 +8,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", ["activation_memory", "bench_so2", "ds_step_ops", "gc_cost", "recipe_parity", "shape_buckets", "step_profile"])
+@pytest.mark.parametrize("name", ["activation_memory", "bench_so2", "ds_step_ops", "first_compiles", "gc_cost", "recipe_parity", "shape_buckets", "step_profile"])
 def test_help(name):
     proc = subprocess.run([sys.executable, "-m", f"diagnostics.{name}", "--help"], capture_output=True, text=True,
                           cwd=REPO, timeout=120)
