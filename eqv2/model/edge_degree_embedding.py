@@ -31,14 +31,13 @@ class EdgeDegreeEmbedding(nn.Module):
         distance_basis: torch.Tensor,
         edge_index: torch.Tensor,
         rotation: EdgeRotation,
-        num_nodes: int,
     ) -> torch.Tensor:
-        """-> [N, (L+1)^2, C]"""
+        """atomic_numbers [N] (every atom of the batch) -> [N, (L+1)^2, C]"""
         edge_scalars = self.edge_scalars(distance_basis, atomic_numbers, edge_index)
         m0 = self.radial(edge_scalars).reshape(-1, self.layout.lmax + 1, self.channels)  # [E, L+1, C]
         rest = m0.new_zeros(m0.shape[0], self.layout.num_reduced - m0.shape[1], self.channels)
         rotated = torch.cat([m0, rest], dim=1)  # [E, K, C] in the edge frame, only m = 0 non-zero
         if rotation.envelope is not None:  # model.cutoff_envelope: edges fade out at the cutoff
             rotated = rotated * rotation.envelope.to(rotated.dtype)[:, None, None]
-        summed = rotation.rotate_scatter(rotated, edge_index[1], num_nodes)
+        summed = rotation.rotate_scatter(rotated, edge_index[1], atomic_numbers.shape[0])
         return summed / self.avg_degree  # [N, (L+1)^2, C]

@@ -165,7 +165,7 @@ class EquiformerV2(nn.Module):
         rotation = self.rotation_type.for_edges(to_edge, from_edge, edge_index, envelope)  # shared by all blocks
         x = torch.zeros(num_nodes, (cfg.lmax + 1) ** 2, cfg.sphere_channels, device=pos.device, dtype=pos.dtype)
         x[:, 0, :] = self.atom_embedding(z).to(pos.dtype)
-        x = x + self.edge_degree_embedding(z, distance_basis, edge_index, rotation, num_nodes).to(pos.dtype)
+        x = x + self.edge_degree_embedding(z, distance_basis, edge_index, rotation).to(pos.dtype)
         drop = drop_path_scales(len(self.blocks), graph_of_atom, num_graphs, cfg.drop_path_rate, self.training,
                                 x.dtype)  # [L, 2, N] or None
         for i, block in enumerate(self.blocks):

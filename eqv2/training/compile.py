@@ -229,8 +229,7 @@ def _with_memory_budget(compiled, budget: float, weigh_custom_ops: bool = True):
 
 def compiled_graph_count() -> int:
     """Graphs Dynamo has compiled in this process so far (each compiled part once, with symbolic atom and edge
-    counts, the edge-degree embedding twice (its atom count is a Python int, specialised at the first call),
-    once more for no-grad evaluation); logged by the trainer."""
+    counts, and once more for no-grad evaluation); logged by the trainer."""
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
