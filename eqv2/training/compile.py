@@ -146,32 +146,23 @@ def _batch_dims_symbolic(compiled, plain):
     costs a few microseconds of host time per call."""
     import inspect
 
-    names = list(inspect.signature(plain).parameters)
-    marked = [(i, BATCH_DIMS.get(name)) for i, name in enumerate(names)]
-    by_name = {name: i for i, name in enumerate(names)}
+    dims = [BATCH_DIMS.get(name) for name in inspect.signature(plain).parameters]
     mark = torch._dynamo.maybe_mark_dynamic
 
-    def mark_object(obj, depth: int = 0) -> None:
-        for value in vars(obj).values():
-            if isinstance(value, torch.Tensor):
-                if value.dim():
-                    mark(value, 0)
-            elif depth < 1 and hasattr(value, "__dict__") and not isinstance(value, (type, nn.Module)):
-                mark_object(value, depth + 1)
-
-    def mark_arg(value, dim) -> None:
+    def mark_arg(value, dim: int | None, depth: int = 0) -> None:
         if isinstance(value, torch.Tensor):
             if dim is not None and value.dim() > dim:
                 mark(value, dim)
-        elif hasattr(value, "__dict__") and not isinstance(value, (type, nn.Module)):
-            mark_object(value)
+        elif depth < 2 and hasattr(value, "__dict__") and not isinstance(value, (type, nn.Module)):
+            for attr in vars(value).values():  # an object argument, and an object in it: edges on dim 0
+                mark_arg(attr, 0, depth + 1)
 
     @functools.wraps(compiled)
     def call(*args, **kwargs):
-        for value, (_, dim) in zip(args, marked):
+        for value, dim in zip(args, dims):
             mark_arg(value, dim)
         for name, value in kwargs.items():
-            mark_arg(value, BATCH_DIMS.get(name) if name in by_name else None)
+            mark_arg(value, BATCH_DIMS.get(name))
         return compiled(*args, **kwargs)
     return call
 
