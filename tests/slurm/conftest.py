@@ -109,9 +109,10 @@ def submit(script: str, submit_dir: Path, sbatch_args: list[str], env: dict[str,
     full_env = {**os.environ, "PATH": path, "EQV2_ROOT": str(REPO), "PYTHON": sys.executable, **env}
     # torch writes its default compile-cache directory into os.environ the first time a test of this
     # process compiles; a user's shell has no such leftover, so neither does the job (it would
-    # override the scripts' run-directory cache)
-    if "TORCHINDUCTOR_CACHE_DIR" not in env:
-        full_env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    # override the scripts' cache beside the run directory); nor a user's EQV2_COMPILE_CACHE
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "EQV2_COMPILE_CACHE"):
+        if name not in env:
+            full_env.pop(name, None)
     out = subprocess.run(["sbatch", "--parsable", *sbatch_args, str(REPO / script), *script_args], cwd=submit_dir,
                          env=full_env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, f"sbatch {script} failed: {out.stderr}"
