@@ -56,7 +56,6 @@ class StopFlag:
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
         self._watched = (launcher_processes() if launchers is None else launchers) if watch_launcher else []
-        self._parent = os.getppid()
         if self._watched:
             threading.Thread(target=self._watch, name="eqv2-launcher-watch", daemon=True).start()
         return self
