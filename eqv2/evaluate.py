@@ -230,4 +230,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from eqv2.training.dist import exit_process
+
+    exit_process(main())  # after main's own teardown (training/dist.py says why)

@@ -32,7 +32,7 @@ from eqv2.model.graph import GraphInputError
 from eqv2.training import checkpointing as ckpt
 from eqv2.training.compile import CompileEvents, ShapeBuckets, compiled_graph_count
 from eqv2.training.config import RunConfig, load_ds_config, load_run_config, resolve_ds_config
-from eqv2.training.dist import DistInfo, all_gather_object, init_distributed, shutdown
+from eqv2.training.dist import DistInfo, all_gather_object, exit_process, init_distributed, shutdown
 from eqv2.training.garbage import GarbageCollection
 from eqv2.training.loss import EnergyForceLoss
 from eqv2.training.monitor import StepLogger, run_summary
@@ -304,11 +304,4 @@ def _groups(batches, size: int):
 
 
 if __name__ == "__main__":
-    exit_code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Files are closed and the process group is torn down (main's `finally`).  Skip interpreter
-    # finalisation: C++ objects torch leaves to it (gloo/TCPStore threads) can still abort a finished
-    # rank with "terminate called without an active exception" (exit -6; seen in CI, ZeRO-3 on 2 CPU
-    # ranks), turning a completed run into a failed one.
-    os._exit(exit_code)
+    exit_process(main())  # after main's own teardown (training/dist.py says why)

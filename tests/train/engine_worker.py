@@ -39,7 +39,7 @@ from eqv2.model.equiformer_v2 import EquiformerV2  # noqa: E402
 from eqv2.training.step import StepContext, take_step  # noqa: E402
 from eqv2.training.activation_checkpointing import ActivationCheckpointConfig, apply_activation_checkpointing  # noqa: E402
 from eqv2.training.compile import CompileConfig, apply_compile  # noqa: E402
-from eqv2.training.dist import init_distributed, shutdown  # noqa: E402
+from eqv2.training.dist import exit_process, init_distributed, shutdown  # noqa: E402
 from eqv2.training.loss import EnergyForceLoss, LossConfig, Normalizers  # noqa: E402
 from eqv2.training.optim import OptimConfig, build_optimizer, trainer_clipping  # noqa: E402
 from eqv2.training.signals import StopFlag  # noqa: E402
@@ -134,4 +134,5 @@ if __name__ == "__main__":
     results = {spec: run(spec, dist_info) for spec in argv[1:]}
     if dist_info.rank == 0:
         torch.save(results, argv[0])
-    shutdown(clean=True)  # left to interpreter exit, gloo's threads can abort a rank (exit -6)
+    shutdown(clean=True)
+    exit_process(0)  # without interpreter finalisation (eqv2/training/dist.py says why)

@@ -14,7 +14,7 @@ import deepspeed
 
 from eqv2.model.config import ModelConfig
 from eqv2.model.equiformer_v2 import EquiformerV2
-from eqv2.training.dist import init_distributed, shutdown
+from eqv2.training.dist import exit_process, init_distributed, shutdown
 
 CFG = dict(num_layers=2, lmax=3, mmax=2, sphere_channels=16, attn_hidden_channels=16, num_heads=2,
            attn_alpha_channels=8, attn_value_channels=8, ffn_hidden_channels=16, edge_channels=16,
@@ -38,4 +38,5 @@ if __name__ == "__main__":
     torch.distributed.all_gather_object(gathered, shards)
     if dist.rank == 0:
         torch.save({"shards": gathered, "zero_init": full, "plain": plain}, sys.argv[1])
-    shutdown(clean=True)  # left to interpreter exit, gloo's threads can abort a rank (exit -6)
+    shutdown(clean=True)
+    exit_process(0)  # without interpreter finalisation (eqv2/training/dist.py says why)
