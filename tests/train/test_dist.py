@@ -1,4 +1,4 @@
-"""Launcher discovery from environment variables (torchrun/deepspeed, srun, bare process)."""
+"""Launcher discovery from environment variables (torchrun/deepspeed, srun, bare process), and the exit of an entry point."""
 from eqv2.training.dist import discover_launcher, first_slurm_host, slurm_port
 
 
@@ -30,3 +30,20 @@ def test_single_process_default():
     env = {}
     assert discover_launcher(env) == "single"
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("0", "1", "0")
+
+
+def test_exit_process_keeps_the_code_and_the_buffered_output():
+    """exit_process leaves without interpreter finalisation, which would otherwise flush stdio: what a
+    finished entry point printed into a pipe (block-buffered) must still arrive, and its exit code be kept;
+    atexit handlers (finalisation) do not run."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import atexit, sys; from eqv2.training.dist import exit_process; "
+            "atexit.register(lambda: print('finalised')); "
+            "print('done', end=''); print('warn', end='', file=sys.stderr); exit_process(75)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
+                          capture_output=True, text=True, timeout=120, env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"})
+    assert (proc.returncode, proc.stdout, proc.stderr) == (75, "done", "warn")
