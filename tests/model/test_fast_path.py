@@ -141,7 +141,7 @@ def test_activation_memory_budget_keeps_less_and_computes_the_same():
         growth[budget] = sizes[1] - sizes[0]
         results[budget] = (out["forces"].detach(), torch.cat([p.grad.flatten() for p in fast.parameters()
                                                              if p.grad is not None]))
-    torch.manual_seed(4)
+    torch.manual_seed(n)  # the last batch's stochastic-depth draw
     ref = eager(batch)
     _loss(ref).backward()
     ref_grads = torch.cat([p.grad.flatten() for p in eager.parameters() if p.grad is not None])

@@ -1,4 +1,5 @@
-"""Launcher discovery from environment variables (torchrun/deepspeed, srun, bare process), and the exit of an entry point."""
+"""Launcher discovery from environment variables (torchrun/deepspeed, srun, bare process), and the exit
+of an entry point."""
 from eqv2.training.dist import discover_launcher, first_slurm_host, slurm_port
 
 
@@ -44,6 +45,7 @@ def test_exit_process_keeps_the_code_and_the_buffered_output():
     code = ("import atexit, sys; from eqv2.training.dist import exit_process; "
             "atexit.register(lambda: print('finalised')); "
             "print('done', end=''); print('warn', end='', file=sys.stderr); exit_process(75)")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
-                          capture_output=True, text=True, timeout=120, env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"})
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout block-buffered into the pipe
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], env=env,
+                          capture_output=True, text=True, timeout=120)
     assert (proc.returncode, proc.stdout, proc.stderr) == (75, "done", "warn")
